@@ -1,0 +1,80 @@
+"""Finding, reading and writing the weight files of one diffusers/transformers component folder."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+from dreambooth_jax import safetensors_io
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _variant_of(filename: str) -> str | None:
+    """'diffusion_pytorch_model.fp16.safetensors' -> 'fp16'; index files and shards too."""
+    name = os.path.basename(filename)
+    name = re.sub(r"-\d{5}-of-\d{5}", "", name)
+    name = name.replace(".safetensors.index.", ".").replace(".safetensors", "").replace(".json", "")
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def find_weight_files(folder: str, stem: str, variant: str | None = None) -> list[str]:
+    """The safetensors files holding the weights `stem` (`model`/`diffusion_pytorch_model`) in `folder`.
+
+    A sharded checkpoint is read through its `*.safetensors.index*.json`. Raises a clear error when only
+    PyTorch pickle files (`.bin`) are there, or nothing at all.
+    """
+    candidates = sorted(glob.glob(os.path.join(folder, f"{stem}*.safetensors")))
+    indexes = sorted(glob.glob(os.path.join(folder, f"{stem}*.safetensors.index*.json")))
+    pick = lambda files: [f for f in files if _variant_of(f) == variant]  # noqa: E731
+    for index in pick(indexes):
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+        paths = [os.path.join(folder, s) for s in shards]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return paths
+    single = [f for f in pick(candidates) if not re.search(r"-\d{5}-of-\d{5}", f)]
+    if single:
+        return single[:1]
+    pickles = [f for f in os.listdir(folder) if f.endswith(_PICKLE_SUFFIXES)] if os.path.isdir(folder) else []
+    if pickles:
+        raise FileNotFoundError(
+            f"{folder} holds only PyTorch pickle weights ({', '.join(sorted(pickles))}); dreambooth_jax reads "
+            "safetensors only (no torch at runtime). Convert once where torch is installed, e.g. "
+            "`Model.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`."
+        )
+    if variant and [f for f in candidates if _variant_of(f) is None]:
+        raise FileNotFoundError(f"{folder}: no '{variant}' variant of {stem}.safetensors (drop variant={variant!r}?)")
+    raise FileNotFoundError(f"{folder}: no {stem}{'.' + variant if variant else ''}.safetensors weights found")
+
+
+def load_state_dict(files: list[str]) -> tuple[dict[str, np.ndarray], str]:
+    """Merges the tensors of `files`; returns (state dict, a source name for messages)."""
+    state: dict[str, np.ndarray] = {}
+    for path in files:
+        state.update(safetensors_io.load_file(path))
+    return state, files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} shards)"

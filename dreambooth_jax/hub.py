@@ -1,0 +1,73 @@
+"""Fetching a diffusers pipeline from the Hugging Face Hub: only its configs, tokenizers and safetensors."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+
+log = logging.getLogger(__name__)
+
+_CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*")
+_WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _weight_patterns(files: list[str], variant: str | None) -> list[str]:
+    """The safetensors files (and shard indexes) of each component, of `variant` when it has one."""
+    chosen = []
+    for folder in _WEIGHT_FOLDERS:
+        mine = [f for f in files if f.startswith(folder + "/") and f.count("/") == 1 and ".safetensors" in f]
+        tagged = [f for f in mine if variant and re.search(rf"\.{re.escape(variant)}[.-]", f)]
+        plain = [f for f in mine if not re.search(r"\.(fp16|bf16|fp32|ema|non_ema|flax)[.-]", f)]
+        chosen += tagged or plain
+    return chosen
+
+
+def download_pipeline(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+) -> str:
+    """Downloads (or finds in the cache) what `load_pipeline` reads; returns the local snapshot folder.
+
+    The token defaults to huggingface_hub's own (`HF_TOKEN` or `huggingface-cli login`). With
+    `HF_HUB_OFFLINE=1` the cached snapshot is used.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
+        raise
+    except Exception as e:  # offline, unreachable: use what the cache holds for these patterns
+        log.warning("cannot list %s on the Hub (%s); trying the local cache", repo_id, e)
+        patterns = list(_CONFIG_PATTERNS) + [f"{d}/*{'.' + variant if variant else ''}*.safetensors*"
+                                             for d in _WEIGHT_FOLDERS]
+        try:
+            return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token,
+                                     cache_dir=cache_dir, local_files_only=True)
+        except Exception as cache_error:
+            raise FileNotFoundError(
+                f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in the local cache "
+                f"({cache_error}). Pass a local pipeline folder instead."
+            ) from e
+    if "model_index.json" not in files:
+        raise FileNotFoundError(f"{repo_id} is not a diffusers pipeline repository (no model_index.json)")
+    wanted = [f for f in files if any(fnmatch.fnmatch(f, p) for p in _CONFIG_PATTERNS)]
+    wanted += _weight_patterns(files, variant)
+    log.info("fetching %d files of %s", len(wanted), repo_id)
+    return snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token, cache_dir=cache_dir)
+
+
+def resolve(name_or_path: str, **kwargs) -> str:
+    """A local folder as is; anything else is taken for a Hub repository id and downloaded."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name_or_path} is not a pipeline folder")
+    return download_pipeline(name_or_path, **kwargs)

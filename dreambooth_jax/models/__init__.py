@@ -1,0 +1,1 @@
+"""Flax implementations of the Stable Diffusion networks, parameter-compatible with diffusers."""

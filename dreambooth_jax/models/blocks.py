@@ -1,0 +1,105 @@
+"""Convolutional building blocks shared by the UNet and the VAE (diffusers' `resnet.py`), NHWC."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm with statistics in float32 whatever the compute dtype (as PyTorch autocast does)."""
+
+    num_groups: int
+    epsilon: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        xf = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+        axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
+        mean = xf.mean(axis=axes, keepdims=True)
+        var = jnp.square(xf - mean).mean(axis=axes, keepdims=True)
+        xf = ((xf - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        return (xf * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None, dtype, param_dtype, name: str):
+    """A PyTorch-style `nn.Conv2d` (symmetric padding, default `kernel // 2`) as a Flax `nn.Conv`."""
+    pad = kernel // 2 if padding is None else padding
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers `ResnetBlock2D` (default time-embedding norm): x [B, H, W, C], temb [B, T] or None."""
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-6
+    use_temb: bool = True
+    output_scale_factor: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb=None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GroupNorm(self.groups, self.eps, **kw, name="norm1")(x)
+        h = conv(self.out_channels, 3, **kw, name="conv1")(nn.silu(h))
+        if self.use_temb:
+            t = nn.Dense(self.out_channels, **kw, name="time_emb_proj")(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = GroupNorm(self.groups, self.eps, **kw, name="norm2")(h)
+        h = conv(self.out_channels, 3, **kw, name="conv2")(nn.silu(h))
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, **kw, name="conv_shortcut")(x)
+        out = x.astype(h.dtype) + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv (`use_conv=True`); `padding=0` pads right/bottom only, as the VAE encoder does."""
+
+    out_channels: int
+    padding: int = 1
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(self.out_channels, 3, stride=2, padding=self.padding, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="conv")(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 (or to `output_size`) followed by a 3x3 conv."""
+
+    out_channels: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, output_size: tuple[int, int] | None = None):
+        b, h, w, c = x.shape
+        if output_size is None or tuple(output_size) == (2 * h, 2 * w):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:  # PyTorch's `interpolate(mode="nearest")`: source index floor(i * in / out)
+            rows = (np.arange(output_size[0]) * h) // output_size[0]
+            cols = (np.arange(output_size[1]) * w) // output_size[1]
+            x = x[:, rows][:, :, cols]
+        return conv(self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)

@@ -1,0 +1,240 @@
+"""Loading a whole diffusers pipeline folder into Flax, and saving one back that diffusers loads.
+
+    pipe = load_pipeline("runwayml/stable-diffusion-v1-5", dtype=jnp.bfloat16)
+    pipe.unet.apply({"params": pipe.params["unet"]}, latents, t, text_embeddings)
+    save_pipeline(pipe, "out/")   # StableDiffusionPipeline.from_pretrained("out/") works
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreambooth_jax import checkpoint_files, convert, hub, safetensors_io
+from dreambooth_jax.models import clip, unet, vae
+
+_DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16,
+           "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
+_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def parse_dtype(dtype) -> Any:
+    """'bf16' / 'fp16' / 'fp32' (or a dtype) -> a NumPy/JAX dtype; None stays None."""
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Component:
+    """How one component folder is stored: weight file stem, key prefixes, the class named in configs."""
+
+    stem: str
+    library: str
+    class_name: str
+    load_prefix: str | None = None  # stripped on load when present
+    save_prefix: str = ""
+
+
+def _text_save_prefix(with_projection: bool) -> str:
+    # transformers 5 writes `CLIPTextModel` keys without `text_model.` (it is the base-model prefix) but keeps
+    # it for `CLIPTextModelWithProjection`; transformers 4 writes it for both. Write what the installed one
+    # writes, so that the files are exactly what it would have saved.
+    import transformers
+
+    return "" if int(transformers.__version__.split(".")[0]) >= 5 and not with_projection else "text_model."
+
+
+_COMPONENTS = {
+    "unet": _Component("diffusion_pytorch_model", "diffusers", "UNet2DConditionModel"),
+    "vae": _Component("diffusion_pytorch_model", "diffusers", "AutoencoderKL"),
+    "text_encoder": _Component("model", "transformers", "CLIPTextModel", "text_model."),
+    "text_encoder_2": _Component("model", "transformers", "CLIPTextModelWithProjection", "text_model."),
+}
+
+
+def _build_module(name: str, config_dict: dict, source: str, **options):
+    """(module, abstract params) of component `name` from its config dict."""
+    try:
+        if name == "unet":
+            cfg = unet.UNetConfig.from_diffusers_config(config_dict)
+            return unet.UNet2DConditionModel(cfg, **options), unet.abstract_params(cfg)
+        options.pop("remat", None)
+        if name == "vae":
+            cfg = vae.VAEConfig.from_diffusers_config(config_dict)
+            return vae.AutoencoderKL(cfg, **options), vae.abstract_params(cfg)
+        cfg = clip.CLIPTextConfig.from_diffusers_config(config_dict)
+        with_projection = name == "text_encoder_2" or "WithProjection" in str(config_dict.get("architectures"))
+        cls = clip.CLIPTextModelWithProjection if with_projection else clip.CLIPTextModel
+        return cls(cfg, **options), clip.abstract_params(cfg, with_projection=with_projection)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def load_component(folder: str, name: str, *, dtype=jnp.float32, param_dtype=None, variant=None,
+                   attention_impl: str = "einsum", remat: bool = False):
+    """Loads one component folder (`unet`, `vae`, `text_encoder`, `text_encoder_2`) -> (module, params).
+
+    Args:
+      folder: the component folder (holding `config.json` and the safetensors).
+      dtype: compute dtype of the module.
+      param_dtype: dtype of the returned params (default: `dtype`); None-like 'keep' is not offered since
+        every float dtype round-trips exactly through float32.
+    """
+    spec = _COMPONENTS[name]
+    dtype = parse_dtype(dtype)
+    param_dtype = parse_dtype(param_dtype) or dtype
+    config_path = os.path.join(folder, "config.json")
+    config_dict = checkpoint_files.read_json(config_path)
+    options = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat)
+    module, abstract = _build_module(name, config_dict, config_path, **options)
+    state, source = checkpoint_files.load_state_dict(checkpoint_files.find_weight_files(folder, spec.stem, variant))
+    state = convert.normalize_state_dict(state, strip_prefix=spec.load_prefix)
+    params = convert.state_dict_to_params(state, abstract, dtype=param_dtype, source=source,
+                                          ignore=(r"position_ids$",))
+    return module, jax.tree.map(jnp.asarray, params)
+
+
+def save_component(folder: str, name: str, module, params, *, dtype=None) -> None:
+    """Writes `config.json` + the safetensors file of one component, as diffusers/transformers name them."""
+    spec = _COMPONENTS[name]
+    os.makedirs(folder, exist_ok=True)
+    if name in ("unet", "vae"):
+        config = module.config.to_diffusers_config()
+        prefix = ""
+    else:
+        with_projection = isinstance(module, clip.CLIPTextModelWithProjection)
+        config = module.config.to_diffusers_config(with_projection=with_projection)
+        prefix = _text_save_prefix(with_projection)
+    state = convert.params_to_state_dict(jax.device_get(params), dtype=parse_dtype(dtype))
+    # The prefix belongs to the `text_model` submodule only, not to the projection beside it.
+    state = {k if k.startswith("text_projection.") else prefix + k: v for k, v in state.items()}
+    metadata = {"format": "pt"}
+    safetensors_io.save_file(state, os.path.join(folder, f"{spec.stem}.safetensors"), metadata)
+    checkpoint_files.write_json(os.path.join(folder, "config.json"), config)
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A loaded Stable Diffusion (1.x/2.x) or SDXL pipeline: Flax modules, their params, tokenizers.
+
+    `params` is one pytree {'unet', 'vae', 'text_encoder'[, 'text_encoder_2']} so that it can be passed
+    whole to jitted functions and sharded at once.
+    """
+
+    unet: unet.UNet2DConditionModel
+    vae: vae.AutoencoderKL
+    text_encoder: clip.CLIPTextModel
+    tokenizer: Any
+    scheduler_config: dict
+    params: dict
+    text_encoder_2: clip.CLIPTextModelWithProjection | None = None
+    tokenizer_2: Any = None
+    model_index: dict = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _load_tokenizer(folder: str):
+    from transformers import CLIPTokenizer
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"missing tokenizer folder {folder}")
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, revision: str | None = None,
+                  variant: str | None = None, token=None, cache_dir: str | None = None,
+                  attention_impl: str = "einsum", remat: bool = False) -> Pipeline:
+    """Loads a diffusers pipeline folder, or a Hub repository id, into a `Pipeline`.
+
+    Args:
+      name_or_path: a local folder with `model_index.json`, or a Hub id (`stabilityai/stable-diffusion-2-1`).
+      dtype: compute dtype ('fp32', 'bf16', 'fp16' or a dtype).
+      param_dtype: params dtype (default: `dtype`); train with bf16 compute and fp32 params.
+      revision, variant, token, cache_dir: as in diffusers' `from_pretrained` (Hub ids only, except variant).
+      attention_impl: see `dreambooth_jax.models.attention.ATTENTION_IMPLS`.
+      remat: gradient checkpointing in the UNet.
+    """
+    root = hub.resolve(name_or_path, revision=revision, variant=variant, token=token, cache_dir=cache_dir)
+    index = checkpoint_files.read_json(os.path.join(root, "model_index.json"))
+    class_name = index.get("_class_name")
+    if class_name not in _PIPELINE_CLASSES:
+        raise ValueError(f"{root}/model_index.json: pipeline class {class_name!r} is not supported "
+                         f"(supported: {', '.join(_PIPELINE_CLASSES)})")
+    options = dict(dtype=dtype, param_dtype=param_dtype, variant=variant, attention_impl=attention_impl)
+    names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if class_name.endswith("XLPipeline") else [])
+    modules, params = {}, {}
+    for name in names:
+        modules[name], params[name] = load_component(
+            os.path.join(root, name), name, remat=remat and name == "unet", **options
+        )
+    sdxl = "text_encoder_2" in modules
+    return Pipeline(
+        unet=modules["unet"],
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        tokenizer=_load_tokenizer(os.path.join(root, "tokenizer")),
+        scheduler_config=checkpoint_files.read_json(os.path.join(root, "scheduler", "scheduler_config.json")),
+        params=params,
+        text_encoder_2=modules.get("text_encoder_2"),
+        tokenizer_2=_load_tokenizer(os.path.join(root, "tokenizer_2")) if sdxl else None,
+        model_index=index,
+        source=name_or_path,
+    )
+
+
+def save_pipeline(pipe: Pipeline, out_dir: str, *, dtype=None, params: dict | None = None) -> str:
+    """Writes `pipe` as a diffusers pipeline folder (`from_pretrained`-loadable); returns `out_dir`.
+
+    Args:
+      dtype: 'fp32', 'fp16' or 'bf16' for the saved weights (default: the params' own dtype).
+      params: params to save instead of `pipe.params` (e.g. fine-tuned ones), same structure.
+    """
+    params = pipe.params if params is None else params
+    os.makedirs(out_dir, exist_ok=True)
+    components = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    if pipe.is_sdxl:
+        components["text_encoder_2"] = pipe.text_encoder_2
+    for name, module in components.items():
+        save_component(os.path.join(out_dir, name), name, module, params[name], dtype=dtype)
+    tokenizers = {"tokenizer": pipe.tokenizer, "tokenizer_2": pipe.tokenizer_2}
+    for name, tok in tokenizers.items():
+        if tok is not None:
+            tok.save_pretrained(os.path.join(out_dir, name))
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    checkpoint_files.write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), pipe.scheduler_config)
+    checkpoint_files.write_json(os.path.join(out_dir, "model_index.json"), _model_index(pipe, components))
+    return out_dir
+
+
+def _model_index(pipe: Pipeline, components: dict) -> dict:
+    index = {k: v for k, v in pipe.model_index.items() if not isinstance(v, list)}
+    index["_class_name"] = "StableDiffusionXLPipeline" if pipe.is_sdxl else "StableDiffusionPipeline"
+    for name in components:
+        index[name] = [_COMPONENTS[name].library, _COMPONENTS[name].class_name]
+    for name in ("tokenizer", "tokenizer_2") if pipe.is_sdxl else ("tokenizer",):
+        index[name] = ["transformers", "CLIPTokenizer"]
+    index["scheduler"] = ["diffusers", pipe.scheduler_config.get("_class_name", "PNDMScheduler")]
+    # We carry no safety checker / image encoder; declare them absent so diffusers does not look for them.
+    extras = ("feature_extractor", "image_encoder") if pipe.is_sdxl else ("safety_checker", "feature_extractor",
+                                                                          "image_encoder")
+    for name in extras:
+        index[name] = [None, None]
+    if not pipe.is_sdxl:
+        index["requires_safety_checker"] = False
+    return index

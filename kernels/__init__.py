@@ -1,0 +1,1 @@
+"""Pallas kernels (installed as `dreambooth_jax.kernels`), each with a pure-JAX reference."""
