@@ -1,5 +1,5 @@
-"""The offline demo: load the bundled tiny Stable Diffusion pipeline, run its three networks, save it in
-the diffusers layout, load that back and check that nothing changed.
+"""The offline demo: make a tiny random Stable Diffusion pipeline (if absent), run its three networks, save
+it in the diffusers layout, load that back and check that nothing changed.
 
     python -m dreambooth_jax.demo [--model PATH_OR_HUB_ID] [--output_dir demo_output]
 
@@ -13,8 +13,6 @@ import os
 import time
 
 import numpy as np
-
-TINY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-sd1")
 
 
 def _forward(pipe, prompt: str, seed: int = 0) -> dict[str, np.ndarray]:
@@ -39,8 +37,9 @@ def _forward(pipe, prompt: str, seed: int = 0) -> dict[str, np.ndarray]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=TINY_MODEL, help="pipeline folder or Hub id (default: bundled tiny SD1)")
-    parser.add_argument("--output_dir", default="demo_output", help="where the re-saved pipeline goes")
+    parser.add_argument("--model", default=None,
+                        help="pipeline folder or Hub id (default: OUTPUT_DIR/tiny-sd1, made if absent)")
+    parser.add_argument("--output_dir", default="demo_output", help="where the tiny and re-saved pipelines go")
     parser.add_argument("--prompt", default="a photo of sks dog")
     args = parser.parse_args(argv)
 
@@ -48,6 +47,13 @@ def main(argv=None) -> None:
 
     from dreambooth_jax.pipeline import load_pipeline, save_pipeline
 
+    if args.model is None:
+        args.model = os.path.join(args.output_dir, "tiny-sd1")
+        if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+            from dreambooth_jax.tiny import make_tiny_pipeline
+
+            make_tiny_pipeline(args.model)
+            print(f"[0/4] made a tiny random SD-1-style pipeline in {args.model}")
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pipe.params))

@@ -98,7 +98,7 @@ def load_component(folder: str, name: str, *, dtype=jnp.float32, param_dtype=Non
     state, source = checkpoint_files.load_state_dict(checkpoint_files.find_weight_files(folder, spec.stem, variant))
     state = convert.normalize_state_dict(state, strip_prefix=spec.load_prefix)
     params = convert.state_dict_to_params(state, abstract, dtype=param_dtype, source=source,
-                                          ignore=(r"position_ids$",))
+                                          ignore=clip.IGNORED_KEYS)
     return module, jax.tree.map(jnp.asarray, params)
 
 

@@ -1,0 +1,125 @@
+"""A tiny random Stable-Diffusion-1-style pipeline made without torch or network: the demo's model.
+
+Random init of our own Flax modules from tiny configs, a small CLIP BPE tokenizer written from a word list,
+an SD-1.5-like PNDM scheduler config; written with `save_pipeline`, so diffusers loads it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+TOKENIZER_MAX_LENGTH = 16
+
+# Words the tiny tokenizer knows as whole tokens; anything else falls back to byte-level pieces.
+_WORDS = (
+    "a photo of sks dog cat in the on with beach snow forest red blue painting style person car "
+    "backpack toy cube sunglasses wearing jumping floating sleeping berlin city wooden floor purple "
+    "shiny high quality low blurry ugly bad picture image"
+).split()
+
+SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading", "trained_betas": None,
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable-character table of GPT-2 / CLIP BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_tokenizer_files(out_dir: str) -> tuple[str, str]:
+    """Writes a small CLIP `vocab.json` + `merges.txt`: every byte symbol, then one merge chain per word."""
+    chars = list(_bytes_to_unicode().values())
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in _WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair, merged = f"{symbols[0]} {symbols[1]}", symbols[0] + symbols[1]
+            if pair not in merges:
+                merges.append(pair)
+            if merged not in vocab:
+                vocab.append(merged)
+            symbols = [merged] + symbols[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(out_dir, exist_ok=True)
+    vocab_path, merges_path = os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt")
+    with open(vocab_path, "w", encoding="utf-8") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(merges_path, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab_path, merges_path
+
+
+def make_tokenizer(pad_token: str = "<|endoftext|>"):
+    """A `transformers.CLIPTokenizer` over the tiny vocabulary (max length 16)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_path, merges_path = write_tokenizer_files(tmp)
+        # `vocab=`/`merges=`: transformers 5 silently ignores the old `vocab_file=` keyword names.
+        tok = CLIPTokenizer(vocab=vocab_path, merges=merges_path, pad_token=pad_token)
+    tok.model_max_length = TOKENIZER_MAX_LENGTH
+    return tok
+
+
+def tiny_configs(vocab_size: int):
+    """(text encoder, UNet, VAE) configs of the tiny SD-1-style model (latents are 1/8 of the image)."""
+    from dreambooth_jax.models import clip, unet, vae
+
+    text = clip.CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH, hidden_act="quick_gelu", projection_dim=32,
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )
+    unet_cfg = unet.UNetConfig(
+        sample_size=8, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4,
+    )
+    vae_cfg = vae.VAEConfig(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=64, scaling_factor=0.18215,
+    )
+    return text, unet_cfg, vae_cfg
+
+
+def make_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
+    """Builds the tiny random SD-1-style pipeline and saves it to `out_dir` (diffusers layout)."""
+    from dreambooth_jax.models import clip, unet, vae
+    from dreambooth_jax.pipeline import Pipeline, save_pipeline
+
+    tokenizer = make_tokenizer()
+    text_cfg, unet_cfg, vae_cfg = tiny_configs(len(tokenizer))
+    text_rng, unet_rng, vae_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+    text_model, unet_model, vae_model = (clip.CLIPTextModel(text_cfg), unet.UNet2DConditionModel(unet_cfg),
+                                         vae.AutoencoderKL(vae_cfg))
+    args, kwargs = unet.dummy_inputs(unet_cfg, seq_len=TOKENIZER_MAX_LENGTH)
+    images = jnp.zeros((1, vae_cfg.sample_size, vae_cfg.sample_size, 3))
+    params = {  # jitted init: one compile is faster than running every op eagerly
+        "text_encoder": jax.jit(text_model.init)(text_rng, jnp.zeros((1, TOKENIZER_MAX_LENGTH), jnp.int32)),
+        "unet": jax.jit(lambda rng: unet_model.init(rng, *args, **kwargs))(unet_rng),
+        "vae": jax.jit(vae_model.init)(vae_rng, images, vae_rng),
+    }
+    params = {name: p["params"] for name, p in params.items()}
+    pipe = Pipeline(unet=unet_model, vae=vae_model, text_encoder=text_model, tokenizer=tokenizer,
+                    scheduler_config=dict(SD1_SCHEDULER), params=params)
+    return save_pipeline(pipe, out_dir)
