@@ -139,6 +139,8 @@ class Pipeline:
     tokenizer_2: Any = None
     model_index: dict = dataclasses.field(default_factory=dict)
     source: str = ""
+    # Compiled programs (e.g. the sampler's, per scheduler and step count), so a second call does not recompile.
+    cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_sdxl(self) -> bool:
@@ -238,3 +240,33 @@ def _model_index(pipe: Pipeline, components: dict) -> dict:
     if not pipe.is_sdxl:
         index["requires_safety_checker"] = False
     return index
+
+
+def export_pipeline(pipe: Pipeline, out_dir: str, *, params: dict | None = None, dtype=None) -> str:
+    """`save_pipeline` into `out_dir` without ever leaving a half-written pipeline there.
+
+    Everything is written to a temporary folder beside the target first; then each component replaces its
+    old version, `model_index.json` last (so a folder with a `model_index.json` is always complete). Other
+    content of `out_dir` (checkpoints, logs) is left alone.
+    """
+    import shutil
+    import tempfile
+
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
+    try:
+        save_pipeline(pipe, tmp, dtype=dtype, params=params)
+        index = os.path.join(out_dir, "model_index.json")
+        if os.path.exists(index):
+            os.remove(index)  # the old pipeline is incomplete from here until the new index lands
+        for name in sorted(os.listdir(tmp)):
+            if name == "model_index.json":
+                continue
+            target = os.path.join(out_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+        os.replace(os.path.join(tmp, "model_index.json"), index)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,109 @@
+"""Orbax checkpoints of the train state, and the SIGTERM (preemption) watch.
+
+Resume order, documented once: (1) build the model and a fresh state exactly as a new run would;
+(2) restore {step, params, opt_state} into that state's abstract, sharded shapes; (3) the data order
+needs no state of its own: the batch of step s is a pure function of (seed, s), so restoring the step
+restores the data position too. The frozen params are re-read from the base model, whose name the
+checkpoint's metadata records and checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def _saved_tree(state) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+class Checkpointer:
+    """Saves every `every` steps into `root/<step>`, keeping the newest `keep` (all when None)."""
+
+    def __init__(self, root: str, *, every: int, keep: int | None = None):
+        self.root = os.path.abspath(root)
+        self.every = every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+        self.manager = ocp.CheckpointManager(self.root, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state, meta: dict, *, force: bool = False) -> bool:
+        """Starts an (async) save of `state` at its step; returns whether one was started."""
+        step = int(state.step)
+        if not force and step % self.every:
+            return False
+        if step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(_saved_tree(state)),
+                                  meta=ocp.args.JsonSave({**meta, "step": step}))
+        return self.manager.save(step, args=args, force=True)
+
+    def restore(self, state, step: int, expected_meta: dict | None = None):
+        """Returns (`state` with the saved step/params/opt_state, saved metadata)."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _saved_tree(state))
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        meta = dict(restored["meta"])
+        for key, value in (expected_meta or {}).items():
+            if meta.get(key) != value:
+                raise ValueError(f"checkpoint {self.root}/{step} was made with {key}={meta.get(key)!r}, "
+                                 f"this run has {key}={value!r}")
+        tree = restored["state"]
+        return state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"]), meta
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def resolve_resume(spec: str | None, checkpoints_root: str) -> tuple[str, int] | None:
+    """`--resume_from_checkpoint` ('latest' or a `.../checkpoints/<step>` folder) -> (root, step) or None."""
+    if spec is None:
+        return None
+    if spec == "latest":
+        if not os.path.isdir(checkpoints_root):
+            log.warning("--resume_from_checkpoint latest: no checkpoints in %s yet; starting fresh", checkpoints_root)
+            return None
+        steps = [int(d) for d in os.listdir(checkpoints_root) if d.isdigit()]
+        if not steps:
+            log.warning("--resume_from_checkpoint latest: no checkpoints in %s yet; starting fresh", checkpoints_root)
+            return None
+        return checkpoints_root, max(steps)
+    path = os.path.abspath(spec.rstrip("/"))
+    name = os.path.basename(path)
+    if not name.isdigit():
+        raise ValueError(f"--resume_from_checkpoint {spec}: expected a checkpoint folder named by its step")
+    return os.path.dirname(path), int(name)
+
+
+class PreemptionWatch:
+    """Turns SIGTERM (TPU/GPU preemption, `kill`) into a flag the training loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+        self.requested = True
+
+    def should_stop(self, manager: ocp.CheckpointManager | None = None, step: int = 0) -> bool:
+        # On several hosts, JAX's preemption notice (via Orbax) makes every host stop at the same step.
+        if jax.process_count() > 1 and manager is not None:
+            return bool(manager.reached_preemption(step)) or self.requested
+        return self.requested
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,407 @@
+"""DreamBooth training data: instance (and prior-preservation class) images, prompts and augmentation.
+
+Every batch is a pure function of (seed, step, batch_size): no iterator state, so a resumed run continues
+exactly and each host of a multi-host run can compute just its own rows. Preprocessing follows diffusers'
+`train_dreambooth.py`: resize the shorter side with PIL bilinear (what torchvision's `Resize` does on PIL
+images), center or random crop, optional horizontal flip, scale to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+# Extra entropy words that keep the permutation streams apart from the (seed, step, row) augmentation
+# streams (SeedSequence zero-pads short entropy, so length alone would not separate them).
+_INSTANCE_PERM_TAG = 0x5045524D
+_CLASS_PERM_TAG = 0x434C4153
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Everything Pillow raises on a file that is not a decodable image.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    TypeError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+
+
+class ImageError(ValueError):
+    """A file that cannot be read as an image; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    """One subject: its instance images and prompt, and (for prior preservation) its class images."""
+
+    instance_data_dir: str
+    instance_prompt: str
+    class_data_dir: str | None = None
+    class_prompt: str | None = None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency is composited on white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        # 16-bit greyscale (PNG): scale 0..65535 onto 0..255; convert("L") would clip everything above 255.
+        grey = np.asarray(im).astype(np.float64).clip(0, 65535) / 257.0
+        return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:  # also P, L or RGB with a tRNS chunk
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...; embedded ICC profiles are ignored, as in diffusers
+
+
+def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(w, h) with the shorter side at `resolution`, rounded down as torchvision's `Resize(int)`."""
+    if width <= height:
+        return resolution, int(resolution * height / width)
+    return int(resolution * width / height), resolution
+
+
+def _load(path: str, resolution: int, *, warn: bool) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im = _to_rgb(ImageOps.exif_transpose(im))
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    if warn:
+        _warn_if_small(path, *im.size, resolution)
+    size = _resized_size(*im.size, resolution)
+    if size != im.size:
+        im = im.resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_image(path: str, resolution: int) -> np.ndarray:
+    """Decodes an image file to uint8 RGB [H, W, 3] with its shorter side resized to `resolution`.
+
+    The resize is PIL bilinear with antialiasing, which is exactly what diffusers' DreamBooth transform
+    (`transforms.Resize(size, interpolation=BILINEAR)` on a PIL image) computes; the longer side is rounded
+    down as torchvision does. EXIF orientation is applied first. Alpha (RGBA, LA, P or L with transparency)
+    is composited on white, 16-bit greyscale ('I;16', 'I') is scaled to 8 bits, CMYK and palette images are
+    converted by Pillow. An image smaller than `resolution` is upscaled with a logged warning.
+
+    Raises:
+      ImageError: the file is not a readable image (the message names it).
+    """
+    return _load(path, resolution, warn=True)
+
+
+def _probe(path: str) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation applied), from the header, after checking the file
+    structure without decoding pixels."""
+    try:
+        with Image.open(path) as im:
+            im.verify()  # PNG: all chunk CRCs; other formats: little beyond the header
+        with Image.open(path) as im:  # verify() leaves the image unusable
+            width, height = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap width and height
+                width, height = height, width
+    except _DECODE_ERRORS as e:
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    return width, height
+
+
+def _warn_if_small(path: str, width: int, height: int, resolution: int) -> None:
+    if min(width, height) < resolution:
+        log.warning("%s: %dx%d is smaller than resolution %d; upscaling it", path, width, height, resolution)
+
+
+def _image_files(folder: str) -> list[str]:
+    names = sorted(
+        n
+        for n in os.listdir(folder)
+        if not n.startswith(".")  # hidden files, and macOS `._x.jpg` resource forks that are not images
+        and n.lower().endswith(IMAGE_EXTENSIONS)
+        and os.path.isfile(os.path.join(folder, n))
+    )
+    return [os.path.join(folder, n) for n in names]
+
+
+def list_images(folder: str) -> list[str]:
+    """Sorted paths of the image files directly in `folder` (extension matched case-insensitively).
+
+    Raises:
+      FileNotFoundError: `folder` does not exist or is not a directory.
+      ValueError: it holds no file with one of IMAGE_EXTENSIONS.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder {folder!r} does not exist or is not a directory")
+    paths = _image_files(folder)
+    if not paths:
+        raise ValueError(
+            f"image folder {folder!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return paths
+
+
+def count_images(folder: str) -> int:
+    """How many readable image files `folder` holds (0 if it does not exist), e.g. to decide how many class
+    images are still to be generated."""
+    if not os.path.isdir(folder):
+        return 0
+    count = 0
+    for path in _image_files(folder):
+        try:
+            _probe(path)
+            count += 1
+        except ImageError:
+            pass
+    return count
+
+
+def caption_for(image_path: str, default_prompt: str) -> str:
+    """The text of a `.txt` file beside the image with the same stem, or `default_prompt` if there is none
+    (or it is blank)."""
+    txt = os.path.splitext(image_path)[0] + ".txt"
+    if os.path.isfile(txt):
+        with open(txt, encoding="utf-8-sig") as f:  # -sig: drop a BOM written by Windows editors
+            caption = f.read().strip()
+        if caption:
+            return caption
+    return default_prompt
+
+
+def _to_float(image: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1], as ToTensor() then Normalize([0.5], [0.5])."""
+    return image.astype(np.float32) / 127.5 - 1.0
+
+
+class DreamBoothData:
+    """The DreamBooth training set of one or more concepts; see `batch` for the order of examples.
+
+    Folders are scanned at construction, so a bad file fails early, naming it; with `skip_bad_images` it
+    is skipped with a warning instead and listed in `skipped`. Instance images are decoded eagerly (there
+    are few); class images are only header-checked here, then decoded on first use and kept in an LRU cache
+    of `cache_size` resized, uncropped images (a truncated JPEG is therefore only caught when decoded).
+    Class folders are read only with `with_prior_preservation`.
+
+    Attributes:
+      instance_paths, class_paths: the images by index (the indices of `batch_plan` and `fixed_view`);
+        a class folder shared by two concepts appears once per concept.
+      num_instance_images, num_class_images: their counts over all concepts.
+      skipped: paths of the bad files skipped.
+    """
+
+    def __init__(
+        self,
+        concepts: Sequence[Concept],
+        *,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        with_prior_preservation: bool = False,
+        skip_bad_images: bool = False,
+        seed: int = 0,
+        cache_size: int = 2048,
+    ):
+        if not concepts:
+            raise ValueError("no concepts given")
+        if resolution < 1 or seed < 0:
+            raise ValueError(f"need resolution >= 1 and seed >= 0, got {resolution}, {seed}")
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.with_prior_preservation = with_prior_preservation
+        self.seed = seed
+        self.skip_bad_images = skip_bad_images
+        self.skipped: list[str] = []
+
+        self.instance_paths: list[str] = []
+        self._instance_images: list[np.ndarray] = []  # uint8 [h, w, 3], shorter side = resolution
+        self._instance_prompts: list[str] = []
+        instance_concept = []
+        for c, concept in enumerate(concepts):
+            found = 0
+            for path in list_images(concept.instance_data_dir):
+                try:
+                    image = load_image(path, resolution)
+                except ImageError as e:
+                    self._skip(path, e)
+                    continue
+                self.instance_paths.append(path)
+                self._instance_images.append(image)
+                self._instance_prompts.append(caption_for(path, concept.instance_prompt))
+                instance_concept.append(c)
+                found += 1
+            if not found:
+                raise ValueError(f"no readable instance images in {concept.instance_data_dir!r}")
+        self._instance_concept = np.asarray(instance_concept)
+        self._instance_counts = np.bincount(self._instance_concept, minlength=len(concepts))
+
+        self.class_paths: list[str] = []
+        self._class_sizes: list[tuple[int, int]] = []  # resized (w, h), known without decoding
+        self._class_prompts: list[str] = []
+        self._class_by_concept: list[np.ndarray] = []  # per concept: its indices into class_paths
+        if with_prior_preservation:
+            for concept in concepts:
+                self._scan_class_folder(concept)
+        self.num_instance_images = len(self.instance_paths)
+        self.num_class_images = len(self.class_paths)
+
+        # Keyed by path, so a class folder shared by concepts is decoded once.
+        self._class_image = functools.lru_cache(maxsize=cache_size)(
+            functools.partial(_load, resolution=resolution, warn=False)
+        )
+        self._instance_epoch = functools.lru_cache(maxsize=4)(self._instance_epoch_uncached)
+        self._class_perm = functools.lru_cache(maxsize=4 * len(concepts))(self._class_perm_uncached)
+
+    def _skip(self, path: str, error: ImageError) -> None:
+        if not self.skip_bad_images:
+            raise error
+        log.warning("skipping %s", error)
+        self.skipped.append(path)
+
+    def _scan_class_folder(self, concept: Concept) -> None:
+        if concept.class_data_dir is None or concept.class_prompt is None:
+            raise ValueError(f"prior preservation needs class_data_dir and class_prompt for {concept}")
+        indices = []
+        for path in list_images(concept.class_data_dir):
+            try:
+                width, height = _probe(path)
+            except ImageError as e:
+                self._skip(path, e)
+                continue
+            _warn_if_small(path, width, height, self.resolution)
+            indices.append(len(self.class_paths))
+            self.class_paths.append(path)
+            self._class_sizes.append(_resized_size(width, height, self.resolution))
+            self._class_prompts.append(concept.class_prompt)
+        if not indices:
+            raise ValueError(f"no readable class images in {concept.class_data_dir!r}")
+        self._class_by_concept.append(np.asarray(indices))
+
+    def prompts(self) -> list[str]:
+        """Every distinct prompt a batch can hold (instance captions, then class prompts), in first-seen order."""
+        return list(dict.fromkeys(self._instance_prompts + self._class_prompts))
+
+    def _instance_epoch_uncached(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's permutation of all instance images, and for each position how many earlier positions of
+        the epoch hold an image of the same concept (which picks the paired class image)."""
+        perm = np.random.default_rng((self.seed, epoch, _INSTANCE_PERM_TAG)).permutation(
+            self.num_instance_images
+        )
+        concept = self._instance_concept[perm]
+        rank = np.empty_like(perm)
+        for c in range(len(self._instance_counts)):
+            rank[concept == c] = np.arange(self._instance_counts[c])
+        return perm, rank
+
+    def _class_perm_uncached(self, concept: int, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, epoch, _CLASS_PERM_TAG, concept))
+        return self._class_by_concept[concept][rng.permutation(len(self._class_by_concept[concept]))]
+
+    def _augment(self, rng: np.random.Generator, size: tuple[int, int]) -> tuple[int, int, bool]:
+        """(top, left, flip) for an image of resized `size` (w, h). The draws are made whatever the settings,
+        so a row's random stream does not depend on them."""
+        width, height = size
+        top, left = (
+            int(rng.integers(height - self.resolution + 1)),
+            int(rng.integers(width - self.resolution + 1)),
+        )
+        flip = bool(rng.random() < 0.5) and self.random_flip
+        if self.center_crop:  # rounded as torchvision's CenterCrop
+            top = int(round((height - self.resolution) / 2.0))
+            left = int(round((width - self.resolution) / 2.0))
+        return top, left, flip
+
+    def batch_plan(self, step: int, batch_size: int, *, start: int = 0, stop: int | None = None) -> dict:
+        """Which images rows [start:stop) of step `step`'s batch use, and how they are cropped and flipped,
+        without decoding anything.
+
+        Returns {"instance_indices": int64 [n], "instance_crops": int64 [n, 2] (top, left), "instance_flips":
+        bool [n], "instance_prompts": list[str]}, and the same "class_*" keys with prior preservation. With
+        `center_crop` and latents cached from `fixed_view(kind, index, flip)` this is all a trainer needs.
+        """
+        stop = batch_size if stop is None else stop
+        if step < 0 or batch_size < 1 or not 0 <= start <= stop <= batch_size:
+            raise ValueError(f"bad step/rows: step={step}, batch_size={batch_size}, rows [{start}:{stop})")
+        kinds = ("instance", "class") if self.with_prior_preservation else ("instance",)
+        rows = {kind: [] for kind in kinds}  # (index, top, left, flip) per row
+        for row in range(start, stop):
+            epoch, pos = divmod(step * batch_size + row, self.num_instance_images)
+            perm, rank = self._instance_epoch(epoch)
+            index = int(perm[pos])
+            rng = np.random.default_rng((self.seed, step, row))
+            rows["instance"].append((index, *self._augment(rng, self._instance_images[index].shape[1::-1])))
+            if self.with_prior_preservation:
+                # The k-th draw of a concept's instance images is paired with the k-th draw of its class images.
+                c = int(self._instance_concept[index])
+                k = epoch * int(self._instance_counts[c]) + int(rank[pos])
+                class_epoch, class_pos = divmod(k, len(self._class_by_concept[c]))
+                class_index = int(self._class_perm(c, class_epoch)[class_pos])
+                rows["class"].append((class_index, *self._augment(rng, self._class_sizes[class_index])))
+        plan = {}
+        for kind in kinds:
+            table = np.asarray(rows[kind], np.int64).reshape(-1, 4)
+            prompts = self._instance_prompts if kind == "instance" else self._class_prompts
+            plan[f"{kind}_indices"] = table[:, 0]
+            plan[f"{kind}_crops"] = table[:, 1:3]
+            plan[f"{kind}_flips"] = table[:, 3].astype(bool)
+            plan[f"{kind}_prompts"] = [prompts[i] for i in table[:, 0]]
+        return plan
+
+    def batch(self, step: int, batch_size: int, *, start: int = 0, stop: int | None = None) -> dict:
+        """The global batch of training step `step`, or only its rows [start:stop) (equal to the same rows of
+        the full batch, so each host can build its own slice).
+
+        Examples are drawn epoch by epoch through a permutation of all instance images of all concepts, seeded
+        by (seed, epoch): global example g = step * batch_size + row is position g % N of epoch g // N. With
+        prior preservation each row also gets a class image of the same concept, drawn likewise through a
+        per-concept permutation. Crop offsets and flips come from np.random.default_rng((seed, step, row)).
+
+        Returns:
+          {"instance_images": float32 [n, R, R, 3] in [-1, 1], "instance_prompts": list[str]} and the other
+          `batch_plan` keys ("instance_indices", "instance_crops", "instance_flips"), plus the same "class_*"
+          keys with prior preservation.
+        """
+        out = self.batch_plan(step, batch_size, start=start, stop=stop)
+        kinds = ("instance", "class") if self.with_prior_preservation else ("instance",)
+        for kind in kinds:
+            views = [
+                self.view(kind, int(i), (int(top), int(left)), bool(flip))
+                for i, (top, left), flip in zip(
+                    out[f"{kind}_indices"], out[f"{kind}_crops"], out[f"{kind}_flips"]
+                )
+            ]
+            empty = np.zeros((0, self.resolution, self.resolution, 3), np.float32)
+            out[f"{kind}_images"] = np.stack(views) if views else empty
+        return out
+
+    def _uint8(self, kind: str, index: int) -> np.ndarray:
+        if kind == "instance":
+            return self._instance_images[index]
+        if kind == "class":
+            return self._class_image(self.class_paths[index])
+        raise ValueError(f"kind must be 'instance' or 'class', got {kind!r}")
+
+    def view(self, kind: str, index: int, crop: tuple[int, int], flip: bool) -> np.ndarray:
+        """Image `index` of `kind` cropped at (top, left) to the resolution, optionally flipped: float32 [R, R, 3]."""
+        top, left = crop
+        image = self._uint8(kind, index)[top : top + self.resolution, left : left + self.resolution]
+        if image.shape[:2] != (self.resolution, self.resolution):  # class crops come from header sizes
+            raise ImageError(f"{self.class_paths[index]}: decoded size differs from its header")
+        return _to_float(image[:, ::-1] if flip else image)
+
+    def fixed_view(self, kind: str, index: int, flip: bool = False) -> np.ndarray:
+        """Image `index` of `kind` ('instance' or 'class') center-cropped, optionally flipped: float32
+        [R, R, 3] in [-1, 1], e.g. for caching latents."""
+        height, width = self._uint8(kind, index).shape[:2]
+        top = int(round((height - self.resolution) / 2.0))
+        left = int(round((width - self.resolution) / 2.0))
+        return self.view(kind, index, (top, left), flip)

@@ -1,0 +1,44 @@
+"""The device mesh and shardings: data parallel over every device of every host (`data` axis)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over `devices` (default: all devices of all processes) with one axis, `data`.
+
+    Axis type Auto: classic jit sharding propagation (jax.make_mesh defaults to Explicit in recent JAX).
+    """
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices, (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over `data`, other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def put_batch(tree, mesh: Mesh):
+    """Places host arrays (this process's share of the batch) on the mesh, split along the batch axis."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def put_replicated(tree, mesh: Mesh):
+    return jax.device_put(tree, replicated(mesh))
+
+
+def pad_to_multiple(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n."""
+    return -(-n // multiple) * multiple

@@ -1,0 +1,208 @@
+"""Text -> image generation: one jit-compiled program (text encoders, the whole denoising loop as a
+`lax.scan`, VAE decode), data parallel over every device.
+
+    images = generate(pipe, ["a photo of sks dog"], num_inference_steps=30, scheduler="dpmpp_2m", seed=0)
+
+Image `i` of a call starts from the noise of seed `seed + i` (and draws its ancestral noise from it), so an
+image depends on its own seed only: not on the batch it was generated in, nor on the number of devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreambooth_jax import parallel
+from dreambooth_jax.schedulers import SCHEDULER_NAMES, make_sampler, scheduler_name_for
+
+log = logging.getLogger(__name__)
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
+    """Token ids [N, max_length] (padded, truncated with a warning naming the dropped text)."""
+    max_length = tokenizer.model_max_length
+    ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="np").input_ids
+    full = tokenizer(list(prompts), padding="longest", return_tensors="np").input_ids
+    if full.shape[-1] > max_length:
+        for prompt, row in zip(prompts, full):
+            n = int((row != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else len(row)
+            if n > max_length:
+                dropped = tokenizer.decode(row[max_length - 1 : n - 1])
+                log.warning("prompt longer than %d tokens, truncated; dropped: %r (prompt %r)",
+                            max_length, dropped, prompt)
+    return ids.astype(np.int32)
+
+
+def text_conditioning(pipe, params, ids, ids_2=None):
+    """The UNet's text conditioning: (context [N, L, D], pooled [N, P] or None).
+
+    SD 1.x/2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden states
+    concatenated, and the second encoder's projected pooled output (as diffusers' pipelines do).
+    """
+    out = pipe.text_encoder.apply({"params": params["text_encoder"]}, ids)
+    if not pipe.is_sdxl:
+        return out.last_hidden_state, None
+    out_2 = pipe.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2)
+    context = jnp.concatenate([out.hidden_states[-2], out_2.hidden_states[-2].astype(out.hidden_states[-2].dtype)],
+                              axis=-1)
+    return context, out_2.text_embeds
+
+
+def _interleave(a, b):
+    """[B, ...], [B, ...] -> [2B, ...] as a0, b0, a1, b1...: each device keeps its own examples' pairs."""
+    return jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])
+
+
+def rescale_guidance(noise_cfg, noise_cond, guidance_rescale):
+    """Guidance rescale (Lin et al. 2023, sec. 3.4), as diffusers' `rescale_noise_cfg`."""
+    axes = tuple(range(1, noise_cfg.ndim))
+    std_cond = jnp.std(noise_cond, axis=axes, keepdims=True)
+    std_cfg = jnp.std(noise_cfg, axis=axes, keepdims=True)
+    rescaled = noise_cfg * (std_cond / std_cfg)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+def _sample(params, ids, neg_ids, noise, seeds, guidance_scale, guidance_rescale, *, pipe, sampler, cfg: bool):
+    """The compiled program: conditioning -> denoising scan -> decode. Batch-sharded inputs, images out."""
+    context, pooled = text_conditioning(pipe, params, ids[0], ids[1] if pipe.is_sdxl else None)
+    if cfg:
+        neg_context, neg_pooled = text_conditioning(pipe, params, neg_ids[0], neg_ids[1] if pipe.is_sdxl else None)
+        if pipe.is_sdxl and pipe.model_index.get("force_zeros_for_empty_prompt", True):
+            empty = neg_ids[2][:, None, None]  # the negative prompt was empty: zeros, as diffusers does
+            neg_context = jnp.where(empty, 0.0, neg_context)
+            neg_pooled = jnp.where(empty[:, :, 0], 0.0, neg_pooled)
+        context = _interleave(neg_context, context)
+        pooled = _interleave(neg_pooled, pooled) if pooled is not None else None
+    added = {}
+    if pipe.is_sdxl:
+        h, w = noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor
+        time_ids = jnp.tile(jnp.array([[h, w, 0, 0, h, w]], jnp.float32), (context.shape[0], 1))
+        added = dict(text_embeds=pooled, time_ids=time_ids)
+    step_keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 1))(seeds)
+    timesteps = jnp.asarray(sampler.timesteps)
+    latents = noise.astype(jnp.float32) * sampler.init_noise_sigma
+    state = jax.vmap(sampler.init_state)(latents)
+
+    def body(carry, i):
+        latents, state = carry
+        x = sampler.scale_model_input(latents, i).astype(pipe.unet.dtype)
+        if cfg:
+            x = _interleave(x, x)
+        out = pipe.unet.apply({"params": params["unet"]}, x, timesteps[i], context, **added).astype(jnp.float32)
+        if cfg:
+            out = out.reshape(-1, 2, *out.shape[1:])
+            uncond, cond = out[:, 0], out[:, 1]
+            out = uncond + guidance_scale * (cond - uncond)
+            out = jnp.where(guidance_rescale > 0, rescale_guidance(out, cond, guidance_rescale), out)
+        keys = jax.vmap(jax.random.fold_in, (0, None))(step_keys, i)
+        latents, state = jax.vmap(sampler.step, (0, None, 0, 0, 0))(state, i, out, latents, keys)
+        return (latents, state), None
+
+    (latents, _), _ = jax.lax.scan(body, (latents, state), jnp.arange(sampler.num_model_calls))
+    vae = pipe.vae
+    images = vae.apply({"params": params["vae"]}, vae.unscale_latents(latents).astype(vae.dtype), method=vae.decode)
+    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def _compiled(pipe, sampler_key: tuple, cfg: bool, mesh):
+    """The jitted sampling program for (scheduler, steps, eta, karras, cfg), cached on the pipeline."""
+    cache = pipe.cache.setdefault("sampling", {})
+    key = (sampler_key, cfg, tuple(d.id for d in mesh.devices.flat))
+    if key not in cache:
+        name, steps, eta, karras = sampler_key
+        sampler = make_sampler(name, pipe.scheduler_config, steps, eta=eta, use_karras_sigmas=karras)
+        batch, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+        fn = functools.partial(_sample, pipe=pipe, sampler=sampler, cfg=cfg)
+        cache[key] = jax.jit(fn, in_shardings=(repl, batch, batch, batch, batch, repl, repl), out_shardings=batch)
+    return cache[key]
+
+
+def _noise(seeds: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal starting latents, image i from `PRNGKey(seeds[i])` alone."""
+    return np.asarray(jax.jit(jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), shape)))(seeds))
+
+
+def _check_size(pipe, height, width) -> tuple[int, int]:
+    f = pipe.vae_scale_factor
+    default = (pipe.unet.config.sample_size or 64) * f
+    height, width = height or default, width or default
+    if height % f or width % f or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {f} (the VAE's downscaling factor); "
+                         f"got {height}x{width}")
+    return height, width
+
+
+def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inference_steps: int = 50,
+             guidance_scale: float = 7.5, scheduler: str | None = None, seed: int = 0, latents=None,
+             height: int | None = None, width: int | None = None, eta: float = 0.0, guidance_rescale: float = 0.0,
+             use_karras_sigmas: bool | None = None, batch_size: int | None = None, mesh=None,
+             progress: bool = False) -> np.ndarray:
+    """Generates one image per prompt.
+
+    Args:
+      pipe: what `dreambooth_jax.load_pipeline` returns.
+      prompts: the prompts, one image each.
+      negative_prompts: one string for all, or one per prompt (default: empty).
+      scheduler: a name of `SCHEDULER_NAMES` (default: the pipeline's own scheduler).
+      seed: image i starts from the noise of seed `seed + i`.
+      latents: optional starting noise [N, H/8, W/8, C] (unscaled, as diffusers' `latents=` in NHWC).
+      guidance_scale: classifier-free guidance; <= 1 turns it off. guidance_rescale: 0 (off) to 1.
+      batch_size: images per compiled call (default: all at once); each call is padded to the device count.
+      mesh: the device mesh (default: all devices).
+
+    Returns:
+      float32 images [N, H, W, 3] in [0, 1].
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if negative_prompts is None or isinstance(negative_prompts, str):
+        negative_prompts = [negative_prompts or ""] * len(prompts)
+    if len(negative_prompts) != len(prompts):
+        raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+    name = scheduler or scheduler_name_for(pipe.scheduler_config)
+    if name not in SCHEDULER_NAMES:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    height, width = _check_size(pipe, height, width)
+    f, n = pipe.vae_scale_factor, len(prompts)
+    shape = (height // f, width // f, pipe.unet.config.in_channels)
+    seeds = np.arange(seed, seed + n, dtype=np.int64).astype(np.uint32)
+    if latents is None:
+        latents = _noise(seeds, shape)
+    latents = np.asarray(latents, np.float32)
+    if latents.shape != (n, *shape):
+        raise ValueError(f"latents must have shape {(n, *shape)} (N, H/{f}, W/{f}, C); got {latents.shape}")
+
+    cfg = guidance_scale > 1.0
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if pipe.is_sdxl else [])
+    ids = [tokenize(t, prompts) for t in tokenizers]
+    neg_ids = [tokenize(t, negative_prompts) for t in tokenizers] if cfg else [np.zeros_like(i) for i in ids]
+    neg_ids.append(np.array([p == "" for p in negative_prompts]))
+    mesh = mesh or parallel.data_mesh()
+    fn = _compiled(pipe, (name, num_inference_steps, eta, use_karras_sigmas), cfg, mesh)
+    params = parallel.put_replicated(pipe.params, mesh)  # a no-op when already placed so
+
+    per_call = batch_size or n
+    out = []
+    chunks = range(0, n, per_call)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="generating", unit="batch")
+    for start in chunks:
+        stop = min(start + per_call, n)
+        padded = parallel.pad_to_multiple(stop - start, mesh.size)
+        # Pad with copies of the last example (dropped afterwards) so every device gets the same share.
+        pad = lambda a: np.concatenate([a[start:stop], np.repeat(a[stop - 1 : stop], padded - (stop - start), 0)])  # noqa: E731,B023
+        args = ([pad(i) for i in ids], [pad(i) for i in neg_ids], pad(latents), pad(seeds))
+        images = fn(params, *parallel.put_batch(args, mesh), jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
+        out.append(np.asarray(jax.device_get(images))[: stop - start])
+    return np.concatenate(out)

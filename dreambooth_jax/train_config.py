@@ -1,0 +1,193 @@
+"""The trainer's options: one typed dataclass (defaults, help), presets from `configs/`, CLI overrides.
+
+Flag names follow diffusers' `train_dreambooth.py` where the concept is the same. Resolution order:
+dataclass default < preset (`--config NAME_OR_PATH`) < command-line flag. `validate` rejects bad
+combinations before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+from dreambooth_jax.optim import LR_SCHEDULERS
+
+# The presets: `configs/` at the repository root, installed as the package `dreambooth_jax.configs`.
+CONFIGS_DIR = os.path.dirname(importlib.import_module("dreambooth_jax.configs").__file__)
+
+
+def _opt(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # Model
+    pretrained_model_name_or_path: str | None = _opt(None, "diffusers pipeline folder or Hugging Face Hub id")
+    revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of the pretrained model")
+    variant: str | None = _opt(None, "weight variant to load, e.g. fp16")
+    # Data
+    instance_data_dir: str | None = _opt(None, "folder with the 3-5 photos of the subject")
+    instance_prompt: str | None = _opt(None, "prompt naming the subject, e.g. 'a photo of sks dog'")
+    class_data_dir: str | None = _opt(None, "folder of class images (generated there if too few)")
+    class_prompt: str | None = _opt(None, "prompt of the subject's class, e.g. 'a photo of dog'")
+    with_prior_preservation: bool = _opt(False, "add the prior-preservation loss on class images")
+    prior_loss_weight: float = _opt(1.0, "weight of the prior-preservation loss")
+    num_class_images: int = _opt(100, "class images wanted; missing ones are generated")
+    sample_batch_size: int = _opt(4, "images per device per call when generating class images")
+    resolution: int = _opt(512, "training image size (square)")
+    center_crop: bool = _opt(False, "center crop instead of random crop")
+    random_flip: bool = _opt(False, "random horizontal flips")
+    skip_bad_images: bool = _opt(False, "skip unreadable images (with a warning) instead of failing")
+    cache_latents: bool = _opt(False, "encode the (center-cropped) images with the VAE once, not every step")
+    pre_compute_text_embeddings: bool = _opt(False, "encode prompts once (frozen text encoder only)")
+    tokenizer_max_length: int | None = _opt(None, "token length (default: the tokenizer's)")
+    text_encoder_use_attention_mask: bool = _opt(False, "pass the padding mask to the text encoder")
+    # Output
+    output_dir: str = _opt("dreambooth-model", "the trained pipeline goes here; checkpoints in checkpoints/")
+    seed: int = _opt(0, "seed of data order, noise and initialisation")
+    # Training
+    train_text_encoder: bool = _opt(False, "fine-tune the text encoder too")
+    train_batch_size: int = _opt(1, "instance images per device per step (as many class images are added)")
+    max_train_steps: int | None = _opt(None, "steps to train (overrides num_train_epochs)")
+    num_train_epochs: int = _opt(1, "epochs over the instance images, when max_train_steps is not set")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step (inside the compiled step)")
+    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass (less memory)")
+    learning_rate: float = _opt(5e-6, "peak learning rate")
+    scale_lr: bool = _opt(False, "multiply the learning rate by the global batch size")
+    lr_scheduler: str = _opt("constant", "learning-rate schedule", LR_SCHEDULERS)
+    lr_warmup_steps: int = _opt(0, "linear warm-up steps")
+    lr_num_cycles: int = _opt(1, "restarts of cosine_with_restarts")
+    lr_power: float = _opt(1.0, "power of the polynomial schedule")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_weight_decay: float = _opt(1e-2, "AdamW decoupled weight decay")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _opt(1.0, "clip gradients to this global norm (0: no clipping)")
+    mixed_precision: str = _opt("no", "compute dtype: 'no' (fp32) or 'bf16'; master weights stay fp32",
+                                ("no", "bf16", "fp16"))
+    attention: str = _opt("dot_product", "attention implementation", ("einsum", "dot_product", "cudnn"))
+    # Checkpoints, validation, logging
+    checkpointing_steps: int = _opt(500, "save an Orbax checkpoint every N steps")
+    checkpoints_total_limit: int | None = _opt(None, "keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint folder to resume from")
+    validation_prompt: str | None = _opt(None, "prompt of the validation images")
+    num_validation_images: int = _opt(4, "validation images per validation")
+    validation_steps: int = _opt(100, "validate every N steps")
+    validation_inference_steps: int = _opt(25, "denoising steps of validation and class images")
+    report_to: str = _opt("none", "'tensorboard' also writes TensorBoard events", ("none", "tensorboard"))
+
+    @property
+    def compute_dtype(self) -> str:
+        return "bf16" if self.mixed_precision == "bf16" else "fp32"
+
+
+def _field_type(f: dataclasses.Field):
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _none_or(kind):
+    return lambda s: None if s.lower() in ("none", "null", "") else kind(s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dreambooth_jax.train",
+                                     description="DreamBooth fine-tuning of Stable Diffusion in JAX.")
+    parser.add_argument("--config", default=None,
+                        help=f"preset name in configs/ ({', '.join(preset_names())}) or a JSON file path")
+    for f in dataclasses.fields(TrainConfig):
+        kind, help_text = _field_type(f), f.metadata["help"]
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+        else:
+            nullable = f.default is None
+            parser.add_argument(f"--{f.name}", type=_none_or(kind) if nullable else kind, default=f.default,
+                                choices=f.metadata["choices"], help=f"{help_text} (default: %(default)s)")
+    return parser
+
+
+def preset_names() -> list[str]:
+    if not os.path.isdir(CONFIGS_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(CONFIGS_DIR) if f.endswith(".json"))
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset's overrides: `configs/<name>.json`, or any JSON file of field -> value."""
+    path = name_or_path if name_or_path.endswith(".json") else os.path.join(CONFIGS_DIR, name_or_path + ".json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no preset {name_or_path!r} (known: {', '.join(preset_names())}; or a .json path)")
+    with open(path, encoding="utf-8") as f:
+        preset = json.load(f)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(k for k in preset if k not in names and not k.startswith("_"))
+    if unknown:
+        raise SystemExit(f"error: {path}: unknown option(s) {', '.join(unknown)}")
+    return {k: v for k, v in preset.items() if not k.startswith("_")}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_preset(known.config))
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    cfg = TrainConfig(**args)
+    errors = validate(cfg)
+    if errors:
+        parser.error("\n  ".join(errors))
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every problem with the options, as messages (empty when fine). Cheap: no model is loaded."""
+    errors = []
+    if not cfg.pretrained_model_name_or_path:
+        errors.append("--pretrained_model_name_or_path is required")
+    if not cfg.instance_data_dir:
+        errors.append("--instance_data_dir is required")
+    elif not os.path.isdir(cfg.instance_data_dir):
+        errors.append(f"--instance_data_dir {cfg.instance_data_dir}: no such folder")
+    if not cfg.instance_prompt:
+        errors.append("--instance_prompt is required")
+    if cfg.with_prior_preservation:
+        if not cfg.class_prompt:
+            errors.append("--with_prior_preservation needs --class_prompt")
+        if not cfg.class_data_dir:
+            errors.append("--with_prior_preservation needs --class_data_dir (generated class images go there)")
+    if cfg.mixed_precision == "fp16":
+        errors.append("--mixed_precision fp16 is not supported (it needs loss scaling); use bf16, as fast on "
+                      "TPUs and recent GPUs")
+    if cfg.resolution <= 0 or cfg.resolution % 8:
+        errors.append(f"--resolution must be a positive multiple of 8; got {cfg.resolution}")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                 "validation_steps", "num_validation_images", "sample_batch_size"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name} must be >= 1")
+    if cfg.max_train_steps is not None and cfg.max_train_steps < 1:
+        errors.append("--max_train_steps must be >= 1")
+    if cfg.learning_rate <= 0:
+        errors.append("--learning_rate must be > 0")
+    if cfg.pre_compute_text_embeddings and cfg.train_text_encoder:
+        errors.append("--pre_compute_text_embeddings cannot be combined with --train_text_encoder")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        errors.append("--checkpoints_total_limit must be >= 1")
+    if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
+        errors.append(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no such checkpoint folder")
+    if cfg.report_to == "tensorboard":
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            errors.append("--report_to tensorboard needs tensorboardX (pip install tensorboardX)")
+    return errors

@@ -1,0 +1,227 @@
+"""Noise schedules and samplers against diffusers' PyTorch schedulers (CPU, fp32, no model weights).
+
+Each loop case runs a fixed fake "model", m = 0.9 · x_in + 0.1 · sin(0.01 t + φ), through a full sampling
+loop twice: diffusers (`scale_model_input`, `step(...).prev_sample`) and ours (`jax.jit` of a `lax.scan`
+over the traced step index), feeding both the same N(0, I) draws for the stochastic samplers. Tolerance on
+the final sample: max abs error <= 1e-5 (measured <= ~2e-6); for the σ-samplers on the cosine schedule,
+whose σ_max ≈ 2e4 makes the samples large, the bound is relative to max |x| instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from diffusers.schedulers import (  # noqa: E402
+    scheduling_ddim,
+    scheduling_ddpm,
+    scheduling_euler_ancestral_discrete,
+)
+
+from dreambooth_jax import noise_schedule as ns  # noqa: E402
+from dreambooth_jax import schedulers  # noqa: E402
+from dreambooth_jax.schedulers import SCHEDULER_NAMES, make_sampler, scheduler_name_for  # noqa: E402
+
+SD = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+          num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+          trained_betas=None, clip_sample=False)
+DPM = dict(SD, _class_name="DPMSolverMultistepScheduler")
+LINEAR = dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+SHAPE = (2, 8, 8, 4)
+_rs = np.random.RandomState(0)
+X_T = _rs.randn(*SHAPE).astype(np.float32)
+PHASE = (_rs.rand(*SHAPE) * 6).astype(np.float32)
+
+
+def _cases():
+    cases = []
+    for name in SCHEDULER_NAMES:
+        for pred in ("epsilon", "v_prediction"):
+            cases += [(name, n, {}, dict(prediction_type=pred)) for n in (10, 25)]
+        cases += [(name, 10, {}, LINEAR), (name, 25, {}, dict(beta_schedule="squaredcos_cap_v2"))]
+        for spacing in ("leading", "trailing", "linspace"):
+            cases += [(name, 10, {}, dict(timestep_spacing=spacing)),
+                      (name, 7, {}, dict(timestep_spacing=spacing, prediction_type="v_prediction"))]
+        if name != "pndm":  # PNDM has no rescale_betas_zero_snr
+            cases.append((name, 10, {}, dict(rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                             prediction_type="v_prediction")))
+        if name in ("ddim", "ddpm", "euler", "dpmpp_2m"):
+            cases.append((name, 10, {}, dict(prediction_type="sample")))
+    cases += [(name, 10, {}, dict(set_alpha_to_one=True)) for name in ("ddim", "pndm")]
+    for name in ("ddim", "ddpm"):
+        cases += [(name, 10, {}, dict(clip_sample=True)),
+                  (name, 10, {}, dict(clip_sample=True, clip_sample_range=0.5, prediction_type="v_prediction"))]
+    cases += [("ddim", 10, dict(eta=1.0), {}), ("ddim", 25, dict(eta=0.5), dict(prediction_type="v_prediction")),
+              ("ddpm", 10, {}, dict(variance_type="fixed_large")),
+              ("pndm", 10, {}, dict(skip_prk_steps=False)),
+              ("pndm", 25, {}, dict(skip_prk_steps=False, prediction_type="v_prediction")),
+              ("euler", 10, {}, dict(interpolation_type="log_linear")),
+              ("euler", 10, {}, dict(timestep_type="continuous", prediction_type="v_prediction"))]
+    for name in ("euler", "dpmpp_2m"):
+        for pred in ("epsilon", "v_prediction"):
+            cases += [(name, n, dict(use_karras_sigmas=True), dict(prediction_type=pred)) for n in (10, 25)]
+        cases += [(name, 10, {}, dict(use_exponential_sigmas=True)),
+                  (name, 10, {}, dict(final_sigmas_type="sigma_min")),
+                  (name, 20, dict(use_karras_sigmas=True), dict(final_sigmas_type="sigma_min",
+                                                                timestep_spacing="leading"))]
+    for over in [dict(euler_at_final=True), dict(lower_order_final=False), dict(solver_order=3),
+                 dict(solver_order=3, lower_order_final=False), dict(solver_type="heun"), dict(solver_order=1),
+                 dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+                 dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=3,
+                      prediction_type="v_prediction"),
+                 dict(lambda_min_clipped=-5.1),
+                 dict(solver_type="heun", final_sigmas_type="sigma_min", lower_order_final=False)]:
+        cases += [("dpmpp_2m", n, {}, dict(DPM, **over)) for n in (10, 20)]
+    return cases
+
+
+def _diffusers_loop(monkeypatch, name, config, n, eta, noises):
+    """diffusers' sampling loop, its N(0, I) draws replaced by noises[i] at step i."""
+    sched = getattr(diffusers, schedulers._CLASS_FOR[name]).from_config(config)
+    sched.set_timesteps(n)
+    step = [0]
+    for module in (scheduling_ddpm, scheduling_ddim, scheduling_euler_ancestral_discrete):
+        monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(noises[step[0]]))
+    x = torch.from_numpy(X_T) * sched.init_noise_sigma
+    for i, t in enumerate(sched.timesteps):
+        step[0] = i
+        x_in = sched.scale_model_input(x, t)
+        out = 0.9 * x_in + 0.1 * torch.sin(0.01 * t.float() + torch.from_numpy(PHASE))
+        x = sched.step(out, t, x, **(dict(eta=eta) if name == "ddim" else {})).prev_sample
+    return sched, x.numpy()
+
+
+def _our_loop(sampler, noises, dtype=jnp.float32):
+    def body(carry, inputs):
+        x, state = carry
+        i, z = inputs
+        t = jnp.asarray(sampler.timesteps)[i]
+        out = 0.9 * sampler.scale_model_input(x, i) + 0.1 * jnp.sin(0.01 * t + PHASE)
+        return sampler.step(state, i, out.astype(dtype), x, None, noise=z), None
+
+    @jax.jit
+    def run(x_t, noises):
+        x = (x_t * sampler.init_noise_sigma).astype(dtype)
+        steps = jnp.arange(sampler.num_model_calls)
+        (x, _), _ = jax.lax.scan(body, (x, sampler.init_state(x)), (steps, noises))
+        return x
+
+    return np.asarray(run(X_T, noises).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("name,n,kwargs,over", _cases(), ids=lambda v: str(v) if v != {} else "-")
+def test_sampling_loop_matches_diffusers(monkeypatch, name, n, kwargs, over):
+    config = dict(SD, **over)
+    sampler = make_sampler(name, config, n, **kwargs)
+    if "use_karras_sigmas" in kwargs:
+        config["use_karras_sigmas"] = kwargs["use_karras_sigmas"]
+    noises = np.random.RandomState(1).randn(sampler.num_model_calls, *SHAPE).astype(np.float32)
+    sched, ref = _diffusers_loop(monkeypatch, name, config, n, kwargs.get("eta", 0.0), noises)
+
+    assert sampler.num_model_calls == len(sched.timesteps)
+    # Integer grids are equal; σ-derived fractional timesteps move with the last ulp of σ.
+    fractional = sampler.config.use_karras_sigmas or sampler.config.use_exponential_sigmas
+    np.testing.assert_allclose(sampler.timesteps, sched.timesteps.numpy().astype(np.float32),
+                               rtol=0, atol=1e-3 if fractional and name == "euler" else 1e-6)
+    if hasattr(sched, "sigmas"):
+        np.testing.assert_allclose(sampler.sigmas, sched.sigmas.numpy(), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(sampler.init_noise_sigma, float(sched.init_noise_sigma), rtol=2e-6)
+
+    ours = _our_loop(sampler, noises)
+    scale = max(1.0, float(np.abs(ref).max())) if over.get("beta_schedule") == "squaredcos_cap_v2" else 1.0
+    assert np.abs(ours - ref).max() <= 1e-5 * scale
+
+
+def test_bf16_latents_and_rng_noise():
+    sampler = make_sampler("euler_a", SD, 10)
+    noises = np.random.RandomState(1).randn(sampler.num_model_calls, *SHAPE).astype(np.float32)
+    fp32 = _our_loop(sampler, noises)
+    bf16 = _our_loop(sampler, noises, dtype=jnp.bfloat16)
+    assert np.abs(bf16 - fp32).max() < 0.1
+    x = jnp.asarray(X_T)
+    step = jax.jit(sampler.step)
+    a = step(sampler.init_state(x), 3, x, x, jax.random.key(0))[0]
+    b = step(sampler.init_state(x), 3, x, x, jax.random.key(0))[0]
+    c = step(sampler.init_state(x), 3, x, x, jax.random.key(1))[0]
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(ValueError, match="rng"):
+        sampler.step((), 0, x, x, None)
+
+
+def test_config_read_as_another_class_like_from_config():
+    # An instantiated scheduler's config lists the keys it defaulted (`_use_default_values`): those
+    # take the new class's defaults (e.g. DPM's "linspace" spacing, not PNDM's "leading").
+    pndm_config = dict(diffusers.PNDMScheduler.from_config(SD).config)
+    for name in SCHEDULER_NAMES:
+        sched = getattr(diffusers, schedulers._CLASS_FOR[name]).from_config(pndm_config)
+        sched.set_timesteps(20)
+        sampler = make_sampler(name, pndm_config, 20)
+        np.testing.assert_array_equal(sampler.timesteps, sched.timesteps.numpy().astype(np.float32))
+        assert scheduler_name_for(dict(sched.config)) == name
+    assert make_sampler("pndm", SD, 10).num_model_calls == 11  # skip_prk_steps: n + 1 calls
+    assert make_sampler("pndm", dict(SD, skip_prk_steps=False), 10).num_model_calls == 19  # 12 RK + 7
+
+
+@pytest.mark.parametrize("over", [{}, LINEAR, dict(beta_schedule="squaredcos_cap_v2"),
+                                  dict(rescale_betas_zero_snr=True), dict(trained_betas=list(np.linspace(1e-4, 0.02, 1000)))])
+def test_schedule_matches_diffusers(over):
+    ref = diffusers.DDPMScheduler.from_config(dict(SD, **over))
+    cfg = ns.ScheduleConfig.from_diffusers_config(dict(SD, **over), class_name="DDPMScheduler")
+    betas, ac = ns.betas(cfg), ns.alphas_cumprod(cfg)
+    assert betas.dtype == ac.dtype == np.float64
+    # torch's vectorised float32 linspace may differ in the last bit (a few ulps of β after squaring);
+    # rescaled β = 1 - ᾱ_t/ᾱ_{t-1} cancels in float32, so an ulp of ᾱ is 1e-4 of β there.
+    rescaled = over.get("rescale_betas_zero_snr", False)
+    np.testing.assert_allclose(betas, ref.betas.numpy(), rtol=0 if rescaled else 5e-7, atol=1e-5 if rescaled else 0)
+    np.testing.assert_allclose(ac, ref.alphas_cumprod.numpy(), rtol=0, atol=3e-7)
+    if over.get("rescale_betas_zero_snr"):
+        assert ac[-1] == 0.0
+
+
+def test_training_helpers_match_diffusers():
+    ref = diffusers.DDPMScheduler.from_config(dict(SD, prediction_type="v_prediction"))
+    ac = ns.alphas_cumprod(ns.ScheduleConfig.from_diffusers_config(SD, class_name="DDPMScheduler"))
+    rs = np.random.RandomState(2)
+    x0, noise = rs.randn(4, 8, 8, 4).astype(np.float32), rs.randn(4, 8, 8, 4).astype(np.float32)
+    t = np.array([0, 1, 500, 999])
+    a = ac[t][:, None, None, None]
+    tx0, tnoise, tt = torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)
+    noisy = jax.jit(ns.add_noise)(ac, x0, noise, t)
+    velocity = jax.jit(ns.get_velocity)(ac, x0, noise, t)
+    np.testing.assert_allclose(noisy, ref.add_noise(tx0, tnoise, tt).numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(noisy, np.sqrt(a) * x0 + np.sqrt(1 - a) * noise, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(velocity, ref.get_velocity(tx0, tnoise, tt).numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(velocity, np.sqrt(a) * noise - np.sqrt(1 - a) * x0, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ns.snr(ac, t), ac[t] / (1 - ac[t]), rtol=1e-5)
+    assert noisy.dtype == jnp.float32 and ns.add_noise(ac, x0.astype(jnp.bfloat16), noise, t).dtype == jnp.bfloat16
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="ddim.*pndm.*euler.*euler_a.*dpmpp_2m.*ddpm"):
+        make_sampler("lms", SD, 10)
+    with pytest.raises(ValueError, match="ddim.*dpmpp_2m"):
+        scheduler_name_for({"_class_name": "LMSDiscreteScheduler"})
+    with pytest.raises(ValueError, match="beta_schedule"):
+        make_sampler("ddim", dict(SD, beta_schedule="sigmoid"), 10)
+    with pytest.raises(ValueError, match="beta_schedule"):
+        ns.ScheduleConfig.from_diffusers_config(dict(SD, beta_schedule="nope"))
+    with pytest.raises(NotImplementedError, match="thresholding"):
+        make_sampler("ddim", dict(SD, thresholding=True), 10)
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        make_sampler("ddim", SD, 10, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="prediction_type"):
+        make_sampler("pndm", dict(SD, prediction_type="sample"), 10)
+
+
+def test_sampler_is_frozen_and_hashable():
+    sampler = make_sampler("dpmpp_2m", SD, 10, use_karras_sigmas=True)
+    assert sampler.config.use_karras_sigmas and hash(sampler) == hash(sampler)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sampler.name = "x"
