@@ -35,7 +35,8 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "DDPMScheduler": dict(_DDPM_LIKE, variance_type="fixed_small"),
     "DDIMScheduler": dict(_DDPM_LIKE, set_alpha_to_one=True),
     "PNDMScheduler": dict(_BASE, skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
-    "EulerDiscreteScheduler": dict(_BASE, **_SIGMA_GRID, interpolation_type="linear", timestep_type="discrete"),
+    "EulerDiscreteScheduler": dict(_BASE, **_SIGMA_GRID, interpolation_type="linear",
+                                   timestep_type="discrete"),
     "EulerAncestralDiscreteScheduler": dict(_BASE, timestep_spacing="linspace", rescale_betas_zero_snr=False),
     "DPMSolverMultistepScheduler": dict(
         _BASE, **_SIGMA_GRID, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
@@ -89,9 +90,11 @@ class ScheduleConfig:
 
     def __post_init__(self):
         if self.trained_betas is None and self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported; expected one of {BETA_SCHEDULES}")
+            raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported; "
+                             f"expected one of {BETA_SCHEDULES}")
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"timestep_spacing={self.timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
+            raise ValueError(f"timestep_spacing={self.timestep_spacing!r}; "
+                             f"expected one of {TIMESTEP_SPACINGS}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type={self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
@@ -105,7 +108,8 @@ class ScheduleConfig:
         """
         name = class_name or d.get("_class_name", "")
         if name not in CLASS_DEFAULTS:
-            raise ValueError(f"unsupported scheduler class {name!r}; expected one of {sorted(CLASS_DEFAULTS)}")
+            raise ValueError(f"unsupported scheduler class {name!r}; "
+                             f"expected one of {sorted(CLASS_DEFAULTS)}")
         defaults = set(d.get("_use_default_values", ()))
         given = {k: v for k, v in d.items() if k not in defaults}
         for key in _UNSUPPORTED.get(name, ()):
@@ -175,7 +179,8 @@ def spaced_timesteps(config: ScheduleConfig, n: int, *, round_linspace: bool = T
     """The n inference timesteps of `set_timesteps`, descending, float64 [n] (integers unless
     `round_linspace=False`, as Euler's "linspace" grid is not rounded). Table 2 of Lin et al. 2023:
 
-    linspace: round(linspace(0, T-1, n));  leading: k·(T // n) + steps_offset;  trailing: round(T - k·T/n) - 1.
+    linspace: round(linspace(0, T-1, n));  leading: k·(T // n) + steps_offset;
+    trailing: round(T - k·T/n) - 1.
     """
     T = config.num_train_timesteps
     if config.timestep_spacing == "linspace":

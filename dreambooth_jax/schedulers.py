@@ -113,9 +113,10 @@ class Sampler:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DDPMSampler(Sampler):
-    """Ancestral sampling of the posterior q(x_{t'} | x_t, x̂_0) = N(c_0 x̂_0 + c_t x_t, s² I), t' the next
-    timestep (Ho et al. 2020, eq. 7); also DDIM's η-sampling (Song et al. 2021, eq. 12), written as
-    x_{t'} = c_0 x̂_0 + c_ε ε̂ + s z. DDPM uses c_ε = 0 and c_x on x_t; DDIM uses c_x = 0."""
+    """x_{t'} = c_0 x̂_0 + c_t x_t + c_ε ε̂ + s z, z ~ N(0, I), t' the previous timestep of the grid.
+
+    DDPM (c_ε = 0): ancestral sampling of the posterior q(x_{t'} | x_t, x̂_0) (Ho et al. 2020, eq. 7).
+    DDIM (c_t = 0): c_0 = sqrt(ᾱ_{t'}), c_ε = sqrt(1 - ᾱ_{t'} - s²), s = η σ_t (Song et al. 2021, eq. 12)."""
 
     sqrt_a: np.ndarray  # sqrt(ᾱ_t)
     sqrt_b: np.ndarray  # sqrt(1 - ᾱ_t)
@@ -327,7 +328,7 @@ def _euler(cfg: ScheduleConfig, n: int, eta: float, ancestral: bool = False) -> 
     ts = spaced_timesteps(cfg, n, round_linspace=False)
     if cfg.interpolation_type == "linear":
         sig = np.interp(ts, np.arange(len(full)), full)
-    elif cfg.interpolation_type == "log_linear":  # n + 1 values (so the last step ends at σ_min: as diffusers)
+    elif cfg.interpolation_type == "log_linear":  # n + 1 values: the last step ends at σ_min (as diffusers)
         sig = np.exp(np.linspace(np.log(full[-1]), np.log(full[0]), n + 1))
     else:
         raise ValueError(f"interpolation_type={cfg.interpolation_type!r}; expected 'linear' or 'log_linear'")
@@ -347,8 +348,8 @@ def _euler(cfg: ScheduleConfig, n: int, eta: float, ancestral: bool = False) -> 
     else:
         up, dt = np.zeros(n), sigmas[1 : n + 1] - sigmas[:n]  # float32 subtraction, as diffusers
     return EulerSampler("euler_a" if ancestral else "euler", cfg, ts.astype(np.float32), init, sigmas,
-                        *_f32_tables(np.sqrt(s_from**2 + 1), -s_from / np.sqrt(s_from**2 + 1), 1 / (s_from**2 + 1),
-                                     dt, up))
+                        *_f32_tables(np.sqrt(s_from**2 + 1), -s_from / np.sqrt(s_from**2 + 1),
+                                     1 / (s_from**2 + 1), dt, up))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -417,7 +418,10 @@ def _dpm_coefs(cfg: ScheduleConfig, sigmas: np.ndarray) -> np.ndarray:
                 k1 = -0.5 * phi
             else:
                 k1 = a_t * ((np.exp(-h) - 1) / h + 1) if plus else -s_t * ((np.exp(h) - 1) / h - 1)
-            k2 = -a_t * ((np.exp(-h) - 1 + h) / h**2 - 0.5) if plus else -s_t * ((np.exp(h) - 1 - h) / h**2 - 0.5)
+            if plus:
+                k2 = -a_t * ((np.exp(-h) - 1 + h) / h**2 - 0.5)
+            else:
+                k2 = -s_t * ((np.exp(h) - 1 - h) / h**2 - 0.5)
             r0 = (lam[i] - lam[i - 1]) / h
             d1 = np.array([1 / r0, -1 / r0, 0.0])
             if o == 2:
@@ -432,10 +436,11 @@ def _dpm_coefs(cfg: ScheduleConfig, sigmas: np.ndarray) -> np.ndarray:
 
 def _dpm(cfg: ScheduleConfig, n: int, eta: float) -> DPMSolverSampler:
     if cfg.algorithm_type not in ("dpmsolver++", "dpmsolver") or cfg.solver_type not in ("midpoint", "heun"):
-        raise NotImplementedError(f"DPM-Solver algorithm_type={cfg.algorithm_type!r}, "
-                                  f"solver_type={cfg.solver_type!r}: only (dpmsolver++|dpmsolver, midpoint|heun)")
+        raise NotImplementedError(f"DPM-Solver algorithm_type={cfg.algorithm_type!r}, solver_type="
+                                  f"{cfg.solver_type!r} (have: dpmsolver++/dpmsolver, midpoint/heun)")
     if cfg.solver_order not in (1, 2, 3) or cfg.variance_type is not None:
-        raise NotImplementedError(f"DPM-Solver solver_order={cfg.solver_order}, variance_type={cfg.variance_type}")
+        raise NotImplementedError(f"DPM-Solver solver_order={cfg.solver_order}, "
+                                  f"variance_type={cfg.variance_type}")
     if cfg.algorithm_type == "dpmsolver" and cfg.final_sigmas_type == "zero":
         raise ValueError("final_sigmas_type 'zero' needs algorithm_type 'dpmsolver++' (as diffusers)")
     ac, full, log_sigmas = _sigma_schedule(cfg)
@@ -450,7 +455,8 @@ def _dpm(cfg: ScheduleConfig, n: int, eta: float) -> DPMSolverSampler:
     sigmas = np.append(sig, _final_sigma(cfg, full)).astype(np.float32)
     s = sigmas[:-1].astype(np.float64)
     return DPMSolverSampler("dpmpp_2m", cfg, ts.astype(np.int64).astype(np.float32), 1.0, sigmas,
-                            *_f32_tables(1 / np.sqrt(s**2 + 1), s / np.sqrt(s**2 + 1), _dpm_coefs(cfg, sigmas)))
+                            *_f32_tables(1 / np.sqrt(s**2 + 1), s / np.sqrt(s**2 + 1),
+                                         _dpm_coefs(cfg, sigmas)))
 
 
 _BUILDERS = {"ddpm": _ddpm, "ddim": _ddim, "pndm": _pndm, "euler": _euler, "dpmpp_2m": _dpm,
@@ -475,6 +481,7 @@ def make_sampler(name: str, config_dict: dict, num_inference_steps: int, *, eta:
         cfg = dataclasses.replace(cfg, use_karras_sigmas=use_karras_sigmas)
     if cfg.use_karras_sigmas and cfg.use_exponential_sigmas:
         raise ValueError("only one of use_karras_sigmas / use_exponential_sigmas can be set")
-    if num_inference_steps < 1 or (name in ("ddpm", "ddim") and num_inference_steps > cfg.num_train_timesteps):
-        raise ValueError(f"num_inference_steps={num_inference_steps} must be in [1, {cfg.num_train_timesteps}]")
+    T = cfg.num_train_timesteps
+    if num_inference_steps < 1 or (name in ("ddpm", "ddim") and num_inference_steps > T):
+        raise ValueError(f"num_inference_steps={num_inference_steps} must be in [1, {T}]")
     return _BUILDERS[name](cfg, num_inference_steps, eta)

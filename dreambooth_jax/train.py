@@ -49,9 +49,16 @@ def run(cfg: TrainConfig) -> Run:
 
     maybe_initialize_distributed()
     is_main = jax.process_index() == 0
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--output_dir {cfg.output_dir}: cannot create it ({e})") from e
     if not os.access(cfg.output_dir, os.W_OK):
         raise PermissionError(f"--output_dir {cfg.output_dir} is not writable")
+    concept = Concept(cfg.instance_data_dir, cfg.instance_prompt, cfg.class_data_dir, cfg.class_prompt)
+    data_options = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                        skip_bad_images=cfg.skip_bad_images, seed=cfg.seed)
+    data = DreamBoothData([concept], **data_options)  # reads the instance images: bad ones fail before the model
 
     pipe = load_pipeline(cfg.pretrained_model_name_or_path, dtype=cfg.compute_dtype, param_dtype="fp32",
                          revision=cfg.revision, variant=cfg.variant, attention_impl=cfg.attention,
@@ -64,11 +71,7 @@ def run(cfg: TrainConfig) -> Run:
         ensure_class_images(pipe, cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images,
                             batch_size_per_device=cfg.sample_batch_size,
                             num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed)
-
-    concept = Concept(cfg.instance_data_dir, cfg.instance_prompt, cfg.class_data_dir, cfg.class_prompt)
-    data = DreamBoothData([concept], resolution=cfg.resolution, center_crop=cfg.center_crop,
-                          random_flip=cfg.random_flip, with_prior_preservation=cfg.with_prior_preservation,
-                          skip_bad_images=cfg.skip_bad_images, seed=cfg.seed)
+        data = DreamBoothData([concept], with_prior_preservation=True, **data_options)
     devices, accum = jax.device_count(), cfg.gradient_accumulation_steps
     global_batch = cfg.train_batch_size * devices * accum  # instance examples per optimizer step
     dataset_len = max(data.num_instance_images, data.num_class_images if cfg.with_prior_preservation else 0)
@@ -119,6 +122,7 @@ def main(argv=None) -> None:
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
     t0 = time.perf_counter()
     result = run(cfg)
     if jax.process_index() == 0:

@@ -126,13 +126,13 @@ def load_preset(name_or_path: str) -> dict:
     """A preset's overrides: `configs/<name>.json`, or any JSON file of field -> value."""
     path = name_or_path if name_or_path.endswith(".json") else os.path.join(CONFIGS_DIR, name_or_path + ".json")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: no preset {name_or_path!r} (known: {', '.join(preset_names())}; or a .json path)")
+        raise ValueError(f"no preset {name_or_path!r} (known: {', '.join(preset_names())}; or a .json path)")
     with open(path, encoding="utf-8") as f:
         preset = json.load(f)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(k for k in preset if k not in names and not k.startswith("_"))
     if unknown:
-        raise SystemExit(f"error: {path}: unknown option(s) {', '.join(unknown)}")
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
     return {k: v for k, v in preset.items() if not k.startswith("_")}
 
 
@@ -140,7 +140,10 @@ def parse_args(argv=None) -> TrainConfig:
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        parser.set_defaults(**load_preset(known.config))
+        try:
+            parser.set_defaults(**load_preset(known.config))
+        except ValueError as e:
+            parser.error(str(e))
     args = vars(parser.parse_args(argv))
     args.pop("config")
     cfg = TrainConfig(**args)

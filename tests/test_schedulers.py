@@ -3,8 +3,9 @@
 Each loop case runs a fixed fake "model", m = 0.9 · x_in + 0.1 · sin(0.01 t + φ), through a full sampling
 loop twice: diffusers (`scale_model_input`, `step(...).prev_sample`) and ours (`jax.jit` of a `lax.scan`
 over the traced step index), feeding both the same N(0, I) draws for the stochastic samplers. Tolerance on
-the final sample: max abs error <= 1e-5 (measured <= ~2e-6); for the σ-samplers on the cosine schedule,
-whose σ_max ≈ 2e4 makes the samples large, the bound is relative to max |x| instead.
+the final sample: max abs error <= 1e-5 (measured <= 2.6e-6); on the cosine and zero-terminal-SNR
+schedules, where 1/sqrt(ᾱ) amplifies float32 rounding, 3e-5 · max(1, max |x|) (measured <= 9e-6 abs, or
+<= 2e-6 relative for the σ-samplers whose samples reach |x| ≈ 300 there).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SD = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_
           trained_betas=None, clip_sample=False)
 DPM = dict(SD, _class_name="DPMSolverMultistepScheduler")
 LINEAR = dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SHAPE = (2, 8, 8, 4)
 _rs = np.random.RandomState(0)
 X_T = _rs.randn(*SHAPE).astype(np.float32)
@@ -46,9 +48,9 @@ def _cases():
         for pred in ("epsilon", "v_prediction"):
             cases += [(name, n, {}, dict(prediction_type=pred)) for n in (10, 25)]
         cases += [(name, 10, {}, LINEAR), (name, 25, {}, dict(beta_schedule="squaredcos_cap_v2"))]
-        for spacing in ("leading", "trailing", "linspace"):
-            cases += [(name, 10, {}, dict(timestep_spacing=spacing)),
-                      (name, 7, {}, dict(timestep_spacing=spacing, prediction_type="v_prediction"))]
+        cases += [(name, 10, {}, dict(timestep_spacing=spacing)) for spacing in TIMESTEP_SPACINGS]
+        cases += [(name, 7, {}, dict(timestep_spacing=spacing, prediction_type="v_prediction"))
+                  for spacing in ("trailing", "linspace")]
         if name != "pndm":  # PNDM has no rescale_betas_zero_snr
             cases.append((name, 10, {}, dict(rescale_betas_zero_snr=True, timestep_spacing="trailing",
                                              prediction_type="v_prediction")))
@@ -57,8 +59,10 @@ def _cases():
     cases += [(name, 10, {}, dict(set_alpha_to_one=True)) for name in ("ddim", "pndm")]
     for name in ("ddim", "ddpm"):
         cases += [(name, 10, {}, dict(clip_sample=True)),
-                  (name, 10, {}, dict(clip_sample=True, clip_sample_range=0.5, prediction_type="v_prediction"))]
-    cases += [("ddim", 10, dict(eta=1.0), {}), ("ddim", 25, dict(eta=0.5), dict(prediction_type="v_prediction")),
+                  (name, 10, {}, dict(clip_sample=True, clip_sample_range=0.5,
+                                      prediction_type="v_prediction"))]
+    cases += [("ddim", 10, dict(eta=1.0), {}),
+              ("ddim", 25, dict(eta=0.5), dict(prediction_type="v_prediction")),
               ("ddpm", 10, {}, dict(variance_type="fixed_large")),
               ("pndm", 10, {}, dict(skip_prk_steps=False)),
               ("pndm", 25, {}, dict(skip_prk_steps=False, prediction_type="v_prediction")),
@@ -72,13 +76,16 @@ def _cases():
                   (name, 20, dict(use_karras_sigmas=True), dict(final_sigmas_type="sigma_min",
                                                                 timestep_spacing="leading"))]
     for over in [dict(euler_at_final=True), dict(lower_order_final=False), dict(solver_order=3),
-                 dict(solver_order=3, lower_order_final=False), dict(solver_type="heun"), dict(solver_order=1),
+                 dict(solver_order=3, lower_order_final=False), dict(solver_type="heun"),
+                 dict(solver_order=1),
                  dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
                  dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=3,
                       prediction_type="v_prediction"),
                  dict(lambda_min_clipped=-5.1),
                  dict(solver_type="heun", final_sigmas_type="sigma_min", lower_order_final=False)]:
-        cases += [("dpmpp_2m", n, {}, dict(DPM, **over)) for n in (10, 20)]
+        # n >= 15 switches lower_order_final off: both sides of it where the final steps differ
+        steps = (10, 20) if {"lower_order_final", "euler_at_final", "solver_order"} & set(over) else (10,)
+        cases += [("dpmpp_2m", n, {}, dict(DPM, **over)) for n in steps]
     return cases
 
 
@@ -135,8 +142,11 @@ def test_sampling_loop_matches_diffusers(monkeypatch, name, n, kwargs, over):
     np.testing.assert_allclose(sampler.init_noise_sigma, float(sched.init_noise_sigma), rtol=2e-6)
 
     ours = _our_loop(sampler, noises)
-    scale = max(1.0, float(np.abs(ref).max())) if over.get("beta_schedule") == "squaredcos_cap_v2" else 1.0
-    assert np.abs(ours - ref).max() <= 1e-5 * scale
+    # Schedules reaching ᾱ ≈ 0 (cosine: ᾱ_{T-1} ≈ 2e-9, σ_max ≈ 2e4; zero terminal SNR: σ_max = 4096) amplify
+    # float32 rounding by 1/sqrt(ᾱ) in both implementations: there the bound is 3e-5 · max(1, max |x|).
+    extreme = over.get("beta_schedule") == "squaredcos_cap_v2" or over.get("rescale_betas_zero_snr")
+    tol = 3e-5 * max(1.0, float(np.abs(ref).max())) if extreme else 1e-5
+    assert np.abs(ours - ref).max() <= tol
 
 
 def test_bf16_latents_and_rng_noise():
@@ -170,7 +180,8 @@ def test_config_read_as_another_class_like_from_config():
 
 
 @pytest.mark.parametrize("over", [{}, LINEAR, dict(beta_schedule="squaredcos_cap_v2"),
-                                  dict(rescale_betas_zero_snr=True), dict(trained_betas=list(np.linspace(1e-4, 0.02, 1000)))])
+                                  dict(rescale_betas_zero_snr=True),
+                                  dict(trained_betas=list(np.linspace(1e-4, 0.02, 1000)))])
 def test_schedule_matches_diffusers(over):
     ref = diffusers.DDPMScheduler.from_config(dict(SD, **over))
     cfg = ns.ScheduleConfig.from_diffusers_config(dict(SD, **over), class_name="DDPMScheduler")
@@ -179,7 +190,8 @@ def test_schedule_matches_diffusers(over):
     # torch's vectorised float32 linspace may differ in the last bit (a few ulps of β after squaring);
     # rescaled β = 1 - ᾱ_t/ᾱ_{t-1} cancels in float32, so an ulp of ᾱ is 1e-4 of β there.
     rescaled = over.get("rescale_betas_zero_snr", False)
-    np.testing.assert_allclose(betas, ref.betas.numpy(), rtol=0 if rescaled else 5e-7, atol=1e-5 if rescaled else 0)
+    np.testing.assert_allclose(betas, ref.betas.numpy(), rtol=0 if rescaled else 5e-7,
+                               atol=1e-5 if rescaled else 0)
     np.testing.assert_allclose(ac, ref.alphas_cumprod.numpy(), rtol=0, atol=3e-7)
     if over.get("rescale_betas_zero_snr"):
         assert ac[-1] == 0.0
@@ -200,7 +212,8 @@ def test_training_helpers_match_diffusers():
     np.testing.assert_allclose(velocity, ref.get_velocity(tx0, tnoise, tt).numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(velocity, np.sqrt(a) * noise - np.sqrt(1 - a) * x0, rtol=0, atol=1e-6)
     np.testing.assert_allclose(ns.snr(ac, t), ac[t] / (1 - ac[t]), rtol=1e-5)
-    assert noisy.dtype == jnp.float32 and ns.add_noise(ac, x0.astype(jnp.bfloat16), noise, t).dtype == jnp.bfloat16
+    assert noisy.dtype == jnp.float32
+    assert ns.add_noise(ac, x0.astype(jnp.bfloat16), noise, t).dtype == jnp.bfloat16
 
 
 def test_errors():
