@@ -65,9 +65,10 @@ def test_seeds_are_per_image_and_reproducible(tiny_pipelines):
     np.testing.assert_array_equal(a, b)
     assert pipe.cache["sampling"] == programs  # no new program...
     assert all(fn._cache_size() == 1 for fn in programs.values())  # ...and no retrace
-    # Image i depends on seed + i only: the second image alone, with its own seed, is the same picture.
+    # Image i depends on seed + i only: the second image alone, with its own seed, is the same picture
+    # (up to float rounding: XLA's kernels for batch 1 and batch 2 sum in different orders).
     alone = generate(pipe, PROMPTS[1:], seed=8, **kw)
-    np.testing.assert_allclose(alone[0], a[1], atol=1e-6)
+    np.testing.assert_allclose(alone[0], a[1], atol=1e-5)
     assert np.abs(generate(pipe, PROMPTS, seed=9, **kw) - a).max() > 1e-3
 
 
