@@ -102,24 +102,36 @@ def tiny_configs(vocab_size: int):
     return text, unet_cfg, vae_cfg
 
 
-def make_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
-    """Builds the tiny random SD-1-style pipeline and saves it to `out_dir` (diffusers layout)."""
+def random_pipeline(text_cfg, unet_cfg, vae_cfg, tokenizer, scheduler_config: dict, *, seed: int = 0,
+                    dtype="fp32", param_dtype=None):
+    """A `Pipeline` of freshly initialised modules of the given configs (benchmarks, the tiny demo model)."""
     from dreambooth_jax.models import clip, unet, vae
-    from dreambooth_jax.pipeline import Pipeline, save_pipeline
+    from dreambooth_jax.pipeline import Pipeline, parse_dtype
 
-    tokenizer = make_tokenizer()
-    text_cfg, unet_cfg, vae_cfg = tiny_configs(len(tokenizer))
+    dtype = parse_dtype(dtype)
+    kw = dict(dtype=dtype, param_dtype=parse_dtype(param_dtype) or dtype)
+    text_model = clip.CLIPTextModel(text_cfg, **kw)
+    unet_model = unet.UNet2DConditionModel(unet_cfg, **kw)
+    vae_model = vae.AutoencoderKL(vae_cfg, **kw)
     text_rng, unet_rng, vae_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
-    text_model, unet_model, vae_model = (clip.CLIPTextModel(text_cfg), unet.UNet2DConditionModel(unet_cfg),
-                                         vae.AutoencoderKL(vae_cfg))
-    args, kwargs = unet.dummy_inputs(unet_cfg, seq_len=TOKENIZER_MAX_LENGTH)
-    images = jnp.zeros((1, vae_cfg.sample_size, vae_cfg.sample_size, 3))
-    params = {  # jitted init: one compile is faster than running every op eagerly
-        "text_encoder": jax.jit(text_model.init)(text_rng, jnp.zeros((1, TOKENIZER_MAX_LENGTH), jnp.int32)),
+    args, kwargs = unet.dummy_inputs(unet_cfg, seq_len=text_cfg.max_position_embeddings)
+    size = 2 ** (len(vae_cfg.block_out_channels) - 1)
+    images = jnp.zeros((1, size, size, vae_cfg.in_channels))
+    ids = jnp.zeros((1, text_cfg.max_position_embeddings), jnp.int32)
+    params = {  # jitted init: one compile is much faster than running every op eagerly
+        "text_encoder": jax.jit(text_model.init)(text_rng, ids),
         "unet": jax.jit(lambda rng: unet_model.init(rng, *args, **kwargs))(unet_rng),
         "vae": jax.jit(vae_model.init)(vae_rng, images, vae_rng),
     }
-    params = {name: p["params"] for name, p in params.items()}
-    pipe = Pipeline(unet=unet_model, vae=vae_model, text_encoder=text_model, tokenizer=tokenizer,
-                    scheduler_config=dict(SD1_SCHEDULER), params=params)
+    return Pipeline(unet=unet_model, vae=vae_model, text_encoder=text_model, tokenizer=tokenizer,
+                    scheduler_config=dict(scheduler_config),
+                    params={name: p["params"] for name, p in params.items()}, source="random")
+
+
+def make_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
+    """Builds the tiny random SD-1-style pipeline and saves it to `out_dir` (diffusers layout)."""
+    from dreambooth_jax.pipeline import save_pipeline
+
+    tokenizer = make_tokenizer()
+    pipe = random_pipeline(*tiny_configs(len(tokenizer)), tokenizer, SD1_SCHEDULER, seed=seed)
     return save_pipeline(pipe, out_dir)

@@ -118,11 +118,15 @@ def run(cfg: TrainConfig) -> Run:
     return Run(state=state, output_dir=cfg.output_dir, steps=int(state.step), metrics=metrics, summary=summary)
 
 
-def main(argv=None) -> None:
-    cfg = parse_args(argv)
+def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    setup_logging()
     t0 = time.perf_counter()
     result = run(cfg)
     if jax.process_index() == 0:
