@@ -121,7 +121,8 @@ def run(cfg: TrainConfig) -> Run:
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+    for noisy in ("absl", "jax"):  # Orbax's per-save chatter, JAX's backend probing
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv=None) -> None:
