@@ -44,11 +44,10 @@ def run(cfg: TrainConfig) -> Run:
     from dreambooth_jax import checkpointing, noise_schedule, optim, train_step
     from dreambooth_jax.class_images import ensure_class_images
     from dreambooth_jax.data import Concept, DreamBoothData
-    from dreambooth_jax.pipeline import export_pipeline, load_pipeline
+    from dreambooth_jax.pipeline import load_pipeline
     from dreambooth_jax.train_loop import TrainLoop
 
     maybe_initialize_distributed()
-    is_main = jax.process_index() == 0
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
     except OSError as e:
@@ -110,10 +109,8 @@ def run(cfg: TrainConfig) -> Run:
     finally:
         ckpt.close()
     summary = loop.summary
-    if int(state.step) >= max_steps and is_main:
-        final = jax.device_get({**state.frozen, **state.params})
-        export_pipeline(pipe, cfg.output_dir, params=final)
-        log.info("exported the trained pipeline to %s", cfg.output_dir)
+    if int(state.step) >= max_steps:
+        loop.export(state)
     loop.finish()
     return Run(state=state, output_dir=cfg.output_dir, steps=int(state.step), metrics=metrics, summary=summary)
 

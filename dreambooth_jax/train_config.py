@@ -75,6 +75,7 @@ class TrainConfig:
     attention: str = _opt("dot_product", "attention implementation", ("einsum", "dot_product", "cudnn"))
     # Checkpoints, validation, logging
     checkpointing_steps: int = _opt(500, "save an Orbax checkpoint every N steps")
+    export_at_checkpoints: bool = _opt(False, "also export the pipeline to --output_dir at each checkpoint")
     checkpoints_total_limit: int | None = _opt(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = _opt(None, "'latest' or a checkpoint folder to resume from")
     validation_prompt: str | None = _opt(None, "prompt of the validation images")

@@ -43,9 +43,9 @@ class TrainLoop:
         self.latent_cache = self._precompute_latents() if cfg.cache_latents else None
         self.rng = parallel.put_replicated(jax.random.PRNGKey(cfg.seed), mesh)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS))
-        self.step_fn = jax.jit(functools.partial(train_step.train_step, spec=spec, schedule=schedule),
-                               donate_argnums=(0,))
+        self.step = functools.partial(train_step.train_step, spec=spec, schedule=schedule)
         self.compiled = None
+        self._last_log = time.perf_counter()
         self.summary: dict = {}
         self.writer = None
         if self.is_main:
@@ -112,6 +112,15 @@ class TrainLoop:
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), host)
 
     # --- the loop -------------------------------------------------------------------------------------
+    def compile(self, state, batch):
+        """The step, compiled ahead of time with explicit shardings: state and rng replicated (donated
+        state), batch split over `data` along its example axis, metrics replicated."""
+        repl = parallel.replicated(self.mesh)
+        state_sharding = jax.tree.map(lambda _: repl, state)
+        jitted = jax.jit(self.step, in_shardings=(state_sharding, self.batch_sharding, repl),
+                         out_shardings=(state_sharding, repl), donate_argnums=(0,))
+        return jitted.lower(state, batch, self.rng).compile()
+
     def train(self, state, ckpt, meta: dict):
         from tqdm.auto import tqdm
 
@@ -127,21 +136,22 @@ class TrainLoop:
                 batch = self.device_batch(step)
                 if self.compiled is None:
                     t0 = time.perf_counter()
-                    self.compiled = self.step_fn.lower(state, batch, self.rng).compile()
+                    self.compiled = self.compile(state, batch)
                     self.summary["compile_s"] = time.perf_counter() - t0
                     log.info("compiled the train step in %.1fs", self.summary["compile_s"])
                 state, metrics = self.compiled(state, batch, self.rng)
                 pending.append((step + 1, metrics))
                 if step == start:
                     jax.block_until_ready(state)
-                    t_loop = time.perf_counter()  # throughput counts steps after the first
+                    t_loop = self._last_log = time.perf_counter()  # throughput: steps after the first
                 done = step + 1
                 if len(pending) >= 10 or done == self.max_steps or done % self.cfg.checkpointing_steps == 0:
                     history += self._log(pending)
                     pending = []
                     bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
                 bar.update(1)
-                ckpt.save(state, meta)
+                if ckpt.save(state, meta) and self.cfg.export_at_checkpoints:
+                    self.export(state)
                 if self.cfg.validation_prompt and done % self.cfg.validation_steps == 0:
                     self.validate(state, done)
                 if watch.should_stop(ckpt.manager, done) and done < self.max_steps:
@@ -169,10 +179,24 @@ class TrainLoop:
             ckpt.save(state, meta, force=True)  # the final (or last reached) step is always kept
         return state, history
 
+    def export(self, state) -> None:
+        """The current weights as a diffusers pipeline at the root of --output_dir (process 0)."""
+        if self.is_main:
+            from dreambooth_jax.pipeline import export_pipeline
+
+            export_pipeline(self.pipe, self.cfg.output_dir, params=jax.device_get({**state.frozen, **state.params}))
+            log.info("exported the pipeline of step %d to %s", int(state.step), self.cfg.output_dir)
+
     def _log(self, pending) -> list[dict]:
         rows = []
+        now = time.perf_counter()
+        interval = now - self._last_log
+        self._last_log = now
+        per_step = self.global_batch * (2 if self.cfg.with_prior_preservation else 1)
+        rate = per_step * len(pending) / interval if interval > 0 else float("nan")
         for step, metrics in pending:
-            row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+            row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()},
+                   "samples_per_s": rate}
             if not np.isfinite(row["loss"]):
                 raise FloatingPointError(f"loss is {row['loss']} at step {step}; stopping (lower the learning "
                                          "rate, or check the data)")

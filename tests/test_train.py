@@ -211,6 +211,17 @@ def test_sigterm_then_resume_is_bit_identical(tiny_pipelines, instance_dir, tmp_
         np.testing.assert_array_equal(x, y)
 
 
+def test_cached_latents_and_text_embeddings_give_the_uncached_loss(tiny_pipelines, instance_dir, tmp_path):
+    """Same examples, flips and noise: caching (center crops) changes where z_0 and the context come from, not
+    the loss."""
+    kw = dict(max_train_steps=2, center_crop=True, random_flip=True, train_batch_size=2)
+    plain = run(_cfg(tiny_pipelines, instance_dir, tmp_path / "plain", **kw))
+    cached = run(_cfg(tiny_pipelines, instance_dir, tmp_path / "cached", cache_latents=True,
+                      pre_compute_text_embeddings=True, **kw))
+    for a, b in zip(plain.metrics, cached.metrics):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+
+
 # --- class images, options and bad inputs -----------------------------------------------------------------
 def test_class_images_fill_partial_folder(tiny_pipelines, tmp_path):
     from dreambooth_jax.class_images import ensure_class_images
