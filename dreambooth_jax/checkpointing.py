@@ -1,10 +1,11 @@
 """Orbax checkpoints of the train state, and the SIGTERM (preemption) watch.
 
 Resume order, documented once: (1) build the model and a fresh state exactly as a new run would;
-(2) restore {step, params, opt_state} into that state's abstract, sharded shapes; (3) the data order
-needs no state of its own: the batch of step s is a pure function of (seed, s), so restoring the step
-restores the data position too. The frozen params are re-read from the base model, whose name the
-checkpoint's metadata records and checks.
+(2) restore {step, params, opt_state, ema, stopped parts} into that state's abstract, sharded shapes
+(after freezing the text encoder if the checkpoint is past --stop_text_encoder_training); (3) the data
+order needs no state of its own: the batch of step s is a pure function of (seed, s), so restoring the
+step restores the data position too. The never-trained params are re-read from the base model, whose name
+the checkpoint's metadata records and checks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def _saved_tree(state) -> dict:
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    # Parts that were trained and then frozen (the text encoder after --stop_text_encoder_training) differ
+    # from the base model, so they are saved too; the other frozen parts are re-read from the base model.
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "ema": state.ema,
+            "stopped": {k: state.frozen[k] for k in state.stopped}}
 
 
 class Checkpointer:
@@ -57,7 +61,8 @@ class Checkpointer:
                 raise ValueError(f"checkpoint {self.root}/{step} was made with {key}={meta.get(key)!r}, "
                                  f"this run has {key}={value!r}")
         tree = restored["state"]
-        return state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"]), meta
+        return state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"], ema=tree["ema"],
+                             frozen={**state.frozen, **tree["stopped"]}), meta
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""

@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     image_io.save_png(image_io.contact_sheet(samples), sheet, {"prompts": "sks toy on the beach / in the snow"})
     print(f"[3/4] sampled 2 images from the trained pipeline: {sheet}")
 
-    expected = jax.device_get({**result.state.frozen, **result.state.params})
+    expected = jax.device_get(result.state.export_params())
     pairs = zip(jax.tree.leaves(expected), jax.tree.leaves(trained.params))
     bit_exact = all(np.array_equal(a, b) for a, b in pairs)
     print(f"[4/4] the exported pipeline reloads bit-exact: {bit_exact}")

@@ -45,9 +45,25 @@ def lr_schedule(name: str, peak_lr: float, *, warmup_steps: int, total_steps: in
     return schedule
 
 
-def adamw(schedule: optax.Schedule, *, b1: float, b2: float, eps: float, weight_decay: float,
-          max_grad_norm: float) -> optax.GradientTransformation:
-    """Clip by global norm (when > 0), then AdamW with decoupled weight decay (as torch.optim.AdamW)."""
-    parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-    return optax.chain(*parts)
+OPTIMIZERS = ("adamw", "adafactor", "lion", "prodigy")
+
+
+def make_optimizer(name: str, schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   weight_decay: float = 1e-2) -> optax.GradientTransformation:
+    """An optax optimizer by name, on the learning-rate `schedule` (clipping is done by the train step).
+
+    adamw: decoupled weight decay as torch.optim.AdamW. adafactor: factored second moments (least memory),
+    weight decay as its `weight_decay_rate`. lion: sign updates, one moment (use a ~3-10x smaller lr).
+    prodigy: learning-rate-free Adam (the schedule multiplies its estimate; use lr 1.0).
+    """
+    if name == "adamw":
+        return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    if name == "adafactor":
+        return optax.adafactor(schedule, weight_decay_rate=weight_decay or None)
+    if name == "lion":
+        return optax.lion(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    if name == "prodigy":
+        from optax.contrib import prodigy
+
+        return prodigy(schedule, betas=(b1, b2), eps=eps, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

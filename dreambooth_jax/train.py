@@ -39,12 +39,30 @@ class Run:
     summary: dict
 
 
+def make_state(cfg: TrainConfig, pipe, max_steps: int, global_batch: int):
+    """The initial train state (unplaced) and the lr schedule of each trained part."""
+    from dreambooth_jax import optim, train_step
+
+    trained = ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
+    scale = global_batch if cfg.scale_lr else 1
+    peak = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_lr or cfg.learning_rate}
+    schedules = {part: optim.lr_schedule(cfg.lr_scheduler, peak[part] * scale, warmup_steps=cfg.lr_warmup_steps,
+                                         total_steps=max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+                 for part in trained}
+    txs = {part: optim.make_optimizer(cfg.optimizer, schedules[part], b1=cfg.adam_beta1, b2=cfg.adam_beta2,
+                                      eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay) for part in trained}
+    params = {k: v for k, v in pipe.params.items() if k in trained}
+    frozen = {k: v for k, v in pipe.params.items() if k not in trained}
+    return train_step.TrainState.create(params, frozen, txs, ema=cfg.use_ema), schedules
+
+
 def run(cfg: TrainConfig) -> Run:
     """Trains as `cfg` says; see the module docstring. Usable from Python (tests, notebooks)."""
-    from dreambooth_jax import checkpointing, noise_schedule, optim, train_step
+    from dreambooth_jax import checkpointing, noise_schedule, train_step
     from dreambooth_jax.class_images import ensure_class_images
-    from dreambooth_jax.data import Concept, DreamBoothData
+    from dreambooth_jax.data import DreamBoothData
     from dreambooth_jax.pipeline import load_pipeline
+    from dreambooth_jax.train_config import read_concepts
     from dreambooth_jax.train_loop import TrainLoop
 
     maybe_initialize_distributed()
@@ -54,10 +72,12 @@ def run(cfg: TrainConfig) -> Run:
         raise OSError(f"--output_dir {cfg.output_dir}: cannot create it ({e})") from e
     if not os.access(cfg.output_dir, os.W_OK):
         raise PermissionError(f"--output_dir {cfg.output_dir} is not writable")
-    concept = Concept(cfg.instance_data_dir, cfg.instance_prompt, cfg.class_data_dir, cfg.class_prompt)
+    if cfg.cache_latents and not cfg.center_crop:
+        log.warning("--cache_latents encodes center crops once: random crops are off (flips still apply)")
+    concepts = read_concepts(cfg)
     data_options = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                         skip_bad_images=cfg.skip_bad_images, seed=cfg.seed)
-    data = DreamBoothData([concept], **data_options)  # reads the instance images: bad ones fail before the model
+    data = DreamBoothData(concepts, **data_options)  # reads the instance images: bad ones fail before the model
 
     pipe = load_pipeline(cfg.pretrained_model_name_or_path, dtype=cfg.compute_dtype, param_dtype="fp32",
                          revision=cfg.revision, variant=cfg.variant, attention_impl=cfg.attention,
@@ -67,38 +87,32 @@ def run(cfg: TrainConfig) -> Run:
     schedule_cfg = noise_schedule.ScheduleConfig.from_diffusers_config(pipe.scheduler_config,
                                                                        class_name="DDPMScheduler")
     if cfg.with_prior_preservation:
-        ensure_class_images(pipe, cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images,
-                            batch_size_per_device=cfg.sample_batch_size,
-                            num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed)
-        data = DreamBoothData([concept], with_prior_preservation=True, **data_options)
-    devices, accum = jax.device_count(), cfg.gradient_accumulation_steps
-    global_batch = cfg.train_batch_size * devices * accum  # instance examples per optimizer step
+        for c in {(c.class_data_dir, c.class_prompt) for c in concepts}:  # a folder shared by concepts: once
+            ensure_class_images(pipe, *c, cfg.num_class_images, batch_size_per_device=cfg.sample_batch_size,
+                                num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed)
+        data = DreamBoothData(concepts, with_prior_preservation=True, **data_options)
+    global_batch = cfg.train_batch_size * jax.device_count() * cfg.gradient_accumulation_steps  # instance rows
     dataset_len = max(data.num_instance_images, data.num_class_images if cfg.with_prior_preservation else 0)
-    steps_per_epoch = math.ceil(dataset_len / global_batch)
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
-    lr = cfg.learning_rate * (global_batch if cfg.scale_lr else 1)
-    schedule = optim.lr_schedule(cfg.lr_scheduler, lr, warmup_steps=cfg.lr_warmup_steps, total_steps=max_steps,
-                                 num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
-    tx = optim.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
-                     weight_decay=cfg.adam_weight_decay, max_grad_norm=cfg.max_grad_norm)
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(dataset_len / global_batch)
 
-    trained = ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
     mesh = parallel.data_mesh()
-    params = {k: v for k, v in pipe.params.items() if k in trained}
-    frozen = {k: v for k, v in pipe.params.items() if k not in trained}
-    state = parallel.put_replicated(train_step.TrainState.create(params, frozen, tx), mesh)
+    state, schedules = make_state(cfg, pipe, max_steps, global_batch)
     spec = train_step.StepSpec(
         unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
         alphas_cumprod=noise_schedule.alphas_cumprod(schedule_cfg), prediction_type=schedule_cfg.prediction_type,
-        prior_loss_weight=cfg.prior_loss_weight, train_text_encoder=cfg.train_text_encoder,
-        use_attention_mask=cfg.text_encoder_use_attention_mask,
+        prior_loss_weight=cfg.prior_loss_weight, use_attention_mask=cfg.text_encoder_use_attention_mask,
+        snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0,
+        max_grad_norm=cfg.max_grad_norm, ema_decay=cfg.ema_decay,
     )
-    loop = TrainLoop(cfg, pipe, mesh, spec, schedule, data, max_steps, global_batch)
+    loop = TrainLoop(cfg, pipe, mesh, spec, schedules, data, max_steps, global_batch)
     ckpt = checkpointing.Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), every=cfg.checkpointing_steps,
                                       keep=cfg.checkpoints_total_limit)
     meta = {"model": cfg.pretrained_model_name_or_path, "seed": cfg.seed, "global_batch": global_batch,
-            "trained": trained}
+            "optimizer": cfg.optimizer, "use_ema": cfg.use_ema}
     resume = checkpointing.resolve_resume(cfg.resume_from_checkpoint, ckpt.root)
+    if resume is not None and cfg.stop_text_encoder_training is not None and resume[1] >= cfg.stop_text_encoder_training:
+        state = state.freeze("text_encoder")  # the checkpoint was saved after the text encoder stopped
+    state = parallel.put_replicated(state, mesh)
     if resume is not None:
         root, step = resume
         source = ckpt if root == ckpt.root else checkpointing.Checkpointer(root, every=cfg.checkpointing_steps)
@@ -108,11 +122,10 @@ def run(cfg: TrainConfig) -> Run:
         state, metrics = loop.train(state, ckpt, meta)
     finally:
         ckpt.close()
-    summary = loop.summary
     if int(state.step) >= max_steps:
         loop.export(state)
     loop.finish()
-    return Run(state=state, output_dir=cfg.output_dir, steps=int(state.step), metrics=metrics, summary=summary)
+    return Run(state=state, output_dir=cfg.output_dir, steps=int(state.step), metrics=metrics, summary=loop.summary)
 
 
 def setup_logging() -> None:

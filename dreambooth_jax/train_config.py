@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from dreambooth_jax.optim import LR_SCHEDULERS
+from dreambooth_jax.optim import LR_SCHEDULERS, OPTIMIZERS
 
 # The presets: `configs/` at the repository root, installed as the package `dreambooth_jax.configs`.
 CONFIGS_DIR = os.path.dirname(importlib.import_module("dreambooth_jax.configs").__file__)
@@ -35,6 +35,8 @@ class TrainConfig:
     # Data
     instance_data_dir: str | None = _opt(None, "folder with the 3-5 photos of the subject")
     instance_prompt: str | None = _opt(None, "prompt naming the subject, e.g. 'a photo of sks dog'")
+    concepts_list: str | None = _opt(None, "JSON file: a list of {instance_data_dir, instance_prompt, "
+                                            "class_data_dir, class_prompt}, several subjects in one run")
     class_data_dir: str | None = _opt(None, "folder of class images (generated there if too few)")
     class_prompt: str | None = _opt(None, "prompt of the subject's class, e.g. 'a photo of dog'")
     with_prior_preservation: bool = _opt(False, "add the prior-preservation loss on class images")
@@ -60,6 +62,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step (inside the compiled step)")
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass (less memory)")
     learning_rate: float = _opt(5e-6, "peak learning rate")
+    text_encoder_lr: float | None = _opt(None, "peak learning rate of the text encoder (default: learning_rate)")
+    stop_text_encoder_training: int | None = _opt(None, "freeze the text encoder after this many steps")
+    optimizer: str = _opt("adamw", "optimizer (adam_* options apply where they exist)", OPTIMIZERS)
     scale_lr: bool = _opt(False, "multiply the learning rate by the global batch size")
     lr_scheduler: str = _opt("constant", "learning-rate schedule", LR_SCHEDULERS)
     lr_warmup_steps: int = _opt(0, "linear warm-up steps")
@@ -70,6 +75,11 @@ class TrainConfig:
     adam_weight_decay: float = _opt(1e-2, "AdamW decoupled weight decay")
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
     max_grad_norm: float = _opt(1.0, "clip gradients to this global norm (0: no clipping)")
+    snr_gamma: float | None = _opt(None, "Min-SNR loss weighting with this gamma (5.0 is the paper's choice)")
+    offset_noise: bool = _opt(False, "offset noise: add noise_offset x N(0, 1) per example and channel")
+    noise_offset: float = _opt(0.1, "strength of --offset_noise")
+    use_ema: bool = _opt(False, "keep an EMA of the trained weights and export it instead")
+    ema_decay: float = _opt(0.9999, "EMA decay (warmed up as diffusers' EMAModel: min(decay, (1+k)/(10+k)))")
     mixed_precision: str = _opt("no", "compute dtype: 'no' (fp32) or 'bf16'; master weights stay fp32",
                                 ("no", "bf16", "fp16"))
     attention: str = _opt("dot_product", "attention implementation", ("einsum", "dot_product", "cudnn"))
@@ -154,22 +164,60 @@ def parse_args(argv=None) -> TrainConfig:
     return cfg
 
 
+def read_concepts(cfg: TrainConfig):
+    """The subjects of the run: those of --concepts_list, or the one given by the instance/class flags."""
+    from dreambooth_jax.data import Concept
+
+    if not cfg.concepts_list:
+        return [Concept(cfg.instance_data_dir, cfg.instance_prompt, cfg.class_data_dir, cfg.class_prompt)]
+    with open(cfg.concepts_list, encoding="utf-8") as f:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--concepts_list {cfg.concepts_list}: not valid JSON ({e})") from e
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"--concepts_list {cfg.concepts_list}: expected a non-empty JSON list of concepts")
+    keys = {f.name for f in dataclasses.fields(Concept)}
+    concepts = []
+    for i, item in enumerate(items):
+        unknown = sorted(set(item) - keys) if isinstance(item, dict) else ["(not an object)"]
+        if unknown:
+            raise ValueError(f"--concepts_list {cfg.concepts_list}: concept {i} has unknown keys {unknown}")
+        concepts.append(Concept(**{k: item.get(k) for k in keys}))
+    return concepts
+
+
 def validate(cfg: TrainConfig) -> list[str]:
     """Every problem with the options, as messages (empty when fine). Cheap: no model is loaded."""
     errors = []
     if not cfg.pretrained_model_name_or_path:
         errors.append("--pretrained_model_name_or_path is required")
-    if not cfg.instance_data_dir:
-        errors.append("--instance_data_dir is required")
-    elif not os.path.isdir(cfg.instance_data_dir):
-        errors.append(f"--instance_data_dir {cfg.instance_data_dir}: no such folder")
-    if not cfg.instance_prompt:
-        errors.append("--instance_prompt is required")
-    if cfg.with_prior_preservation:
-        if not cfg.class_prompt:
-            errors.append("--with_prior_preservation needs --class_prompt")
-        if not cfg.class_data_dir:
-            errors.append("--with_prior_preservation needs --class_data_dir (generated class images go there)")
+    try:
+        concepts = read_concepts(cfg)
+    except (OSError, ValueError) as e:
+        errors.append(str(e))
+        concepts = []
+    for i, c in enumerate(concepts):
+        where = f"concept {i} of {cfg.concepts_list}: " if cfg.concepts_list else ""
+        flag = (lambda name: name) if cfg.concepts_list else (lambda name: f"--{name}")  # noqa: E731
+        if not c.instance_data_dir:
+            errors.append(f"{where}{flag('instance_data_dir')} is required")
+        elif not os.path.isdir(c.instance_data_dir):
+            errors.append(f"{where}{flag('instance_data_dir')} {c.instance_data_dir}: no such folder")
+        if not c.instance_prompt:
+            errors.append(f"{where}{flag('instance_prompt')} is required")
+        if cfg.with_prior_preservation:
+            if not c.class_prompt:
+                errors.append(f"{where}--with_prior_preservation needs {flag('class_prompt')}")
+            if not c.class_data_dir:
+                errors.append(f"{where}--with_prior_preservation needs {flag('class_data_dir')} "
+                              "(generated class images go there)")
+    if cfg.stop_text_encoder_training is not None and not cfg.train_text_encoder:
+        errors.append("--stop_text_encoder_training needs --train_text_encoder")
+    if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
+        errors.append("--snr_gamma must be > 0")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        errors.append("--ema_decay must be in (0, 1)")
     if cfg.mixed_precision == "fp16":
         errors.append("--mixed_precision fp16 is not supported (it needs loss scaling); use bf16, as fast on "
                       "TPUs and recent GPUs")

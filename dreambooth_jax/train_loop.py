@@ -33,7 +33,7 @@ def _peak_memory() -> str:
 class TrainLoop:
     """Owns the compiled step and everything the loop writes (process 0 only)."""
 
-    def __init__(self, cfg, pipe, mesh, spec, schedule, data, max_steps: int, global_batch: int):
+    def __init__(self, cfg, pipe, mesh, spec, schedules: dict, data, max_steps: int, global_batch: int):
         self.cfg, self.pipe, self.mesh, self.data = cfg, pipe, mesh, data
         self.max_steps, self.global_batch = max_steps, global_batch
         self.is_main = jax.process_index() == 0
@@ -43,7 +43,7 @@ class TrainLoop:
         self.latent_cache = self._precompute_latents() if cfg.cache_latents else None
         self.rng = parallel.put_replicated(jax.random.PRNGKey(cfg.seed), mesh)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS))
-        self.step = functools.partial(train_step.train_step, spec=spec, schedule=schedule)
+        self.step = functools.partial(train_step.train_step, spec=spec, schedules=schedules)
         self.compiled = None
         self._last_log = time.perf_counter()
         self.summary: dict = {}
@@ -133,11 +133,14 @@ class TrainLoop:
         t_loop = None
         try:
             for step in range(start, self.max_steps):
+                if step == self.cfg.stop_text_encoder_training and "text_encoder" in state.params:
+                    state, self.compiled = state.freeze("text_encoder"), None  # a new step without it
+                    log.info("text encoder frozen from step %d on", step)
                 batch = self.device_batch(step)
                 if self.compiled is None:
                     t0 = time.perf_counter()
                     self.compiled = self.compile(state, batch)
-                    self.summary["compile_s"] = time.perf_counter() - t0
+                    self.summary["compile_s"] = self.summary.get("compile_s", 0.0) + time.perf_counter() - t0
                     log.info("compiled the train step in %.1fs", self.summary["compile_s"])
                 state, metrics = self.compiled(state, batch, self.rng)
                 pending.append((step + 1, metrics))
@@ -184,7 +187,7 @@ class TrainLoop:
         if self.is_main:
             from dreambooth_jax.pipeline import export_pipeline
 
-            export_pipeline(self.pipe, self.cfg.output_dir, params=jax.device_get({**state.frozen, **state.params}))
+            export_pipeline(self.pipe, self.cfg.output_dir, params=jax.device_get(state.export_params()))
             log.info("exported the pipeline of step %d to %s", int(state.step), self.cfg.output_dir)
 
     def _log(self, pending) -> list[dict]:
@@ -213,8 +216,8 @@ class TrainLoop:
 
     def validate(self, state, step: int) -> str | None:
         """Validation images of the current weights: a PNG grid (and TensorBoard image)."""
-        # The state's own arrays: the pipeline's were donated to the train step with the first state.
-        pipe = dataclasses.replace(self.pipe, params={**state.frozen, **state.params})
+        # The state's own arrays (the pipeline's were donated with the first state); EMA ones where kept.
+        pipe = dataclasses.replace(self.pipe, params=state.export_params())
         images = generate(pipe, [self.cfg.validation_prompt] * self.cfg.num_validation_images,
                           num_inference_steps=self.cfg.validation_inference_steps, seed=self.cfg.seed)
         if not self.is_main:

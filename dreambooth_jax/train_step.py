@@ -1,12 +1,14 @@
 """The DreamBooth train step: one pure function `(state, batch, rng) -> (state, metrics)`.
 
-Loss (Ruiz et al. 2023, eq. 2): E ||x̂(z_t, t, c) - target||² on the instance examples plus
+Loss (Ruiz et al. 2023, eq. 2): E w(t) ||x̂(z_t, t, c) - target||² on the instance examples plus
 `prior_loss_weight` x the same on the class (prior-preservation) examples, where z_t ~ q(z_t | z_0) and the
-target is ε, v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0, or z_0 per the scheduler's `prediction_type`. Instance
+target is ε, v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0, or z_0 per the scheduler's `prediction_type`; w(t) = 1, or
+the Min-SNR weight (Hang et al. 2023) min(SNR(t), γ) / SNR(t) (ε) or / (SNR(t) + 1) (v) per example. Instance
 and class examples travel in one batch (one forward pass), told apart by `batch["is_prior"]`.
 
 The batch has a leading micro-batch axis [A, B, ...]: gradient accumulation is a `lax.scan` inside the
-compiled step. `batch["example_id"]` numbers the step's examples; each draws its noise from it. Static parts (modules, schedule, weights) are bound with `functools.partial`.
+compiled step. `batch["example_id"]` numbers the step's examples; each draws its noise from it. Static parts
+(modules, schedule, weights) are bound with `functools.partial`.
 """
 
 from __future__ import annotations
@@ -24,17 +26,40 @@ from dreambooth_jax import noise_schedule
 
 
 class TrainState(flax.struct.PyTreeNode):
-    """Everything that changes (or is needed) across steps; `frozen` holds the params not trained."""
+    """Everything that changes (or is needed) across steps.
+
+    `params` holds the trained parts ({'unet'[, 'text_encoder']}), each with its own optimizer in `txs` and
+    state in `opt_state`; `frozen` the others; `ema` (or None) the exponential moving average of every part
+    trained so far (a part that stops training keeps its last average).
+    """
 
     step: jax.Array
-    params: dict  # trained: {'unet'[, 'text_encoder']}
-    opt_state: Any
-    frozen: dict  # not trained: {'vae'[, 'text_encoder']}
-    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    params: dict
+    opt_state: dict
+    frozen: dict
+    ema: dict | None
+    txs: tuple = flax.struct.field(pytree_node=False)  # ((part, GradientTransformation), ...)
+    stopped: tuple = flax.struct.field(pytree_node=False, default=())  # parts trained, then frozen
 
     @classmethod
-    def create(cls, params: dict, frozen: dict, tx: optax.GradientTransformation) -> TrainState:
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), frozen=frozen, tx=tx)
+    def create(cls, params: dict, frozen: dict, txs: dict, *, ema: bool = False) -> TrainState:
+        # Copied: some optimizers (prodigy) keep the initial params in their state, and the same buffer twice
+        # in a donated state is an error.
+        opt_state = jax.tree.map(jnp.copy, {k: txs[k].init(params[k]) for k in params})
+        ema_params = jax.tree.map(jnp.copy, params) if ema else None
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, frozen=frozen,
+                   ema=ema_params, txs=tuple(sorted(txs.items())))
+
+    def freeze(self, part: str) -> TrainState:
+        """Stops training `part`: its params join `frozen` and its optimizer state is dropped."""
+        params = {k: v for k, v in self.params.items() if k != part}
+        return self.replace(params=params, frozen={**self.frozen, part: self.params[part]},
+                            opt_state={k: v for k, v in self.opt_state.items() if k != part},
+                            txs=tuple((k, tx) for k, tx in self.txs if k != part), stopped=(*self.stopped, part))
+
+    def export_params(self) -> dict:
+        """The weights to export: every part, the EMA ones where there are."""
+        return {**self.frozen, **self.params, **(self.ema or {})}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -47,17 +72,21 @@ class StepSpec:
     alphas_cumprod: np.ndarray  # float64 [T] (cast to float32 in the step)
     prediction_type: str = "epsilon"
     prior_loss_weight: float = 1.0
-    train_text_encoder: bool = False
     use_attention_mask: bool = False
+    snr_gamma: float | None = None  # Min-SNR weighting
+    noise_offset: float = 0.0  # offset noise strength (0: off)
+    max_grad_norm: float = 1.0  # clip the global norm of all trained parts' gradients (0: off)
+    ema_decay: float = 0.9999
 
 
 def _text_context(spec: StepSpec, params, frozen, batch):
     if "context" in batch:  # precomputed text embeddings
         return batch["context"]
-    te_params = params["text_encoder"] if spec.train_text_encoder else frozen["text_encoder"]
+    trained = "text_encoder" in params
+    te_params = params["text_encoder"] if trained else frozen["text_encoder"]
     mask = batch.get("attention_mask") if spec.use_attention_mask else None
     out = spec.text_encoder.apply({"params": te_params}, batch["input_ids"], mask).last_hidden_state
-    return out if spec.train_text_encoder else jax.lax.stop_gradient(out)
+    return out if trained else jax.lax.stop_gradient(out)
 
 
 def _normal(keys, shape):
@@ -75,19 +104,30 @@ def clean_latents(spec: StepSpec, frozen, batch, keys):
     return jax.lax.stop_gradient(spec.vae.scale_latents(z))
 
 
+def loss_weights(spec: StepSpec, timesteps):
+    """Per-example loss weights [B]: 1, or Min-SNR-γ."""
+    if spec.snr_gamma is None:
+        return jnp.ones(timesteps.shape, jnp.float32)
+    snr = noise_schedule.snr(jnp.asarray(spec.alphas_cumprod, jnp.float32), timesteps)
+    clipped = jnp.minimum(snr, spec.snr_gamma)
+    return clipped / (snr + 1.0) if spec.prediction_type == "v_prediction" else clipped / snr
+
+
 def per_example_loss(spec: StepSpec, params, frozen, batch, latents, noise, timesteps):
-    """Per-example MSE [B] (float32) of the UNet's prediction, for given clean latents, noise and timesteps."""
+    """Per-example weighted MSE [B] (float32) of the UNet's prediction, for given z_0, noise and timesteps."""
     ac = jnp.asarray(spec.alphas_cumprod, jnp.float32)
     noisy = noise_schedule.add_noise(ac, latents, noise, timesteps)
     context = _text_context(spec, params, frozen, batch)
-    pred = spec.unet.apply({"params": params["unet"]}, noisy.astype(spec.unet.dtype), timesteps, context)
+    unet_params = params["unet"] if "unet" in params else frozen["unet"]
+    pred = spec.unet.apply({"params": unet_params}, noisy.astype(spec.unet.dtype), timesteps, context)
     if spec.prediction_type == "epsilon":
         target = noise
     elif spec.prediction_type == "v_prediction":
         target = noise_schedule.get_velocity(ac, latents, noise, timesteps)
     else:  # "sample"
         target = latents
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
+    mse = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
+    return mse * loss_weights(spec, timesteps)
 
 
 def combine_losses(mse, is_prior, prior_loss_weight: float):
@@ -98,51 +138,75 @@ def combine_losses(mse, is_prior, prior_loss_weight: float):
     return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
 
 
+def draw_noise(spec: StepSpec, keys, shape):
+    """ε per example; with offset noise, plus `noise_offset` x one N(0, 1) value per example and channel."""
+    noise = _normal(keys[:, 0], shape)
+    if spec.noise_offset:
+        noise = noise + spec.noise_offset * _normal(keys[:, 1], (1, 1, shape[-1]))
+    return noise
+
+
 def micro_batch_loss(params, frozen, batch, rng, *, spec: StepSpec):
     """The DreamBooth loss of one micro-batch with freshly drawn latents, noise and timesteps.
 
     Each example draws from `fold_in(rng, example_id)`: its draws do not depend on where it sits in the
     batch, so device count and micro-batching do not change the result.
     """
-    keys = jax.vmap(lambda e: jax.random.split(jax.random.fold_in(rng, e), 3))(batch["example_id"])
+    keys = jax.vmap(lambda e: jax.random.split(jax.random.fold_in(rng, e), 4))(batch["example_id"])
     latents = clean_latents(spec, frozen, batch, keys[:, 0])
-    noise = _normal(keys[:, 1], latents.shape[1:])
-    timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, len(spec.alphas_cumprod)))(keys[:, 2])
+    noise = draw_noise(spec, keys[:, 1:3], latents.shape[1:])
+    timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, len(spec.alphas_cumprod)))(keys[:, 3])
     mse = per_example_loss(spec, params, frozen, batch, latents, noise, timesteps)
     loss, instance_loss, prior_loss = combine_losses(mse, batch["is_prior"], spec.prior_loss_weight)
     return loss, {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec, schedule=None):
+def ema_decay_at(step, max_decay: float):
+    """diffusers' `EMAModel` decay for update number `step` (0-based): min(max_decay, (1 + k) / (10 + k))."""
+    k = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(max_decay, (1.0 + k) / (10.0 + k))
+
+
+def update_ema(ema: dict, params: dict, step, max_decay: float) -> dict:
+    """e <- d_k e + (1 - d_k) p for every part in `params` (others, e.g. stopped ones, are kept)."""
+    d = ema_decay_at(step, max_decay)
+    return {**ema, **{k: jax.tree.map(lambda e, p: e + (1.0 - d) * (p - e), ema[k], params[k]) for k in params}}
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec, schedules=None):
     """One optimizer step over `A` accumulated micro-batches.
 
     Args:
       state: the train state (donated).
       batch: arrays with leading axes [A, B]; see the module docstring.
       rng: the run's base key; this step draws from `fold_in(rng, state.step)`.
-      spec: static parts (bound with functools.partial). schedule: lr schedule, for the metrics.
+      spec: static parts (bound with functools.partial). schedules: {part: lr schedule}, for the metrics.
 
     Returns:
-      (new state, metrics: loss, instance_loss, prior_loss, grad_norm, lr).
+      (new state, metrics: loss, instance_loss, prior_loss, grad_norm, lr[_text_encoder]).
     """
     step_rng = jax.random.fold_in(rng, state.step)
     grad_fn = jax.grad(micro_batch_loss, has_aux=True)
-    num_micro = jax.tree.leaves(batch)[0].shape[0]
 
-    def accumulate(carry, xs):
+    def accumulate(carry, micro):
         grads_sum, metrics_sum = carry
-        micro = xs
         grads, metrics = grad_fn(state.params, state.frozen, micro, step_rng, spec=spec)
         return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
 
+    num_micro = jax.tree.leaves(batch)[0].shape[0]
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     zero_metrics = {k: jnp.zeros((), jnp.float32) for k in ("loss", "instance_loss", "prior_loss")}
     (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics), batch)
     grads = jax.tree.map(lambda g: g / num_micro, grads)
     metrics = {k: v / num_micro for k, v in metrics.items()}
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
-    if schedule is not None:
-        metrics["lr"] = schedule(state.step)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    if spec.max_grad_norm > 0:  # one global norm over every trained part, as torch's clip_grad_norm_
+        grads, _ = optax.clip_by_global_norm(spec.max_grad_norm).update(grads, optax.EmptyState())
+    params, opt_state = {}, {}
+    for part, tx in state.txs:
+        updates, opt_state[part] = tx.update(grads[part], state.opt_state[part], state.params[part])
+        params[part] = optax.apply_updates(state.params[part], updates)
+    ema = None if state.ema is None else update_ema(state.ema, params, state.step, spec.ema_decay)
+    for part, schedule in (schedules or {}).items():
+        metrics["lr" if part == "unet" else f"lr_{part}"] = schedule(state.step)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import xla_flags_with
 
 from dreambooth_jax import images as image_io
 from dreambooth_jax import sample as sample_cli
@@ -85,7 +86,8 @@ def test_same_images_on_one_and_eight_devices(tiny_pipelines, tmp_path):
         "assert jax.device_count() == 8\n"
         f"np.save({str(out)!r}, generate(load_pipeline({path!r}), {prompts!r}, **{kw!r}))\n"
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=8"),
+           "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     np.testing.assert_allclose(np.load(out), here, atol=1e-5)
 

@@ -12,46 +12,17 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from conftest import xla_flags_with
+from train_helpers import PROMPT, draw_images, fixed_eval_loss, train_cfg
 
 from dreambooth_jax import noise_schedule, train_step
 from dreambooth_jax.pipeline import load_pipeline
 from dreambooth_jax.train import run
-from dreambooth_jax.train_config import TrainConfig, parse_args
+from dreambooth_jax.train_config import parse_args
 
 LOSS_TOL = 1e-5  # fp32 loss vs the PyTorch reference (measured ~1e-7)
-PROMPT = "a photo of sks toy"
-
-
-def _draw(folder, n, seed, size=(80, 72)):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        im = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 255, 3)))
-        x, y = (int(v) for v in rng.integers(5, 30, 2))
-        ImageDraw.Draw(im).ellipse([x, y, x + 30, y + 30], fill=(250, 200, 0))
-        im.save(os.path.join(folder, f"{i}.png"))
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def instance_dir(tmp_path_factory):
-    return _draw(tmp_path_factory.mktemp("instance"), 4, seed=0)
-
-
-@pytest.fixture(scope="module")
-def class_dir(tmp_path_factory):
-    return _draw(tmp_path_factory.mktemp("class"), 4, seed=1)
-
-
-def _cfg(tiny_pipelines, instance_dir, out, **kw) -> TrainConfig:
-    base = dict(pretrained_model_name_or_path=tiny_pipelines["sd1"], instance_data_dir=instance_dir,
-                instance_prompt=PROMPT, output_dir=str(out), resolution=64, train_batch_size=1, max_train_steps=2,
-                learning_rate=1e-3, attention="einsum", checkpointing_steps=100, seed=0)
-    return TrainConfig(**{**base, **kw})
 
 
 # --- the loss ---------------------------------------------------------------------------------------------
@@ -69,6 +40,7 @@ def test_loss_equals_pytorch_reference(tiny_pipelines, kind, prior):
     spec = train_step.StepSpec(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
                                alphas_cumprod=noise_schedule.alphas_cumprod(sched_cfg),
                                prediction_type=sched_cfg.prediction_type, prior_loss_weight=0.7)
+    frozen = pipe.params  # nothing trained: per_example_loss reads every part from `frozen`
     rng = np.random.default_rng(0)
     b = 4
     latents = rng.standard_normal((b, 8, 8, 4)).astype(np.float32)
@@ -77,7 +49,7 @@ def test_loss_equals_pytorch_reference(tiny_pipelines, kind, prior):
     ids = pipe.tokenizer([PROMPT, PROMPT, "a photo of toy", "a photo of toy"], padding="max_length",
                          max_length=16, return_tensors="np").input_ids.astype(np.int32)
     is_prior = np.array([False, False, prior, prior])
-    mse = train_step.per_example_loss(spec, pipe.params, pipe.params, {"input_ids": ids}, latents, noise, t)
+    mse = train_step.per_example_loss(spec, {}, frozen, {"input_ids": ids}, latents, noise, t)
     loss, inst, pri = (float(x) for x in train_step.combine_losses(mse, is_prior, 0.7))
 
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval()
@@ -103,33 +75,13 @@ def test_loss_equals_pytorch_reference(tiny_pipelines, kind, prior):
 
 
 # --- training runs ----------------------------------------------------------------------------------------
-def _fixed_eval_loss(path, params, instance_dir):
-    """Instance loss of `params` on fixed latents/noise/timesteps (deterministic progress measure)."""
-    from dreambooth_jax.data import Concept, DreamBoothData
-
-    pipe = load_pipeline(path)
-    sched_cfg = noise_schedule.ScheduleConfig.from_diffusers_config(pipe.scheduler_config, class_name="DDPMScheduler")
-    spec = train_step.StepSpec(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                               alphas_cumprod=noise_schedule.alphas_cumprod(sched_cfg))
-    data = DreamBoothData([Concept(instance_dir, PROMPT)], resolution=64, center_crop=True)
-    images = np.stack([data.fixed_view("instance", i) for i in range(4)] * 4)
-    mean, _ = pipe.vae.apply({"params": pipe.params["vae"]}, images, method=pipe.vae.encode)
-    latents = pipe.vae.scale_latents(mean)
-    noise = jax.random.normal(jax.random.PRNGKey(1), latents.shape)
-    t = jnp.tile(jnp.array([100, 400, 700, 900]), 4)
-    ids = np.tile(pipe.tokenizer([PROMPT], padding="max_length", max_length=16, return_tensors="np").input_ids,
-                  (16, 1)).astype(np.int32)
-    merged = {**pipe.params, **params}
-    return float(jnp.mean(train_step.per_example_loss(spec, merged, merged, {"input_ids": ids}, latents, noise, t)))
-
-
 def test_training_overfits_the_instance_images(tiny_pipelines, instance_dir, class_dir, tmp_path):
-    cfg = _cfg(tiny_pipelines, instance_dir, tmp_path / "out", max_train_steps=30, with_prior_preservation=True,
+    cfg = train_cfg(tiny_pipelines, instance_dir, tmp_path / "out", max_train_steps=30, with_prior_preservation=True,
                class_data_dir=class_dir, class_prompt="a photo of toy", num_class_images=4, center_crop=True,
                report_to="tensorboard")
     result = run(cfg)
-    before = _fixed_eval_loss(tiny_pipelines["sd1"], {}, instance_dir)
-    after = _fixed_eval_loss(tiny_pipelines["sd1"], jax.device_get(result.state.params), instance_dir)
+    before = fixed_eval_loss(tiny_pipelines["sd1"], {}, instance_dir)
+    after = fixed_eval_loss(tiny_pipelines["sd1"], jax.device_get(result.state.params), instance_dir)
     assert after < 0.6 * before, (before, after)
     logged = [json.loads(line) for line in open(tmp_path / "out" / "logs" / "metrics.jsonl")]
     assert [row["step"] for row in logged] == list(range(1, 31))
@@ -147,9 +99,8 @@ def _unet_leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params["unet"]))]
 
 
-def _initial_state(tiny_pipelines):
-    return train_step.TrainState(step=0, params=load_pipeline(tiny_pipelines["sd1"]).params, opt_state=None,
-                                 frozen={}, tx=None)
+def _initial_unet_leaves(tiny_pipelines):
+    return [np.asarray(x) for x in jax.tree.leaves(load_pipeline(tiny_pipelines["sd1"]).params["unet"])]
 
 
 # Adam's first updates are ~lr * sign(g): a float-rounding-sized change of a near-zero gradient can flip them.
@@ -158,10 +109,10 @@ WELL_CONDITIONED = dict(adam_epsilon=1.0, learning_rate=1e-2)
 
 
 def test_gradient_accumulation_2x2_equals_batch_4(tiny_pipelines, instance_dir, tmp_path):
-    a = run(_cfg(tiny_pipelines, instance_dir, tmp_path / "a", train_batch_size=4, **WELL_CONDITIONED))
-    b = run(_cfg(tiny_pipelines, instance_dir, tmp_path / "b", train_batch_size=2, gradient_accumulation_steps=2,
+    a = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "a", train_batch_size=4, **WELL_CONDITIONED))
+    b = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "b", train_batch_size=2, gradient_accumulation_steps=2,
                  **WELL_CONDITIONED))
-    moved = max(np.abs(x - y).max() for x, y in zip(_unet_leaves(a.state), _unet_leaves(_initial_state(tiny_pipelines))))
+    moved = max(np.abs(x - y).max() for x, y in zip(_unet_leaves(a.state), _initial_unet_leaves(tiny_pipelines)))
     assert moved > 1e-4  # the params did change
     for x, y in zip(_unet_leaves(a.state), _unet_leaves(b.state)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
@@ -170,15 +121,16 @@ def test_gradient_accumulation_2x2_equals_batch_4(tiny_pipelines, instance_dir, 
 def test_one_device_equals_eight_devices(tiny_pipelines, instance_dir, class_dir, tmp_path):
     kw = dict(max_train_steps=2, with_prior_preservation=True, class_data_dir=class_dir,
               class_prompt="a photo of toy", num_class_images=4, train_text_encoder=True, **WELL_CONDITIONED)
-    one = run(_cfg(tiny_pipelines, instance_dir, tmp_path / "one", train_batch_size=8, **kw))
-    cfg8 = _cfg(tiny_pipelines, instance_dir, tmp_path / "eight", train_batch_size=1, **kw)
+    one = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "one", train_batch_size=8, **kw))
+    cfg8 = train_cfg(tiny_pipelines, instance_dir, tmp_path / "eight", train_batch_size=1, **kw)
     out = tmp_path / "eight.npz"
     code = ("import jax, numpy as np\nfrom dreambooth_jax.train import run\n"
             "from dreambooth_jax.train_config import TrainConfig\nassert jax.device_count() == 8\n"
             f"r = run(TrainConfig(**{dataclasses.asdict(cfg8)!r}))\n"
             "leaves = jax.tree.leaves(jax.device_get(r.state.params))\n"
             f"np.savez({str(out)!r}, *leaves)\n")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=8"),
+           "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     eight = np.load(out)
     ours = jax.tree.leaves(jax.device_get(one.state.params))
@@ -188,7 +140,7 @@ def test_one_device_equals_eight_devices(tiny_pipelines, instance_dir, class_dir
 
 
 def test_sigterm_then_resume_is_bit_identical(tiny_pipelines, instance_dir, tmp_path, monkeypatch):
-    straight = run(_cfg(tiny_pipelines, instance_dir, tmp_path / "straight", max_train_steps=4))
+    straight = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "straight", max_train_steps=4))
 
     from dreambooth_jax import train_loop
 
@@ -201,11 +153,11 @@ def test_sigterm_then_resume_is_bit_identical(tiny_pipelines, instance_dir, tmp_
 
     monkeypatch.setattr(train_loop, "layout_batch", preempt_at_step_2)
     out = tmp_path / "resumed"
-    stopped = run(_cfg(tiny_pipelines, instance_dir, out, max_train_steps=4, checkpointing_steps=100))
+    stopped = run(train_cfg(tiny_pipelines, instance_dir, out, max_train_steps=4, checkpointing_steps=100))
     assert stopped.steps == 3  # the step in flight finishes, then a checkpoint, then exit
     assert os.listdir(out / "checkpoints") == ["3"] and not os.path.exists(out / "model_index.json")
     monkeypatch.setattr(train_loop, "layout_batch", original)
-    resumed = run(_cfg(tiny_pipelines, instance_dir, out, max_train_steps=4, resume_from_checkpoint="latest"))
+    resumed = run(train_cfg(tiny_pipelines, instance_dir, out, max_train_steps=4, resume_from_checkpoint="latest"))
     assert resumed.steps == 4 and os.path.isfile(out / "model_index.json")
     for x, y in zip(_unet_leaves(straight.state), _unet_leaves(resumed.state)):
         np.testing.assert_array_equal(x, y)
@@ -215,8 +167,8 @@ def test_cached_latents_and_text_embeddings_give_the_uncached_loss(tiny_pipeline
     """Same examples, flips and noise: caching (center crops) changes where z_0 and the context come from, not
     the loss."""
     kw = dict(max_train_steps=2, center_crop=True, random_flip=True, train_batch_size=2)
-    plain = run(_cfg(tiny_pipelines, instance_dir, tmp_path / "plain", **kw))
-    cached = run(_cfg(tiny_pipelines, instance_dir, tmp_path / "cached", cache_latents=True,
+    plain = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "plain", **kw))
+    cached = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "cached", cache_latents=True,
                       pre_compute_text_embeddings=True, **kw))
     for a, b in zip(plain.metrics, cached.metrics):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
@@ -226,7 +178,7 @@ def test_cached_latents_and_text_embeddings_give_the_uncached_loss(tiny_pipeline
 def test_class_images_fill_partial_folder(tiny_pipelines, tmp_path):
     from dreambooth_jax.class_images import ensure_class_images
 
-    folder = _draw(tmp_path / "cls", 2, seed=3)
+    folder = draw_images(tmp_path / "cls", 2, seed=3)
     before = {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
     pipe = load_pipeline(tiny_pipelines["sd1"])
     made = ensure_class_images(pipe, folder, "a photo of toy", 5, batch_size_per_device=2, num_inference_steps=2,
@@ -267,18 +219,18 @@ def test_bad_inputs_clear_errors_and_no_partial_export(tiny_pipelines, instance_
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no images"):
-        run(_cfg(tiny_pipelines, str(empty), tmp_path / "o1"))
+        run(train_cfg(tiny_pipelines, str(empty), tmp_path / "o1"))
     with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
-        run(_cfg(tiny_pipelines, instance_dir, tmp_path / "o2", pretrained_model_name_or_path=str(tmp_path / "no")))
+        run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "o2", pretrained_model_name_or_path=str(tmp_path / "no")))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="a.png"):
-        run(_cfg(tiny_pipelines, str(broken), tmp_path / "o3"))
+        run(train_cfg(tiny_pipelines, str(broken), tmp_path / "o3"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OSError, match="output_dir"):
-        run(_cfg(tiny_pipelines, instance_dir, blocker / "out"))
+        run(train_cfg(tiny_pipelines, instance_dir, blocker / "out"))
     # A failure while exporting leaves no pipeline (and no temporary folder) behind.
     from dreambooth_jax import pipeline
 
@@ -288,5 +240,5 @@ def test_bad_inputs_clear_errors_and_no_partial_export(tiny_pipelines, instance_
     monkeypatch.setattr(pipeline, "save_component", functools.partial(fail))
     out = tmp_path / "o4"
     with pytest.raises(OSError, match="disk full"):
-        run(_cfg(tiny_pipelines, instance_dir, out, max_train_steps=1))
+        run(train_cfg(tiny_pipelines, instance_dir, out, max_train_steps=1))
     assert sorted(os.listdir(out)) == ["checkpoints", "logs"]

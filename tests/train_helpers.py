@@ -1,0 +1,54 @@
+"""Helpers shared by the trainer tests: synthetic photos, a tiny training config, a fixed-noise loss."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dreambooth_jax import noise_schedule, train_step
+from dreambooth_jax.pipeline import load_pipeline
+from dreambooth_jax.train_config import TrainConfig
+
+PROMPT = "a photo of sks toy"
+
+
+def draw_images(folder, n, seed, size=(80, 72)):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        im = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 255, 3)))
+        x, y = (int(v) for v in rng.integers(5, 30, 2))
+        ImageDraw.Draw(im).ellipse([x, y, x + 30, y + 30], fill=(250, 200, 0))
+        im.save(os.path.join(folder, f"{i}.png"))
+    return str(folder)
+
+
+def train_cfg(tiny_pipelines, instance_dir, out, **kw) -> TrainConfig:
+    base = dict(pretrained_model_name_or_path=tiny_pipelines["sd1"], instance_data_dir=instance_dir,
+                instance_prompt=PROMPT, output_dir=str(out), resolution=64, train_batch_size=1, max_train_steps=2,
+                learning_rate=1e-3, attention="einsum", checkpointing_steps=100, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def fixed_eval_loss(path, params, instance_dir):
+    """Instance loss of `params` on fixed latents/noise/timesteps (deterministic progress measure)."""
+    from dreambooth_jax.data import Concept, DreamBoothData
+
+    pipe = load_pipeline(path)
+    sched_cfg = noise_schedule.ScheduleConfig.from_diffusers_config(pipe.scheduler_config, class_name="DDPMScheduler")
+    spec = train_step.StepSpec(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                               alphas_cumprod=noise_schedule.alphas_cumprod(sched_cfg))
+    data = DreamBoothData([Concept(instance_dir, PROMPT)], resolution=64, center_crop=True)
+    images = np.stack([data.fixed_view("instance", i) for i in range(4)] * 4)
+    mean, _ = pipe.vae.apply({"params": pipe.params["vae"]}, images, method=pipe.vae.encode)
+    latents = pipe.vae.scale_latents(mean)
+    noise = jax.random.normal(jax.random.PRNGKey(1), latents.shape)
+    t = jnp.tile(jnp.array([100, 400, 700, 900]), 4)
+    ids = np.tile(pipe.tokenizer([PROMPT], padding="max_length", max_length=16, return_tensors="np").input_ids,
+                  (16, 1)).astype(np.int32)
+    frozen = {**pipe.params, **params}
+    return float(jnp.mean(train_step.per_example_loss(spec, {}, frozen, {"input_ids": ids}, latents, noise, t)))
