@@ -161,7 +161,8 @@ def _load_tokenizer(folder: str):
 
 def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, revision: str | None = None,
                   variant: str | None = None, token=None, cache_dir: str | None = None,
-                  attention_impl: str = "einsum", remat: bool = False) -> Pipeline:
+                  attention_impl: str = "einsum", remat: bool = False, lora: str | None = None,
+                  lora_scale: float = 1.0) -> Pipeline:
     """Loads a diffusers pipeline folder, or a Hub repository id, into a `Pipeline`.
 
     Args:
@@ -171,6 +172,8 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
       revision, variant, token, cache_dir: as in diffusers' `from_pretrained` (Hub ids only, except variant).
       attention_impl: see `dreambooth_jax.models.attention.ATTENTION_IMPLS`.
       remat: gradient checkpointing in the UNet.
+      lora: a LoRA file (diffusers or kohya layout) or a folder with `pytorch_lora_weights.safetensors`,
+        merged into the params (`dreambooth_jax.lora.apply_file`); lora_scale multiplies its update.
     """
     root = hub.resolve(name_or_path, revision=revision, variant=variant, token=token, cache_dir=cache_dir)
     index = checkpoint_files.read_json(os.path.join(root, "model_index.json"))
@@ -186,7 +189,7 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
             os.path.join(root, name), name, remat=remat and name == "unet", **options
         )
     sdxl = "text_encoder_2" in modules
-    return Pipeline(
+    pipe = Pipeline(
         unet=modules["unet"],
         vae=modules["vae"],
         text_encoder=modules["text_encoder"],
@@ -198,6 +201,11 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
         model_index=index,
         source=name_or_path,
     )
+    if lora:
+        from dreambooth_jax import lora as lora_lib
+
+        return lora_lib.apply_file(pipe, lora, lora_scale)
+    return pipe
 
 
 def save_pipeline(pipe: Pipeline, out_dir: str, *, dtype=None, params: dict | None = None) -> str:

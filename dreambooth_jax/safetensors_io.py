@@ -85,7 +85,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[st
     offset = 0
     arrays = []
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        arr = np.require(tensors[name], requirements="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
         if arr.dtype not in _NAMES:
             raise SafetensorsError(f"cannot save tensor {name!r} of dtype {arr.dtype}")
         header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}

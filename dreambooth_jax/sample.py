@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="compute and weights dtype")
     p.add_argument("--attention", choices=("einsum", "dot_product", "cudnn"), default="dot_product",
                    help="attention implementation")
+    p.add_argument("--lora", default=None,
+                   help="LoRA file (diffusers/PEFT or kohya format) or folder with pytorch_lora_weights.safetensors")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of --lora")
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None, help="e.g. fp16: load the fp16 weight files")
     return p
@@ -81,7 +84,7 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision, variant=args.variant,
-                         attention_impl=args.attention)
+                         attention_impl=args.attention, lora=args.lora, lora_scale=args.lora_scale)
     scheduler = args.scheduler or scheduler_name_for(pipe.scheduler_config)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {jax.device_count()} device(s) "
           f"({jax.devices()[0].platform}); scheduler {scheduler}, {args.steps} steps", file=sys.stderr)
@@ -101,6 +104,7 @@ def main(argv=None) -> None:
             meta = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": args.seed + k,
                     "steps": args.steps, "scheduler": scheduler, "guidance_scale": args.guidance_scale,
                     "guidance_rescale": args.guidance_rescale, "eta": args.eta, "model": args.model,
+                    "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
                     "height": int(image.shape[0]), "width": int(image.shape[1]), "dtype": args.dtype}
             name = f"{first + k:05d}-seed{args.seed + k}.png"
             image_io.save_png(image, os.path.join(args.output_dir, name), meta)

@@ -14,6 +14,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 
 from dreambooth_jax import parallel
 from dreambooth_jax.train_config import TrainConfig, parse_args
@@ -43,17 +44,47 @@ def make_state(cfg: TrainConfig, pipe, max_steps: int, global_batch: int):
     """The initial train state (unplaced) and the lr schedule of each trained part."""
     from dreambooth_jax import optim, train_step
 
-    trained = ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
+    networks = ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
+    if cfg.use_lora:
+        params, frozen = lora_params(cfg, pipe, networks)
+    else:
+        params = {k: v for k, v in pipe.params.items() if k in networks}
+        frozen = {k: v for k, v in pipe.params.items() if k not in networks}
     scale = global_batch if cfg.scale_lr else 1
     peak = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_lr or cfg.learning_rate}
-    schedules = {part: optim.lr_schedule(cfg.lr_scheduler, peak[part] * scale, warmup_steps=cfg.lr_warmup_steps,
-                                         total_steps=max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
-                 for part in trained}
+    schedules = {part: optim.lr_schedule(cfg.lr_scheduler, peak[part.removesuffix("_lora")] * scale,
+                                         warmup_steps=cfg.lr_warmup_steps, total_steps=max_steps,
+                                         num_cycles=cfg.lr_num_cycles, power=cfg.lr_power) for part in params}
     txs = {part: optim.make_optimizer(cfg.optimizer, schedules[part], b1=cfg.adam_beta1, b2=cfg.adam_beta2,
-                                      eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay) for part in trained}
-    params = {k: v for k, v in pipe.params.items() if k in trained}
-    frozen = {k: v for k, v in pipe.params.items() if k not in trained}
+                                      eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay) for part in params}
     return train_step.TrainState.create(params, frozen, txs, ema=cfg.use_ema), schedules
+
+
+def lora_config(cfg: TrainConfig):
+    from dreambooth_jax import lora
+
+    return lora.LoraConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout) if cfg.use_lora else None
+
+
+def lora_params(cfg: TrainConfig, pipe, networks: list[str]) -> tuple[dict, dict]:
+    """(trained LoRA factors {'<net>_lora'}, frozen params): the adapted bases kept in the compute dtype."""
+    from dreambooth_jax import lora
+
+    defaults = {"unet": lora.UNET_TARGETS, "text_encoder": lora.TEXT_ENCODER_TARGETS}
+    custom = tuple(t.strip() for t in cfg.lora_target_modules.split(",")) if cfg.lora_target_modules else None
+    rngs = dict(zip(networks, jax.random.split(jax.random.PRNGKey(cfg.seed), len(networks))))
+    params, frozen = {}, dict(pipe.params)
+    dtype = jnp.bfloat16 if cfg.compute_dtype == "bf16" else jnp.float32
+    for net in networks:
+        targets = defaults[net] if custom is None else [t for t in custom if lora.target_paths(pipe.params[net], [t])]
+        if not targets:
+            continue  # none of the custom names is in this network
+        params[f"{net}_lora"] = lora.init_lora(pipe.params[net], targets, lora_config(cfg), rngs[net])
+        frozen[net] = jax.tree.map(lambda x: x.astype(dtype), pipe.params[net])
+    if not params:
+        raise ValueError(f"--lora_target_modules {cfg.lora_target_modules}: no such module in the "
+                         f"{' or '.join(networks)}")
+    return params, frozen
 
 
 def run(cfg: TrainConfig) -> Run:
@@ -102,7 +133,7 @@ def run(cfg: TrainConfig) -> Run:
         alphas_cumprod=noise_schedule.alphas_cumprod(schedule_cfg), prediction_type=schedule_cfg.prediction_type,
         prior_loss_weight=cfg.prior_loss_weight, use_attention_mask=cfg.text_encoder_use_attention_mask,
         snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0,
-        max_grad_norm=cfg.max_grad_norm, ema_decay=cfg.ema_decay,
+        max_grad_norm=cfg.max_grad_norm, ema_decay=cfg.ema_decay, lora=lora_config(cfg),
     )
     loop = TrainLoop(cfg, pipe, mesh, spec, schedules, data, max_steps, global_batch)
     ckpt = checkpointing.Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), every=cfg.checkpointing_steps,
@@ -111,7 +142,7 @@ def run(cfg: TrainConfig) -> Run:
             "optimizer": cfg.optimizer, "use_ema": cfg.use_ema}
     resume = checkpointing.resolve_resume(cfg.resume_from_checkpoint, ckpt.root)
     if resume is not None and cfg.stop_text_encoder_training is not None and resume[1] >= cfg.stop_text_encoder_training:
-        state = state.freeze("text_encoder")  # the checkpoint was saved after the text encoder stopped
+        state = state.freeze(cfg.text_encoder_part)  # the checkpoint was saved after the text encoder stopped
     state = parallel.put_replicated(state, mesh)
     if resume is not None:
         root, step = resume

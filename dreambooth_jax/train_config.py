@@ -83,6 +83,15 @@ class TrainConfig:
     mixed_precision: str = _opt("no", "compute dtype: 'no' (fp32) or 'bf16'; master weights stay fp32",
                                 ("no", "bf16", "fp16"))
     attention: str = _opt("dot_product", "attention implementation", ("einsum", "dot_product", "cudnn"))
+    # LoRA
+    use_lora: bool = _opt(False, "train low-rank adapters instead of the full UNet (and text encoder)")
+    rank: int = _opt(4, "LoRA rank")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (scale alpha/rank; default: rank)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA branch's input")
+    lora_target_modules: str | None = _opt(
+        None, "comma-separated module names to adapt (default: to_q,to_k,to_v,to_out.0 in the UNet and, with "
+              "--train_text_encoder, q_proj,k_proj,v_proj,out_proj in the text encoder)")
+    merge_lora: bool = _opt(False, "also export a full diffusers pipeline with the adapters merged in")
     # Checkpoints, validation, logging
     checkpointing_steps: int = _opt(500, "save an Orbax checkpoint every N steps")
     export_at_checkpoints: bool = _opt(False, "also export the pipeline to --output_dir at each checkpoint")
@@ -93,6 +102,11 @@ class TrainConfig:
     validation_steps: int = _opt(100, "validate every N steps")
     validation_inference_steps: int = _opt(25, "denoising steps of validation and class images")
     report_to: str = _opt("none", "'tensorboard' also writes TensorBoard events", ("none", "tensorboard"))
+
+    @property
+    def text_encoder_part(self) -> str:
+        """The trained part that --stop_text_encoder_training freezes."""
+        return "text_encoder_lora" if self.use_lora else "text_encoder"
 
     @property
     def compute_dtype(self) -> str:
@@ -216,6 +230,12 @@ def validate(cfg: TrainConfig) -> list[str]:
         errors.append("--stop_text_encoder_training needs --train_text_encoder")
     if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
         errors.append("--snr_gamma must be > 0")
+    if cfg.use_lora and cfg.rank < 1:
+        errors.append("--rank must be >= 1")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        errors.append("--lora_dropout must be in [0, 1)")
+    if cfg.merge_lora and not cfg.use_lora:
+        errors.append("--merge_lora needs --use_lora")
     if not 0.0 < cfg.ema_decay < 1.0:
         errors.append("--ema_decay must be in (0, 1)")
     if cfg.mixed_precision == "fp16":

@@ -34,7 +34,7 @@ class TrainLoop:
     """Owns the compiled step and everything the loop writes (process 0 only)."""
 
     def __init__(self, cfg, pipe, mesh, spec, schedules: dict, data, max_steps: int, global_batch: int):
-        self.cfg, self.pipe, self.mesh, self.data = cfg, pipe, mesh, data
+        self.cfg, self.pipe, self.mesh, self.data, self.spec = cfg, pipe, mesh, data, spec
         self.max_steps, self.global_batch = max_steps, global_batch
         self.is_main = jax.process_index() == 0
         self.max_length = cfg.tokenizer_max_length or pipe.tokenizer.model_max_length
@@ -133,8 +133,8 @@ class TrainLoop:
         t_loop = None
         try:
             for step in range(start, self.max_steps):
-                if step == self.cfg.stop_text_encoder_training and "text_encoder" in state.params:
-                    state, self.compiled = state.freeze("text_encoder"), None  # a new step without it
+                if step == self.cfg.stop_text_encoder_training and self.cfg.text_encoder_part in state.params:
+                    state, self.compiled = state.freeze(self.cfg.text_encoder_part), None  # a step without it
                     log.info("text encoder frozen from step %d on", step)
                 batch = self.device_batch(step)
                 if self.compiled is None:
@@ -182,13 +182,41 @@ class TrainLoop:
             ckpt.save(state, meta, force=True)  # the final (or last reached) step is always kept
         return state, history
 
-    def export(self, state) -> None:
-        """The current weights as a diffusers pipeline at the root of --output_dir (process 0)."""
-        if self.is_main:
-            from dreambooth_jax.pipeline import export_pipeline
+    def pipeline_params(self, state) -> dict:
+        """Every network's weights as the pipeline needs them: EMA where kept, LoRA factors merged in."""
+        from dreambooth_jax import lora
 
-            export_pipeline(self.pipe, self.cfg.output_dir, params=jax.device_get(state.export_params()))
-            log.info("exported the pipeline of step %d to %s", int(state.step), self.cfg.output_dir)
+        params = dict(state.export_params())
+        for net in ("unet", "text_encoder"):
+            factors = params.pop(f"{net}_lora", None)
+            if factors is not None:
+                params[net] = lora.merge(params[net], factors, self.spec.lora)
+        return params
+
+    def export(self, state) -> None:
+        """Process 0 writes the result to --output_dir: the diffusers pipeline, or with LoRA the adapter files
+        (diffusers/PEFT and kohya formats) and, with --merge_lora, the pipeline with them merged in."""
+        if not self.is_main:
+            return
+        from dreambooth_jax import lora
+        from dreambooth_jax.pipeline import export_pipeline, load_pipeline
+
+        out, step = self.cfg.output_dir, int(state.step)
+        if not self.cfg.use_lora:
+            export_pipeline(self.pipe, out, params=jax.device_get(self.pipeline_params(state)))
+            log.info("exported the pipeline of step %d to %s", step, out)
+            return
+        exported = state.export_params()
+        loras = {k.removesuffix("_lora"): jax.device_get(v) for k, v in exported.items() if k.endswith("_lora")}
+        lora.save_diffusers(out, loras, self.spec.lora)
+        lora.save_kohya(os.path.join(out, lora.KOHYA_WEIGHT_NAME), loras, self.spec.lora)
+        log.info("exported the LoRA of step %d to %s (diffusers and kohya formats)", step, out)
+        if self.cfg.merge_lora:  # merged into the fp32 base weights, not the compute-dtype copy trained against
+            base = load_pipeline(self.cfg.pretrained_model_name_or_path, revision=self.cfg.revision,
+                                 variant=self.cfg.variant).params
+            merged = {**base, **{net: lora.merge(base[net], f, self.spec.lora) for net, f in loras.items()}}
+            export_pipeline(self.pipe, out, params=jax.device_get(merged))
+            log.info("exported the pipeline with the LoRA merged in to %s", out)
 
     def _log(self, pending) -> list[dict]:
         rows = []
@@ -217,7 +245,7 @@ class TrainLoop:
     def validate(self, state, step: int) -> str | None:
         """Validation images of the current weights: a PNG grid (and TensorBoard image)."""
         # The state's own arrays (the pipeline's were donated with the first state); EMA ones where kept.
-        pipe = dataclasses.replace(self.pipe, params=state.export_params())
+        pipe = dataclasses.replace(self.pipe, params=self.pipeline_params(state))
         images = generate(pipe, [self.cfg.validation_prompt] * self.cfg.num_validation_images,
                           num_inference_steps=self.cfg.validation_inference_steps, seed=self.cfg.seed)
         if not self.is_main:

@@ -77,16 +77,28 @@ class StepSpec:
     noise_offset: float = 0.0  # offset noise strength (0: off)
     max_grad_norm: float = 1.0  # clip the global norm of all trained parts' gradients (0: off)
     ema_decay: float = 0.9999
+    lora: Any = None  # lora.LoraConfig when training LoRA factors (params '<part>_lora')
 
 
-def _text_context(spec: StepSpec, params, frozen, batch):
+def apply_part(spec: StepSpec, part: str, params, frozen, *args, dropout_rng=None):
+    """Runs `part` ('unet' or 'text_encoder') with its trained params, its frozen ones, or (LoRA) its frozen
+    base plus the trained `<part>_lora` factors."""
+    module = getattr(spec, part)
+    factors = params.get(f"{part}_lora", frozen.get(f"{part}_lora"))  # frozen ones: stopped text-encoder LoRA
+    if factors is not None:
+        from dreambooth_jax import lora
+
+        return lora.apply(module, frozen[part], factors, spec.lora, *args, dropout_rng=dropout_rng)
+    out = module.apply({"params": params[part] if part in params else frozen[part]}, *args)
+    return out if part in params else jax.tree.map(jax.lax.stop_gradient, out)
+
+
+def _text_context(spec: StepSpec, params, frozen, batch, dropout_rng=None):
     if "context" in batch:  # precomputed text embeddings
         return batch["context"]
-    trained = "text_encoder" in params
-    te_params = params["text_encoder"] if trained else frozen["text_encoder"]
     mask = batch.get("attention_mask") if spec.use_attention_mask else None
-    out = spec.text_encoder.apply({"params": te_params}, batch["input_ids"], mask).last_hidden_state
-    return out if trained else jax.lax.stop_gradient(out)
+    return apply_part(spec, "text_encoder", params, frozen, batch["input_ids"], mask,
+                      dropout_rng=dropout_rng).last_hidden_state
 
 
 def _normal(keys, shape):
@@ -113,13 +125,16 @@ def loss_weights(spec: StepSpec, timesteps):
     return clipped / (snr + 1.0) if spec.prediction_type == "v_prediction" else clipped / snr
 
 
-def per_example_loss(spec: StepSpec, params, frozen, batch, latents, noise, timesteps):
-    """Per-example weighted MSE [B] (float32) of the UNet's prediction, for given z_0, noise and timesteps."""
+def per_example_loss(spec: StepSpec, params, frozen, batch, latents, noise, timesteps, dropout_rng=None):
+    """Per-example weighted MSE [B] (float32) of the UNet's prediction, for given z_0, noise and timesteps.
+
+    `dropout_rng` drives LoRA dropout only (the networks themselves have none)."""
     ac = jnp.asarray(spec.alphas_cumprod, jnp.float32)
     noisy = noise_schedule.add_noise(ac, latents, noise, timesteps)
-    context = _text_context(spec, params, frozen, batch)
-    unet_params = params["unet"] if "unet" in params else frozen["unet"]
-    pred = spec.unet.apply({"params": unet_params}, noisy.astype(spec.unet.dtype), timesteps, context)
+    te_rng, unet_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    context = _text_context(spec, params, frozen, batch, te_rng)
+    pred = apply_part(spec, "unet", params, frozen, noisy.astype(spec.unet.dtype), timesteps, context,
+                      dropout_rng=unet_rng)
     if spec.prediction_type == "epsilon":
         target = noise
     elif spec.prediction_type == "v_prediction":
@@ -156,7 +171,9 @@ def micro_batch_loss(params, frozen, batch, rng, *, spec: StepSpec):
     latents = clean_latents(spec, frozen, batch, keys[:, 0])
     noise = draw_noise(spec, keys[:, 1:3], latents.shape[1:])
     timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, len(spec.alphas_cumprod)))(keys[:, 3])
-    mse = per_example_loss(spec, params, frozen, batch, latents, noise, timesteps)
+    # LoRA dropout masks span the micro-batch: drawn from its first example's id (distinct per micro-batch).
+    dropout_rng = jax.random.fold_in(keys[0, 0], 1) if spec.lora is not None and spec.lora.dropout > 0 else None
+    mse = per_example_loss(spec, params, frozen, batch, latents, noise, timesteps, dropout_rng)
     loss, instance_loss, prior_loss = combine_losses(mse, batch["is_prior"], spec.prior_loss_weight)
     return loss, {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
 
@@ -208,5 +225,5 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec
         params[part] = optax.apply_updates(state.params[part], updates)
     ema = None if state.ema is None else update_ema(state.ema, params, state.step, spec.ema_decay)
     for part, schedule in (schedules or {}).items():
-        metrics["lr" if part == "unet" else f"lr_{part}"] = schedule(state.step)
+        metrics["lr" if part.startswith("unet") else f"lr_{part}"] = schedule(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics

@@ -2,14 +2,13 @@
 beside diffusers' PyTorch training loop on the same workload when torch with CUDA is present.
 
     python tools/bench_train.py                                    # SD-1.5-shaped random weights, 512 px
-    python tools/bench_train.py --configs cached throughput --all_optimizers
+    python tools/bench_train.py --configs cached throughput cached+remat --all_optimizers
     python tools/bench_train.py --tiny --steps 3 --warmup 1        # a quick CPU smoke run
 
-A configuration is `base` or features joined by '+': `text_encoder` (trained too), `remat` (gradient
-checkpointing), `cached` (cached VAE latents), `throughput` (`--throughput_batch` samples per device instead of
-`--batch` instance rows + as many class rows). Weights fp32, compute bf16. Each configuration starts from a
-fresh state; with `--isolate` (default with a GPU/TPU) each runs in its own process, as the allocator's peak
-is a process-lifetime one. Prints one JSON line per row, then a table with the targets.
+A configuration is `base` or '+'-joined features: `text_encoder` (trained too), `remat`, `cached` (VAE
+latents), `throughput` (`--throughput_batch` samples per device instead of `--batch` instance + as many class
+rows). Weights fp32, compute bf16, a fresh state per row; with `--isolate` (default with a GPU/TPU) a process
+per row too, as the allocator's peak is per process. Prints a JSON line per row, then a table with targets.
 """
 
 from __future__ import annotations
@@ -40,22 +39,16 @@ TARGETS = ("targets (SD-1.5, 512 px, one H100): cached 1+1 >= 25 steps/s and >= 
            "throughput >= 40% MFU; peak <= 21 GB without remat")
 
 
-def sd15_configs():
-    """SD 1.5's architecture (text encoder, UNet, VAE) from our presets."""
-    from dreambooth_jax.models import clip, unet, vae
-
-    return clip.PRESETS["sd1"], unet.UNetConfig(cross_attention_dim=768), vae.SD_VAE
-
-
 def model_configs(tiny_model: bool):
-    """(text encoder, UNet, VAE configs, tokenizer): the tiny model's or SD 1.5's."""
+    """(text encoder, UNet, VAE configs, tokenizer): the tiny model's, or SD 1.5's from our presets."""
     from dreambooth_jax import tiny
+    from dreambooth_jax.models import clip, unet, vae
 
     tokenizer = tiny.make_tokenizer()
     if tiny_model:
         return (*tiny.tiny_configs(len(tokenizer)), tokenizer)
     tokenizer.model_max_length = 77
-    return (*sd15_configs(), tokenizer)
+    return clip.PRESETS["sd1"], unet.UNetConfig(cross_attention_dim=768), vae.SD_VAE, tokenizer
 
 
 def features(name: str) -> dict[str, bool]:
@@ -68,10 +61,6 @@ def features(name: str) -> dict[str, bool]:
 def instance_rows(feats: dict, args) -> int:
     """Instance rows per device; as many class (prior-preservation) rows join them."""
     return max(1, args.throughput_batch // 2) if feats["throughput"] else args.batch
-
-
-def peak_tflops(device_kind: str, override: float | None) -> float | None:
-    return override or next((tf for key, tf in PEAK_TFLOPS if key in device_kind.lower()), None)
 
 
 def synthetic_batch(text, vae, cached: bool, rows: int, resolution: int, seed: int = 0) -> dict:
@@ -109,7 +98,8 @@ def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: 
              peak_bytes, opt_bytes: int, loss: float, compile_s: float = 0.0, xla=None, xla_bytes=None) -> dict:
     """One result row. MFU from XLA's count (of the per-device program) and from the analytic UNet-only count,
     (3 + remat) x forward per sample, scaled with the pixel count (attention grows a bit faster)."""
-    feats, samples, peak = features(name), 2 * rows * chips, peak_tflops(device, args.peak_tflops)
+    feats, samples = features(name), 2 * rows * chips
+    peak = args.peak_tflops or next((tf for key, tf in PEAK_TFLOPS if key in device.lower()), None)
     analytic = None if args.tiny else SD15_UNET_FWD_TFLOP * (args.resolution / 512) ** 2 * (3 + feats["remat"]) * samples
     gib = lambda b: None if b is None else b / 2**30  # noqa: E731
     mfu = lambda tflop, n: None if tflop is None or peak is None else tflop / step_s / (peak * n)  # noqa: E731
@@ -130,7 +120,7 @@ def build_pipeline(args):
     from dreambooth_jax import tiny
 
     pipe = tiny.random_pipeline(*model_configs(args.tiny), tiny.SD1_SCHEDULER, dtype="bf16", param_dtype="fp32")
-    pipe.params = jax.tree.map(np.array, jax.device_get(pipe.params))
+    pipe.params = jax.tree.map(np.array, pipe.params)  # copies: the device buffers go
     pipe.unet, pipe.vae, pipe.text_encoder = (m.clone(attention_impl=args.attention)
                                               for m in (pipe.unet, pipe.vae, pipe.text_encoder))
     return pipe
@@ -339,11 +329,12 @@ def print_table(rows: list[dict], args) -> None:
     def fmt(value, spec, scale=1.0):
         return "n/a" if value is None else format(value * scale, spec)
 
-    print(f"\n{'config':<20} {'impl':<15} {'opt':<9} {'batch':>6} {'compile s':>9} {'step ms':>8} {'steps/s':>8} "
+    w = max(len(r["config"]) for r in rows)
+    print(f"\n{'config':<{w}} {'impl':<15} {'opt':<9} {'batch':>6} {'compile s':>9} {'step ms':>8} {'steps/s':>8} "
           f"{'samples/s':>9} {'peak GiB':>8} {'xla GiB':>7} {'opt GiB':>7} {'TFLOP':>8} {'MFU xla':>7} {'MFU an.':>7}"
           "  targets")
     for r in sorted(rows, key=lambda r: (r["config"], r["impl"], r["optimizer"])):
-        head = f"{r['config']:<20} {r['impl']:<15} {r['optimizer']:<9}"
+        head = f"{r['config']:<{w}} {r['impl']:<15} {r['optimizer']:<9}"
         if "error" in r:
             print(f"{head} error: {r['error'][:200]}")
             continue
@@ -375,7 +366,8 @@ def parse_args(argv):
     p.add_argument("--throughput_batch", type=int, default=32, help="samples per device of `throughput`")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--configs", nargs="+", default=["base", "text_encoder", "remat", "cached", "throughput"])
+    p.add_argument("--configs", nargs="+", default=["base", "text_encoder", "remat", "cached", "throughput+cached+remat"],
+                   help="rows to run (throughput without remat may not fit in 80 GB)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--all_optimizers", action="store_true", help="every configuration with every optimizer")
     p.add_argument("--attention", default="dot_product", choices=("einsum", "dot_product", "cudnn"))

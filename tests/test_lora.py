@@ -1,0 +1,296 @@
+"""LoRA: the intercepted modules equal the merged weights, diffusers loads our files to the same outputs, both
+file layouts round-trip exactly, and mismatched LoRAs fail with the layer's name."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from safetensors.numpy import load_file as reference_load_file
+
+from dreambooth_jax import lora
+from dreambooth_jax.pipeline import load_pipeline
+from dreambooth_jax.sampling import generate
+
+CONFIG = lora.LoraConfig(rank=4, alpha=8.0)  # alpha != rank: the scale (2) must survive every format
+# fp32 on CPU; outputs are O(1). Measured: UNet ~1e-6 and text encoder ~1e-6 max abs error vs diffusers.
+REL_TOL = 1e-5
+IMAGE_TOL = 1e-4  # images in [0, 1] after 3 DDIM steps and the VAE decode
+PROMPT = "a photo of sks dog"
+IDS = np.array([[0, 5, 9, 3, 2] + [1] * 11])  # BOS, words, EOS, padding (the tiny tokenizer's ids)
+
+
+@functools.cache
+def _pipe(path):
+    return load_pipeline(path)
+
+
+def _random_lora(params, targets, seed):
+    """A LoRA with nonzero B (as after some training)."""
+    tree = lora.init_lora(params, targets, CONFIG, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    return {k: {"A": v["A"], "B": jnp.asarray(0.1 * rng.standard_normal(v["B"].shape), jnp.float32)}
+            for k, v in tree.items()}
+
+
+def _unet_inputs(pipe):
+    rng = np.random.default_rng(0)
+    cross = pipe.unet.config.per_block("cross_attention_dim")[0]
+    return (rng.standard_normal((1, 8, 8, 4)).astype(np.float32), jnp.asarray(500),
+            rng.standard_normal((1, 16, cross)).astype(np.float32))
+
+
+@functools.cache
+def _lora_unet(path, remat: bool = False):
+    """Jitted LoRA UNet (params, lora tree, scale, *inputs) -> output, compiled once per pipeline and remat."""
+    unet = _pipe(path).unet.clone(remat=remat)
+    return jax.jit(lambda p, tree, scale, *args: lora.apply(unet, p, tree, CONFIG, *args, scale=scale))
+
+
+@functools.cache
+def _plain(path, component: str):
+    """Jitted `module.apply` (params, *inputs) -> output (a text encoder's last hidden state)."""
+    module = getattr(_pipe(path), component)
+
+    def fn(params, *args):
+        out = module.apply({"params": params}, *args)
+        return getattr(out, "last_hidden_state", out)
+
+    return jax.jit(fn)
+
+
+def _close(ours, ref, tol=REL_TOL):
+    err = np.abs(np.asarray(ours) - np.asarray(ref)).max()
+    assert err <= tol * np.abs(ref).max(), f"max abs error {err:.3g} vs output scale {np.abs(ref).max():.3g}"
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_pipelines):
+    return tiny_pipelines["sd1"], _pipe(tiny_pipelines["sd1"])
+
+
+@pytest.fixture(scope="module")
+def loras(sd1):
+    _, pipe = sd1
+    return {"unet": _random_lora(pipe.params["unet"], lora.UNET_TARGETS, 0),
+            "text_encoder": _random_lora(pipe.params["text_encoder"], lora.TEXT_ENCODER_TARGETS, 1)}
+
+
+@pytest.fixture(scope="module")
+def files(loras, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    return {"diffusers": lora.save_diffusers(str(out / "diffusers"), loras, CONFIG),
+            "kohya": lora.save_kohya(str(out / "kohya.safetensors"), loras, CONFIG)}
+
+
+def test_targets_and_init(sd1):
+    _, pipe = sd1
+    paths = lora.target_paths(pipe.params["unet"], lora.UNET_TARGETS)
+    assert {p[-1] for p in paths} == {"to_q", "to_k", "to_v", "to_out_0"}
+    assert len(paths) % 4 == 0 and all(p[-2] in ("attn1", "attn2") for p in paths)
+    assert len(lora.target_paths(pipe.params["text_encoder"], lora.TEXT_ENCODER_TARGETS)) == 4 * 3  # 3 layers
+    tree = lora.init_lora(pipe.params["unet"], ["to_out.0"], CONFIG, jax.random.key(0))
+    kernels = traverse_util.flatten_dict(pipe.params["unet"])
+    assert tree and all(key.endswith("/to_out_0") for key in tree)
+    for key, ab in tree.items():
+        d_in, d_out = kernels[(*key.split("/"), "kernel")].shape
+        assert ab["A"].shape == (d_in, 4) and ab["B"].shape == (4, d_out) and not ab["B"].any()
+        assert ab["A"].dtype == ab["B"].dtype == jnp.float32 and np.abs(ab["A"]).max() <= 1 / np.sqrt(d_in)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_zero_b_is_exactly_the_base_model(sd1, remat):
+    path, pipe = sd1
+    params, args = pipe.params["unet"], _unet_inputs(pipe)
+    tree = lora.init_lora(params, lora.UNET_TARGETS, CONFIG, jax.random.key(0))
+    ours = _lora_unet(path, remat)(params, tree, 1.0, *args)
+    assert np.array_equal(ours, _plain(path, "unet")(params, *args))
+
+
+def test_unmerged_equals_merged(sd1, loras):
+    path, pipe = sd1
+    params, args = pipe.params["unet"], _unet_inputs(pipe)
+    unmerged = _lora_unet(path)(params, loras["unet"], 1.0, *args)
+    _close(unmerged, _plain(path, "unet")(lora.merge(params, loras["unet"], CONFIG), *args))
+    # `scale` multiplies the update (merge's too); 0 is exactly the base model.
+    _close(_lora_unet(path)(params, loras["unet"], 0.5, *args),
+           _plain(path, "unet")(lora.merge(params, loras["unet"], CONFIG, scale=0.5), *args))
+    assert np.array_equal(_lora_unet(path)(params, loras["unet"], 0.0, *args), _plain(path, "unet")(params, *args))
+    te, te_params = pipe.text_encoder, pipe.params["text_encoder"]
+    unmerged = jax.jit(lambda p, t: lora.apply(te, p, t, CONFIG, IDS).last_hidden_state)(te_params,
+                                                                                       loras["text_encoder"])
+    _close(unmerged, _plain(path, "text_encoder")(lora.merge(te_params, loras["text_encoder"], CONFIG), IDS))
+
+
+def test_gradients_reach_only_the_lora_tree_through_remat_and_dropout(sd1, loras):
+    _, pipe = sd1
+    unet, params, args = pipe.unet.clone(remat=True), pipe.params["unet"], _unet_inputs(pipe)
+    config = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1)
+
+    def loss(tree, rng):
+        return jnp.mean(lora.apply(unet, params, tree, config, *args, dropout_rng=rng) ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    value, grads = step(loras["unet"], jax.random.key(1))
+    assert jax.tree.structure(grads) == jax.tree.structure(loras["unet"])
+    for key, g in grads.items():
+        for name in ("A", "B"):
+            assert np.isfinite(g[name]).all() and np.abs(g[name]).max() > 0, f"{key}/{name}"
+    # Dropout draws from the rng: the same rng gives the same loss, another rng another one.
+    assert step(loras["unet"], jax.random.key(1))[0] == value != step(loras["unet"], jax.random.key(2))[0]
+
+
+def _diffusers_with_lora(path, file):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(file)
+    return pipe
+
+
+def _diffusers_outputs(pipe, args):
+    import torch
+
+    x, t, ctx = args
+    with torch.no_grad():
+        unet = pipe.unet(torch.tensor(x.transpose(0, 3, 1, 2)), int(t), torch.tensor(ctx)).sample
+        text = pipe.text_encoder(torch.tensor(IDS)).last_hidden_state
+    return unet.numpy().transpose(0, 2, 3, 1), text.numpy()
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_diffusers_load_lora_weights_gives_our_outputs(sd1, loras, files, layout):
+    path, pipe = sd1
+    args = _unet_inputs(pipe)
+    ref_unet, ref_text = _diffusers_outputs(_diffusers_with_lora(path, files[layout]), args)
+    unet, text = _plain(path, "unet"), _plain(path, "text_encoder")
+    base = np.asarray(unet(pipe.params["unet"], *args))
+    assert np.abs(base - ref_unet).max() > 100 * REL_TOL * np.abs(ref_unet).max()  # the LoRA does something
+    _close(unet(lora.merge(pipe.params["unet"], loras["unet"], CONFIG), *args), ref_unet)
+    _close(text(lora.merge(pipe.params["text_encoder"], loras["text_encoder"], CONFIG), IDS), ref_text)
+    loaded = load_pipeline(path, lora=files[layout])
+    _close(unet(loaded.params["unet"], *args), ref_unet)
+    _close(text(loaded.params["text_encoder"], IDS), ref_text)
+
+
+def test_sdxl_second_text_encoder_and_unet_match_diffusers(tiny_pipelines, tmp_path):
+    import diffusers
+    import torch
+
+    path = tiny_pipelines["sdxl"]
+    pipe = _pipe(path)
+    targets = {"unet": lora.UNET_TARGETS, "text_encoder_2": lora.TEXT_ENCODER_TARGETS}
+    loras = {c: _random_lora(pipe.params[c], t, i) for i, (c, t) in enumerate(targets.items())}
+    file = lora.save_diffusers(str(tmp_path), loras, CONFIG)
+    ref_pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(path)
+    ref_pipe.load_lora_weights(file)
+    ours = load_pipeline(path, lora=file)
+    rng = np.random.default_rng(0)
+    x, ctx = rng.standard_normal((1, 8, 8, 4)).astype(np.float32), rng.standard_normal((1, 16, 64)).astype(np.float32)
+    added = {"text_embeds": rng.standard_normal((1, 32)).astype(np.float32),
+             "time_ids": np.array([[64.0, 64, 0, 0, 64, 64]], np.float32)}
+    with torch.no_grad():
+        ref_text = ref_pipe.text_encoder_2(torch.tensor(IDS)).last_hidden_state.numpy()
+        ref_unet = ref_pipe.unet(torch.tensor(x.transpose(0, 3, 1, 2)), 500, torch.tensor(ctx), added_cond_kwargs={
+            k: torch.tensor(v) for k, v in added.items()}).sample.numpy().transpose(0, 2, 3, 1)
+    _close(_plain(path, "text_encoder_2")(ours.params["text_encoder_2"], IDS), ref_text)
+    _close(jax.jit(lambda p: ours.unet.apply({"params": p}, x, 500, ctx, **added))(ours.params["unet"]), ref_unet)
+
+
+def test_images_match_diffusers_with_lora(sd1, files):
+    import diffusers
+    import torch
+
+    path, _ = sd1
+    latents = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    ref_pipe = _diffusers_with_lora(path, files["diffusers"])
+    ref_pipe.scheduler = diffusers.DDIMScheduler.from_config(ref_pipe.scheduler.config)
+    ref = ref_pipe(PROMPT, num_inference_steps=3, latents=torch.tensor(latents.transpose(0, 3, 1, 2)), height=64,
+                   width=64, output_type="np").images
+    ours = generate(load_pipeline(path, lora=files["diffusers"]), [PROMPT], num_inference_steps=3,
+                    scheduler="ddim", latents=latents, height=64, width=64)
+    assert ours.shape == ref.shape == (1, 64, 64, 3)
+    assert np.abs(ours - ref).max() <= IMAGE_TOL
+
+
+def test_file_keys(sd1, loras, files):
+    _, pipe = sd1
+    kohya = reference_load_file(files["kohya"])
+    expected = {}
+    for component, prefix, text in (("unet", "lora_unet_", ""), ("text_encoder", "lora_te_", "text_model_")):
+        for key in loras[component]:
+            path = tuple(key.split("/"))
+            kernel = traverse_util.flatten_dict(pipe.params[component])[(*path, "kernel")]
+            name = prefix + text + key.replace("/", "_")
+            expected[f"{name}.lora_down.weight"] = (4, kernel.shape[0])
+            expected[f"{name}.lora_up.weight"] = (kernel.shape[1], 4)
+            expected[f"{name}.alpha"] = ()
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha" in expected
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in expected
+    assert {k: v.shape for k, v in kohya.items()} == expected
+    assert len(kohya) == 3 * (len(loras["unet"]) + len(loras["text_encoder"]))
+    assert all(v.dtype == np.float32 for v in kohya.values()) and float(next(
+        v for k, v in kohya.items() if k.endswith(".alpha"))) == 8.0
+    diffusers_keys = reference_load_file(files["diffusers"])
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_A.weight" in diffusers_keys
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight" in diffusers_keys
+    assert len(diffusers_keys) == 2 * (len(loras["unet"]) + len(loras["text_encoder"]))
+
+
+@pytest.mark.parametrize("alpha", [8.0, None, 3.0])
+def test_round_trips_are_exact(loras, tmp_path, alpha):
+    config = lora.LoraConfig(rank=4, alpha=alpha, dropout=0.1)
+    for path in (lora.save_diffusers(str(tmp_path), loras, config),
+                 lora.save_kohya(str(tmp_path), loras, config)):
+        back, back_config = lora.load_file(path)
+        assert back_config == config
+        assert jax.tree.structure(back) == jax.tree.structure(loras)
+        for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(loras)):
+            assert a.dtype == np.float32
+            if path.endswith(lora.WEIGHT_NAME) and config.scale == 0.75:
+                # B * 0.75 was rounded to float32 in the diffusers file: dividing back can miss by an ulp.
+                np.testing.assert_array_max_ulp(a, np.asarray(b), maxulp=1)
+            else:
+                assert np.array_equal(a, b)
+    assert lora.load_file(str(tmp_path))[1] == config  # a folder: its pytorch_lora_weights.safetensors
+
+
+def test_kohya_names_of_every_dense_layer_of_sdxl_round_trip(tiny_pipelines, tmp_path):
+    """Every Dense of the SDXL UNet and both text encoders (te1/te2 prefixes) survives kohya's '_' names."""
+    pipe = _pipe(tiny_pipelines["sdxl"])
+    loras = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        flat = traverse_util.flatten_dict(pipe.params[component])
+        loras[component] = {"/".join(p[:-1]): {"A": np.ones((v.shape[0], 2), np.float32),
+                                               "B": np.zeros((2, v.shape[1]), np.float32)}
+                            for p, v in flat.items() if p[-1] == "kernel" and v.ndim == 2}
+    assert any(k.endswith("ff/net_0/proj") for k in loras["unet"]) and "text_projection" in loras["text_encoder_2"]
+    path = lora.save_kohya(str(tmp_path), loras, lora.LoraConfig(rank=2))
+    assert any(k.startswith("lora_te2_text_model_") for k in reference_load_file(path))
+    back, _ = lora.load_file(path)
+    assert {c: sorted(t) for c, t in back.items()} == {c: sorted(t) for c, t in loras.items()}
+    lora.apply_file(pipe, path)  # every name resolves to a layer of the model
+
+
+def test_errors(sd1, tiny_pipelines, loras, files, tmp_path):
+    _, pipe = sd1
+    with pytest.raises(ValueError, match=r"no Dense layer matches.*\['to_qq'\].*to_out\.0.*to_q"):
+        lora.target_paths(pipe.params["unet"], ["to_qq"])
+    with pytest.raises(ValueError, match="available layer names: .*q_proj"):
+        lora.target_paths(pipe.params["text_encoder"], lora.UNET_TARGETS)
+    # A LoRA made for another architecture: the layer's PyTorch name in the message.
+    key = next(iter(loras["unet"]))
+    bad = {key: {"A": loras["unet"][key]["A"][:-1], "B": loras["unet"][key]["B"]}}
+    with pytest.raises(ValueError, match=rf"{lora._torch_name(key)}.*does not fit"):
+        lora.merge(pipe.params["unet"], bad, CONFIG)
+    with pytest.raises(ValueError, match=r"unet: LoRA layer 'down_blocks\.0\..*another architecture"):
+        load_pipeline(tiny_pipelines["sdxl"], lora=files["diffusers"])
+    with pytest.raises(ValueError, match="not a LoRA file"):
+        lora.load_file(f"{tiny_pipelines['sd1']}/unet/diffusion_pytorch_model.safetensors")
+    with pytest.raises(FileNotFoundError):
+        lora.load_file(str(tmp_path))
