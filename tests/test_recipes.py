@@ -101,7 +101,8 @@ def test_text_encoder_stops_training(tiny_pipelines, instance_dir, tmp_path):
 LEARNING_RATES = {"adamw": 1e-3, "adafactor": 1e-2, "lion": 1e-3, "prodigy": 1e2}
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+# adamw, the default, is covered by test_train.py (overfitting; SIGTERM then bit-identical resume).
+@pytest.mark.parametrize("optimizer", [o for o in OPTIMIZERS if o != "adamw"])
 def test_each_optimizer_trains_and_resumes_exactly(tiny_pipelines, instance_dir, tmp_path, optimizer):
     kw = dict(optimizer=optimizer, learning_rate=LEARNING_RATES[optimizer], checkpointing_steps=4,
               max_train_steps=8, center_crop=True)
