@@ -7,7 +7,7 @@ beside diffusers' PyTorch training loop on the same workload when torch with CUD
 
 A configuration is `base` or '+'-joined features: `text_encoder` (trained too), `remat`, `cached` (VAE
 latents), `throughput` (`--throughput_batch` samples per device instead of `--batch` instance + as many class
-rows). Weights fp32, compute bf16, a fresh state per row; with `--isolate` (default with a GPU/TPU) a process
+rows), `loraR` (LoRA of rank R instead of full fine-tuning, e.g. `lora4`, `lora16+cached`). Weights fp32, compute bf16, a fresh state per row; with `--isolate` (default with a GPU/TPU) a process
 per row too, as the allocator's peak is per process. Prints a JSON line per row, then a table with targets.
 """
 
@@ -51,11 +51,14 @@ def model_configs(tiny_model: bool):
     return clip.PRESETS["sd1"], unet.UNetConfig(cross_attention_dim=768), vae.SD_VAE, tokenizer
 
 
-def features(name: str) -> dict[str, bool]:
+def features(name: str) -> dict:
+    """{'text_encoder': bool, ..., 'lora': rank or 0} of a configuration name ('lora16' = LoRA rank 16)."""
     parts = set() if name == "base" else set(name.split("+"))
-    if parts - set(FEATURES):
-        raise SystemExit(f"error: unknown configuration {name!r}: 'base' or '+'-joined {', '.join(FEATURES)}")
-    return {f: f in parts for f in FEATURES}
+    ranks = [int(p[4:]) for p in parts if p.startswith("lora") and p[4:].isdigit()]
+    if parts - set(FEATURES) - {f"lora{r}" for r in ranks} or len(ranks) > 1:
+        raise SystemExit(f"error: unknown configuration {name!r}: 'base' or '+'-joined "
+                         f"{', '.join(FEATURES)}, loraR (R = rank)")
+    return {**{f: f in parts for f in FEATURES}, "lora": ranks[0] if ranks else 0}
 
 
 def instance_rows(feats: dict, args) -> int:
@@ -130,18 +133,25 @@ def build_pipeline(args):
 def make_state(pipe, feats: dict, optimizer: str, mesh):
     """(state placed on `mesh`, step spec), as `dreambooth_jax.train.make_state` and `run` build them."""
     from dreambooth_jax import noise_schedule, optim, parallel, tiny, train_step
+    from dreambooth_jax.train import lora_config, lora_params
+    from dreambooth_jax.train_config import TrainConfig
 
     trained = ["unet"] + (["text_encoder"] if feats["text_encoder"] else [])
     lr = 1.0 if optimizer == "prodigy" else 1e-6  # prodigy estimates its own step size
     schedule = optim.lr_schedule("constant", lr, warmup_steps=0, total_steps=1)
-    txs = {part: optim.make_optimizer(optimizer, schedule) for part in trained}
-    params = {k: v for k, v in pipe.params.items() if k in trained}
-    frozen = {k: v for k, v in pipe.params.items() if k not in trained}
+    lora_cfg = TrainConfig(use_lora=True, rank=feats["lora"], mixed_precision="bf16") if feats["lora"] else None
+    if lora_cfg:  # the trainer's own LoRA setup: factors trained, bases frozen in bf16
+        params, frozen = lora_params(lora_cfg, pipe, trained)
+    else:
+        params = {k: v for k, v in pipe.params.items() if k in trained}
+        frozen = {k: v for k, v in pipe.params.items() if k not in trained}
+    txs = {part: optim.make_optimizer(optimizer, schedule) for part in params}
     state = parallel.put_replicated(train_step.TrainState.create(params, frozen, txs), mesh)
     sched = noise_schedule.ScheduleConfig.from_diffusers_config(tiny.SD1_SCHEDULER, class_name="DDPMScheduler")
     spec = train_step.StepSpec(unet=pipe.unet.clone(remat=feats["remat"]), vae=pipe.vae,
                                text_encoder=pipe.text_encoder, alphas_cumprod=noise_schedule.alphas_cumprod(sched),
-                               prediction_type=sched.prediction_type)
+                               prediction_type=sched.prediction_type,
+                               lora=lora_config(lora_cfg) if lora_cfg else None)
     return state, spec
 
 
@@ -273,7 +283,8 @@ def plan(args) -> list[tuple[str, str, str]]:
         import torch
 
         if torch.cuda.is_available():
-            jobs = [("torch", c, "adamw") for c in args.configs] + jobs
+            # No PyTorch LoRA reference (that would need peft's training loop): LoRA rows are ours only.
+            jobs = [("torch", c, "adamw") for c in args.configs if not features(c)["lora"]] + jobs
     return jobs
 
 
