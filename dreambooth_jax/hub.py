@@ -69,5 +69,6 @@ def resolve(name_or_path: str, **kwargs) -> str:
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path} is not a pipeline folder")
+        raise FileNotFoundError(f"{name_or_path} is not a pipeline folder (no such folder; Hub ids look like "
+                                "'org/name')")
     return download_pipeline(name_or_path, **kwargs)

@@ -118,4 +118,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dreambooth_jax import cli
+
+    cli.run(main)
