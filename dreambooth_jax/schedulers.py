@@ -20,6 +20,7 @@ or x_0 ("epsilon", "v_prediction", "sample").
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any
@@ -81,7 +82,7 @@ def _x0_eps(prediction_type: str, x, m, sqrt_a, sqrt_b):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashable by identity, usable as a static arg
-class Sampler:
+class Sampler(abc.ABC):
     """A sampler with all per-call constants precomputed. Arrays are NumPy (closed over when jitted)."""
 
     name: str
@@ -105,10 +106,10 @@ class Sampler:
         """The carried state before the first call: a pytree of float32 arrays (empty for most)."""
         return ()
 
+    @abc.abstractmethod
     def step(self, state, i, model_output, sample, rng=None, *, noise=None):
         """One model call's update: returns (x_prev, new_state). `noise` [like sample] replaces the
         N(0, I) draw from `rng` of the stochastic samplers (to match a reference's noise)."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
