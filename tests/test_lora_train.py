@@ -67,3 +67,19 @@ def test_lora_exports_match_diffusers_and_the_merged_pipeline(tiny_pipelines, lo
     theirs = ref(["a photo of sks toy"], num_inference_steps=3, latents=torch.tensor(latents.transpose(0, 3, 1, 2)),
                  height=64, width=64, output_type="np").images
     assert np.abs(theirs - ours).max() <= IMAGE_TOL
+
+
+def test_lora_with_ema_resumes_bit_identically(tiny_pipelines, instance_dir, tmp_path):
+    """Checkpoints carry the LoRA factors, their optimizer state and their EMA: a resumed run ends where a
+    straight one does."""
+    kw = dict(use_lora=True, rank=2, use_ema=True, ema_decay=0.9, max_train_steps=4, checkpointing_steps=2,
+              learning_rate=1e-2)
+    straight = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "straight", **kw))
+    resumed = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "resumed",
+                            resume_from_checkpoint=str(tmp_path / "straight" / "checkpoints" / "2"), **kw))
+    assert [m["step"] for m in resumed.metrics] == [3, 4]
+    for part in ("params", "opt_state", "ema"):
+        a, b = (jax.device_get(getattr(r.state, part)) for r in (straight, resumed))
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y)
