@@ -28,11 +28,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def put_batch(tree, mesh: Mesh):
-    """Places host arrays (this process's share of the batch) on the mesh, split along the batch axis."""
+    """Places host arrays holding the *whole* batch (the same on every process) on the mesh, split along the
+    batch axis; on several hosts each process transfers only the rows of its own devices."""
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
+                        tree)
+
+
+def fetch(x) -> np.ndarray:
+    """A sharded array, whole, on every process's host (gathered across hosts when there are several)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def put_replicated(tree, mesh: Mesh):

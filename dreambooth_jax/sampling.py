@@ -204,5 +204,5 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         pad = lambda a: np.concatenate([a[start:stop], np.repeat(a[stop - 1 : stop], padded - (stop - start), 0)])  # noqa: E731,B023
         args = ([pad(i) for i in ids], [pad(i) for i in neg_ids], pad(latents), pad(seeds))
         images = fn(params, *parallel.put_batch(args, mesh), jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
-        out.append(np.asarray(jax.device_get(images))[: stop - start])
+        out.append(parallel.fetch(images)[: stop - start])
     return np.concatenate(out)
