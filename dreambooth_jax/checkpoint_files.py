@@ -24,10 +24,11 @@ def read_json(path: str) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
-def write_json(path: str, data: dict) -> None:
+def write_json(path: str, data: dict, *, sort_keys: bool = True) -> None:
+    """Writes `data` atomically (a temporary file renamed into place)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=sort_keys)
         f.write("\n")
     os.replace(tmp, path)
 

@@ -73,12 +73,22 @@ def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return int(resolution * width / height), resolution
 
 
-def _load(path: str, resolution: int, *, warn: bool) -> np.ndarray:
+def _open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
-            im = _to_rgb(ImageOps.exif_transpose(im))
+            return _to_rgb(ImageOps.exif_transpose(im))
     except _DECODE_ERRORS as e:
         raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file at its own size as uint8 RGB [H, W, 3] (EXIF orientation, alpha and modes handled as
+    in `load_image`). Raises ImageError naming the file when it is not a readable image."""
+    return np.asarray(_open_rgb(path), dtype=np.uint8)
+
+
+def _load(path: str, resolution: int, *, warn: bool) -> np.ndarray:
+    im = _open_rgb(path)
     if warn:
         _warn_if_small(path, *im.size, resolution)
     size = _resized_size(*im.size, resolution)

@@ -64,11 +64,38 @@ def download_pipeline(
     return snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token, cache_dir=cache_dir)
 
 
-def resolve(name_or_path: str, **kwargs) -> str:
-    """A local folder as is; anything else is taken for a Hub repository id and downloaded."""
+# What the evaluation encoders read of a transformers model repository (ViT, CLIP).
+MODEL_PATTERNS = ("config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json",
+                  "model-*.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                  "special_tokens_map.json")
+
+
+def download_model(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,
+                   cache_dir: str | None = None, patterns=MODEL_PATTERNS) -> str:
+    """Downloads (or finds in the cache) the config, safetensors weights and tokenizer of a transformers
+    model repository; returns the local snapshot folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    kwargs = dict(revision=revision, allow_patterns=list(patterns), token=token, cache_dir=cache_dir)
+    try:
+        return snapshot_download(repo_id, **kwargs)
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
+        raise
+    except Exception as e:
+        try:
+            return snapshot_download(repo_id, local_files_only=True, **kwargs)
+        except Exception:
+            raise FileNotFoundError(f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in the "
+                                    "local cache. Pass a local model folder instead.") from e
+
+
+def resolve(name_or_path: str, *, what: str = "pipeline", **kwargs) -> str:
+    """A local folder as is; anything else is taken for a Hub repository id and downloaded (a diffusers
+    pipeline, or with `what="model"` a transformers model)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path} is not a pipeline folder (no such folder; Hub ids look like "
+        raise FileNotFoundError(f"{name_or_path} is not a {what} folder (no such folder; Hub ids look like "
                                 "'org/name')")
-    return download_pipeline(name_or_path, **kwargs)
+    return download_model(name_or_path, **kwargs) if what == "model" else download_pipeline(name_or_path, **kwargs)

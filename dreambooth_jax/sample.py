@@ -68,6 +68,26 @@ def next_index(output_dir: str) -> int:
     return max(numbers, default=-1) + 1
 
 
+def write_images(output_dir: str, prompts, images, *, seed: int, settings: dict, columns: int | None = None):
+    """Saves generated images as `NNNNN-seedS.png` (numbered after those already there; image k has seed
+    `seed + k`) with their prompt and `settings` in the PNG metadata and a `prompts.jsonl` line each, plus a
+    contact sheet `grid-FIRST-LAST.png`. Returns (first number, last number, grid path)."""
+    from dreambooth_jax import images as image_io
+
+    first = next_index(output_dir)
+    with open(os.path.join(output_dir, "prompts.jsonl"), "a", encoding="utf-8") as log_file:
+        for k, (prompt, image) in enumerate(zip(prompts, images)):
+            meta = {"prompt": prompt, "seed": seed + k, **settings, "height": int(image.shape[0]),
+                    "width": int(image.shape[1])}
+            name = f"{first + k:05d}-seed{seed + k}.png"
+            image_io.save_png(image, os.path.join(output_dir, name), meta)
+            log_file.write(json.dumps({"file": name, **meta}) + "\n")
+    last = first + len(images) - 1
+    grid = os.path.join(output_dir, f"grid-{first:05d}-{last:05d}.png")
+    image_io.save_png(image_io.contact_sheet(images, columns=columns), grid, {"images": f"{first:05d}..{last:05d}"})
+    return first, last, grid
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -78,7 +98,6 @@ def main(argv=None) -> None:
 
     import jax
 
-    from dreambooth_jax import images as image_io
     from dreambooth_jax.pipeline import load_pipeline
     from dreambooth_jax.sampling import generate
 
@@ -98,21 +117,12 @@ def main(argv=None) -> None:
                    use_karras_sigmas=True if args.karras_sigmas else None, batch_size=batch_size, progress=True)
     elapsed = time.perf_counter() - t0
 
-    first = next_index(args.output_dir)
-    with open(os.path.join(args.output_dir, "prompts.jsonl"), "a", encoding="utf-8") as log_file:
-        for k, (prompt, image) in enumerate(zip(all_prompts, out)):
-            meta = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": args.seed + k,
-                    "steps": args.steps, "scheduler": scheduler, "guidance_scale": args.guidance_scale,
-                    "guidance_rescale": args.guidance_rescale, "eta": args.eta, "model": args.model,
-                    "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
-                    "height": int(image.shape[0]), "width": int(image.shape[1]), "dtype": args.dtype}
-            name = f"{first + k:05d}-seed{args.seed + k}.png"
-            image_io.save_png(image, os.path.join(args.output_dir, name), meta)
-            log_file.write(json.dumps({"file": name, **meta}) + "\n")
-    last = first + len(out) - 1
-    grid = os.path.join(args.output_dir, f"grid-{first:05d}-{last:05d}.png")
-    image_io.save_png(image_io.contact_sheet(out, columns=args.num_images if len(prompts) > 1 else None), grid,
-                      {"images": f"{first:05d}..{last:05d}"})
+    settings = {"negative_prompt": args.negative_prompt, "steps": args.steps, "scheduler": scheduler,
+                "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale, "eta": args.eta,
+                "model": args.model, "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
+                "dtype": args.dtype}
+    first, last, grid = write_images(args.output_dir, all_prompts, out, seed=args.seed, settings=settings,
+                                     columns=args.num_images if len(prompts) > 1 else None)
     print(f"wrote {len(out)} image(s) {first:05d}..{last:05d} and {grid} in {elapsed:.1f}s "
           f"(compile included; {len(out) / elapsed:.2f} images/s)", file=sys.stderr)
 

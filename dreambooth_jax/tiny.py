@@ -12,6 +12,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TOKENIZER_MAX_LENGTH = 16
 
@@ -135,3 +136,96 @@ def make_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
     tokenizer = make_tokenizer()
     pipe = random_pipeline(*tiny_configs(len(tokenizer)), tokenizer, SD1_SCHEDULER, seed=seed)
     return save_pipeline(pipe, out_dir)
+
+
+def _write_model(folder: str, config: dict, state: dict, preprocessor: dict | None = None) -> str:
+    from dreambooth_jax import safetensors_io
+    from dreambooth_jax.checkpoint_files import write_json
+
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, "config.json"), config)
+    if preprocessor:
+        write_json(os.path.join(folder, "preprocessor_config.json"), preprocessor)
+    safetensors_io.save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def make_tiny_encoders(out_dir: str, seed: int = 0) -> tuple[str, str]:
+    """Tiny random evaluation encoders in transformers' layout, without torch: a DINO-like `ViTModel`
+    (`out_dir/dino`) and a `CLIPModel` with the tiny tokenizer (`out_dir/clip`), at 32 px. For offline
+    smoke runs and tests of the metrics pipeline; the scores they give mean nothing."""
+    import re
+
+    from dreambooth_jax import convert
+    from dreambooth_jax.models import clip, vision
+
+    dino_rng, vision_rng, text_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+    image = jnp.zeros((1, 32, 32, 3))
+    vit_cfg = vision.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                               image_size=32, patch_size=8, layer_norm_eps=1e-6)
+    vit_params = jax.jit(vision.ViTModel(vit_cfg).init)(dino_rng, image)["params"]
+    vit_state = {re.sub(r"^encoder\.layer_(\d+)\.", r"encoder.layer.\1.", k): v
+                 for k, v in convert.params_to_state_dict(vit_params).items()}
+    dino_dir = _write_model(os.path.join(out_dir, "dino"), vit_cfg.to_diffusers_config(), vit_state, {
+        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+        "resample": vision.BILINEAR, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(vision.IMAGENET_DEFAULT_MEAN), "image_std": list(vision.IMAGENET_DEFAULT_STD)})
+
+    clip_dir = os.path.join(out_dir, "clip")
+    write_tokenizer_files(clip_dir)
+    vocab = len(make_tokenizer())
+    text_cfg = clip.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH, projection_dim=24, bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    vision_cfg = vision.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=32, patch_size=8, projection_dim=24)
+    vision_params = jax.jit(vision.CLIPVisionModelWithProjection(vision_cfg).init)(vision_rng, image)["params"]
+    ids = jnp.zeros((1, TOKENIZER_MAX_LENGTH), jnp.int32)
+    text_params = jax.jit(clip.CLIPTextModelWithProjection(text_cfg).init)(text_rng, ids)["params"]
+    state = {}
+    for params, prefix, projection in ((vision_params, "vision_model.", "visual_projection."),
+                                       (text_params, "text_model.", "text_projection.")):
+        for key, value in convert.params_to_state_dict(params).items():
+            state[key if key.startswith(projection) else prefix + key] = value
+    state["logit_scale"] = np.asarray(np.log(1 / 0.07), np.float32)  # CLIPModel's; unused by the metrics
+    text_d = {k: v for k, v in text_cfg.to_diffusers_config(with_projection=False).items()
+              if k not in ("architectures", "_class_name")}
+    config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 24,
+              "text_config": {**text_d, "model_type": "clip_text_model"},
+              "vision_config": vision_cfg.to_diffusers_config()}
+    _write_model(clip_dir, config, state, {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+        "resample": vision.BICUBIC, "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(vision.OPENAI_CLIP_MEAN), "image_std": list(vision.OPENAI_CLIP_STD)})
+    with open(os.path.join(clip_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": TOKENIZER_MAX_LENGTH,
+                   "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                   "unk_token": "<|endoftext|>"}, f)
+    return dino_dir, clip_dir
+
+
+def make_tiny_dataset(folder: str, subjects: dict[str, str] | None = None, *, images_per_subject: int = 3,
+                      size: int = 48, seed: int = 0) -> str:
+    """A tiny copy of the DreamBooth dataset in its published layout (`<subject>/NN.jpg` and
+    `prompts_and_classes.txt`), for offline tests and smoke runs: subject -> class (default a live 'dog' and
+    an object 'teapot'), a few small JPEGs each, and the first two prompts of each published list."""
+    from PIL import Image
+
+    subjects = subjects or {"dog": "dog", "teapot": "teapot"}
+    rng = np.random.default_rng(seed)
+    for name in subjects:
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        base = rng.integers(0, 256, 3)
+        for i in range(images_per_subject):
+            pixels = np.clip(base + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, name, f"{i:02d}.jpg"), quality=95)
+    fmt = "'{}'.format(unique_token, class_token),"
+    lines = ["Classes", "", "subject_name,class", *(f"{s},{c}" for s, c in subjects.items()), "", "Prompts", "",
+             "Object Prompts", "", "prompt_list = [", fmt.format("a {0} {1} in the jungle"),
+             fmt.format("a red {0} {1}")[:-1], "]", "", "Live Subject Prompts", "", "prompt_list = [",
+             fmt.format("a {0} {1} in the snow"), fmt.format("a {0} {1} wearing a red hat")[:-1], "]", ""]
+    with open(os.path.join(folder, "prompts_and_classes.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return folder

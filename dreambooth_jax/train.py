@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dreambooth_jax import parallel
+from dreambooth_jax.cli import setup_logging
 from dreambooth_jax.train_config import TrainConfig, parse_args
 
 log = logging.getLogger("dreambooth_jax.train")
@@ -93,7 +94,7 @@ def run(cfg: TrainConfig) -> Run:
     from dreambooth_jax.class_images import ensure_class_images
     from dreambooth_jax.data import DreamBoothData
     from dreambooth_jax.pipeline import load_pipeline
-    from dreambooth_jax.train_config import read_concepts
+    from dreambooth_jax.train_config import read_concepts, resolve_dataset
     from dreambooth_jax.train_loop import TrainLoop
 
     maybe_initialize_distributed()
@@ -105,6 +106,7 @@ def run(cfg: TrainConfig) -> Run:
         raise PermissionError(f"--output_dir {cfg.output_dir} is not writable")
     if cfg.cache_latents and not cfg.center_crop:
         log.warning("--cache_latents encodes center crops once: random crops are off (flips still apply)")
+    cfg = resolve_dataset(cfg)
     concepts = read_concepts(cfg)
     data_options = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                         skip_bad_images=cfg.skip_bad_images, seed=cfg.seed)
@@ -157,13 +159,6 @@ def run(cfg: TrainConfig) -> Run:
         loop.export(state)
     loop.finish()
     return Run(state=state, output_dir=cfg.output_dir, steps=int(state.step), metrics=metrics, summary=loop.summary)
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("absl", "jax"):  # Orbax's per-save chatter, JAX's backend probing
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv=None) -> None:

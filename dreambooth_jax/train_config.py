@@ -34,6 +34,11 @@ class TrainConfig:
     variant: str | None = _opt(None, "weight variant to load, e.g. fp16")
     # Data
     instance_data_dir: str | None = _opt(None, "folder with the 3-5 photos of the subject")
+    dataset: str | None = _opt(None, "a subject of the DreamBooth paper's dataset instead of --instance_data_dir, "
+                                     "e.g. 'dreambooth:dog6'; also sets the class and the default prompts")
+    dataset_dir: str | None = _opt(None, "TFDS data_dir where --dataset is built (default: ~/tensorflow_datasets)")
+    dataset_manual_dir: str | None = _opt(None, "local copy of the DreamBooth dataset to build --dataset from "
+                                                "offline (default: download it from GitHub)")
     instance_prompt: str | None = _opt(None, "prompt naming the subject, e.g. 'a photo of sks dog'")
     concepts_list: str | None = _opt(None, "JSON file: a list of {instance_data_dir, instance_prompt, "
                                             "class_data_dir, class_prompt}, several subjects in one run")
@@ -201,16 +206,51 @@ def read_concepts(cfg: TrainConfig):
     return concepts
 
 
+def resolve_dataset(cfg: TrainConfig) -> TrainConfig:
+    """With --dataset dreambooth:<subject>: the subject's images written to `output_dir/instance_images` and
+    the instance/class options it implies filled in where not given. Builds the dataset on first use."""
+    if not cfg.dataset:
+        return cfg
+    from dreambooth_jax import dreambooth_dataset
+
+    name = dreambooth_dataset.parse_spec(cfg.dataset)
+    subject = dreambooth_dataset.load_subject(
+        dreambooth_dataset.load_builder(cfg.dataset_dir, cfg.dataset_manual_dir), name)
+    folder = subject.write_images(os.path.join(cfg.output_dir, "instance_images"))
+    return dataclasses.replace(
+        cfg, instance_data_dir=folder, instance_prompt=cfg.instance_prompt or subject.instance_prompt(),
+        class_prompt=cfg.class_prompt or f"a photo of {subject.class_name}",
+        class_data_dir=cfg.class_data_dir or os.path.join(cfg.output_dir, "class_images"))
+
+
+def _dataset_errors(cfg: TrainConfig) -> list[str]:
+    if not cfg.dataset:
+        return []
+    from dreambooth_jax import dreambooth_dataset
+
+    errors = []
+    try:
+        dreambooth_dataset.parse_spec(cfg.dataset)
+    except ValueError as e:
+        errors.append(str(e))
+    if cfg.instance_data_dir or cfg.concepts_list:
+        errors.append("--dataset replaces --instance_data_dir and --concepts_list; give one of them")
+    if cfg.dataset_manual_dir and not os.path.isdir(cfg.dataset_manual_dir):
+        errors.append(f"--dataset_manual_dir {cfg.dataset_manual_dir}: no such folder")
+    return errors
+
+
 def validate(cfg: TrainConfig) -> list[str]:
     """Every problem with the options, as messages (empty when fine). Cheap: no model is loaded."""
     errors = []
     if not cfg.pretrained_model_name_or_path:
         errors.append("--pretrained_model_name_or_path is required")
     try:
-        concepts = read_concepts(cfg)
+        concepts = [] if cfg.dataset else read_concepts(cfg)  # --dataset: filled in by `resolve_dataset`
     except (OSError, ValueError) as e:
         errors.append(str(e))
         concepts = []
+    errors += _dataset_errors(cfg)
     for i, c in enumerate(concepts):
         where = f"concept {i} of {cfg.concepts_list}: " if cfg.concepts_list else ""
         flag = (lambda name: name) if cfg.concepts_list else (lambda name: f"--{name}")  # noqa: E731

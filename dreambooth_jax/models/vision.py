@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreambooth_jax import convert, safetensors_io
+from dreambooth_jax import checkpoint_files, convert
 from dreambooth_jax.models import clip
 from dreambooth_jax.models.attention import dot_product_attention
 
@@ -305,10 +304,9 @@ def vit_abstract_params(config: ViTConfig):
 
 def load_vit(folder: str, *, dtype=None) -> tuple[ViTModel, dict]:
     """(module, params) of a transformers `ViTModel` folder (`config.json`, `model.safetensors`), no torch."""
-    with open(os.path.join(folder, "config.json")) as f:
-        config = ViTConfig.from_diffusers_config(json.load(f))
-    path = os.path.join(folder, "model.safetensors")
-    params = vit_params_from_state_dict(safetensors_io.load_file(path), config, dtype=dtype, source=path)
+    config = ViTConfig.from_diffusers_config(checkpoint_files.read_json(os.path.join(folder, "config.json")))
+    state, source = checkpoint_files.load_state_dict(checkpoint_files.find_weight_files(folder, "model"))
+    params = vit_params_from_state_dict(state, config, dtype=dtype, source=source)
     return ViTModel(config), params
 
 
@@ -400,14 +398,12 @@ def load_clip_model(folder: str, *, dtype=None):
       (vision module, vision params, text module, text params); the text module is our
       `clip.CLIPTextModelWithProjection`, whose `text_embeds` pair with the vision `image_embeds`.
     """
-    with open(os.path.join(folder, "config.json")) as f:
-        d = json.load(f)
+    d = checkpoint_files.read_json(os.path.join(folder, "config.json"))
     proj = d.get("projection_dim", 512)  # the model's, which overrides the towers' own
     vision_cfg = dataclasses.replace(CLIPVisionConfig.from_diffusers_config(d["vision_config"]), projection_dim=proj)
     text_d = {k: v for k, v in d["text_config"].items() if k != "model_type"}
     text_cfg = dataclasses.replace(clip.CLIPTextConfig.from_diffusers_config(text_d), projection_dim=proj)
-    path = os.path.join(folder, "model.safetensors")
-    state = safetensors_io.load_file(path)
+    state, path = checkpoint_files.load_state_dict(checkpoint_files.find_weight_files(folder, "model"))
     towers = {}
     for tower, prefix, projection in (("vision", "vision_model.", "visual_projection."),
                                       ("text", "text_model.", "text_projection.")):

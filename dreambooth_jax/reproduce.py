@@ -1,0 +1,284 @@
+"""Reproduce Table 1 of the DreamBooth paper for your own run: `python -m dreambooth_jax.reproduce`.
+
+For each subject of the DreamBooth dataset (default: all 30) and each seed: train with the `paper` preset
+(`--dataset dreambooth:<subject>`; class images shared per class, generated once), generate
+--num_images_per_prompt images for each of the subject's 25 prompts, and score them with DINO, CLIP-I and
+CLIP-T. Writes `results.md` / `results.json` (per subject, averaged, beside the paper's Table 1) and a
+contact sheet per subject, updated after every subject.
+
+Rerunning the same command resumes: scored runs are skipped, a finished training is not redone, and an
+interrupted one continues from its last checkpoint. Trainer options go after `--`:
+
+    python -m dreambooth_jax.reproduce --subjects dog6,cat --output_dir paper_run -- --learning_rate 2e-6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from dreambooth_jax.cli import setup_logging
+from dreambooth_jax.evaluation import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, METRIC_NAMES, METRICS, PAPER_TABLE_1
+
+log = logging.getLogger("dreambooth_jax.reproduce")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dreambooth_jax.reproduce", description=__doc__.splitlines()[0],
+                                epilog="Options after `--` go to the trainer (python -m dreambooth_jax.train).")
+    p.add_argument("--output_dir", default="paper_reproduction", help="everything goes here (resumable)")
+    p.add_argument("--subjects", default=None, help="comma-separated subjects (default: all 30)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each (subject, seed) is one run "
+                                                "(training seed, and image k of a prompt has seed SEED + k)")
+    p.add_argument("--config", default="paper", help="trainer preset name or JSON path")
+    p.add_argument("--pretrained_model_name_or_path", default=None, help="base model (default: the preset's)")
+    p.add_argument("--max_train_steps", type=int, default=None, help="training steps (default: the preset's)")
+    p.add_argument("--unique_token", default="sks", help="the subject's token in the prompts")
+    p.add_argument("--num_images_per_prompt", type=int, default=4, help="the paper: 4")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps per image")
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--scheduler", default=None, help="sampler name (default: the pipeline's own)")
+    p.add_argument("--sample_batch_size", type=int, default=None, help="images per compiled call "
+                                                                       "(default: 4 per device)")
+    p.add_argument("--dataset_dir", default=None, help="TFDS data_dir (default: ~/tensorflow_datasets)")
+    p.add_argument("--dataset_manual_dir", default=None, help="local copy of the dataset to build from offline")
+    p.add_argument("--dino_model", default=DEFAULT_DINO_MODEL, help="DINO ViT: Hub id or local folder")
+    p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP model: Hub id or local folder")
+    p.add_argument("--keep_models", action="store_true",
+                   help="keep each trained pipeline (default: deleted once its images are made, to save disk)")
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv[:split])
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if not args.seeds or args.num_images_per_prompt < 1 or args.num_inference_steps < 1:
+        parser.error("--seeds, --num_images_per_prompt and --num_inference_steps need at least one / >= 1")
+    return args, argv[split + 1 :]
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def train_args(args, trainer_args: list[str], subject, seed: int, model_dir: str) -> list[str]:
+    """The trainer command line of one (subject, seed) run."""
+    out = ["--config", args.config, "--dataset", f"dreambooth:{subject.name}", "--output_dir", model_dir,
+           "--class_data_dir", os.path.join(args.output_dir, "class_images", _slug(subject.class_name)),
+           "--instance_prompt", subject.instance_prompt(args.unique_token), "--seed", str(seed)]
+    for flag in ("pretrained_model_name_or_path", "max_train_steps", "dataset_dir", "dataset_manual_dir"):
+        if getattr(args, flag) is not None:
+            out += [f"--{flag}", str(getattr(args, flag))]
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    if os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints)):
+        out += ["--resume_from_checkpoint", "latest"]
+    return out + trainer_args
+
+
+def train_subject(args, trainer_args, subject, seed: int, model_dir: str):
+    """Trains unless an exported pipeline is already there; returns the trainer config."""
+    from dreambooth_jax.train import run
+    from dreambooth_jax.train_config import parse_args as parse_train_args
+
+    cfg = parse_train_args(train_args(args, trainer_args, subject, seed, model_dir))
+    if os.path.isfile(os.path.join(model_dir, "model_index.json")):
+        log.info("%s seed %d: trained pipeline found in %s", subject.name, seed, model_dir)
+        return cfg
+    log.info("%s seed %d: training (python -m dreambooth_jax.train %s)", subject.name, seed,
+             " ".join(train_args(args, trainer_args, subject, seed, model_dir)))
+    result = run(cfg)
+    if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
+        raise SystemExit(f"error: training of {subject.name} stopped at step {result.steps} (preempted?); "
+                         "rerun the same command to resume")
+    return cfg
+
+
+def sample_subject(args, cfg, subject, seed: int, model_dir: str, samples_dir: str) -> tuple[np.ndarray, list]:
+    """Generates the run's images into `samples_dir` (from scratch); returns (uint8 images, prompts)."""
+    import jax
+
+    from dreambooth_jax.images import to_uint8
+    from dreambooth_jax.pipeline import load_pipeline
+    from dreambooth_jax.sample import write_images
+    from dreambooth_jax.sampling import generate
+    from dreambooth_jax.schedulers import scheduler_name_for
+
+    shutil.rmtree(samples_dir, ignore_errors=True)  # a partial set from an interrupted run
+    os.makedirs(samples_dir)
+    pipe = load_pipeline(model_dir, dtype=cfg.compute_dtype, attention_impl=cfg.attention)
+    scheduler = args.scheduler or scheduler_name_for(pipe.scheduler_config)
+    prompts = [p for p in subject.prompts(args.unique_token) for _ in range(args.num_images_per_prompt)]
+    log.info("%s seed %d: generating %d images (%s, %d steps)", subject.name, seed, len(prompts), scheduler,
+             args.num_inference_steps)
+    images = generate(pipe, prompts, num_inference_steps=args.num_inference_steps,
+                      guidance_scale=args.guidance_scale, scheduler=scheduler, seed=seed,
+                      batch_size=args.sample_batch_size or 4 * jax.device_count(), progress=True)
+    settings = {"negative_prompt": "", "steps": args.num_inference_steps, "scheduler": scheduler,
+                "guidance_scale": args.guidance_scale, "model": model_dir, "subject": subject.name,
+                "dtype": cfg.compute_dtype}
+    write_images(samples_dir, prompts, images, seed=seed, settings=settings, columns=args.num_images_per_prompt)
+    return to_uint8(images), prompts
+
+
+def subject_sheet(real: list, generated: np.ndarray, columns: int, thumb: int = 128) -> np.ndarray:
+    """A contact sheet: the real photos on the first row(s), then one row per prompt (thumbnails)."""
+    from PIL import Image
+
+    from dreambooth_jax.images import contact_sheet
+
+    def small(image):
+        return np.asarray(Image.fromarray(np.asarray(image)).convert("RGB").resize((thumb, thumb),
+                                                                                 Image.Resampling.BICUBIC))
+
+    columns = max(columns, 1)
+    real_rows = [small(im) for im in real]
+    real_rows += [np.full((thumb, thumb, 3), 255, np.uint8)] * (-len(real_rows) % columns)
+    return contact_sheet(np.stack(real_rows + [small(im) for im in generated]), columns=columns)
+
+
+# ------------------------------------------------------------------------------------------------ results
+def _stats(values) -> dict:
+    values = np.asarray(values, np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std()), "n": int(values.size)}
+
+
+def summarize(runs: dict) -> dict:
+    """Per subject (all its runs' images pooled) and averaged over subjects (std across subjects)."""
+    subjects = {}
+    for name, by_seed in runs.items():
+        first = next(iter(by_seed.values()))
+        images = [row for metrics in by_seed.values() for row in metrics["images"]]
+        subjects[name] = {"class": first["class_name"], "seeds": sorted(int(s) for s in by_seed),
+                          **{m: _stats([row[m] for row in images]) for m in METRICS},
+                          "real_images": first["real_images"]}
+    average = {m: _stats([s[m]["mean"] for s in subjects.values()]) for m in METRICS} if subjects else {}
+    real = {m: _stats([s["real_images"][m]["mean"] for s in subjects.values() if s["real_images"][m]])
+            for m in ("dino", "clip_i")} if subjects else {}
+    return {"subjects": subjects, "average": average, "real_images": real,
+            "paper_table_1": {k: dict(zip(METRICS, v)) for k, v in PAPER_TABLE_1.items()}}
+
+
+def _cell(stats: dict | None, std: bool = True) -> str:
+    if not stats or not stats.get("n"):
+        return "-"
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if std else f"{stats['mean']:.3f}"
+
+
+def markdown(results: dict, settings: dict) -> str:
+    names = " / ".join(METRIC_NAMES[m] for m in METRICS)
+    lines = ["# DreamBooth paper reproduction", "",
+             f"Model `{settings['model']}`, preset `{settings['config']}`, seeds {settings['seeds']}, "
+             f"{settings['num_images_per_prompt']} images per prompt, {settings['num_inference_steps']} steps, "
+             f"guidance {settings['guidance_scale']}. Mean ± std over each subject's generated images.", "",
+             "| subject | class | DINO | CLIP-I | CLIP-T | images |", "|---|---|---|---|---|---|"]
+    for name, s in results["subjects"].items():
+        lines.append(f"| {name} | {s['class']} | " + " | ".join(_cell(s[m]) for m in METRICS) + f" | {s['dino']['n']} |")
+    n = len(results["subjects"])
+    avg, real = results["average"], results["real_images"]
+    lines += ["", f"## Beside the paper's Table 1 ({names}; this run: mean over {n} subject(s) ± std across them)",
+              "", "| method | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|",
+              f"| **this run** (DreamBooth, {settings['model']}) | " + " | ".join(_cell(avg.get(m)) for m in METRICS)
+              + " |",
+              f"| real images (these subjects) | {_cell(real.get('dino'))} | {_cell(real.get('clip_i'))} | - |"]
+    for method, values in PAPER_TABLE_1.items():
+        lines.append(f"| paper: {method} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(output_dir: str, runs: dict, settings: dict) -> str:
+    from dreambooth_jax.checkpoint_files import write_json
+
+    results = summarize(runs)
+    write_json(os.path.join(output_dir, "results.json"), {"settings": settings, **results}, sort_keys=False)
+    path = os.path.join(output_dir, "results.md")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(markdown(results, settings))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def main(argv=None) -> None:
+    args, trainer_args = parse_args(argv)
+    setup_logging()
+    from dreambooth_jax import dreambooth_dataset, evaluation
+    from dreambooth_jax.checkpoint_files import read_json, write_json
+    from dreambooth_jax.images import save_png
+    from dreambooth_jax.train_config import load_preset
+
+    builder = dreambooth_dataset.load_builder(args.dataset_dir, args.dataset_manual_dir)
+    known = dreambooth_dataset.subject_names(builder)
+    names = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else known
+    unknown = [s for s in names if s not in known]
+    if unknown or not names:
+        raise ValueError(f"--subjects: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    settings = {"config": args.config, "model": args.pretrained_model_name_or_path
+                or load_preset(args.config).get("pretrained_model_name_or_path"),
+                "seeds": args.seeds, "max_train_steps": args.max_train_steps, "trainer_args": trainer_args,
+                "unique_token": args.unique_token, "num_images_per_prompt": args.num_images_per_prompt,
+                "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+                "scheduler": args.scheduler, "dino_model": args.dino_model, "clip_model": args.clip_model}
+
+    encoders, runs, t_start = None, {}, time.perf_counter()
+    for i, name in enumerate(names):
+        subject = dreambooth_dataset.load_subject(builder, name)
+        real = subject.decoded_images()
+        sheet_images = None
+        for seed in args.seeds:
+            run_dir = os.path.join(args.output_dir, name, f"seed{seed}")
+            metrics_path = os.path.join(run_dir, "metrics.json")
+            if os.path.isfile(metrics_path):
+                print(f"[{i + 1}/{len(names)}] {name} seed {seed}: done before, skipped", file=sys.stderr)
+                runs.setdefault(name, {})[seed] = read_json(metrics_path)
+                continue
+            t0 = time.perf_counter()
+            model_dir = os.path.join(run_dir, "model")
+            cfg = train_subject(args, trainer_args, subject, seed, model_dir)
+            generated, prompts = sample_subject(args, cfg, subject, seed, model_dir, os.path.join(run_dir, "samples"))
+            if encoders is None:
+                encoders = evaluation.Encoders(args.dino_model, args.clip_model)
+            result = evaluation.evaluate(encoders, list(generated), prompts, real, unique_token=args.unique_token,
+                                         files=sorted(f for f in os.listdir(os.path.join(run_dir, "samples"))
+                                                      if f[:5].isdigit()),
+                                         info={"subject": name, "class_name": subject.class_name, "seed": seed})
+            with open(os.path.join(run_dir, "metrics.md"), "w", encoding="utf-8") as f:
+                f.write(evaluation.markdown_table(result))
+            write_json(metrics_path, result.to_json(), sort_keys=False)  # last: marks the run finished
+            runs.setdefault(name, {})[seed] = result.to_json()
+            sheet_images = sheet_images if sheet_images is not None else generated
+            if not args.keep_models:
+                shutil.rmtree(model_dir, ignore_errors=True)
+            overall = result.summary["overall"]
+            print(f"[{i + 1}/{len(names)}] {name} seed {seed}: " + ", ".join(
+                f"{METRIC_NAMES[m]} {overall[m]['mean']:.3f}" for m in METRICS)
+                + f" ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+        if sheet_images is not None:
+            save_png(subject_sheet(real, sheet_images, args.num_images_per_prompt) / 255.0,
+                     os.path.join(args.output_dir, name, "contact_sheet.png"),
+                     {"subject": name, "rows": "real photos, then one row per prompt", "seed": args.seeds[0]})
+        write_results(args.output_dir, runs, settings)
+    path = write_results(args.output_dir, runs, settings)
+    print(open(path, encoding="utf-8").read())
+    print(f"{len(names)} subject(s) in {time.perf_counter() - t_start:.0f}s; results in {path} and "
+          f"{os.path.join(args.output_dir, 'results.json')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from dreambooth_jax import cli
+
+    cli.run(main)
