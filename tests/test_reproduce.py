@@ -1,0 +1,76 @@
+"""`python -m dreambooth_jax.reproduce` end to end on two tiny subjects with the tiny model, and its resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dreambooth_jax import reproduce, tiny
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    data = tiny.make_tiny_dataset(str(root / "data"))  # a live 'dog' and an object 'teapot', 2 prompts each
+    dino, clip = tiny.make_tiny_encoders(str(root / "encoders"))
+    model = tiny.make_tiny_pipeline(str(root / "tiny-sd1"))
+    preset = root / "tiny_paper.json"
+    preset.write_text(json.dumps({
+        "pretrained_model_name_or_path": model, "with_prior_preservation": True, "num_class_images": 2,
+        "sample_batch_size": 2, "resolution": 32, "max_train_steps": 2, "learning_rate": 1e-3,
+        "train_text_encoder": True, "attention": "einsum", "checkpointing_steps": 100,
+        "validation_inference_steps": 2}))
+    args = ["--config", str(preset), "--dataset_dir", str(root / "tfds"), "--dataset_manual_dir", data,
+            "--dino_model", dino, "--clip_model", clip, "--num_images_per_prompt", "2", "--num_inference_steps", "2",
+            "--output_dir", str(root / "out")]
+    return root, args
+
+
+def test_reproduce_two_subjects_then_skips_them(setup, monkeypatch, capsys):
+    root, args = setup
+    out = root / "out"
+    reproduce.main(args)
+    printed = capsys.readouterr().out
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert list(results["subjects"]) == ["dog", "teapot"]
+    for name, class_name in (("dog", "dog"), ("teapot", "teapot")):
+        subject = results["subjects"][name]
+        assert subject["class"] == class_name and subject["dino"]["n"] == 4  # 2 prompts x 2 images
+        assert all(-1 <= subject[m]["mean"] <= 1 for m in ("dino", "clip_i", "clip_t"))
+        run = out / name / "seed0"
+        with open(run / "metrics.json") as f:
+            metrics = json.load(f)
+        expected = ["a sks dog in the snow", "a sks dog wearing a red hat"] if name == "dog" else [
+            "a sks teapot in the jungle", "a red sks teapot"]
+        assert list(metrics["per_prompt"]) == expected
+        assert sorted(f for f in os.listdir(run / "samples") if f.endswith(".png") and f[0].isdigit()) == [
+            f"{k:05d}-seed{k}.png" for k in range(4)]
+        assert not (run / "model").exists()  # deleted once sampled (no --keep_models)
+        assert (out / name / "contact_sheet.png").is_file()
+    assert sorted(os.listdir(out / "class_images")) == ["dog", "teapot"]  # one class folder per class
+    assert results["paper_table_1"]["DreamBooth (Stable Diffusion)"] == {"dino": 0.668, "clip_i": 0.803,
+                                                                         "clip_t": 0.305}
+    assert "paper: DreamBooth (Stable Diffusion) | 0.668 | 0.803 | 0.305" in printed
+    assert "| dog | dog |" in (out / "results.md").read_text()
+
+    # Rerun: both subjects are finished, nothing is trained, sampled or scored again.
+    def fail(*a, **k):
+        raise AssertionError("a finished subject was redone")
+
+    monkeypatch.setattr(reproduce, "train_subject", fail)
+    monkeypatch.setattr(reproduce, "sample_subject", fail)
+    reproduce.main(args)
+    assert "dog seed 0: done before, skipped" in capsys.readouterr().err
+    with open(out / "results.json") as f:
+        assert json.load(f)["subjects"] == results["subjects"]
+
+
+def test_reproduce_rejects_unknown_subjects(setup):
+    _, args = setup
+    with pytest.raises(ValueError, match="unknown dog6; known: dog, teapot"):
+        reproduce.main([*args, "--subjects", "dog6"])
+    with pytest.raises(SystemExit):
+        reproduce.main([*args, "--seeds", "a,b"])
