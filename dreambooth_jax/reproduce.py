@@ -15,7 +15,6 @@ interrupted one continues from its last checkpoint. Trainer options go after `--
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -24,10 +23,11 @@ import time
 
 import numpy as np
 
+from dreambooth_jax import evaluation
 from dreambooth_jax.cli import setup_logging
-from dreambooth_jax.evaluation import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, METRIC_NAMES, METRICS, PAPER_TABLE_1
 
 log = logging.getLogger("dreambooth_jax.reproduce")
+METRICS = evaluation.METRICS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "(default: 4 per device)")
     p.add_argument("--dataset_dir", default=None, help="TFDS data_dir (default: ~/tensorflow_datasets)")
     p.add_argument("--dataset_manual_dir", default=None, help="local copy of the dataset to build from offline")
-    p.add_argument("--dino_model", default=DEFAULT_DINO_MODEL, help="DINO ViT: Hub id or local folder")
-    p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP model: Hub id or local folder")
+    p.add_argument("--dino_model", default=evaluation.DEFAULT_DINO_MODEL, help="DINO ViT: Hub id or local folder")
+    p.add_argument("--clip_model", default=evaluation.DEFAULT_CLIP_MODEL, help="CLIP model: Hub id or local folder")
     p.add_argument("--keep_models", action="store_true",
                    help="keep each trained pipeline (default: deleted once its images are made, to save disk)")
     return p
@@ -169,7 +169,7 @@ def summarize(runs: dict) -> dict:
     real = {m: _stats([s["real_images"][m]["mean"] for s in subjects.values() if s["real_images"][m]])
             for m in ("dino", "clip_i")} if subjects else {}
     return {"subjects": subjects, "average": average, "real_images": real,
-            "paper_table_1": {k: dict(zip(METRICS, v)) for k, v in PAPER_TABLE_1.items()}}
+            "paper_table_1": {k: dict(zip(METRICS, v)) for k, v in evaluation.PAPER_TABLE_1.items()}}
 
 
 def _cell(stats: dict | None, std: bool = True) -> str:
@@ -179,7 +179,7 @@ def _cell(stats: dict | None, std: bool = True) -> str:
 
 
 def markdown(results: dict, settings: dict) -> str:
-    names = " / ".join(METRIC_NAMES[m] for m in METRICS)
+    names = " / ".join(evaluation.METRIC_NAMES[m] for m in METRICS)
     lines = ["# DreamBooth paper reproduction", "",
              f"Model `{settings['model']}`, preset `{settings['config']}`, seeds {settings['seeds']}, "
              f"{settings['num_images_per_prompt']} images per prompt, {settings['num_inference_steps']} steps, "
@@ -194,7 +194,7 @@ def markdown(results: dict, settings: dict) -> str:
               f"| **this run** (DreamBooth, {settings['model']}) | " + " | ".join(_cell(avg.get(m)) for m in METRICS)
               + " |",
               f"| real images (these subjects) | {_cell(real.get('dino'))} | {_cell(real.get('clip_i'))} | - |"]
-    for method, values in PAPER_TABLE_1.items():
+    for method, values in evaluation.PAPER_TABLE_1.items():
         lines.append(f"| paper: {method} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
     return "\n".join(lines) + "\n"
 
@@ -215,7 +215,7 @@ def write_results(output_dir: str, runs: dict, settings: dict) -> str:
 def main(argv=None) -> None:
     args, trainer_args = parse_args(argv)
     setup_logging()
-    from dreambooth_jax import dreambooth_dataset, evaluation
+    from dreambooth_jax import dreambooth_dataset
     from dreambooth_jax.checkpoint_files import read_json, write_json
     from dreambooth_jax.images import save_png
     from dreambooth_jax.train_config import load_preset
@@ -265,7 +265,7 @@ def main(argv=None) -> None:
                 shutil.rmtree(model_dir, ignore_errors=True)
             overall = result.summary["overall"]
             print(f"[{i + 1}/{len(names)}] {name} seed {seed}: " + ", ".join(
-                f"{METRIC_NAMES[m]} {overall[m]['mean']:.3f}" for m in METRICS)
+                f"{evaluation.METRIC_NAMES[m]} {overall[m]['mean']:.3f}" for m in METRICS)
                 + f" ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
         if sheet_images is not None:
             save_png(subject_sheet(real, sheet_images, args.num_images_per_prompt) / 255.0,
