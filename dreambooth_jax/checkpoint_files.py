@@ -45,8 +45,9 @@ def _variant_of(filename: str) -> str | None:
 def find_weight_files(folder: str, stem: str, variant: str | None = None) -> list[str]:
     """The safetensors files holding the weights `stem` (`model`/`diffusion_pytorch_model`) in `folder`.
 
-    A sharded checkpoint is read through its `*.safetensors.index*.json`. Raises a clear error when only
-    PyTorch pickle files (`.bin`) are there, or nothing at all.
+    A sharded checkpoint is read through its `*.safetensors.index*.json`. Without safetensors, the PyTorch
+    `.bin` file(s) of the same weights are returned (read without torch). Raises a clear error when nothing
+    usable is there.
     """
     candidates = sorted(glob.glob(os.path.join(folder, f"{stem}*.safetensors")))
     indexes = sorted(glob.glob(os.path.join(folder, f"{stem}*.safetensors.index*.json")))
@@ -61,11 +62,14 @@ def find_weight_files(folder: str, stem: str, variant: str | None = None) -> lis
     single = [f for f in pick(candidates) if not re.search(r"-\d{5}-of-\d{5}", f)]
     if single:
         return single[:1]
+    pickled = _pickled_weight_files(folder, stem, variant)
+    if pickled:
+        return pickled
     pickles = [f for f in os.listdir(folder) if f.endswith(_PICKLE_SUFFIXES)] if os.path.isdir(folder) else []
     if pickles:
         raise FileNotFoundError(
-            f"{folder} holds only PyTorch pickle weights ({', '.join(sorted(pickles))}); dreambooth_jax reads "
-            "safetensors only (no torch at runtime). Convert once where torch is installed, e.g. "
+            f"{folder} holds only PyTorch pickle weights in a form dreambooth_jax does not read "
+            f"({', '.join(sorted(pickles))}). Convert once where torch is installed, e.g. "
             "`Model.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`."
         )
     if variant and [f for f in candidates if _variant_of(f) is None]:
@@ -73,9 +77,26 @@ def find_weight_files(folder: str, stem: str, variant: str | None = None) -> lis
     raise FileNotFoundError(f"{folder}: no {stem}{'.' + variant if variant else ''}.safetensors weights found")
 
 
+def _pickled_weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
+    """`pytorch_model[.variant].bin` (or its shards, via the `.bin.index.json`) when there is no safetensors
+    file: read without torch by `torch_pickle`."""
+    name = ("pytorch_model" if stem == "model" else stem) + (f".{variant}" if variant else "") + ".bin"
+    index = os.path.join(folder, name + ".index.json")
+    if os.path.isfile(index):
+        paths = [os.path.join(folder, s) for s in sorted(set(read_json(index)["weight_map"].values()))]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return paths
+    return [os.path.join(folder, name)] if os.path.isfile(os.path.join(folder, name)) else []
+
+
 def load_state_dict(files: list[str]) -> tuple[dict[str, np.ndarray], str]:
-    """Merges the tensors of `files`; returns (state dict, a source name for messages)."""
+    """Merges the tensors of `files` (safetensors, or PyTorch `.bin`); returns (state dict, a source name for
+    messages)."""
+    from dreambooth_jax import torch_pickle
+
     state: dict[str, np.ndarray] = {}
     for path in files:
-        state.update(safetensors_io.load_file(path))
+        state.update(torch_pickle.load_file(path) if path.endswith(".bin") else safetensors_io.load_file(path))
     return state, files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} shards)"

@@ -18,6 +18,8 @@ def _weight_patterns(files: list[str], variant: str | None) -> list[str]:
     chosen = []
     for folder in _WEIGHT_FOLDERS:
         mine = [f for f in files if f.startswith(folder + "/") and f.count("/") == 1 and ".safetensors" in f]
+        if not mine:  # PyTorch pickles only: read without torch (`torch_pickle`)
+            mine = [f for f in files if f.startswith(folder + "/") and f.count("/") == 1 and ".bin" in f]
         tagged = [f for f in mine if variant and re.search(rf"\.{re.escape(variant)}[.-]", f)]
         plain = [f for f in mine if not re.search(r"\.(fp16|bf16|fp32|ema|non_ema|flax)[.-]", f)]
         chosen += tagged or plain
@@ -65,19 +67,28 @@ def download_pipeline(
 
 
 # What the evaluation encoders read of a transformers model repository (ViT, CLIP).
-MODEL_PATTERNS = ("config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json",
-                  "model-*.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                  "special_tokens_map.json")
+MODEL_PATTERNS = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                  "merges.txt", "special_tokens_map.json")
+_SAFETENSORS_PATTERNS = ("model.safetensors", "model.safetensors.index.json", "model-*.safetensors")
+_PICKLE_PATTERNS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin")
 
 
 def download_model(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,
-                   cache_dir: str | None = None, patterns=MODEL_PATTERNS) -> str:
-    """Downloads (or finds in the cache) the config, safetensors weights and tokenizer of a transformers
-    model repository; returns the local snapshot folder."""
-    from huggingface_hub import snapshot_download
+                   cache_dir: str | None = None) -> str:
+    """Downloads (or finds in the cache) the config, weights and tokenizer of a transformers model repository;
+    returns the local snapshot folder. Weights: safetensors, else `pytorch_model.bin` (read without torch)."""
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    kwargs = dict(revision=revision, allow_patterns=list(patterns), token=token, cache_dir=cache_dir)
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+        weights = _SAFETENSORS_PATTERNS if any(f.endswith(".safetensors") for f in files) else _PICKLE_PATTERNS
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
+        raise
+    except Exception:  # offline: whatever the cache holds
+        weights = _SAFETENSORS_PATTERNS + _PICKLE_PATTERNS
+    kwargs = dict(revision=revision, allow_patterns=list(MODEL_PATTERNS + weights), token=token,
+                  cache_dir=cache_dir)
     try:
         return snapshot_download(repo_id, **kwargs)
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):

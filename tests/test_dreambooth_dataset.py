@@ -89,3 +89,28 @@ def test_trainer_dataset_option_fills_in_the_subject(builder, copy_dir, tmp_path
     assert any("--dataset replaces --instance_data_dir" in e for e in validate(both))
     bad = TrainConfig(**{**cfg.__dict__, "dataset": "dreambooth"})
     assert any("expected 'dreambooth:<subject>'" in e for e in validate(bad))
+
+
+def test_source_is_downloaded_without_manual_dir(copy_dir, tmp_path):
+    """No manual_dir: the GitHub archive is fetched and its `dreambooth-main/dataset/` folder used."""
+    import shutil
+
+    archive = tmp_path / "extracted"
+    shutil.copytree(copy_dir, archive / "dreambooth-main" / "dataset")
+
+    class FakeDownloadManager:  # TFDS's DownloadManager, as seen by the builder, with no network
+        urls = []
+
+        @property
+        def manual_dir(self):
+            raise AssertionError("Manual directory not enabled.")
+
+        def download_and_extract(self, url):
+            self.urls.append(url)
+            return archive
+
+    builder = dreambooth_dataset.Dreambooth(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    manager = FakeDownloadManager()
+    assert builder._source_root(manager) == str(archive / "dreambooth-main" / "dataset")
+    assert manager.urls == [dreambooth_dataset.SOURCE_URL]
+    assert sorted(builder._split_generators(manager)) == sorted(SUBJECTS)

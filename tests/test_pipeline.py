@@ -187,10 +187,19 @@ def test_error_architecture_key_not_in_config(broken_copy):
         load_pipeline(str(broken_copy))
 
 
-def test_error_bin_only(broken_copy):
+def test_pytorch_bin_weights_load_without_torch(tiny_pipelines, broken_copy):
+    """A component with only `pytorch_model.bin` (torch.save's zip format) loads as from safetensors."""
+    import torch
+
     folder = broken_copy / "text_encoder"
-    os.rename(folder / "model.safetensors", folder / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match=r"only PyTorch pickle weights \(pytorch_model\.bin\).*safetensors"):
+    state = safetensors_io.load_file(str(folder / "model.safetensors"))
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, folder / "pytorch_model.bin")
+    os.remove(folder / "model.safetensors")
+    loaded, expected = load_pipeline(str(broken_copy)), load_pipeline(tiny_pipelines["sd1"])
+    for a, b in zip(jax.tree.leaves(loaded.params["text_encoder"]), jax.tree.leaves(expected.params["text_encoder"])):
+        np.testing.assert_array_equal(a, b)
+    (folder / "pytorch_model.bin").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: not a zip-format PyTorch checkpoint"):
         load_pipeline(str(broken_copy))
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import jax
 import numpy as np
 import pytest
 import torch
@@ -41,6 +44,13 @@ def test_vit_matches_transformers(tmp_path):
     err_cls = np.abs(np.asarray(out.cls) - expected[:, 0]).max()
     print(f"ViT max abs error: last_hidden_state {err_last:.2e}, cls {err_cls:.2e}")
     assert err_last <= FP32_TOL and err_cls <= FP32_TOL
+
+    # The same weights as `pytorch_model.bin` only (as facebook/dino-vits16 ships them): read without torch.
+    os.remove(tmp_path / "model.safetensors")
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+    _, from_bin = vision.load_vit(str(tmp_path))
+    for a, b in zip(jax.tree.leaves(from_bin), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_vit_loads_transformers5_names():
