@@ -90,6 +90,8 @@ def main(argv=None) -> None:
     files, prompts = read_generated(args.images)
     real, real_source = read_real(args)
 
+    import jax
+
     from dreambooth_jax import evaluation
     from dreambooth_jax.checkpoint_files import write_json
     from dreambooth_jax.data import read_image
@@ -102,12 +104,13 @@ def main(argv=None) -> None:
                                  unique_token=args.unique_token or None,
                                  info={"images": args.images, "real_images": real_source})
     output = args.output or os.path.join(args.images, "metrics.json")
-    write_json(output, result.to_json(), sort_keys=False)
     table = evaluation.markdown_table(result)
-    with open(os.path.splitext(output)[0] + ".md", "w", encoding="utf-8") as f:
-        f.write(table)
-    print(table)
-    print(f"wrote {output} and {os.path.splitext(output)[0]}.md", file=sys.stderr)
+    if jax.process_index() == 0:
+        write_json(output, result.to_json(), sort_keys=False)
+        with open(os.path.splitext(output)[0] + ".md", "w", encoding="utf-8") as f:
+            f.write(table)
+        print(table)
+        print(f"wrote {output} and {os.path.splitext(output)[0]}.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

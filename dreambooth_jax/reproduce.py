@@ -107,8 +107,9 @@ def train_subject(args, trainer_args, subject, seed: int, model_dir: str):
     return cfg
 
 
-def sample_subject(args, cfg, subject, seed: int, model_dir: str, samples_dir: str) -> tuple[np.ndarray, list]:
-    """Generates the run's images into `samples_dir` (from scratch); returns (uint8 images, prompts)."""
+def sample_subject(args, cfg, subject, seed: int, model_dir: str, samples_dir: str):
+    """Generates the run's images into `samples_dir` (from scratch); returns (uint8 images, prompts, file
+    names)."""
     import jax
 
     from dreambooth_jax.images import to_uint8
@@ -117,8 +118,6 @@ def sample_subject(args, cfg, subject, seed: int, model_dir: str, samples_dir: s
     from dreambooth_jax.sampling import generate
     from dreambooth_jax.schedulers import scheduler_name_for
 
-    shutil.rmtree(samples_dir, ignore_errors=True)  # a partial set from an interrupted run
-    os.makedirs(samples_dir)
     pipe = load_pipeline(model_dir, dtype=cfg.compute_dtype, attention_impl=cfg.attention)
     scheduler = args.scheduler or scheduler_name_for(pipe.scheduler_config)
     prompts = [p for p in subject.prompts(args.unique_token) for _ in range(args.num_images_per_prompt)]
@@ -130,8 +129,11 @@ def sample_subject(args, cfg, subject, seed: int, model_dir: str, samples_dir: s
     settings = {"negative_prompt": "", "steps": args.num_inference_steps, "scheduler": scheduler,
                 "guidance_scale": args.guidance_scale, "model": model_dir, "subject": subject.name,
                 "dtype": cfg.compute_dtype}
-    write_images(samples_dir, prompts, images, seed=seed, settings=settings, columns=args.num_images_per_prompt)
-    return to_uint8(images), prompts
+    if jax.process_index() == 0:
+        shutil.rmtree(samples_dir, ignore_errors=True)  # a partial set from an interrupted run
+        os.makedirs(samples_dir)
+        write_images(samples_dir, prompts, images, seed=seed, settings=settings, columns=args.num_images_per_prompt)
+    return to_uint8(images), prompts, [f"{k:05d}-seed{seed + k}.png" for k in range(len(prompts))]
 
 
 def subject_sheet(real: list, generated: np.ndarray, columns: int, thumb: int = 128) -> np.ndarray:
@@ -212,13 +214,49 @@ def write_results(output_dir: str, runs: dict, settings: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ main
+def _settings(args, trainer_args) -> dict:
+    from dreambooth_jax.train_config import load_preset
+
+    model = args.pretrained_model_name_or_path or load_preset(args.config).get("pretrained_model_name_or_path")
+    return {"config": args.config, "model": model, "seeds": args.seeds, "max_train_steps": args.max_train_steps,
+            "trainer_args": trainer_args, "unique_token": args.unique_token,
+            "num_images_per_prompt": args.num_images_per_prompt, "num_inference_steps": args.num_inference_steps,
+            "guidance_scale": args.guidance_scale, "scheduler": args.scheduler, "dino_model": args.dino_model,
+            "clip_model": args.clip_model}
+
+
+def run_one(args, trainer_args, subject, seed: int, real: list, encoders) -> tuple[dict, np.ndarray]:
+    """Train, sample and score one (subject, seed); returns (its metrics JSON, the uint8 images)."""
+    import jax
+
+    from dreambooth_jax.checkpoint_files import write_json
+
+    run_dir = os.path.join(args.output_dir, subject.name, f"seed{seed}")
+    model_dir, samples_dir = os.path.join(run_dir, "model"), os.path.join(run_dir, "samples")
+    cfg = train_subject(args, trainer_args, subject, seed, model_dir)
+    generated, prompts, files = sample_subject(args, cfg, subject, seed, model_dir, samples_dir)
+    result = evaluation.evaluate(encoders, list(generated), prompts, real, unique_token=args.unique_token,
+                                 files=files, info={"subject": subject.name, "class_name": subject.class_name,
+                                                    "seed": seed})
+    metrics = result.to_json()
+    if jax.process_index() == 0:
+        with open(os.path.join(run_dir, "metrics.md"), "w", encoding="utf-8") as f:
+            f.write(evaluation.markdown_table(result))
+        write_json(os.path.join(run_dir, "metrics.json"), metrics, sort_keys=False)  # last: the run is finished
+        if not args.keep_models:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    return metrics, generated
+
+
 def main(argv=None) -> None:
+    """On several hosts, every process runs this with the same arguments and a shared --output_dir."""
     args, trainer_args = parse_args(argv)
     setup_logging()
+    import jax
+
     from dreambooth_jax import dreambooth_dataset
-    from dreambooth_jax.checkpoint_files import read_json, write_json
+    from dreambooth_jax.checkpoint_files import read_json
     from dreambooth_jax.images import save_png
-    from dreambooth_jax.train_config import load_preset
 
     builder = dreambooth_dataset.load_builder(args.dataset_dir, args.dataset_manual_dir)
     known = dreambooth_dataset.subject_names(builder)
@@ -227,55 +265,40 @@ def main(argv=None) -> None:
     if unknown or not names:
         raise ValueError(f"--subjects: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
     os.makedirs(args.output_dir, exist_ok=True)
-    settings = {"config": args.config, "model": args.pretrained_model_name_or_path
-                or load_preset(args.config).get("pretrained_model_name_or_path"),
-                "seeds": args.seeds, "max_train_steps": args.max_train_steps, "trainer_args": trainer_args,
-                "unique_token": args.unique_token, "num_images_per_prompt": args.num_images_per_prompt,
-                "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-                "scheduler": args.scheduler, "dino_model": args.dino_model, "clip_model": args.clip_model}
+    settings = _settings(args, trainer_args)
+    metrics_path = lambda name, seed: os.path.join(args.output_dir, name, f"seed{seed}", "metrics.json")  # noqa: E731
+    pending = [(n, s) for n in names for s in args.seeds if not os.path.isfile(metrics_path(n, s))]
+    print(f"{len(names)} subject(s) x {len(args.seeds)} seed(s): {len(pending)} run(s) to do", file=sys.stderr)
+    # Loaded first, so that a wrong --dino_model / --clip_model fails before hours of training.
+    encoders = evaluation.Encoders(args.dino_model, args.clip_model) if pending else None
 
-    encoders, runs, t_start = None, {}, time.perf_counter()
+    runs, t_start = {}, time.perf_counter()
     for i, name in enumerate(names):
         subject = dreambooth_dataset.load_subject(builder, name)
-        real = subject.decoded_images()
-        sheet_images = None
+        real, sheet_images = subject.decoded_images(), None
         for seed in args.seeds:
-            run_dir = os.path.join(args.output_dir, name, f"seed{seed}")
-            metrics_path = os.path.join(run_dir, "metrics.json")
-            if os.path.isfile(metrics_path):
-                print(f"[{i + 1}/{len(names)}] {name} seed {seed}: done before, skipped", file=sys.stderr)
-                runs.setdefault(name, {})[seed] = read_json(metrics_path)
+            tag = f"[{i + 1}/{len(names)}] {name} seed {seed}"
+            if (name, seed) not in pending:
+                print(f"{tag}: done before, skipped", file=sys.stderr)
+                runs.setdefault(name, {})[seed] = read_json(metrics_path(name, seed))
                 continue
             t0 = time.perf_counter()
-            model_dir = os.path.join(run_dir, "model")
-            cfg = train_subject(args, trainer_args, subject, seed, model_dir)
-            generated, prompts = sample_subject(args, cfg, subject, seed, model_dir, os.path.join(run_dir, "samples"))
-            if encoders is None:
-                encoders = evaluation.Encoders(args.dino_model, args.clip_model)
-            result = evaluation.evaluate(encoders, list(generated), prompts, real, unique_token=args.unique_token,
-                                         files=sorted(f for f in os.listdir(os.path.join(run_dir, "samples"))
-                                                      if f[:5].isdigit()),
-                                         info={"subject": name, "class_name": subject.class_name, "seed": seed})
-            with open(os.path.join(run_dir, "metrics.md"), "w", encoding="utf-8") as f:
-                f.write(evaluation.markdown_table(result))
-            write_json(metrics_path, result.to_json(), sort_keys=False)  # last: marks the run finished
-            runs.setdefault(name, {})[seed] = result.to_json()
-            sheet_images = sheet_images if sheet_images is not None else generated
-            if not args.keep_models:
-                shutil.rmtree(model_dir, ignore_errors=True)
-            overall = result.summary["overall"]
-            print(f"[{i + 1}/{len(names)}] {name} seed {seed}: " + ", ".join(
-                f"{evaluation.METRIC_NAMES[m]} {overall[m]['mean']:.3f}" for m in METRICS)
-                + f" ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-        if sheet_images is not None:
-            save_png(subject_sheet(real, sheet_images, args.num_images_per_prompt) / 255.0,
-                     os.path.join(args.output_dir, name, "contact_sheet.png"),
-                     {"subject": name, "rows": "real photos, then one row per prompt", "seed": args.seeds[0]})
-        write_results(args.output_dir, runs, settings)
-    path = write_results(args.output_dir, runs, settings)
-    print(open(path, encoding="utf-8").read())
-    print(f"{len(names)} subject(s) in {time.perf_counter() - t_start:.0f}s; results in {path} and "
-          f"{os.path.join(args.output_dir, 'results.json')}", file=sys.stderr)
+            metrics, generated = run_one(args, trainer_args, subject, seed, real, encoders)
+            runs.setdefault(name, {})[seed] = metrics
+            sheet_images = generated if sheet_images is None else sheet_images
+            print(f"{tag}: " + ", ".join(f"{evaluation.METRIC_NAMES[m]} {metrics['overall'][m]['mean']:.3f}"
+                                         for m in METRICS) + f" ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+        if jax.process_index() == 0:
+            if sheet_images is not None:
+                save_png(subject_sheet(real, sheet_images, args.num_images_per_prompt) / 255.0,
+                         os.path.join(args.output_dir, name, "contact_sheet.png"),
+                         {"subject": name, "rows": "real photos, then one row per prompt", "seed": args.seeds[0]})
+            path = write_results(args.output_dir, runs, settings)
+    if jax.process_index() == 0:
+        with open(path, encoding="utf-8") as f:
+            print(f.read())
+        print(f"{len(names)} subject(s) in {time.perf_counter() - t_start:.0f}s; results in {path} and "
+              f"{os.path.join(args.output_dir, 'results.json')}", file=sys.stderr)
 
 
 if __name__ == "__main__":
