@@ -166,14 +166,24 @@ def load_preset(name_or_path: str) -> dict:
     return {k: v for k, v in preset.items() if not k.startswith("_")}
 
 
+_SUBJECT_OPTIONS = ("dataset", "instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt",
+                    "concepts_list")
+
+
 def parse_args(argv=None) -> TrainConfig:
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config:
         try:
-            parser.set_defaults(**load_preset(known.config))
+            preset = load_preset(known.config)
         except ValueError as e:
             parser.error(str(e))
+        # A subject given on the command line replaces the preset's subject (e.g. tiny_demo's toy photos).
+        if known.dataset:
+            preset = {k: v for k, v in preset.items() if k not in _SUBJECT_OPTIONS}
+        elif known.instance_data_dir or known.concepts_list:
+            preset.pop("dataset", None)
+        parser.set_defaults(**preset)
     args = vars(parser.parse_args(argv))
     args.pop("config")
     cfg = TrainConfig(**args)

@@ -114,3 +114,11 @@ def test_source_is_downloaded_without_manual_dir(copy_dir, tmp_path):
     assert builder._source_root(manager) == str(archive / "dreambooth-main" / "dataset")
     assert manager.urls == [dreambooth_dataset.SOURCE_URL]
     assert sorted(builder._split_generators(manager)) == sorted(SUBJECTS)
+
+
+def test_dataset_on_the_command_line_replaces_the_presets_subject(copy_dir):
+    from dreambooth_jax.train_config import parse_args
+
+    cfg = parse_args(["--config", "tiny_demo", "--dataset", "dreambooth:dog", "--dataset_manual_dir", copy_dir])
+    assert cfg.dataset == "dreambooth:dog" and cfg.resolution == 64  # the rest of the preset stays
+    assert cfg.instance_data_dir is cfg.instance_prompt is cfg.class_prompt is cfg.class_data_dir is None
