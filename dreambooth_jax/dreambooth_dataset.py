@@ -114,7 +114,11 @@ class Dreambooth(tfds.core.GeneratorBasedBuilder):
                 raise FileNotFoundError(f"manual_dir {manual} holds no {INDEX_FILE} (expected the layout of "
                                         f"{HOMEPAGE}/tree/main/dataset)")
             return root
-        extracted = os.fspath(dl_manager.download_and_extract(SOURCE_URL))
+        try:
+            extracted = os.fspath(dl_manager.download_and_extract(SOURCE_URL))
+        except Exception as e:  # offline, blocked, rate-limited: say what to do instead
+            raise ConnectionError(f"cannot download {SOURCE_URL} ({type(e).__name__}: {e}); build offline from a "
+                                  "local copy with manual_dir (--dataset_manual_dir)") from e
         root = find_source_root(extracted)
         if root is None:
             raise FileNotFoundError(f"{SOURCE_URL}: no dataset/{INDEX_FILE} in the archive")

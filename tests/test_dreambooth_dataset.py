@@ -122,3 +122,28 @@ def test_dataset_on_the_command_line_replaces_the_presets_subject(copy_dir):
     cfg = parse_args(["--config", "tiny_demo", "--dataset", "dreambooth:dog", "--dataset_manual_dir", copy_dir])
     assert cfg.dataset == "dreambooth:dog" and cfg.resolution == 64  # the rest of the preset stays
     assert cfg.instance_data_dir is cfg.instance_prompt is cfg.class_prompt is cfg.class_data_dir is None
+
+
+def test_failed_download_says_to_use_a_local_copy(tmp_path):
+    class OfflineDownloadManager:
+        @property
+        def manual_dir(self):
+            raise AssertionError("Manual directory not enabled.")
+
+        def download_and_extract(self, url):
+            raise OSError("Network is unreachable")
+
+    builder = dreambooth_dataset.Dreambooth(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    with pytest.raises(ConnectionError, match="cannot download .*Network is unreachable.*--dataset_manual_dir"):
+        builder._source_root(OfflineDownloadManager())
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/datasets/dreambooth is not here")
+def test_shared_copy_builds_all_30_subjects(tmp_path):
+    builder = dreambooth_dataset.load_builder(str(tmp_path / "tfds"), manual_dir=SHARED)
+    names = dreambooth_dataset.subject_names(builder)
+    assert len(names) == 30 and sum(builder.info.splits[n].num_examples for n in names) == 158
+    dog6 = dreambooth_dataset.load_subject(builder, "dog6")
+    assert dog6.class_name == "dog" and dog6.live and len(dog6.prompts()) == 25 and len(dog6.images) == 5
+    can = dreambooth_dataset.load_subject(builder, "can")
+    assert not can.live and can.prompts()[-1] == "a cube shaped sks can"
