@@ -16,11 +16,14 @@ in the same layout given as `manual_dir`: `<subject>/NN.jpg` folders and `prompt
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+log = logging.getLogger(__name__)
 
 NAME = "dreambooth"
 UNIQUE_TOKEN = "sks"  # the rare token of the paper's prompts ("a sks dog")
@@ -201,8 +204,15 @@ def load_builder(data_dir: str | None = None, manual_dir: str | None = None) -> 
                                 "in its dataset/ folder)")
     builder = Dreambooth(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
+        log.info("building the TFDS dataset %r in %s from %s (once)", NAME, builder.data_dir,
+                 manual_dir or SOURCE_URL)
         config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-        builder.download_and_prepare(download_config=config)
+        tfds.display_progress_bar(False)  # TFDS draws two bars per split: 60 of them for a few seconds of work
+        try:
+            builder.download_and_prepare(download_config=config)
+        finally:
+            tfds.display_progress_bar(True)
+        log.info("built %d subjects", len(builder.info.splits))
     return builder
 
 

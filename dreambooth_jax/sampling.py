@@ -28,14 +28,19 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
     max_length = tokenizer.model_max_length
     ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="np").input_ids
-    full = tokenizer(list(prompts), padding="longest", return_tensors="np").input_ids
+    distinct = list(dict.fromkeys(prompts))
+    full = tokenizer(distinct, padding="longest", return_tensors="np").input_ids
     if full.shape[-1] > max_length:
-        for prompt, row in zip(prompts, full):
+        truncated = []
+        for prompt, row in zip(distinct, full):
             n = int((row != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else len(row)
             if n > max_length:
-                dropped = tokenizer.decode(row[max_length - 1 : n - 1])
-                log.warning("prompt longer than %d tokens, truncated; dropped: %r (prompt %r)",
-                            max_length, dropped, prompt)
+                truncated.append((prompt, tokenizer.decode(row[max_length - 1 : n - 1])))
+        for prompt, dropped in truncated[:3]:  # once per distinct prompt, and only a few of them
+            log.warning("prompt longer than %d tokens, truncated; dropped: %r (prompt %r)", max_length, dropped,
+                        prompt)
+        if len(truncated) > 3:
+            log.warning("... and %d more prompts truncated to %d tokens", len(truncated) - 3, max_length)
     return ids.astype(np.int32)
 
 

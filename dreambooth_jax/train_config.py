@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import types
 import typing
@@ -227,10 +228,14 @@ def resolve_dataset(cfg: TrainConfig) -> TrainConfig:
     subject = dreambooth_dataset.load_subject(
         dreambooth_dataset.load_builder(cfg.dataset_dir, cfg.dataset_manual_dir), name)
     folder = subject.write_images(os.path.join(cfg.output_dir, "instance_images"))
-    return dataclasses.replace(
+    resolved = dataclasses.replace(
         cfg, instance_data_dir=folder, instance_prompt=cfg.instance_prompt or subject.instance_prompt(),
         class_prompt=cfg.class_prompt or f"a photo of {subject.class_name}",
         class_data_dir=cfg.class_data_dir or os.path.join(cfg.output_dir, "class_images"))
+    logging.getLogger("dreambooth_jax.train").info(
+        "--dataset %s: %d photos of a %s in %s; instance prompt %r, class prompt %r", cfg.dataset,
+        len(subject.images), subject.class_name, folder, resolved.instance_prompt, resolved.class_prompt)
+    return resolved
 
 
 def _dataset_errors(cfg: TrainConfig) -> list[str]:

@@ -120,3 +120,24 @@ def test_preprocessing_matches_processor(kind, size):
     # The same, through the processor's own config dict.
     cfg = vision.ImagePreprocessing.from_processor_config(proc.to_dict())
     np.testing.assert_allclose(vision.preprocess(images, cfg), ours, atol=0)
+
+
+def test_legacy_openai_config_formats():
+    """openai/clip-vit-base-patch32's old preprocessor config (`size: 224` means the shortest edge for CLIP,
+    a square for ViT) and `text_config_dict` overrides, read as transformers reads them."""
+    old_clip = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(vision.OPENAI_CLIP_MEAN),
+                "image_std": list(vision.OPENAI_CLIP_STD), "resample": 3, "size": 224}
+    assert vision.ImagePreprocessing.from_processor_config(old_clip) == vision.CLIP_PREPROCESSING
+    old_dino = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+                "image_mean": list(vision.IMAGENET_DEFAULT_MEAN), "image_std": list(vision.IMAGENET_DEFAULT_STD),
+                "resample": 2, "size": 224}
+    assert vision.ImagePreprocessing.from_processor_config(old_dino) == vision.DINO_PREPROCESSING
+    config = {"text_config": {"hidden_size": 512, "vocab_size": 49408}, "text_config_dict": {"hidden_size": 768},
+              "vision_config": None, "vision_config_dict": {"patch_size": 14}}
+    assert vision.clip_tower_config(config, "text") == {"hidden_size": 768, "vocab_size": 49408}
+    assert vision.clip_tower_config(config, "vision") == {"patch_size": 14}
+    from transformers import CLIPConfig
+
+    ref = CLIPConfig(text_config={"hidden_size": 512}, text_config_dict={"hidden_size": 768})
+    assert ref.text_config.hidden_size == 768

@@ -61,8 +61,10 @@ class ImagePreprocessing:
             if size["height"] != size["width"]:
                 raise ValueError(f"size={size} is not supported; expected a square")
             shortest, size = False, size["height"]
-        else:  # an int: old `ViTFeatureExtractor` configs mean a square
-            shortest = False
+        else:  # an int (old `*FeatureExtractor` configs): a square for ViT, the shortest edge for CLIP, as
+            # each processor's `get_size_dict(default_to_square=...)` reads it
+            kind = str(d.get("image_processor_type") or d.get("feature_extractor_type") or "")
+            shortest = "CLIP" in kind
         crop = d.get("crop_size") if d.get("do_center_crop", False) else None
         if isinstance(crop, dict):
             if crop["height"] != crop["width"]:
@@ -391,6 +393,12 @@ def clip_vision_abstract_params(config: CLIPVisionConfig):
     return jax.eval_shape(CLIPVisionModelWithProjection(config).init, jax.random.key(0), x)["params"]
 
 
+def clip_tower_config(d: dict, tower: str) -> dict:
+    """A `CLIPModel` config's `text_config` / `vision_config`, with the overrides of the legacy
+    `*_config_dict` key applied on top (as transformers' `CLIPConfig` does: old openai/* configs have them)."""
+    return {**(d.get(f"{tower}_config") or {}), **(d.get(f"{tower}_config_dict") or {})}
+
+
 def load_clip_model(folder: str, *, dtype=None):
     """The two towers of a transformers `CLIPModel` folder (`config.json`, `model.safetensors`), no torch.
 
@@ -400,8 +408,9 @@ def load_clip_model(folder: str, *, dtype=None):
     """
     d = checkpoint_files.read_json(os.path.join(folder, "config.json"))
     proj = d.get("projection_dim", 512)  # the model's, which overrides the towers' own
-    vision_cfg = dataclasses.replace(CLIPVisionConfig.from_diffusers_config(d["vision_config"]), projection_dim=proj)
-    text_d = {k: v for k, v in d["text_config"].items() if k != "model_type"}
+    vision_d = clip_tower_config(d, "vision")
+    vision_cfg = dataclasses.replace(CLIPVisionConfig.from_diffusers_config(vision_d), projection_dim=proj)
+    text_d = {k: v for k, v in clip_tower_config(d, "text").items() if k != "model_type"}
     text_cfg = dataclasses.replace(clip.CLIPTextConfig.from_diffusers_config(text_d), projection_dim=proj)
     state, path = checkpoint_files.load_state_dict(checkpoint_files.find_weight_files(folder, "model"))
     towers = {}
