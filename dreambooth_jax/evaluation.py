@@ -75,6 +75,9 @@ class Encoders:
         dino, dino_params = vision.load_vit(dino_dir, dtype=dtype)
         clip_vision, vision_params, clip_text, text_params = vision.load_clip_model(clip_dir, dtype=dtype)
         self.tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+        # A folder without tokenizer_config.json leaves model_max_length at 1e30: use the model's length.
+        self.tokenizer.model_max_length = min(self.tokenizer.model_max_length,
+                                              clip_text.config.max_position_embeddings)
         self.models = {"dino": dino_model, "clip": clip_model}
 
         put = lambda tree: parallel.put_replicated(tree, self.mesh)  # noqa: E731
