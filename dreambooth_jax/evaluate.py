@@ -28,10 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_dir", default=None, help="TFDS data_dir of --dataset (default: ~/tensorflow_datasets)")
     p.add_argument("--dataset_manual_dir", default=None,
                    help="local copy of the DreamBooth dataset to build --dataset from offline")
-    p.add_argument("--dino_model", default=DEFAULT_DINO_MODEL, help="DINO ViT: Hub id or local folder")
-    p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP model: Hub id or local folder")
+    p.add_argument("--dino_model", default=DEFAULT_DINO_MODEL, help="DINO ViT: Hub id or local folder (default: %(default)s)")
+    p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP model: Hub id or local folder (default: %(default)s)")
     p.add_argument("--unique_token", default="sks",
-                   help="removed from the prompts CLIP-T compares with ('' keeps them as generated)")
+                   help="removed from the prompts CLIP-T compares with; '' keeps them as generated "
+                        "(default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=None, help="images per compiled call (default 16 per device)")
     p.add_argument("--output", default=None, help="JSON file to write (default: IMAGES/metrics.json)")
     return p
