@@ -80,8 +80,9 @@ def find_weight_files(folder: str, stem: str, variant: str | None = None) -> lis
 def _pickled_weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
     """`pytorch_model[.variant].bin` (or its shards, via the `.bin.index.json`) when there is no safetensors
     file: read without torch by `torch_pickle`."""
-    name = ("pytorch_model" if stem == "model" else stem) + (f".{variant}" if variant else "") + ".bin"
-    index = os.path.join(folder, name + ".index.json")
+    base, tag = ("pytorch_model" if stem == "model" else stem), (f".{variant}" if variant else "")
+    name = f"{base}{tag}.bin"
+    index = os.path.join(folder, f"{base}.bin.index{tag}.json")  # transformers' names: x.bin.index.fp16.json
     if os.path.isfile(index):
         paths = [os.path.join(folder, s) for s in sorted(set(read_json(index)["weight_map"].values()))]
         missing = [p for p in paths if not os.path.isfile(p)]

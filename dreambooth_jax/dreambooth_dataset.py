@@ -168,8 +168,13 @@ class Subject:
         return f"a photo of {unique_token} {self.class_name}"
 
     def write_images(self, folder: str) -> str:
-        """Writes the images (their original encoded bytes) into `folder`; returns it. Idempotent."""
+        """Makes `folder` hold exactly the subject's images (their original encoded bytes); returns it.
+        Idempotent; other files there (e.g. another subject's, from an earlier run) are removed."""
         os.makedirs(folder, exist_ok=True)
+        mine = {name for name, _ in self.images}
+        for stale in set(os.listdir(folder)) - mine:
+            if os.path.isfile(os.path.join(folder, stale)):
+                os.remove(os.path.join(folder, stale))
         for name, data in self.images:
             path = os.path.join(folder, name)
             if not (os.path.isfile(path) and os.path.getsize(path) == len(data)):
@@ -202,7 +207,25 @@ def load_builder(data_dir: str | None = None, manual_dir: str | None = None) -> 
     if manual_dir is not None and find_source_root(manual_dir) is None:
         raise FileNotFoundError(f"{manual_dir}: not a copy of the DreamBooth dataset (no {INDEX_FILE} in it or "
                                 "in its dataset/ folder)")
+    import jax
+
+    from dreambooth_jax import parallel
+
+    # On several hosts process 0 builds first (a shared data_dir must not be written by all at once); the
+    # others then find it built, or build their own copy where data_dir is local to each host.
+    if jax.process_index() != 0:
+        parallel.barrier("dreambooth dataset")
+    builder = _prepare(data_dir, manual_dir)
+    if jax.process_index() == 0:
+        parallel.barrier("dreambooth dataset")
+    return builder
+
+
+def _prepare(data_dir: str | None, manual_dir: str | None) -> Dreambooth:
     builder = Dreambooth(data_dir=data_dir, file_format="array_record")
+    if builder.is_prepared() and manual_dir:
+        log.info("using the %r dataset already built in %s (delete that folder to rebuild it from %s)", NAME,
+                 builder.data_dir, manual_dir)
     if not builder.is_prepared():
         log.info("building the TFDS dataset %r in %s from %s (once)", NAME, builder.data_dir,
                  manual_dir or SOURCE_URL)

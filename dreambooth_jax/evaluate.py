@@ -88,6 +88,9 @@ def read_real(args) -> tuple[list, str]:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
+    from dreambooth_jax.parallel import maybe_initialize_distributed
+
+    maybe_initialize_distributed()  # before anything touches a device
     files, prompts = read_generated(args.images)
     real, real_source = read_real(args)
 
@@ -103,7 +106,7 @@ def main(argv=None) -> None:
     encoders = evaluation.Encoders(args.dino_model, args.clip_model, batch_size=args.batch_size)
     result = evaluation.evaluate(encoders, generated, prompts, real, files=[os.path.basename(f) for f in files],
                                  unique_token=args.unique_token or None,
-                                 info={"images": args.images, "real_images": real_source})
+                                 info={"images_dir": args.images, "real_source": real_source})
     output = args.output or os.path.join(args.images, "metrics.json")
     table = evaluation.markdown_table(result)
     if jax.process_index() == 0:

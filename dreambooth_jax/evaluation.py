@@ -80,8 +80,12 @@ class Encoders:
                                               clip_text.config.max_position_embeddings)
         self.models = {"dino": dino_model, "clip": clip_model}
 
-        put = lambda tree: parallel.put_replicated(tree, self.mesh)  # noqa: E731
-        self._params = {"dino": put(dino_params), "clip_image": put(vision_params), "clip_text": put(text_params)}
+        # Kept on the host, placed on the devices at the first use (and freed by `release`), so that a caller
+        # can load the encoders early, to fail fast, without holding device memory meanwhile.
+        host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
+        self._host_params = {"dino": host(dino_params), "clip_image": host(vision_params),
+                             "clip_text": host(text_params)}
+        self._params = None
         self._fns = {
             "dino": jax.jit(lambda p, x: _l2_normalize(dino.apply({"params": p}, x.astype(dtype)).cls)),
             "clip_image": jax.jit(lambda p, x: _l2_normalize(clip_vision.apply({"params": p}, x.astype(dtype))
@@ -89,7 +93,13 @@ class Encoders:
             "clip_text": jax.jit(lambda p, ids: _l2_normalize(clip_text.apply({"params": p}, ids).text_embeds)),
         }
 
+    def release(self) -> None:
+        """Frees the device copies of the weights (they are placed again at the next use)."""
+        self._params = None
+
     def _run(self, name: str, inputs: np.ndarray) -> np.ndarray:
+        if self._params is None:
+            self._params = parallel.put_replicated(self._host_params, self.mesh)
         out = []
         for start in range(0, len(inputs), self.batch_size):
             chunk = inputs[start : start + self.batch_size]

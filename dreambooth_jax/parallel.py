@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize()` on multi-host runs (TPU pod slices, or a coordinator given by env).
+
+    Every entry point calls it first: it must run before anything touches a device.
+    """
+    multi = os.environ.get("JAX_COORDINATOR_ADDRESS") or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def barrier(name: str) -> None:
+    """All processes wait here for each other (a no-op on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def data_mesh(devices=None) -> Mesh:

@@ -15,6 +15,7 @@ interrupted one continues from its last checkpoint. Trainer options go after `--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -98,6 +99,9 @@ def train_subject(args, trainer_args, subject, seed: int, model_dir: str):
     from dreambooth_jax.train_config import parse_args as parse_train_args
 
     cfg = parse_train_args(train_args(args, trainer_args, subject, seed, model_dir))
+    if cfg.use_lora and not cfg.merge_lora:  # images are sampled from a full pipeline: export one
+        log.info("--use_lora: adding --merge_lora, to sample from the pipeline with the adapters merged in")
+        cfg = dataclasses.replace(cfg, merge_lora=True)
     if os.path.isfile(os.path.join(model_dir, "model_index.json")):
         log.info("%s seed %d: trained pipeline found in %s", subject.name, seed, model_dir)
         return cfg
@@ -228,8 +232,29 @@ def _settings(args, trainer_args) -> dict:
             "clip_model": args.clip_model}
 
 
-def run_one(args, trainer_args, subject, seed: int, real: list, encoders) -> tuple[dict, np.ndarray]:
-    """Train, sample and score one (subject, seed); returns (its metrics JSON, the uint8 images)."""
+def check_run_settings(run_dir: str, settings: dict) -> None:
+    """Records the settings of a run in `run_dir/settings.json`, or checks that they are those it was started
+    with: a rerun into the same --output_dir with other settings must not mix old and new results."""
+    import jax
+
+    from dreambooth_jax.checkpoint_files import read_json, write_json
+
+    path = os.path.join(run_dir, "settings.json")
+    run = {k: v for k, v in settings.items() if k != "seeds"}
+    if os.path.isfile(path):
+        before = read_json(path)
+        changed = sorted(k for k in set(before) | set(run) if before.get(k) != run.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {before.get(k)!r} -> {run.get(k)!r}" for k in changed)
+            raise ValueError(f"{run_dir} was started with other settings ({diff}); use another --output_dir, or "
+                             f"delete {run_dir} to redo it")
+    elif jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(path, run, sort_keys=False)
+
+
+def run_one(args, trainer_args, subject, seed: int, real: list, encoders) -> dict:
+    """Train, sample and score one (subject, seed); returns its metrics JSON."""
     import jax
 
     from dreambooth_jax.checkpoint_files import write_json
@@ -241,6 +266,7 @@ def run_one(args, trainer_args, subject, seed: int, real: list, encoders) -> tup
     result = evaluation.evaluate(encoders, list(generated), prompts, real, unique_token=args.unique_token,
                                  files=files, info={"subject": subject.name, "class_name": subject.class_name,
                                                     "seed": seed})
+    encoders.release()  # device memory back to the next subject's training
     metrics = result.to_json()
     if jax.process_index() == 0:
         with open(os.path.join(run_dir, "metrics.md"), "w", encoding="utf-8") as f:
@@ -248,7 +274,23 @@ def run_one(args, trainer_args, subject, seed: int, real: list, encoders) -> tup
         write_json(os.path.join(run_dir, "metrics.json"), metrics, sort_keys=False)  # last: the run is finished
         if not args.keep_models:
             shutil.rmtree(model_dir, ignore_errors=True)
-    return metrics, generated
+    return metrics
+
+
+def write_contact_sheet(args, name: str, real: list) -> None:
+    """`<subject>/contact_sheet.png` from the images on disk of the subject's first seed that has them."""
+    from dreambooth_jax.data import read_image
+    from dreambooth_jax.images import save_png
+
+    for seed in args.seeds:
+        samples = os.path.join(args.output_dir, name, f"seed{seed}", "samples")
+        files = sorted(f for f in os.listdir(samples) if f[:5].isdigit()) if os.path.isdir(samples) else []
+        if files:
+            generated = [read_image(os.path.join(samples, f)) for f in files]
+            save_png(subject_sheet(real, generated, args.num_images_per_prompt) / 255.0,
+                     os.path.join(args.output_dir, name, "contact_sheet.png"),
+                     {"subject": name, "rows": "real photos, then one row per prompt", "seed": seed})
+            return
 
 
 def main(argv=None) -> None:
@@ -259,8 +301,9 @@ def main(argv=None) -> None:
 
     from dreambooth_jax import dreambooth_dataset
     from dreambooth_jax.checkpoint_files import read_json
-    from dreambooth_jax.images import save_png
+    from dreambooth_jax.parallel import maybe_initialize_distributed
 
+    maybe_initialize_distributed()  # before anything touches a device
     builder = dreambooth_dataset.load_builder(args.dataset_dir, args.dataset_manual_dir)
     known = dreambooth_dataset.subject_names(builder)
     names = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else known
@@ -269,33 +312,34 @@ def main(argv=None) -> None:
         raise ValueError(f"--subjects: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
     os.makedirs(args.output_dir, exist_ok=True)
     settings = _settings(args, trainer_args)
-    metrics_path = lambda name, seed: os.path.join(args.output_dir, name, f"seed{seed}", "metrics.json")  # noqa: E731
-    pending = [(n, s) for n in names for s in args.seeds if not os.path.isfile(metrics_path(n, s))]
+    run_dir = lambda name, seed: os.path.join(args.output_dir, name, f"seed{seed}")  # noqa: E731
+    for name in names:
+        for seed in args.seeds:
+            check_run_settings(run_dir(name, seed), settings)
+    pending = [(n, s) for n in names for s in args.seeds
+               if not os.path.isfile(os.path.join(run_dir(n, s), "metrics.json"))]
     print(f"{len(names)} subject(s) x {len(args.seeds)} seed(s): {len(pending)} run(s) to do", file=sys.stderr)
-    # Loaded first, so that a wrong --dino_model / --clip_model fails before hours of training.
+    # Loaded first (on the host), so that a wrong --dino_model / --clip_model fails before hours of training.
     encoders = evaluation.Encoders(args.dino_model, args.clip_model) if pending else None
 
     runs, t_start = {}, time.perf_counter()
     for i, name in enumerate(names):
         subject = dreambooth_dataset.load_subject(builder, name)
-        real, sheet_images = subject.decoded_images(), None
+        real = subject.decoded_images()
         for seed in args.seeds:
             tag = f"[{i + 1}/{len(names)}] {name} seed {seed}"
             if (name, seed) not in pending:
                 print(f"{tag}: done before, skipped", file=sys.stderr)
-                runs.setdefault(name, {})[seed] = read_json(metrics_path(name, seed))
+                runs.setdefault(name, {})[seed] = read_json(os.path.join(run_dir(name, seed), "metrics.json"))
                 continue
             t0 = time.perf_counter()
-            metrics, generated = run_one(args, trainer_args, subject, seed, real, encoders)
-            runs.setdefault(name, {})[seed] = metrics
-            sheet_images = generated if sheet_images is None else sheet_images
+            metrics = runs.setdefault(name, {})[seed] = run_one(args, trainer_args, subject, seed, real, encoders)
             print(f"{tag}: " + ", ".join(f"{evaluation.METRIC_NAMES[m]} {metrics['overall'][m]['mean']:.3f}"
                                          for m in METRICS) + f" ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
         if jax.process_index() == 0:
-            if sheet_images is not None:
-                save_png(subject_sheet(real, sheet_images, args.num_images_per_prompt) / 255.0,
-                         os.path.join(args.output_dir, name, "contact_sheet.png"),
-                         {"subject": name, "rows": "real photos, then one row per prompt", "seed": args.seeds[0]})
+            if not os.path.isfile(os.path.join(args.output_dir, name, "contact_sheet.png")) or any(
+                    (name, seed) in pending for seed in args.seeds):
+                write_contact_sheet(args, name, real)
             path = write_results(args.output_dir, runs, settings)
     if jax.process_index() == 0:
         with open(path, encoding="utf-8") as f:

@@ -28,11 +28,20 @@ class _StorageType:
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     size, stride = tuple(size), tuple(stride)
-    if not size:
-        return np.array(storage[offset])  # 0-d array, not a NumPy scalar
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, *size, *stride))
+    if not ints or len(size) != len(stride) or offset < 0 or min((*size, *stride), default=0) < 0:
+        raise pickle.UnpicklingError(f"invalid tensor layout: offset {offset!r}, size {size}, stride {stride}")
+    numel = int(np.prod(size, dtype=np.int64))
+    # The last element the view reaches must lie inside the storage: a file must not make us read beyond it.
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+    if numel and last >= len(storage):
+        raise pickle.UnpicklingError(f"tensor of size {size}, stride {stride}, offset {offset} reaches past its "
+                                     f"storage of {len(storage)} elements")
+    if not numel:
+        return np.zeros(size, storage.dtype)
     item = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=[s * item for s in stride])
-    return np.ascontiguousarray(view)
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=[st * item for st in stride])
+    return np.array(view, order="C")  # a copy: writable, and independent of the archive's bytes
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None):

@@ -18,16 +18,10 @@ import jax.numpy as jnp
 
 from dreambooth_jax import parallel
 from dreambooth_jax.cli import setup_logging
+from dreambooth_jax.parallel import maybe_initialize_distributed
 from dreambooth_jax.train_config import TrainConfig, parse_args
 
 log = logging.getLogger("dreambooth_jax.train")
-
-
-def maybe_initialize_distributed() -> None:
-    """`jax.distributed.initialize()` on multi-host runs (TPU pod slices, or a coordinator given by env)."""
-    multi = os.environ.get("JAX_COORDINATOR_ADDRESS") or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
 
 
 @dataclasses.dataclass
@@ -157,6 +151,7 @@ def run(cfg: TrainConfig) -> Run:
         ckpt.close()
     if int(state.step) >= max_steps:
         loop.export(state)
+        parallel.barrier("export")  # the others wait until process 0 has written the pipeline
     loop.finish()
     return Run(state=state, output_dir=cfg.output_dir, steps=int(state.step), metrics=metrics, summary=loop.summary)
 

@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -168,7 +169,7 @@ def load_preset(name_or_path: str) -> dict:
 
 
 _SUBJECT_OPTIONS = ("dataset", "instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt",
-                    "concepts_list")
+                    "concepts_list", "validation_prompt")
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -231,7 +232,8 @@ def resolve_dataset(cfg: TrainConfig) -> TrainConfig:
     resolved = dataclasses.replace(
         cfg, instance_data_dir=folder, instance_prompt=cfg.instance_prompt or subject.instance_prompt(),
         class_prompt=cfg.class_prompt or f"a photo of {subject.class_name}",
-        class_data_dir=cfg.class_data_dir or os.path.join(cfg.output_dir, "class_images"))
+        class_data_dir=cfg.class_data_dir or os.path.join(cfg.output_dir, "class_images",
+                                                           re.sub(r"\W", "_", subject.class_name)))
     logging.getLogger("dreambooth_jax.train").info(
         "--dataset %s: %d photos of a %s in %s; instance prompt %r, class prompt %r", cfg.dataset,
         len(subject.images), subject.class_name, folder, resolved.instance_prompt, resolved.class_prompt)

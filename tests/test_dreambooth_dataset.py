@@ -80,8 +80,15 @@ def test_trainer_dataset_option_fills_in_the_subject(builder, copy_dir, tmp_path
     resolved = resolve_dataset(cfg)
     assert resolved.instance_prompt == "a photo of sks teapot"
     assert resolved.class_prompt == "a photo of teapot"
-    assert resolved.class_data_dir == str(tmp_path / "out" / "class_images")
+    assert resolved.class_data_dir == str(tmp_path / "out" / "class_images" / "teapot")
     assert sorted(os.listdir(resolved.instance_data_dir)) == ["00.jpg", "01.jpg", "02.jpg"]
+    # Another subject into the same output folder: only its own photos are left there.
+    (tmp_path / "out" / "instance_images" / "stale.jpg").write_bytes(b"x")
+    dog = resolve_dataset(TrainConfig(**{**cfg.__dict__, "dataset": "dreambooth:bear_plushie"}))
+    assert sorted(os.listdir(dog.instance_data_dir)) == ["00.jpg", "01.jpg", "02.jpg"]
+    assert dog.class_data_dir.endswith(os.path.join("class_images", "stuffed_animal"))
+    with open(os.path.join(dog.instance_data_dir, "00.jpg"), "rb") as f:
+        assert f.read() == dreambooth_dataset.load_subject(builder, "bear_plushie").images[0][1]
     custom = resolve_dataset(TrainConfig(**{**cfg.__dict__, "instance_prompt": "a zwx teapot"}))
     assert custom.instance_prompt == "a zwx teapot"
 

@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
     return root, args
 
 
-def test_reproduce_two_subjects_then_skips_them(setup, monkeypatch, capsys):
+def test_reproduce_two_subjects_then_skips_them_and_keeps_settings(setup, monkeypatch, capsys):
     root, args = setup
     out = root / "out"
     reproduce.main(args)
@@ -66,10 +66,11 @@ def test_reproduce_two_subjects_then_skips_them(setup, monkeypatch, capsys):
     assert "dog seed 0: done before, skipped" in capsys.readouterr().err
     with open(out / "results.json") as f:
         assert json.load(f)["subjects"] == results["subjects"]
+    assert json.loads((out / "dog" / "seed0" / "settings.json").read_text())["num_inference_steps"] == 2
 
-
-def test_reproduce_rejects_unknown_subjects(setup):
-    _, args = setup
+    # Other settings into the same folder are refused, not mixed with the old results; bad options too.
+    with pytest.raises(ValueError, match=r"dog/seed0 was started with other settings \(num_inference_steps: 2 -> 3\)"):
+        reproduce.main([*args, "--num_inference_steps", "3"])
     with pytest.raises(ValueError, match="unknown dog6; known: dog, teapot"):
         reproduce.main([*args, "--subjects", "dog6"])
     with pytest.raises(SystemExit):

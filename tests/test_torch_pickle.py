@@ -52,3 +52,13 @@ def test_refuses_anything_but_tensors(tmp_path):
     assert not zipfile.is_zipfile(legacy)
     with pytest.raises(ValueError, match="legacy pre-1.6 files are not supported"):
         torch_pickle.load_file(str(legacy))
+
+
+def test_rejects_layouts_that_reach_past_the_storage():
+    storage = np.arange(4, dtype=np.float32)
+    assert torch_pickle._rebuild_tensor(storage, 1, (3,), (1,)).tolist() == [1, 2, 3]
+    assert torch_pickle._rebuild_tensor(storage, 0, (0, 5), (5, 1)).shape == (0, 5)
+    for offset, size, stride in ((0, (65536,), (1,)), (2, (3,), (1,)), (-1, (2,), (1,)), (0, (2, 2), (3, 1)),
+                                 (0, (2,), (-1,))):
+        with pytest.raises(pickle.UnpicklingError, match="past its storage|invalid tensor layout"):
+            torch_pickle._rebuild_tensor(storage, offset, size, stride)

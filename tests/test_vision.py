@@ -141,3 +141,16 @@ def test_legacy_openai_config_formats():
 
     ref = CLIPConfig(text_config={"hidden_size": 512}, text_config_dict={"hidden_size": 768})
     assert ref.text_config.hidden_size == 768
+
+
+@pytest.mark.parametrize("kind", ["clip", "vit"])
+def test_missing_processor_keys_take_the_processor_classes_defaults(kind):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    proc, name = (CLIPImageProcessorPil(), "CLIPImageProcessor") if kind == "clip" else (ViTImageProcessorPil(),
+                                                                                         "ViTImageProcessor")
+    cfg = vision.ImagePreprocessing.from_processor_config({"image_processor_type": name})  # nothing else given
+    images = _images()
+    expected = np.stack([proc(images=im, return_tensors="np")["pixel_values"][0] for im in images])
+    np.testing.assert_allclose(vision.preprocess(images, cfg), expected.transpose(0, 2, 3, 1), atol=PREPROCESS_TOL)

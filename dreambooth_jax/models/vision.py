@@ -50,11 +50,14 @@ class ImagePreprocessing:
 
     @classmethod
     def from_processor_config(cls, d: dict) -> ImagePreprocessing:
-        """Reads a `preprocessor_config.json` dict (square sizes only; resize/normalize must be on)."""
+        """Reads a `preprocessor_config.json` dict (square sizes only; resize/normalize must be on). Missing
+        keys take the defaults of the processor class it names (`CLIPImageProcessor` or `ViTImageProcessor`)."""
         for key in ("do_resize", "do_rescale", "do_normalize"):
             if not d.get(key, True):
                 raise ValueError(f"{key}=False is not supported")
-        size = d.get("size", 224)
+        kind = str(d.get("image_processor_type") or d.get("feature_extractor_type") or "")
+        base = CLIP_PREPROCESSING if "CLIP" in kind else VIT_PROCESSOR_DEFAULTS
+        size = d.get("size", base.size)
         if isinstance(size, dict) and "shortest_edge" in size:
             shortest, size = True, size["shortest_edge"]
         elif isinstance(size, dict):
@@ -62,21 +65,20 @@ class ImagePreprocessing:
                 raise ValueError(f"size={size} is not supported; expected a square")
             shortest, size = False, size["height"]
         else:  # an int (old `*FeatureExtractor` configs): a square for ViT, the shortest edge for CLIP, as
-            # each processor's `get_size_dict(default_to_square=...)` reads it
-            kind = str(d.get("image_processor_type") or d.get("feature_extractor_type") or "")
-            shortest = "CLIP" in kind
-        crop = d.get("crop_size") if d.get("do_center_crop", False) else None
+            shortest = base.shortest_edge  # each processor's `get_size_dict(default_to_square=...)` reads it
+        crop = d.get("crop_size", base.crop_size) if d.get("do_center_crop", base.crop_size is not None) else None
         if isinstance(crop, dict):
             if crop["height"] != crop["width"]:
                 raise ValueError(f"crop_size={crop} is not supported; expected a square")
             crop = crop["height"]
-        return cls(size=size, shortest_edge=shortest, crop_size=crop, resample=int(d.get("resample", BILINEAR)),
-                   mean=tuple(d.get("image_mean", cls.mean)), std=tuple(d.get("image_std", cls.std)))
+        return cls(size=size, shortest_edge=shortest, crop_size=crop, resample=int(d.get("resample", base.resample)),
+                   mean=tuple(d.get("image_mean", base.mean)), std=tuple(d.get("image_std", base.std)))
 
 
 # facebook/dino-vits16's preprocessor_config.json: 224 x 224 bilinear, ImageNet mean/std (not the 0.5/0.5 of
 # `ViTImageProcessor`'s own defaults). openai/clip-vit-base-patch32's: `CLIPImageProcessor` defaults.
 DINO_PREPROCESSING = ImagePreprocessing()
+VIT_PROCESSOR_DEFAULTS = ImagePreprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # `ViTImageProcessor()`
 CLIP_PREPROCESSING = ImagePreprocessing(shortest_edge=True, crop_size=224, resample=BICUBIC, mean=OPENAI_CLIP_MEAN,
                                         std=OPENAI_CLIP_STD)
 
