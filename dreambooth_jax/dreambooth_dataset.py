@@ -221,12 +221,23 @@ def load_builder(data_dir: str | None = None, manual_dir: str | None = None) -> 
     return builder
 
 
+_REPORTED: set[str] = set()  # data_dirs already said to be reused, once per process
+
+
 def _prepare(data_dir: str | None, manual_dir: str | None) -> Dreambooth:
-    builder = Dreambooth(data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared() and manual_dir:
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json": TFDS probing a fresh data_dir
+    try:
+        builder = Dreambooth(data_dir=data_dir, file_format="array_record")
+        prepared = builder.is_prepared()
+    finally:
+        absl.setLevel(level)
+    if prepared and manual_dir and os.fspath(builder.data_dir) not in _REPORTED:
+        _REPORTED.add(os.fspath(builder.data_dir))
         log.info("using the %r dataset already built in %s (delete that folder to rebuild it from %s)", NAME,
                  builder.data_dir, manual_dir)
-    if not builder.is_prepared():
+    if not prepared:
         log.info("building the TFDS dataset %r in %s from %s (once)", NAME, builder.data_dir,
                  manual_dir or SOURCE_URL)
         config = tfds.download.DownloadConfig(manual_dir=manual_dir)
@@ -236,6 +247,7 @@ def _prepare(data_dir: str | None, manual_dir: str | None) -> Dreambooth:
         finally:
             tfds.display_progress_bar(True)
         log.info("built %d subjects", len(builder.info.splits))
+        _REPORTED.add(os.fspath(builder.data_dir))
     return builder
 
 

@@ -29,7 +29,7 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
     ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="np").input_ids
     distinct = list(dict.fromkeys(prompts))
-    full = tokenizer(distinct, padding="longest", return_tensors="np").input_ids
+    full = tokenizer(distinct, padding="longest", return_tensors="np", verbose=False).input_ids  # we warn below
     if full.shape[-1] > max_length:
         truncated = []
         for prompt, row in zip(distinct, full):
