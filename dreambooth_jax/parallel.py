@@ -12,12 +12,19 @@ DATA_AXIS = "data"
 
 
 def maybe_initialize_distributed() -> None:
-    """`jax.distributed.initialize()` on multi-host runs (TPU pod slices, or a coordinator given by env).
-
-    Every entry point calls it first: it must run before anything touches a device.
-    """
-    multi = os.environ.get("JAX_COORDINATOR_ADDRESS") or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if multi and not jax.distributed.is_initialized():
+    """`jax.distributed.initialize()` on multi-process runs; every entry point calls it before anything touches
+    a device. Multi-process means: `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES` and
+    `JAX_PROCESS_ID` where JAX cannot detect them), or a TPU pod slice, or a SLURM / Open MPI job of several
+    tasks (JAX detects the rest)."""
+    env = os.environ
+    if jax.distributed.is_initialized():
+        return
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+                  if env.get(v)}
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], **kwargs)
+    elif ("," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("SLURM_NTASKS", "1")) > 1
+          or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
         jax.distributed.initialize()
 
 

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -118,25 +119,51 @@ def test_gradient_accumulation_2x2_equals_batch_4(tiny_pipelines, instance_dir, 
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
-def test_one_device_equals_eight_devices(tiny_pipelines, instance_dir, class_dir, tmp_path):
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_one_device_equals_two_processes_of_four_devices(tiny_pipelines, instance_dir, class_dir, tmp_path):
+    """Data parallel over 8 devices in 2 processes (JAX's multi-process runtime on CPU, gloo collectives):
+    per-host batch slices, Orbax checkpoints from both processes, the export by process 0 and the validation
+    sampler's all-gather; the weights equal a one-device run of the same global batch."""
     kw = dict(max_train_steps=2, with_prior_preservation=True, class_data_dir=class_dir,
               class_prompt="a photo of toy", num_class_images=4, train_text_encoder=True, **WELL_CONDITIONED)
     one = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "one", train_batch_size=8, **kw))
-    cfg8 = train_cfg(tiny_pipelines, instance_dir, tmp_path / "eight", train_batch_size=1, **kw)
-    out = tmp_path / "eight.npz"
+    multi = tmp_path / "multi"
+    cfg = train_cfg(tiny_pipelines, instance_dir, multi, train_batch_size=1, checkpointing_steps=1,
+                    validation_prompt=PROMPT, validation_steps=2, num_validation_images=2,
+                    validation_inference_steps=2, **kw)
+    out = tmp_path / "multi.npz"
     code = ("import jax, numpy as np\nfrom dreambooth_jax.train import run\n"
-            "from dreambooth_jax.train_config import TrainConfig\nassert jax.device_count() == 8\n"
-            f"r = run(TrainConfig(**{dataclasses.asdict(cfg8)!r}))\n"
-            "leaves = jax.tree.leaves(jax.device_get(r.state.params))\n"
-            f"np.savez({str(out)!r}, *leaves)\n")
-    env = {**os.environ, "XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=8"),
-           "JAX_PLATFORMS": "cpu"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
-    eight = np.load(out)
+            "from dreambooth_jax.train_config import TrainConfig\n"
+            f"r = run(TrainConfig(**{dataclasses.asdict(cfg)!r}))\n"
+            "assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4\n"
+            "if jax.process_index() == 0:\n"
+            "    np.savez(" + repr(str(out)) + ", *[np.asarray(x.addressable_data(0)) "
+            "for x in jax.tree.leaves(r.state.params)])\n")
+    env = {**os.environ, "XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=4"),
+           "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}", "JAX_NUM_PROCESSES": "2",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+    multi_params = np.load(out)
     ours = jax.tree.leaves(jax.device_get(one.state.params))
-    assert len(ours) == len(eight.files)
+    assert len(ours) == len(multi_params.files)
     for i, x in enumerate(ours):  # as in the accumulation test: only summation order differs
-        np.testing.assert_allclose(eight[f"arr_{i}"], x, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(multi_params[f"arr_{i}"], x, rtol=1e-5, atol=1e-7)
+    assert sorted(os.listdir(multi / "checkpoints")) == ["1", "2"]
+    assert os.path.isfile(multi / "model_index.json")
+    assert sorted(os.listdir(multi / "validation")) == ["step-000002.png"]
 
 
 def test_sigterm_then_resume_is_bit_identical(tiny_pipelines, instance_dir, tmp_path, monkeypatch):
