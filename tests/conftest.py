@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 
@@ -25,6 +27,27 @@ os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "-
 def xla_flags_with(*flags: str) -> str:
     """This session's XLA_FLAGS plus `flags` (for test subprocesses, e.g. 8 simulated devices)."""
     return " ".join([os.environ["XLA_FLAGS"], *flags])
+
+
+def run_processes(argv: list[str], *, processes: int = 2, devices: int = 2, timeout: float = 600) -> list[str]:
+    """Runs `python ARGV` as the processes of one JAX multi-process job on CPU (gloo collectives, `devices`
+    simulated devices each) and returns their outputs; fails the test with the log of a process that failed."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": xla_flags_with(f"--xla_force_host_platform_device_count={devices}"),
+           "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+           "JAX_NUM_PROCESSES": str(processes), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    procs = [subprocess.Popen([sys.executable, *argv], env={**env, "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+    return logs
 
 
 @pytest.fixture(scope="session")

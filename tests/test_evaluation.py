@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import xla_flags_with
+from conftest import run_processes, xla_flags_with
 
 from dreambooth_jax import evaluate as evaluate_cli
 from dreambooth_jax import evaluation, images, tiny
@@ -156,28 +156,13 @@ def test_evaluate_cli_reads_png_metadata_and_prompts_jsonl(encoder_dirs, tmp_pat
 def test_evaluate_cli_in_two_processes(encoder_dirs, tmp_path):
     """Two processes of two devices (JAX's multi-process runtime on CPU): the TFDS build behind a barrier, the
     encoders data parallel across processes, one writer; the scores equal a single-process run."""
-    import socket
-
     samples, copy = str(tmp_path / "samples"), tiny.make_tiny_dataset(str(tmp_path / "copy"))
     _write_samples(samples, ["a sks dog in the snow", "a red sks dog", "a red sks dog"])
     args = ["--images", samples, "--dataset", "dreambooth:dog", "--dataset_dir", str(tmp_path / "tfds"),
             "--dataset_manual_dir", copy, "--dino_model", encoder_dirs[0], "--clip_model", encoder_dirs[1],
             "--batch_size", "4"]
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=2"),
-           "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-    procs = [subprocess.Popen([sys.executable, "-m", "dreambooth_jax.evaluate", *args, "--output",
-                               str(tmp_path / "multi.json")], env={**env, "JAX_PROCESS_ID": str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    logs = run_processes(["-m", "dreambooth_jax.evaluate", *args, "--output", str(tmp_path / "multi.json")],
+                         timeout=300)
     assert logs[0].count("| **all prompts** |") == 1 and "| **all prompts** |" not in logs[1]  # one writer
     evaluate_cli.main([*args, "--output", str(tmp_path / "single.json")])
     with open(tmp_path / "multi.json") as f, open(tmp_path / "single.json") as g:

@@ -8,14 +8,11 @@ import functools
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import xla_flags_with
+from conftest import run_processes
 from train_helpers import PROMPT, draw_images, fixed_eval_loss, train_cfg
 
 from dreambooth_jax import noise_schedule, train_step
@@ -119,12 +116,6 @@ def test_gradient_accumulation_2x2_equals_batch_4(tiny_pipelines, instance_dir, 
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
-
-
 def test_one_device_equals_two_processes_of_four_devices(tiny_pipelines, instance_dir, class_dir, tmp_path):
     """Data parallel over 8 devices in 2 processes (JAX's multi-process runtime on CPU, gloo collectives):
     per-host batch slices, Orbax checkpoints from both processes, the export by process 0 and the validation
@@ -144,18 +135,7 @@ def test_one_device_equals_two_processes_of_four_devices(tiny_pipelines, instanc
             "if jax.process_index() == 0:\n"
             "    np.savez(" + repr(str(out)) + ", *[np.asarray(x.addressable_data(0)) "
             "for x in jax.tree.leaves(r.state.params)])\n")
-    env = {**os.environ, "XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=4"),
-           "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}", "JAX_NUM_PROCESSES": "2",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "JAX_PROCESS_ID": str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:]}"
+    run_processes(["-c", code], devices=4)
     multi_params = np.load(out)
     ours = jax.tree.leaves(jax.device_get(one.state.params))
     assert len(ours) == len(multi_params.files)
