@@ -164,6 +164,11 @@ class Subject:
     def prompts(self, unique_token: str = UNIQUE_TOKEN) -> list[str]:
         return format_prompts(self.prompt_templates, self.class_name, unique_token)
 
+    @property
+    def class_folder(self) -> str:
+        """A folder name for the subject's class images: 'stuffed animal' -> 'stuffed_animal'."""
+        return re.sub(r"\W", "_", self.class_name)
+
     def instance_prompt(self, unique_token: str = UNIQUE_TOKEN) -> str:
         return f"a photo of {unique_token} {self.class_name}"
 
@@ -199,6 +204,11 @@ def parse_spec(spec: str) -> str:
     if name != NAME or not subject:
         raise ValueError(f"--dataset {spec!r}: expected '{NAME}:<subject>', e.g. '{NAME}:dog6'")
     return subject
+
+
+def load_spec(spec: str, data_dir: str | None = None, manual_dir: str | None = None) -> Subject:
+    """The subject a `--dataset dreambooth:<subject>` option names, from the dataset (built on first use)."""
+    return load_subject(load_builder(data_dir, manual_dir), parse_spec(spec))
 
 
 def load_builder(data_dir: str | None = None, manual_dir: str | None = None) -> Dreambooth:

@@ -79,9 +79,7 @@ def read_real(args) -> tuple[list, str]:
         return [read_image(p) for p in list_images(args.real_images)], args.real_images
     from dreambooth_jax import dreambooth_dataset
 
-    name = dreambooth_dataset.parse_spec(args.dataset)
-    subject = dreambooth_dataset.load_subject(
-        dreambooth_dataset.load_builder(args.dataset_dir, args.dataset_manual_dir), name)
+    subject = dreambooth_dataset.load_spec(args.dataset, args.dataset_dir, args.dataset_manual_dir)
     return subject.decoded_images(), args.dataset
 
 

@@ -126,7 +126,8 @@ class Encoders:
 
 
 # ------------------------------------------------------------------------------------------------ the scores
-def _stats(values: np.ndarray) -> dict:
+def stats(values) -> dict:
+    """{'mean', 'std', 'n'} of a sequence of scores."""
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": int(len(values))}
 
 
@@ -147,7 +148,7 @@ def real_baseline(real: dict) -> dict:
     for metric, key in (("dino", "dino"), ("clip_i", "clip")):
         sims = real[key] @ real[key].T
         n = len(sims)
-        out[metric] = _stats(sims[~np.eye(n, dtype=bool)]) if n > 1 else None
+        out[metric] = stats(sims[~np.eye(n, dtype=bool)]) if n > 1 else None
     return out
 
 
@@ -157,8 +158,8 @@ def summarize(scores: dict[str, np.ndarray], prompts: Sequence[str]) -> dict:
     per_prompt = {}
     for prompt in dict.fromkeys(prompts.tolist()):  # first-seen order
         mask = prompts == prompt
-        per_prompt[prompt] = {m: _stats(scores[m][mask]) for m in METRICS}
-    return {"overall": {m: _stats(scores[m]) for m in METRICS}, "per_prompt": per_prompt}
+        per_prompt[prompt] = {m: stats(scores[m][mask]) for m in METRICS}
+    return {"overall": {m: stats(scores[m]) for m in METRICS}, "per_prompt": per_prompt}
 
 
 def strip_token(prompt: str, token: str | None) -> str:
@@ -207,20 +208,21 @@ def evaluate(encoders: Encoders, generated: Sequence[np.ndarray], prompts: Seque
 
 
 # ------------------------------------------------------------------------------------------------- reporting
-def _cell(stats: dict | None) -> str:
-    return "-" if stats is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+def format_stats(values: dict | None) -> str:
+    """'0.668 ± 0.031' for a `stats` dict; '-' when there is nothing (None, or no values)."""
+    return "-" if not values or not values.get("n") else f"{values['mean']:.3f} ± {values['std']:.3f}"
 
 
 def markdown_table(evaluation: Evaluation, *, per_prompt: bool = True) -> str:
     """A readable Markdown table: overall, the real-image baseline, and (optionally) one row per prompt."""
     head = "| | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " | images |\n|---|---|---|---|---|\n"
     s = evaluation.summary
-    rows = ["| **all prompts** | " + " | ".join(_cell(s["overall"][m]) for m in METRICS)
+    rows = ["| **all prompts** | " + " | ".join(format_stats(s["overall"][m]) for m in METRICS)
             + f" | {s['overall']['dino']['n']} |"]
     real = evaluation.real
-    rows.append(f"| real images (pairs) | {_cell(real['dino'])} | {_cell(real['clip_i'])} | - | "
+    rows.append(f"| real images (pairs) | {format_stats(real['dino'])} | {format_stats(real['clip_i'])} | - | "
                 f"{evaluation.info['num_real']} |")
     if per_prompt:
-        rows += [f"| {p} | " + " | ".join(_cell(v[m]) for m in METRICS) + f" | {v['dino']['n']} |"
+        rows += [f"| {p} | " + " | ".join(format_stats(v[m]) for m in METRICS) + f" | {v['dino']['n']} |"
                  for p, v in s["per_prompt"].items()]
     return head + "\n".join(rows) + "\n"

@@ -75,14 +75,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text)
-
-
 def train_args(args, trainer_args: list[str], subject, seed: int, model_dir: str) -> list[str]:
     """The trainer command line of one (subject, seed) run."""
     out = ["--config", args.config, "--dataset", f"dreambooth:{subject.name}", "--output_dir", model_dir,
-           "--class_data_dir", os.path.join(args.output_dir, "class_images", _slug(subject.class_name)),
+           "--class_data_dir", os.path.join(args.output_dir, "class_images", subject.class_folder),
            "--instance_prompt", subject.instance_prompt(args.unique_token), "--seed", str(seed)]
     for flag in ("pretrained_model_name_or_path", "max_train_steps", "dataset_dir", "dataset_manual_dir"):
         if getattr(args, flag) is not None:
@@ -98,7 +94,8 @@ def train_subject(args, trainer_args, subject, seed: int, model_dir: str):
     from dreambooth_jax.train import run
     from dreambooth_jax.train_config import parse_args as parse_train_args
 
-    cfg = parse_train_args(train_args(args, trainer_args, subject, seed, model_dir))
+    argv = train_args(args, trainer_args, subject, seed, model_dir)
+    cfg = parse_train_args(argv)
     if cfg.use_lora and not cfg.merge_lora:  # images are sampled from a full pipeline: export one
         log.info("--use_lora: adding --merge_lora, to sample from the pipeline with the adapters merged in")
         cfg = dataclasses.replace(cfg, merge_lora=True)
@@ -106,7 +103,7 @@ def train_subject(args, trainer_args, subject, seed: int, model_dir: str):
         log.info("%s seed %d: trained pipeline found in %s", subject.name, seed, model_dir)
         return cfg
     log.info("%s seed %d: training (python -m dreambooth_jax.train %s)", subject.name, seed,
-             " ".join(train_args(args, trainer_args, subject, seed, model_dir)))
+             " ".join(argv))
     result = run(cfg)
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
         raise SystemExit(f"error: training of {subject.name} stopped at step {result.steps} (preempted?); "
@@ -160,11 +157,6 @@ def subject_sheet(real: list, generated: np.ndarray, columns: int, thumb: int = 
 
 
 # ------------------------------------------------------------------------------------------------ results
-def _stats(values) -> dict:
-    values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std()), "n": int(values.size)}
-
-
 def summarize(runs: dict) -> dict:
     """Per subject (all its runs' images pooled) and averaged over subjects (std across subjects)."""
     subjects = {}
@@ -172,22 +164,17 @@ def summarize(runs: dict) -> dict:
         first = next(iter(by_seed.values()))
         images = [row for metrics in by_seed.values() for row in metrics["images"]]
         subjects[name] = {"class": first["class_name"], "seeds": sorted(int(s) for s in by_seed),
-                          **{m: _stats([row[m] for row in images]) for m in METRICS},
+                          **{m: evaluation.stats([row[m] for row in images]) for m in METRICS},
                           "real_images": first["real_images"]}
-    average = {m: _stats([s[m]["mean"] for s in subjects.values()]) for m in METRICS} if subjects else {}
-    real = {m: _stats([s["real_images"][m]["mean"] for s in subjects.values() if s["real_images"][m]])
+    average = {m: evaluation.stats([s[m]["mean"] for s in subjects.values()]) for m in METRICS} if subjects else {}
+    real = {m: evaluation.stats([s["real_images"][m]["mean"] for s in subjects.values() if s["real_images"][m]])
             for m in ("dino", "clip_i")} if subjects else {}
     return {"subjects": subjects, "average": average, "real_images": real,
             "paper_table_1": {k: dict(zip(METRICS, v)) for k, v in evaluation.PAPER_TABLE_1.items()}}
 
 
-def _cell(stats: dict | None, std: bool = True) -> str:
-    if not stats or not stats.get("n"):
-        return "-"
-    return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if std else f"{stats['mean']:.3f}"
-
-
 def markdown(results: dict, settings: dict) -> str:
+    cell = evaluation.format_stats
     names = " / ".join(evaluation.METRIC_NAMES[m] for m in METRICS)
     lines = ["# DreamBooth paper reproduction", "",
              f"Model `{settings['model']}`, preset `{settings['config']}`, seeds {settings['seeds']}, "
@@ -195,14 +182,14 @@ def markdown(results: dict, settings: dict) -> str:
              f"guidance {settings['guidance_scale']}. Mean ± std over each subject's generated images.", "",
              "| subject | class | DINO | CLIP-I | CLIP-T | images |", "|---|---|---|---|---|---|"]
     for name, s in results["subjects"].items():
-        lines.append(f"| {name} | {s['class']} | " + " | ".join(_cell(s[m]) for m in METRICS) + f" | {s['dino']['n']} |")
+        lines.append(f"| {name} | {s['class']} | " + " | ".join(cell(s[m]) for m in METRICS) + f" | {s['dino']['n']} |")
     n = len(results["subjects"])
     avg, real = results["average"], results["real_images"]
     lines += ["", f"## Beside the paper's Table 1 ({names}; this run: mean over {n} subject(s) ± std across them)",
               "", "| method | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|",
-              f"| **this run** (DreamBooth, {settings['model']}) | " + " | ".join(_cell(avg.get(m)) for m in METRICS)
+              f"| **this run** (DreamBooth, {settings['model']}) | " + " | ".join(cell(avg.get(m)) for m in METRICS)
               + " |",
-              f"| real images (these subjects) | {_cell(real.get('dino'))} | {_cell(real.get('clip_i'))} | - |"]
+              f"| real images (these subjects) | {cell(real.get('dino'))} | {cell(real.get('clip_i'))} | - |"]
     for method, values in evaluation.PAPER_TABLE_1.items():
         lines.append(f"| paper: {method} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
     return "\n".join(lines) + "\n"

@@ -13,7 +13,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -225,15 +224,12 @@ def resolve_dataset(cfg: TrainConfig) -> TrainConfig:
         return cfg
     from dreambooth_jax import dreambooth_dataset
 
-    name = dreambooth_dataset.parse_spec(cfg.dataset)
-    subject = dreambooth_dataset.load_subject(
-        dreambooth_dataset.load_builder(cfg.dataset_dir, cfg.dataset_manual_dir), name)
+    subject = dreambooth_dataset.load_spec(cfg.dataset, cfg.dataset_dir, cfg.dataset_manual_dir)
     folder = subject.write_images(os.path.join(cfg.output_dir, "instance_images"))
     resolved = dataclasses.replace(
         cfg, instance_data_dir=folder, instance_prompt=cfg.instance_prompt or subject.instance_prompt(),
         class_prompt=cfg.class_prompt or f"a photo of {subject.class_name}",
-        class_data_dir=cfg.class_data_dir or os.path.join(cfg.output_dir, "class_images",
-                                                           re.sub(r"\W", "_", subject.class_name)))
+        class_data_dir=cfg.class_data_dir or os.path.join(cfg.output_dir, "class_images", subject.class_folder))
     logging.getLogger("dreambooth_jax.train").info(
         "--dataset %s: %d photos of a %s in %s; instance prompt %r, class prompt %r", cfg.dataset,
         len(subject.images), subject.class_name, folder, resolved.instance_prompt, resolved.class_prompt)
