@@ -7,8 +7,10 @@ import os
 import sys
 from collections.abc import Callable
 
-# What bad input, missing files and failed runs raise; anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, ValueError, FloatingPointError, OSError)
+# What bad input, missing files, failed runs and configurations we do not support (NotImplementedError, e.g. a
+# scheduler option) raise; anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, ValueError, FloatingPointError, OSError,
+                   NotImplementedError)
 
 
 def run(main: Callable[[], None]) -> None:
