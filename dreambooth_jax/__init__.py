@@ -1,5 +1,11 @@
 """dreambooth_jax: DreamBooth for Stable Diffusion in JAX/Flax.
 
+    import dreambooth_jax as dbj
+    pipe = dbj.load_pipeline("runwayml/stable-diffusion-v1-5", dtype="bf16")
+    images = dbj.generate(pipe, ["a photo of sks dog"], num_inference_steps=30, seed=0)   # float [N, H, W, 3]
+    dbj.save_pipeline(pipe, "out/")                                                      # diffusers layout
+    unet, unet_params = dbj.load_component("out/unet", "unet")
+
 The public API is imported lazily so that `import dreambooth_jax` stays light (and never needs torch).
 """
 
@@ -14,7 +20,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 _LAZY = {
     "load_pipeline": "dreambooth_jax.pipeline",
     "save_pipeline": "dreambooth_jax.pipeline",
+    "load_component": "dreambooth_jax.pipeline",
     "Pipeline": "dreambooth_jax.pipeline",
+    "generate": "dreambooth_jax.diffusion.generation",
 }
 __all__ = sorted(_LAZY)
 

@@ -7,17 +7,15 @@ import os
 import sys
 from collections.abc import Callable
 
-# What bad input, missing files, failed runs and configurations we do not support (NotImplementedError, e.g. a
-# scheduler option) raise; anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, ValueError, FloatingPointError, OSError,
-                   NotImplementedError)
+from dreambooth_jax.errors import UsageError
 
 
 def run(main: Callable[[], None]) -> None:
-    """Calls `main()`; an expected error prints `error: ...` and exits 2 (DREAMBOOTH_JAX_TRACEBACK=1 re-raises)."""
+    """Calls `main()`; an expected failure (`UsageError`) prints `error: ...` and exits 2
+    (DREAMBOOTH_JAX_TRACEBACK=1 re-raises it)."""
     try:
         main()
-    except EXPECTED_ERRORS as e:
+    except UsageError as e:  # bad input or configuration; anything else is a bug and keeps its traceback
         if os.environ.get("DREAMBOOTH_JAX_TRACEBACK"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -44,16 +44,17 @@ def main(argv=None) -> None:
     import jax
 
     from dreambooth_jax import images as image_io
+    from dreambooth_jax.cli import setup_logging
+    from dreambooth_jax.diffusion.generation import generate
     from dreambooth_jax.pipeline import load_pipeline
-    from dreambooth_jax.sampling import generate
-    from dreambooth_jax.train import run, setup_logging
-    from dreambooth_jax.train_config import parse_args
+    from dreambooth_jax.training.config import parse_args
+    from dreambooth_jax.training.trainer import run
 
     setup_logging()
     out = args.output_dir
     model = os.path.join(out, "tiny-sd1")
     if not os.path.isfile(os.path.join(model, "model_index.json")):
-        from dreambooth_jax.tiny import make_tiny_pipeline
+        from dreambooth_jax.testing.tiny import make_tiny_pipeline
 
         make_tiny_pipeline(model)
         print(f"[1/4] made a tiny random SD-1-style pipeline in {model}")

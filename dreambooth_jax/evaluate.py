@@ -16,7 +16,8 @@ import os
 import sys
 
 from dreambooth_jax.cli import setup_logging
-from dreambooth_jax.evaluation import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from dreambooth_jax.errors import MissingFileError, UsageError
+from dreambooth_jax.evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def read_generated(folder: str) -> tuple[list[str], list[str]]:
     from dreambooth_jax.images import read_png_metadata
 
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--images {folder}: no such folder")
+        raise MissingFileError(f"--images {folder}: no such folder")
     jsonl = os.path.join(folder, "prompts.jsonl")
     entries = {}
     if os.path.isfile(jsonl):
@@ -55,17 +56,17 @@ def read_generated(folder: str) -> tuple[list[str], list[str]]:
                     row = json.loads(line)
                     entries[row["file"]] = row["prompt"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{jsonl}:{n}: expected a JSON object with 'file' and 'prompt' ({e})") from e
+                    raise UsageError(f"{jsonl}:{n}: expected a JSON object with 'file' and 'prompt' ({e})") from e
         missing = [name for name in entries if not os.path.isfile(os.path.join(folder, name))]
         if missing:
-            raise FileNotFoundError(f"{jsonl} lists {len(missing)} missing image(s), e.g. {missing[0]}")
+            raise MissingFileError(f"{jsonl} lists {len(missing)} missing image(s), e.g. {missing[0]}")
     else:
         for name in sorted(os.listdir(folder)):
             if name.lower().endswith(".png") and (prompt := read_png_metadata(os.path.join(folder, name))
                                                   .get("prompt")):
                 entries[name] = prompt
     if not entries:
-        raise ValueError(f"--images {folder}: no generated images with a prompt (no prompts.jsonl, and no PNG "
+        raise UsageError(f"--images {folder}: no generated images with a prompt (no prompts.jsonl, and no PNG "
                          "with a 'prompt' in its metadata)")
     names = sorted(entries)
     return [os.path.join(folder, n) for n in names], [entries[n] for n in names]
@@ -73,11 +74,11 @@ def read_generated(folder: str) -> tuple[list[str], list[str]]:
 
 def read_real(args) -> tuple[list, str]:
     """(uint8 images, a description) of the subject's real photos."""
-    from dreambooth_jax.data import list_images, read_image
+    from dreambooth_jax.images import list_images, read_image
 
     if args.real_images:
         return [read_image(p) for p in list_images(args.real_images)], args.real_images
-    from dreambooth_jax import dreambooth_dataset
+    from dreambooth_jax.evaluation import dataset as dreambooth_dataset
 
     subject = dreambooth_dataset.load_spec(args.dataset, args.dataset_dir, args.dataset_manual_dir)
     return subject.decoded_images(), args.dataset
@@ -94,14 +95,16 @@ def main(argv=None) -> None:
 
     import jax
 
-    from dreambooth_jax import evaluation
-    from dreambooth_jax.checkpoint_files import write_json
-    from dreambooth_jax.data import read_image
+    from dreambooth_jax.evaluation import metrics as evaluation
+    from dreambooth_jax.fileio import write_json
+    from dreambooth_jax.images import read_image
 
     generated = [read_image(f) for f in files]
     print(f"scoring {len(generated)} generated image(s) ({len(set(prompts))} prompt(s)) against {len(real)} real "
           f"image(s) of {real_source}", file=sys.stderr)
-    encoders = evaluation.Encoders(args.dino_model, args.clip_model, batch_size=args.batch_size)
+    from dreambooth_jax.evaluation.encoders import Encoders
+
+    encoders = Encoders(args.dino_model, args.clip_model, batch_size=args.batch_size)
     result = evaluation.evaluate(encoders, generated, prompts, real, files=[os.path.basename(f) for f in files],
                                  unique_token=args.unique_token or None,
                                  info={"images_dir": args.images, "real_source": real_source})

@@ -45,21 +45,27 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(devices, (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over `data`, other axes whole."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+    """Axis `batch_axis` (the examples) split over `data`, the other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def put_batch(tree, mesh: Mesh):
-    """Places host arrays holding the *whole* batch (the same on every process) on the mesh, split along the
-    batch axis; on several hosts each process transfers only the rows of its own devices."""
-    sharding = batch_sharding(mesh)
+def put_batch(tree, mesh: Mesh, *, batch_axis: int = 0, process_local: bool = False):
+    """Places a batch of host arrays on the mesh, split over `data` along `batch_axis`.
+
+    The arrays hold the *whole* batch (the same on every process; each process transfers only the rows of its
+    own devices), or with `process_local` only this process's rows (each process built its own share, in
+    process order).
+    """
+    sharding = batch_sharding(mesh, batch_axis)
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
+    if process_local:
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
     return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
                         tree)
 

@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreambooth_jax import checkpoint_files, convert, hub, safetensors_io
+from dreambooth_jax import fileio
+from dreambooth_jax.errors import MissingFileError, UsageError
 from dreambooth_jax.models import clip, unet, vae
+from dreambooth_jax.weights import convert, discovery, hub, safetensors_io
 
 _DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16,
            "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
@@ -28,7 +30,7 @@ def parse_dtype(dtype) -> Any:
     if dtype is None or not isinstance(dtype, str):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
 
 
@@ -74,8 +76,8 @@ def _build_module(name: str, config_dict: dict, source: str, **options):
         with_projection = name == "text_encoder_2" or "WithProjection" in str(config_dict.get("architectures"))
         cls = clip.CLIPTextModelWithProjection if with_projection else clip.CLIPTextModel
         return cls(cfg, **options), clip.abstract_params(cfg, with_projection=with_projection)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from e
+    except UsageError as e:
+        raise type(e)(f"{source}: {e}") from e
 
 
 def load_component(folder: str, name: str, *, dtype=jnp.float32, param_dtype=None, variant=None,
@@ -88,14 +90,16 @@ def load_component(folder: str, name: str, *, dtype=jnp.float32, param_dtype=Non
       param_dtype: dtype of the returned params (default: `dtype`); None-like 'keep' is not offered since
         every float dtype round-trips exactly through float32.
     """
+    if name not in _COMPONENTS:
+        raise UsageError(f"unknown component {name!r}; expected one of {', '.join(_COMPONENTS)}")
     spec = _COMPONENTS[name]
     dtype = parse_dtype(dtype)
     param_dtype = parse_dtype(param_dtype) or dtype
     config_path = os.path.join(folder, "config.json")
-    config_dict = checkpoint_files.read_json(config_path)
+    config_dict = fileio.read_json(config_path)
     options = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat)
     module, abstract = _build_module(name, config_dict, config_path, **options)
-    state, source = checkpoint_files.load_state_dict(checkpoint_files.find_weight_files(folder, spec.stem, variant))
+    state, source = discovery.load_state_dict(discovery.find_weight_files(folder, spec.stem, variant))
     state = convert.normalize_state_dict(state, strip_prefix=spec.load_prefix)
     params = convert.state_dict_to_params(state, abstract, dtype=param_dtype, source=source,
                                           ignore=clip.IGNORED_KEYS)
@@ -118,7 +122,7 @@ def save_component(folder: str, name: str, module, params, *, dtype=None) -> Non
     state = {k if k.startswith("text_projection.") else prefix + k: v for k, v in state.items()}
     metadata = {"format": "pt"}
     safetensors_io.save_file(state, os.path.join(folder, f"{spec.stem}.safetensors"), metadata)
-    checkpoint_files.write_json(os.path.join(folder, "config.json"), config)
+    fileio.write_json(os.path.join(folder, "config.json"), config)
 
 
 @dataclasses.dataclass
@@ -155,7 +159,7 @@ def _load_tokenizer(folder: str):
     from transformers import CLIPTokenizer
 
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"missing tokenizer folder {folder}")
+        raise MissingFileError(f"missing tokenizer folder {folder}")
     return CLIPTokenizer.from_pretrained(folder)
 
 
@@ -176,10 +180,10 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
         merged into the params (`dreambooth_jax.lora.apply_file`); lora_scale multiplies its update.
     """
     root = hub.resolve(name_or_path, revision=revision, variant=variant, token=token, cache_dir=cache_dir)
-    index = checkpoint_files.read_json(os.path.join(root, "model_index.json"))
+    index = fileio.read_json(os.path.join(root, "model_index.json"))
     class_name = index.get("_class_name")
     if class_name not in _PIPELINE_CLASSES:
-        raise ValueError(f"{root}/model_index.json: pipeline class {class_name!r} is not supported "
+        raise UsageError(f"{root}/model_index.json: pipeline class {class_name!r} is not supported "
                          f"(supported: {', '.join(_PIPELINE_CLASSES)})")
     options = dict(dtype=dtype, param_dtype=param_dtype, variant=variant, attention_impl=attention_impl)
     names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if class_name.endswith("XLPipeline") else [])
@@ -194,7 +198,7 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
         vae=modules["vae"],
         text_encoder=modules["text_encoder"],
         tokenizer=_load_tokenizer(os.path.join(root, "tokenizer")),
-        scheduler_config=checkpoint_files.read_json(os.path.join(root, "scheduler", "scheduler_config.json")),
+        scheduler_config=fileio.read_json(os.path.join(root, "scheduler", "scheduler_config.json")),
         params=params,
         text_encoder_2=modules.get("text_encoder_2"),
         tokenizer_2=_load_tokenizer(os.path.join(root, "tokenizer_2")) if sdxl else None,
@@ -227,8 +231,8 @@ def save_pipeline(pipe: Pipeline, out_dir: str, *, dtype=None, params: dict | No
         if tok is not None:
             tok.save_pretrained(os.path.join(out_dir, name))
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    checkpoint_files.write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), pipe.scheduler_config)
-    checkpoint_files.write_json(os.path.join(out_dir, "model_index.json"), _model_index(pipe, components))
+    fileio.write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), pipe.scheduler_config)
+    fileio.write_json(os.path.join(out_dir, "model_index.json"), _model_index(pipe, components))
     return out_dir
 
 

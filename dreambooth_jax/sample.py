@@ -8,15 +8,13 @@ metadata), a `prompts.jsonl` line per image, and a contact-sheet grid per run. E
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import logging
 import os
-import re
 import sys
 import time
 
-from dreambooth_jax.schedulers import SCHEDULER_NAMES, scheduler_name_for
+from dreambooth_jax.diffusion.samplers import SCHEDULER_NAMES, scheduler_name_for
+from dreambooth_jax.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,49 +55,23 @@ def read_prompts(args) -> list[str]:
     with open(args.prompts_file, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
-        raise SystemExit(f"error: {args.prompts_file} holds no prompts")
+        raise UsageError(f"{args.prompts_file} holds no prompts")
     return prompts
-
-
-def next_index(output_dir: str) -> int:
-    """1 + the highest image number already in `output_dir` (0 if none)."""
-    numbers = [int(m.group(1)) for f in glob.glob(os.path.join(output_dir, "*.png"))
-               if (m := re.match(r"(\d+)-seed", os.path.basename(f)))]
-    return max(numbers, default=-1) + 1
-
-
-def write_images(output_dir: str, prompts, images, *, seed: int, settings: dict, columns: int | None = None):
-    """Saves generated images as `NNNNN-seedS.png` (numbered after those already there; image k has seed
-    `seed + k`) with their prompt and `settings` in the PNG metadata and a `prompts.jsonl` line each, plus a
-    contact sheet `grid-FIRST-LAST.png`. Returns (first number, last number, grid path)."""
-    from dreambooth_jax import images as image_io
-
-    first = next_index(output_dir)
-    with open(os.path.join(output_dir, "prompts.jsonl"), "a", encoding="utf-8") as log_file:
-        for k, (prompt, image) in enumerate(zip(prompts, images)):
-            meta = {"prompt": prompt, "seed": seed + k, **settings, "height": int(image.shape[0]),
-                    "width": int(image.shape[1])}
-            name = f"{first + k:05d}-seed{seed + k}.png"
-            image_io.save_png(image, os.path.join(output_dir, name), meta)
-            log_file.write(json.dumps({"file": name, **meta}) + "\n")
-    last = first + len(images) - 1
-    grid = os.path.join(output_dir, f"grid-{first:05d}-{last:05d}.png")
-    image_io.save_png(image_io.contact_sheet(images, columns=columns), grid, {"images": f"{first:05d}..{last:05d}"})
-    return first, last, grid
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.num_images < 1 or args.steps < 1:
-        raise SystemExit("error: --num_images and --steps must be >= 1")
+        raise UsageError("--num_images and --steps must be >= 1")
     prompts = read_prompts(args)
     os.makedirs(args.output_dir, exist_ok=True)
 
     import jax
 
+    from dreambooth_jax import images as image_io
+    from dreambooth_jax.diffusion.generation import generate
     from dreambooth_jax.pipeline import load_pipeline
-    from dreambooth_jax.sampling import generate
 
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision, variant=args.variant,
@@ -121,7 +93,7 @@ def main(argv=None) -> None:
                 "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale, "eta": args.eta,
                 "model": args.model, "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
                 "dtype": args.dtype}
-    first, last, grid = write_images(args.output_dir, all_prompts, out, seed=args.seed, settings=settings,
+    first, last, grid = image_io.write_images(args.output_dir, all_prompts, out, seed=args.seed, settings=settings,
                                      columns=args.num_images if len(prompts) > 1 else None)
     print(f"wrote {len(out)} image(s) {first:05d}..{last:05d} and {grid} in {elapsed:.1f}s "
           f"(compile included; {len(out) / elapsed:.2f} images/s)", file=sys.stderr)

@@ -15,9 +15,9 @@ import pytest
 import torch
 import transformers
 
-from dreambooth_jax import convert
 from dreambooth_jax.models import clip
-from dreambooth_jax.safetensors_io import load_file
+from dreambooth_jax.weights import convert
+from dreambooth_jax.weights.safetensors_io import load_file
 
 # fp32 parity: max |flax - torch| / max(1, max |torch|). Measured ~2e-6 on the tiny encoders.
 FP32_TOL = 1e-5

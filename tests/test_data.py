@@ -1,4 +1,4 @@
-"""dreambooth_jax.data: decoding odd image files, captions, and batches as pure functions of (seed, step)."""
+"""dreambooth_jax.images and dreambooth_jax.training.data: decoding odd image files, captions, and batches as pure functions of (seed, step)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_jax.data import (
-    Concept,
-    DreamBoothData,
-    ImageError,
-    caption_for,
-    count_images,
-    list_images,
-    load_image,
-)
+from dreambooth_jax.images import ImageError, count_images, list_images, load_image
+from dreambooth_jax.training.data import Concept, DreamBoothData, caption_for
 
 R = 16
 
@@ -93,7 +86,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_resize_small_and_bad_files(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="dreambooth_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="dreambooth_jax.images"):
         out = _load(Image.new("RGB", (8, 12), (1, 2, 3)), tmp_path / "small.png")
     assert out.shape == (24, 16, 3)
     assert "small.png" in caplog.text and "upscal" in caplog.text
@@ -151,7 +144,7 @@ def test_bad_instance_image_fails_early_or_is_skipped(tmp_path, caplog):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     with pytest.raises(ImageError, match="broken.jpg"):
         DreamBoothData([Concept(str(folder), "p")], resolution=R)
-    with caplog.at_level(logging.WARNING, logger="dreambooth_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="dreambooth_jax.training.data"):
         data = DreamBoothData([Concept(str(folder), "p")], resolution=R, skip_bad_images=True)
     assert "broken.jpg" in caplog.text
     assert data.num_instance_images == 1 and data.skipped == [str(folder / "broken.jpg")]
@@ -285,7 +278,7 @@ def test_class_images_rotated_or_small(tmp_path, caplog):
     Image.new("RGB", (64, 16), (100, 0, 0)).save(tmp_path / "cls" / "rotated.jpg", exif=exif)
     Image.new("RGB", (8, 8), (100, 0, 0)).save(tmp_path / "cls" / "small.png")
     concept = [Concept(str(tmp_path / "inst"), "sks", str(tmp_path / "cls"), "cls")]
-    with caplog.at_level(logging.WARNING, logger="dreambooth_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="dreambooth_jax"):
         data = DreamBoothData(concept, resolution=R, with_prior_preservation=True)
     assert "small.png" in caplog.text and "rotated.jpg" not in caplog.text
     for step in range(12):

@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from dreambooth_jax import dreambooth_dataset, tiny
-from dreambooth_jax.train_config import TrainConfig, resolve_dataset, validate
+from dreambooth_jax.evaluation import dataset as dreambooth_dataset
+from dreambooth_jax.testing import tiny
+from dreambooth_jax.training.config import TrainConfig, resolve_dataset, validate
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "dreambooth")
 SUBJECTS = {"dog": "dog", "teapot": "teapot", "bear_plushie": "stuffed animal"}
@@ -124,7 +125,7 @@ def test_source_is_downloaded_without_manual_dir(copy_dir, tmp_path):
 
 
 def test_dataset_on_the_command_line_replaces_the_presets_subject(copy_dir):
-    from dreambooth_jax.train_config import parse_args
+    from dreambooth_jax.training.config import parse_args
 
     cfg = parse_args(["--config", "tiny_demo", "--dataset", "dreambooth:dog", "--dataset_manual_dir", copy_dir])
     assert cfg.dataset == "dreambooth:dog" and cfg.resolution == 64  # the rest of the preset stays

@@ -13,9 +13,13 @@ import pytest
 from conftest import run_processes, xla_flags_with
 
 from dreambooth_jax import evaluate as evaluate_cli
-from dreambooth_jax import evaluation, images, tiny
-from dreambooth_jax.models import vision
-from dreambooth_jax.sampling import tokenize
+from dreambooth_jax import images
+from dreambooth_jax.diffusion.conditioning import tokenize
+from dreambooth_jax.evaluation import encoders as encoders_lib
+from dreambooth_jax.evaluation import metrics as evaluation
+from dreambooth_jax.evaluation import preprocessing
+from dreambooth_jax.evaluation.encoders import Encoders
+from dreambooth_jax.testing import tiny
 
 SCORE_TOL = 1e-5  # float32 cosine similarities: ours vs NumPy from the same embeddings
 
@@ -27,7 +31,7 @@ def encoder_dirs(tmp_path_factory) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def encoders(encoder_dirs):
-    return evaluation.Encoders(*encoder_dirs)
+    return Encoders(*encoder_dirs)
 
 
 def _pictures(n, seed=0, size=40):
@@ -42,10 +46,10 @@ def test_tiny_encoders_written_without_torch_load_in_transformers(encoder_dirs):
     dino_dir, clip_dir = encoder_dirs
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
     pixels = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    model, params = vision.load_vit(dino_dir)
-    vmodel, vparams, tmodel, tparams = vision.load_clip_model(clip_dir)
+    model, params = encoders_lib.load_vit(dino_dir)
+    vmodel, vparams, tmodel, tparams = encoders_lib.load_clip_model(clip_dir)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(clip_dir)
-    ids = tokenize(tokenizer, ["a photo of a dog"])
+    ids, _ = tokenize(tokenizer, ["a photo of a dog"])
     with torch.no_grad():
         vit = transformers.ViTModel.from_pretrained(dino_dir, add_pooling_layer=False).eval()
         ref = transformers.CLIPModel.from_pretrained(clip_dir).eval()
@@ -70,13 +74,13 @@ def test_scores_equal_numpy_from_the_same_embeddings(encoders, encoder_dirs):
     result = evaluation.evaluate(encoders, [generated], [prompt], real, unique_token="sks")
 
     dino_dir, clip_dir = encoder_dirs
-    model, params = vision.load_vit(dino_dir)
-    vmodel, vparams, tmodel, tparams = vision.load_clip_model(clip_dir)
-    dino = np.asarray(model.apply({"params": params}, vision.preprocess([generated, *real],
+    model, params = encoders_lib.load_vit(dino_dir)
+    vmodel, vparams, tmodel, tparams = encoders_lib.load_clip_model(clip_dir)
+    dino = np.asarray(model.apply({"params": params}, preprocessing.preprocess([generated, *real],
                                                                          encoders.dino_preprocessing)).cls)
-    clip = np.asarray(vmodel.apply({"params": vparams}, vision.preprocess([generated, *real],
+    clip = np.asarray(vmodel.apply({"params": vparams}, preprocessing.preprocess([generated, *real],
                                                                           encoders.clip_preprocessing)).image_embeds)
-    text = np.asarray(tmodel.apply({"params": tparams}, tokenize(encoders.tokenizer, ["a dog in the snow"]))
+    text = np.asarray(tmodel.apply({"params": tparams}, tokenize(encoders.tokenizer, ["a dog in the snow"])[0])
                       .text_embeds)[0]
 
     def cos(a, b):
@@ -99,7 +103,7 @@ def test_summary_per_prompt_and_overall():
 
 def test_batches_are_padded_to_one_shape(encoder_dirs, encoders):
     pictures = _pictures(5, seed=2)
-    small = evaluation.Encoders(*encoder_dirs, batch_size=2)
+    small = Encoders(*encoder_dirs, batch_size=2)
     np.testing.assert_allclose(small.dino(pictures), encoders.dino(pictures), atol=1e-6)
     np.testing.assert_allclose(small.clip_texts(["a", "b", "c"]), encoders.clip_texts(["a", "b", "c"]), atol=1e-6)
 
@@ -108,9 +112,9 @@ def test_embeddings_on_eight_devices_match(encoder_dirs, encoders, tmp_path):
     pictures = _pictures(3, seed=3)
     np.save(tmp_path / "pictures.npy", np.stack([p[:, :40] for p in pictures]))
     script = (
-        "import sys, numpy as np, jax; from dreambooth_jax import evaluation\n"
+        "import sys, numpy as np, jax; from dreambooth_jax.evaluation.encoders import Encoders\n"
         "assert jax.device_count() == 8\n"
-        f"enc = evaluation.Encoders({encoder_dirs[0]!r}, {encoder_dirs[1]!r}, batch_size=8)\n"
+        f"enc = Encoders({encoder_dirs[0]!r}, {encoder_dirs[1]!r}, batch_size=8)\n"
         f"x = list(np.load({str(tmp_path / 'pictures.npy')!r}))\n"
         f"np.save({str(tmp_path / 'out.npy')!r}, np.concatenate([enc.dino(x), enc.clip_images(x)], 1))\n")
     env = {**os.environ, "XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=8")}

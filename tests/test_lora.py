@@ -13,8 +13,8 @@ from flax import traverse_util
 from safetensors.numpy import load_file as reference_load_file
 
 from dreambooth_jax import lora
+from dreambooth_jax.diffusion.generation import generate
 from dreambooth_jax.pipeline import load_pipeline
-from dreambooth_jax.sampling import generate
 
 CONFIG = lora.LoraConfig(rank=4, alpha=8.0)  # alpha != rank: the scale (2) must survive every format
 # fp32 on CPU; outputs are O(1). Measured: UNet ~1e-6 and text encoder ~1e-6 max abs error vs diffusers.
@@ -286,7 +286,7 @@ def test_errors(sd1, tiny_pipelines, loras, files, tmp_path):
     # A LoRA made for another architecture: the layer's PyTorch name in the message.
     key = next(iter(loras["unet"]))
     bad = {key: {"A": loras["unet"][key]["A"][:-1], "B": loras["unet"][key]["B"]}}
-    with pytest.raises(ValueError, match=rf"{lora._torch_name(key)}.*does not fit"):
+    with pytest.raises(ValueError, match=rf"{lora.transform.torch_name(key)}.*does not fit"):
         lora.merge(pipe.params["unet"], bad, CONFIG)
     with pytest.raises(ValueError, match=r"unet: LoRA layer 'down_blocks\.0\..*another architecture"):
         load_pipeline(tiny_pipelines["sdxl"], lora=files["diffusers"])

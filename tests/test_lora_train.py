@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from train_helpers import train_cfg
 
+from dreambooth_jax.diffusion.generation import generate
 from dreambooth_jax.pipeline import load_pipeline
-from dreambooth_jax.sampling import generate
-from dreambooth_jax.train import run
+from dreambooth_jax.training.trainer import run
 
 IMAGE_TOL = 1e-4  # whole sampling loop + decode, as in test_sampling
 

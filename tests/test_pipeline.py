@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file as reference_load_file
 
-from dreambooth_jax import checkpoint_files, hub, safetensors_io
-from dreambooth_jax.convert import ConversionError
 from dreambooth_jax.pipeline import load_component, load_pipeline, save_pipeline
+from dreambooth_jax.weights import discovery as checkpoint_files
+from dreambooth_jax.weights import hub, safetensors_io
+from dreambooth_jax.weights.convert import ConversionError
 
 WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
            "text_encoder_2": "model"}

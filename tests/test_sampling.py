@@ -15,8 +15,8 @@ from conftest import xla_flags_with
 
 from dreambooth_jax import images as image_io
 from dreambooth_jax import sample as sample_cli
+from dreambooth_jax.diffusion.generation import generate
 from dreambooth_jax.pipeline import load_pipeline
-from dreambooth_jax.sampling import generate
 
 # Images in [0, 1] after a whole fp32 denoising loop and VAE decode; measured max abs error ~1e-5 or below.
 IMAGE_TOL = 1e-4
@@ -60,16 +60,21 @@ def test_seeds_are_per_image_and_reproducible(tiny_pipelines):
     pipe = _pipe(tiny_pipelines["sd1"])
     kw = dict(num_inference_steps=3, scheduler="ddim")
     a = generate(pipe, PROMPTS, seed=7, **kw)
-    programs = dict(pipe.cache["sampling"])
-    b = generate(pipe, PROMPTS, seed=7, guidance_scale=5.0, **kw)  # guidance is an input, not a new program
+    programs = dict(pipe.cache["sampling"])  # (the pipeline is shared: other tests' programs are there too)
+    traces = {key: fn._cache_size() for key, fn in programs.items()}
+    weaker = generate(pipe, PROMPTS, seed=7, guidance_scale=5.0, **kw)  # guidance is an input, not a new program
+    assert np.abs(weaker - a).max() > 1e-3
     b = generate(pipe, PROMPTS, seed=7, **kw)
     np.testing.assert_array_equal(a, b)
     assert pipe.cache["sampling"] == programs  # no new program...
-    assert all(fn._cache_size() == 1 for fn in programs.values())  # ...and no retrace
+    assert {key: fn._cache_size() for key, fn in programs.items()} == traces  # ...and no retrace
     # Image i depends on seed + i only: the second image alone, with its own seed, is the same picture
-    # (up to float rounding: XLA's kernels for batch 1 and batch 2 sum in different orders).
+    # up to float rounding: XLA's kernels for batch 1 and batch 2 sum in different orders. Budget: a changed
+    # summation order moves each layer's fp32 output by ~eps32 * sqrt(K) relative (K <= 1e3 terms here); over
+    # the UNet's 3 calls and the decoder (~60 layers deep) that compounds to ~1e-5 of the pixel range. 1e-4 is
+    # 10x that and still 40x below one 8-bit level, so the saved PNGs are the same.
     alone = generate(pipe, PROMPTS[1:], seed=8, **kw)
-    np.testing.assert_allclose(alone[0], a[1], atol=1e-5)
+    np.testing.assert_allclose(alone[0], a[1], atol=1e-4)
     assert np.abs(generate(pipe, PROMPTS, seed=9, **kw) - a).max() > 1e-3
 
 
@@ -82,7 +87,7 @@ def test_same_images_on_one_and_eight_devices(tiny_pipelines, tmp_path):
     out = tmp_path / "eight.npy"
     code = (
         "import jax, numpy as np\n"
-        "from dreambooth_jax.pipeline import load_pipeline\nfrom dreambooth_jax.sampling import generate\n"
+        "from dreambooth_jax.pipeline import load_pipeline\nfrom dreambooth_jax.diffusion.generation import generate\n"
         "assert jax.device_count() == 8\n"
         f"np.save({str(out)!r}, generate(load_pipeline({path!r}), {prompts!r}, **{kw!r}))\n"
     )

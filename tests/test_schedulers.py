@@ -26,9 +26,9 @@ from diffusers.schedulers import (  # noqa: E402
     scheduling_euler_ancestral_discrete,
 )
 
-from dreambooth_jax import noise_schedule as ns  # noqa: E402
-from dreambooth_jax import schedulers  # noqa: E402
-from dreambooth_jax.schedulers import SCHEDULER_NAMES, make_sampler, scheduler_name_for  # noqa: E402
+from dreambooth_jax.diffusion import noise_schedule as ns  # noqa: E402
+from dreambooth_jax.diffusion import samplers as schedulers  # noqa: E402
+from dreambooth_jax.diffusion.samplers import SCHEDULER_NAMES, make_sampler, scheduler_name_for  # noqa: E402
 
 SD = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
           num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
@@ -192,7 +192,11 @@ def test_schedule_matches_diffusers(over):
     rescaled = over.get("rescale_betas_zero_snr", False)
     np.testing.assert_allclose(betas, ref.betas.numpy(), rtol=0 if rescaled else 5e-7,
                                atol=1e-5 if rescaled else 0)
-    np.testing.assert_allclose(ac, ref.alphas_cumprod.numpy(), rtol=0, atol=3e-7)
+    # ᾱ_t is a product of t + 1 float32 factors; ours and torch's round (and may order) them differently, each
+    # rounding worth <= eps32 / 2 relative: a budget of T * eps32 relative, plus a few ulps of 1 absolute for
+    # the tail of rescaled schedules, where ᾱ -> 0.
+    eps32 = float(np.finfo(np.float32).eps)
+    np.testing.assert_allclose(ac, ref.alphas_cumprod.numpy(), rtol=len(ac) * eps32, atol=4 * eps32)
     if over.get("rescale_betas_zero_snr"):
         assert ac[-1] == 0.0
 
@@ -235,6 +239,13 @@ def test_errors():
 
 def test_sampler_is_frozen_and_hashable():
     sampler = make_sampler("dpmpp_2m", SD, 10, use_karras_sigmas=True)
-    assert sampler.config.use_karras_sigmas and hash(sampler) == hash(sampler)
+    assert sampler.config.use_karras_sigmas
+    # A static jit argument: the same sampler reuses its trace, another one (even an equal one) traces anew.
+    traces = []
+    step = jax.jit(lambda smp, x: (traces.append(1), x * smp.init_noise_sigma)[1], static_argnums=0)
+    step(sampler, jnp.ones(2))
+    step(sampler, jnp.ones(2))
+    step(make_sampler("dpmpp_2m", SD, 10, use_karras_sigmas=True), jnp.ones(2))
+    assert len(traces) == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         sampler.name = "x"

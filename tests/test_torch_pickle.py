@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreambooth_jax import torch_pickle
+from dreambooth_jax.weights import torch_pickle
 
 
 def test_dtypes_views_and_shapes(tmp_path):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dreambooth_jax.models.unet import UNet2DConditionModel, UNetConfig
+from dreambooth_jax.models.unet import UNetConfig
 from dreambooth_jax.pipeline import load_component
 
 # fp32 parity: max abs error relative to the output scale. Measured ~1e-6 on all three fixtures.
@@ -147,4 +147,10 @@ def test_param_names_mirror_diffusers(tiny_pipelines):
     module, params = _load(tiny_pipelines["sd1"])
     assert "down_blocks_0" in params and "attentions_0" in params["down_blocks_0"]
     assert params["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"].shape[:2] == (1, 1)  # 1x1 conv (SD1)
-    assert UNet2DConditionModel(module.config).config is module.config
+    # Our config, written back in diffusers' terms, builds a diffusers UNet with exactly the checkpoint's tensors.
+    from diffusers import UNet2DConditionModel as TorchUNet
+    from safetensors.numpy import load_file
+
+    torch_unet = TorchUNet.from_config(module.config.to_diffusers_config())
+    on_disk = load_file(os.path.join(tiny_pipelines["sd1"], "unet", "diffusion_pytorch_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in torch_unet.state_dict().items()} == {k: v.shape for k, v in on_disk.items()}

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dreambooth_jax import convert, safetensors_io
 from dreambooth_jax.models.vae import AutoencoderKL, VAEConfig, abstract_params, sample_latents
+from dreambooth_jax.weights import convert, safetensors_io
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -113,9 +113,6 @@ def test_sample_latents_formula(sd1, sd1_out):
     ref = DiagonalGaussianDistribution(torch.cat([_nchw(mean), _nchw(logvar)], dim=1))
     expected = _nhwc(ref.mean + ref.std * _nchw(noise))
     np.testing.assert_allclose(sample_latents(mean, logvar, rng), expected, rtol=1e-6, atol=1e-6)
-    method = sd1["vae"].apply({"params": sd1["params"]}, mean, logvar, rng, method=sd1["vae"].sample_latent)
-    np.testing.assert_array_equal(method, sample_latents(mean, logvar, rng))
-    np.testing.assert_array_equal(sample_latents(mean, logvar, rng), sample_latents(mean, logvar, rng))
     other = sample_latents(mean, logvar, jax.random.PRNGKey(4))
     assert float(jnp.mean(jnp.abs(other - expected))) > 0.1
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 import transformers
 
-from dreambooth_jax import tiny
+from dreambooth_jax.evaluation import encoders, preprocessing
 from dreambooth_jax.models import vision
+from dreambooth_jax.testing import tiny
 
 # fp32 parity, max abs error on the tiny random models. Measured 2e-7..9e-7 (ViT, CLIP image/text).
 FP32_TOL = 1e-4
@@ -35,7 +36,7 @@ def test_vit_matches_transformers(tmp_path):
                                  num_attention_heads=4, intermediate_size=64, layer_norm_eps=1e-6)
     ref = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
     ref.save_pretrained(tmp_path)
-    model, params = vision.load_vit(str(tmp_path))
+    model, params = encoders.load_vit(str(tmp_path))
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
     out = model.apply({"params": params}, x)
     with torch.no_grad():
@@ -48,7 +49,7 @@ def test_vit_matches_transformers(tmp_path):
     # The same weights as `pytorch_model.bin` only (as facebook/dino-vits16 ships them): read without torch.
     os.remove(tmp_path / "model.safetensors")
     torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
-    _, from_bin = vision.load_vit(str(tmp_path))
+    _, from_bin = encoders.load_vit(str(tmp_path))
     for a, b in zip(jax.tree.leaves(from_bin), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
 
@@ -60,7 +61,7 @@ def test_vit_loads_transformers5_names():
     ref = transformers.ViTModel(cfg, add_pooling_layer=False)
     state = {f"vit.{k}": v.numpy() for k, v in ref.state_dict().items()}
     assert any(".q_proj." in k for k in state)
-    params = vision.vit_params_from_state_dict(state, vision.ViTConfig.from_diffusers_config(cfg.to_dict()))
+    params = encoders.vit_params_from_state_dict(state, vision.ViTConfig.from_diffusers_config(cfg.to_dict()))
     np.testing.assert_array_equal(params["encoder"]["layer_0"]["attention"]["attention"]["query"]["kernel"],
                                   ref.layers[0].attention.q_proj.weight.detach().numpy().T)
 
@@ -78,7 +79,7 @@ def test_clip_matches_transformers(tmp_path):
     ref = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vis.to_dict(),
                                                          projection_dim=24)).eval()
     ref.save_pretrained(tmp_path)
-    vmodel, vparams, tmodel, tparams = vision.load_clip_model(str(tmp_path))
+    vmodel, vparams, tmodel, tparams = encoders.load_clip_model(str(tmp_path))
 
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
     ids = tok(["a photo of sks dog", "a dog"], padding="max_length", max_length=tiny.TOKENIZER_MAX_LENGTH,
@@ -105,12 +106,12 @@ def test_preprocessing_matches_processor(kind, size):
     images = _images()
     if kind == "dino":  # facebook/dino-vits16's preprocessor_config.json
         proc = ViTImageProcessorPil(size={"height": size, "width": size}, resample=2,
-                                    image_mean=list(vision.IMAGENET_DEFAULT_MEAN),
-                                    image_std=list(vision.IMAGENET_DEFAULT_STD))
-        ours = vision.preprocess_dino(images, size=size)
+                                    image_mean=list(preprocessing.IMAGENET_DEFAULT_MEAN),
+                                    image_std=list(preprocessing.IMAGENET_DEFAULT_STD))
+        ours = preprocessing.preprocess_dino(images, size=size)
     else:
         proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        ours = vision.preprocess_clip(images, size=size)
+        ours = preprocessing.preprocess_clip(images, size=size)
     expected = np.stack([proc(images=im, return_tensors="np")["pixel_values"][0] for im in images])
     expected = expected.transpose(0, 2, 3, 1)
     assert ours.shape == expected.shape and ours.dtype == np.float32
@@ -118,25 +119,25 @@ def test_preprocessing_matches_processor(kind, size):
     print(f"{kind} size {size} preprocessing max abs error: {err:.2e}")
     assert err <= PREPROCESS_TOL
     # The same, through the processor's own config dict.
-    cfg = vision.ImagePreprocessing.from_processor_config(proc.to_dict())
-    np.testing.assert_allclose(vision.preprocess(images, cfg), ours, atol=0)
+    cfg = preprocessing.ImagePreprocessing.from_processor_config(proc.to_dict())
+    np.testing.assert_allclose(preprocessing.preprocess(images, cfg), ours, atol=0)
 
 
 def test_legacy_openai_config_formats():
     """openai/clip-vit-base-patch32's old preprocessor config (`size: 224` means the shortest edge for CLIP,
     a square for ViT) and `text_config_dict` overrides, read as transformers reads them."""
     old_clip = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-                "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(vision.OPENAI_CLIP_MEAN),
-                "image_std": list(vision.OPENAI_CLIP_STD), "resample": 3, "size": 224}
-    assert vision.ImagePreprocessing.from_processor_config(old_clip) == vision.CLIP_PREPROCESSING
+                "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(preprocessing.OPENAI_CLIP_MEAN),
+                "image_std": list(preprocessing.OPENAI_CLIP_STD), "resample": 3, "size": 224}
+    assert preprocessing.ImagePreprocessing.from_processor_config(old_clip) == preprocessing.CLIP_PREPROCESSING
     old_dino = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
-                "image_mean": list(vision.IMAGENET_DEFAULT_MEAN), "image_std": list(vision.IMAGENET_DEFAULT_STD),
+                "image_mean": list(preprocessing.IMAGENET_DEFAULT_MEAN), "image_std": list(preprocessing.IMAGENET_DEFAULT_STD),
                 "resample": 2, "size": 224}
-    assert vision.ImagePreprocessing.from_processor_config(old_dino) == vision.DINO_PREPROCESSING
+    assert preprocessing.ImagePreprocessing.from_processor_config(old_dino) == preprocessing.DINO_PREPROCESSING
     config = {"text_config": {"hidden_size": 512, "vocab_size": 49408}, "text_config_dict": {"hidden_size": 768},
               "vision_config": None, "vision_config_dict": {"patch_size": 14}}
-    assert vision.clip_tower_config(config, "text") == {"hidden_size": 768, "vocab_size": 49408}
-    assert vision.clip_tower_config(config, "vision") == {"patch_size": 14}
+    assert encoders.clip_tower_config(config, "text") == {"hidden_size": 768, "vocab_size": 49408}
+    assert encoders.clip_tower_config(config, "vision") == {"patch_size": 14}
     from transformers import CLIPConfig
 
     ref = CLIPConfig(text_config={"hidden_size": 512}, text_config_dict={"hidden_size": 768})
@@ -150,7 +151,7 @@ def test_missing_processor_keys_take_the_processor_classes_defaults(kind):
 
     proc, name = (CLIPImageProcessorPil(), "CLIPImageProcessor") if kind == "clip" else (ViTImageProcessorPil(),
                                                                                          "ViTImageProcessor")
-    cfg = vision.ImagePreprocessing.from_processor_config({"image_processor_type": name})  # nothing else given
+    cfg = preprocessing.ImagePreprocessing.from_processor_config({"image_processor_type": name})  # nothing else given
     images = _images()
     expected = np.stack([proc(images=im, return_tensors="np")["pixel_values"][0] for im in images])
-    np.testing.assert_allclose(vision.preprocess(images, cfg), expected.transpose(0, 2, 3, 1), atol=PREPROCESS_TOL)
+    np.testing.assert_allclose(preprocessing.preprocess(images, cfg), expected.transpose(0, 2, 3, 1), atol=PREPROCESS_TOL)

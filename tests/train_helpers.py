@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dreambooth_jax import noise_schedule, train_step
+from dreambooth_jax.diffusion import noise_schedule
 from dreambooth_jax.pipeline import load_pipeline
-from dreambooth_jax.train_config import TrainConfig
+from dreambooth_jax.training import step as train_step
+from dreambooth_jax.training.config import TrainConfig
 
 PROMPT = "a photo of sks toy"
 
@@ -36,7 +37,7 @@ def train_cfg(tiny_pipelines, instance_dir, out, **kw) -> TrainConfig:
 
 def fixed_eval_loss(path, params, instance_dir):
     """Instance loss of `params` on fixed latents/noise/timesteps (deterministic progress measure)."""
-    from dreambooth_jax.data import Concept, DreamBoothData
+    from dreambooth_jax.training.data import Concept, DreamBoothData
 
     pipe = load_pipeline(path)
     sched_cfg = noise_schedule.ScheduleConfig.from_diffusers_config(pipe.scheduler_config, class_name="DDPMScheduler")

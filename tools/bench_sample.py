@@ -28,8 +28,8 @@ def sd15_configs():
 
 
 def build_pipeline(args):
-    from dreambooth_jax import tiny
     from dreambooth_jax.pipeline import load_pipeline
+    from dreambooth_jax.testing import tiny
 
     if args.model:
         return load_pipeline(args.model, dtype=args.dtype, attention_impl=args.attention)
@@ -53,7 +53,7 @@ def peak_memory_gib() -> float | None:
 def bench_ours(pipe, batch: int, args) -> dict:
     import jax
 
-    from dreambooth_jax.sampling import generate
+    from dreambooth_jax.diffusion.generation import generate
 
     kw = dict(num_inference_steps=args.steps, scheduler=args.scheduler, height=args.resolution,
               width=args.resolution, guidance_scale=args.guidance_scale)

@@ -41,8 +41,8 @@ TARGETS = ("targets (SD-1.5, 512 px, one H100): cached 1+1 >= 25 steps/s and >= 
 
 def model_configs(tiny_model: bool):
     """(text encoder, UNet, VAE configs, tokenizer): the tiny model's, or SD 1.5's from our presets."""
-    from dreambooth_jax import tiny
     from dreambooth_jax.models import clip, unet, vae
+    from dreambooth_jax.testing import tiny
 
     tokenizer = tiny.make_tokenizer()
     if tiny_model:
@@ -68,7 +68,7 @@ def instance_rows(feats: dict, args) -> int:
 
 def synthetic_batch(text, vae, cached: bool, rows: int, resolution: int, seed: int = 0) -> dict:
     """One micro-batch [1, 2 * rows, ...] on the host for the `text`/`vae` configs: `rows` instance rows, then
-    as many class rows (as `train_loop.layout_batch` lays them out)."""
+    as many class rows (as `training.inputs.layout_batch` lays them out)."""
     rng = np.random.default_rng(seed)
     n = 2 * rows
     if cached:
@@ -121,7 +121,7 @@ def build_pipeline(args):
     its own copy, so that donation and peak memory stay per configuration."""
     import jax
 
-    from dreambooth_jax import tiny
+    from dreambooth_jax.testing import tiny
 
     pipe = tiny.random_pipeline(*model_configs(args.tiny), tiny.SD1_SCHEDULER, dtype="bf16", param_dtype="fp32")
     pipe.params = jax.tree.map(np.array, pipe.params)  # copies: the device buffers go
@@ -131,10 +131,14 @@ def build_pipeline(args):
 
 
 def make_state(pipe, feats: dict, optimizer: str, mesh):
-    """(state placed on `mesh`, step spec), as `dreambooth_jax.train.make_state` and `run` build them."""
-    from dreambooth_jax import noise_schedule, optim, parallel, tiny, train_step
-    from dreambooth_jax.train import lora_config, lora_params
-    from dreambooth_jax.train_config import TrainConfig
+    """(state placed on `mesh`, step spec), as `dreambooth_jax.training.state.make_state` and `run` build them."""
+    from dreambooth_jax import parallel
+    from dreambooth_jax.diffusion import noise_schedule
+    from dreambooth_jax.testing import tiny
+    from dreambooth_jax.training import optimizers as optim
+    from dreambooth_jax.training import step as train_step
+    from dreambooth_jax.training.config import TrainConfig
+    from dreambooth_jax.training.state import TrainState, lora_config, lora_params
 
     trained = ["unet"] + (["text_encoder"] if feats["text_encoder"] else [])
     lr = 1.0 if optimizer == "prodigy" else 1e-6  # prodigy estimates its own step size
@@ -146,7 +150,7 @@ def make_state(pipe, feats: dict, optimizer: str, mesh):
         params = {k: v for k, v in pipe.params.items() if k in trained}
         frozen = {k: v for k, v in pipe.params.items() if k not in trained}
     txs = {part: optim.make_optimizer(optimizer, schedule) for part in params}
-    state = parallel.put_replicated(train_step.TrainState.create(params, frozen, txs), mesh)
+    state = parallel.put_replicated(TrainState.create(params, frozen, txs), mesh)
     sched = noise_schedule.ScheduleConfig.from_diffusers_config(tiny.SD1_SCHEDULER, class_name="DDPMScheduler")
     spec = train_step.StepSpec(unet=pipe.unet.clone(remat=feats["remat"]), vae=pipe.vae,
                                text_encoder=pipe.text_encoder, alphas_cumprod=noise_schedule.alphas_cumprod(sched),
@@ -157,15 +161,15 @@ def make_state(pipe, feats: dict, optimizer: str, mesh):
 
 def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from dreambooth_jax import parallel, train_step
+    from dreambooth_jax import parallel
+    from dreambooth_jax.training import step as train_step
 
     feats, mesh, chips = features(name), parallel.data_mesh(), jax.device_count()
     rows = instance_rows(feats, args)
     state, spec = make_state(pipe, feats, optimizer, mesh)
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
-    batch_sharding = NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS))  # as TrainLoop.compile
+    batch_sharding = parallel.batch_sharding(mesh, batch_axis=1)  # as TrainLoop.compile
     batch = jax.device_put(synthetic_batch(pipe.text_encoder.config, pipe.vae.config, feats["cached"],
                                            rows * chips, args.resolution), batch_sharding)
     repl = parallel.replicated(mesh)
@@ -226,7 +230,7 @@ def bench_torch(name: str, args, device: str = "cuda") -> dict:
     import torch
     import torch.nn.functional as F
 
-    from dreambooth_jax import tiny
+    from dreambooth_jax.testing import tiny
 
     feats, dev = features(name), torch.device(device)
     rows = instance_rows(feats, args)
@@ -273,7 +277,7 @@ def bench_torch(name: str, args, device: str = "cuda") -> dict:
 def plan(args) -> list[tuple[str, str, str]]:
     """(impl, configuration, optimizer) of every row. PyTorch's first: in one process they must run before
     JAX takes most of the GPU's memory."""
-    from dreambooth_jax.optim import OPTIMIZERS
+    from dreambooth_jax.training.optimizers import OPTIMIZERS
 
     for name in args.configs:
         features(name)  # fail on a typo before any work
@@ -373,7 +377,7 @@ def has_accelerator() -> bool:
 
 
 def parse_args(argv):
-    from dreambooth_jax.optim import OPTIMIZERS
+    from dreambooth_jax.training.optimizers import OPTIMIZERS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="the tiny random model (a CPU smoke run)")

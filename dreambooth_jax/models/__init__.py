@@ -1,1 +1,2 @@
-"""Flax implementations of the Stable Diffusion networks, parameter-compatible with diffusers."""
+"""Networks only, in Flax, parameter-compatible with diffusers/transformers: the CLIP text encoder, the UNet (and
+its blocks), the VAE, attention, and the evaluation image encoders (DINO ViT, CLIP vision)."""

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dreambooth_jax.errors import UsageError
+
 # "einsum": plain XLA ops, runs anywhere, the reference. "dot_product": `jax.nn.dot_product_attention`,
 # which picks its own backend (XLA, or cuDNN flash attention on a GPU where it applies). "cudnn": force
 # cuDNN (GPU only, fp16/bf16).
@@ -38,7 +40,7 @@ def dot_product_attention(q, k, v, *, mask=None, implementation: str = "einsum",
     if implementation in ("dot_product", "cudnn"):
         impl = None if implementation == "dot_product" else "cudnn"
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-    raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {ATTENTION_IMPLS}")
+    raise UsageError(f"unknown attention implementation {implementation!r}; expected one of {ATTENTION_IMPLS}")
 
 
 class Attention(nn.Module):

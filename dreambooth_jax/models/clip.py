@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dreambooth_jax.errors import UsageError
 from dreambooth_jax.models.attention import dot_product_attention
 
 # State-dict keys without a param: transformers < 4.31 saved the `position_ids` buffer (SD 1.x on the Hub has
@@ -46,13 +47,13 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}")
+            raise UsageError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise UsageError(
                 f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}"
             )
         if not isinstance(self.eos_token_id, int):
-            raise ValueError(f"eos_token_id={self.eos_token_id!r} is not supported; expected a single int")
+            raise UsageError(f"eos_token_id={self.eos_token_id!r} is not supported; expected a single int")
 
     @classmethod
     def from_diffusers_config(cls, d: dict) -> CLIPTextConfig:
@@ -63,7 +64,7 @@ class CLIPTextConfig:
         """
         model_type = d.get("model_type", "clip_text_model")
         if model_type != "clip_text_model":
-            raise ValueError(f"model_type={model_type!r} is not supported; expected 'clip_text_model'")
+            raise UsageError(f"model_type={model_type!r} is not supported; expected 'clip_text_model'")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -113,7 +114,7 @@ class CLIPTextEmbeddings(nn.Module):
         init = nn.initializers.normal(0.02)
         seq_len = input_ids.shape[-1]
         if seq_len > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+            raise UsageError(f"sequence length {seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, **kw, name="token_embedding")
         positions = nn.Embed(
             cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, **kw, name="position_embedding"

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dreambooth_jax.errors import UsageError
 from dreambooth_jax.models.blocks import GroupNorm, conv
 from dreambooth_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
 
@@ -36,7 +37,7 @@ _UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 def _per_block(value, n: int, name: str) -> tuple:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"unet config: `{name}` has {len(value)} entries for {n} blocks")
+            raise UsageError(f"unet config: `{name}` has {len(value)} entries for {n} blocks")
         return tuple(value)
     return (value,) * n
 
@@ -74,23 +75,23 @@ class UNetConfig:
     def __post_init__(self):
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError("unet config: down_block_types, up_block_types and block_out_channels differ in length")
+            raise UsageError("unet config: down_block_types, up_block_types and block_out_channels differ in length")
         for t in self.down_block_types:
             if t not in _DOWN_TYPES:
-                raise ValueError(f"unet config: unsupported down block type {t!r} (supported: {_DOWN_TYPES})")
+                raise UsageError(f"unet config: unsupported down block type {t!r} (supported: {_DOWN_TYPES})")
         for t in self.up_block_types:
             if t not in _UP_TYPES:
-                raise ValueError(f"unet config: unsupported up block type {t!r} (supported: {_UP_TYPES})")
+                raise UsageError(f"unet config: unsupported up block type {t!r} (supported: {_UP_TYPES})")
         if self.addition_embed_type == "text_time" and not (
             self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
         ):
-            raise ValueError("unet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
+            raise UsageError("unet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
                              "projection_class_embeddings_input_dim")
         for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
                      "attention_head_dim"):
             _per_block(getattr(self, name), n, name)
         if any(isinstance(v, (list, tuple)) for v in _per_block(self.transformer_layers_per_block, n, "")):
-            raise ValueError("unet config: nested transformer_layers_per_block (asymmetric UNets) is not supported")
+            raise UsageError("unet config: nested transformer_layers_per_block (asymmetric UNets) is not supported")
 
     @property
     def num_blocks(self) -> int:
@@ -117,11 +118,11 @@ class UNetConfig:
         kwargs = {}
         for key, value in config.items():
             if key in _UNSUPPORTED and value not in _UNSUPPORTED[key]:
-                raise ValueError(f"unet config: `{key}={value!r}` is not supported (supported: {_UNSUPPORTED[key]})")
+                raise UsageError(f"unet config: `{key}={value!r}` is not supported (supported: {_UNSUPPORTED[key]})")
             if key in fields:
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
             elif key not in _IGNORED_KEYS and key not in _UNSUPPORTED:
-                raise ValueError(f"unet config: unknown key `{key}` (would change the architecture?)")
+                raise UsageError(f"unet config: unknown key `{key}` (would change the architecture?)")
         return cls(**kwargs)
 
     def to_diffusers_config(self) -> dict[str, Any]:
@@ -195,7 +196,7 @@ class UNet2DConditionModel(nn.Module):
         emb = TimestepEmbedding(cfg.time_embed_dim, **kw, name="time_embedding")(t_emb)
         if cfg.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
-                raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
+                raise UsageError("this UNet (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
             time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
                                              flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
             add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds.reshape(b, -1)], axis=-1)

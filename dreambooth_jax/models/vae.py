@@ -1,7 +1,7 @@
 """diffusers' `AutoencoderKL` (the Stable Diffusion VAE) in Flax, NHWC, parameter-compatible.
 
 Submodule names mirror the PyTorch attribute paths (`encoder/down_blocks_0/resnets_1/conv1`,
-`decoder/mid_block/attentions_0/to_q`), so `dreambooth_jax.convert` maps weights by name alone.
+`decoder/mid_block/attentions_0/to_q`), so `dreambooth_jax.weights.convert` maps weights by name alone.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dreambooth_jax.errors import UsageError
 from dreambooth_jax.models.attention import Attention
 from dreambooth_jax.models.blocks import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv
 
@@ -48,27 +49,27 @@ class VAEConfig:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         n = len(self.block_out_channels)
         if self.act_fn not in ("silu", "swish"):  # diffusers maps both names to nn.SiLU
-            raise ValueError(f"VAE config act_fn={self.act_fn!r}: only 'silu' is supported")
+            raise UsageError(f"VAE config act_fn={self.act_fn!r}: only 'silu' is supported")
         for key, expected in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             bad = [t for t in getattr(self, key) if t != expected]
             if bad:
-                raise ValueError(f"VAE config {key}: unsupported block type {bad[0]!r}; only {expected!r}")
+                raise UsageError(f"VAE config {key}: unsupported block type {bad[0]!r}; only {expected!r}")
             if len(getattr(self, key)) != n:
-                raise ValueError(f"VAE config {key} has {len(getattr(self, key))} entries, block_out_channels {n}")
+                raise UsageError(f"VAE config {key} has {len(getattr(self, key))} entries, block_out_channels {n}")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ValueError(f"VAE config norm_num_groups={self.norm_num_groups} does not divide "
+            raise UsageError(f"VAE config norm_num_groups={self.norm_num_groups} does not divide "
                              f"block_out_channels={self.block_out_channels}")
         if self.layers_per_block < 1:
-            raise ValueError(f"VAE config layers_per_block={self.layers_per_block}: must be >= 1")
+            raise UsageError(f"VAE config layers_per_block={self.layers_per_block}: must be >= 1")
 
     @classmethod
     def from_diffusers_config(cls, d: dict[str, Any]) -> VAEConfig:
         """From diffusers' `vae/config.json`; keys that are not architecture (`_class_name`...) are ignored."""
         if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"VAE config _class_name={d['_class_name']!r}: only 'AutoencoderKL' is supported")
+            raise UsageError(f"VAE config _class_name={d['_class_name']!r}: only 'AutoencoderKL' is supported")
         for key in _UNSUPPORTED_IF_SET:
             if d.get(key) is not None:
-                raise ValueError(f"VAE config {key}={d[key]!r}: per-channel latent statistics are not supported")
+                raise UsageError(f"VAE config {key}={d[key]!r}: per-channel latent statistics are not supported")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -128,13 +129,14 @@ class MidBlock(nn.Module):
         return ResnetBlock2D(self.channels, **kw, name="resnets_1")(x)
 
 
-class DownEncoderBlock2D(nn.Module):
-    """`layers` resnets, then (unless last) a stride-2 conv with right/bottom padding."""
+class ResnetStack2D(nn.Module):
+    """`layers` resnets, then optionally a resampler: diffusers' `DownEncoderBlock2D` (resample "down": a stride-2
+    conv with right/bottom padding) and `UpDecoderBlock2D` (resample "up": nearest x2 then a conv)."""
 
     out_channels: int
     layers: int
     groups: int
-    add_downsample: bool
+    resample: str | None = None  # "down", "up" or None (the last block of a stack)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -143,27 +145,9 @@ class DownEncoderBlock2D(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.layers):
             x = ResnetBlock2D(self.out_channels, self.groups, _EPS, use_temb=False, **kw, name=f"resnets_{j}")(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample2D(self.out_channels, padding=0, **kw, name="downsamplers_0")(x)
-        return x
-
-
-class UpDecoderBlock2D(nn.Module):
-    """`layers` resnets, then (unless last) nearest x2 upsampling and a conv."""
-
-    out_channels: int
-    layers: int
-    groups: int
-    add_upsample: bool
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for j in range(self.layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, _EPS, use_temb=False, **kw, name=f"resnets_{j}")(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.out_channels, **kw, name="upsamplers_0")(x)
         return x
 
@@ -182,8 +166,8 @@ class Encoder(nn.Module):
         channels, n = cfg.block_out_channels, len(cfg.block_out_channels)
         x = conv(channels[0], 3, **kw, name="conv_in")(x.astype(self.dtype))
         for i, c in enumerate(channels):
-            x = DownEncoderBlock2D(c, cfg.layers_per_block, cfg.norm_num_groups, i < n - 1, **kw,
-                                   name=f"down_blocks_{i}")(x)
+            x = ResnetStack2D(c, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < n - 1 else None, **kw,
+                              name=f"down_blocks_{i}")(x)
         x = MidBlock(channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, self.attention_impl,
                      **kw, name="mid_block")(x)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, _EPS, **kw, name="conv_norm_out")(x))
@@ -206,8 +190,8 @@ class Decoder(nn.Module):
         x = MidBlock(channels[0], cfg.norm_num_groups, cfg.mid_block_add_attention, self.attention_impl,
                      **kw, name="mid_block")(x)
         for i, c in enumerate(channels):
-            x = UpDecoderBlock2D(c, cfg.layers_per_block + 1, cfg.norm_num_groups, i < n - 1, **kw,
-                                 name=f"up_blocks_{i}")(x)
+            x = ResnetStack2D(c, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < n - 1 else None, **kw,
+                              name=f"up_blocks_{i}")(x)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, _EPS, **kw, name="conv_norm_out")(x))
         return conv(cfg.out_channels, 3, **kw, name="conv_out")(x)
 
@@ -253,10 +237,6 @@ class AutoencoderKL(nn.Module):
         mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
-    def sample_latent(self, mean, logvar, rng):
-        """See `sample_latents`."""
-        return sample_latents(mean, logvar, rng)
-
     def decode(self, latents):
         """Unscaled latents [B, h, w, latent_channels] -> images [B, h*f, w*f, out_channels], about [-1, 1]."""
         if self.config.use_post_quant_conv:
@@ -278,7 +258,7 @@ class AutoencoderKL(nn.Module):
 
     def __call__(self, images, rng):
         """encode -> sample -> decode (creates every param; used for `init`)."""
-        return self.decode(self.sample_latent(*self.encode(images), rng))
+        return self.decode(sample_latents(*self.encode(images), rng))
 
 
 def abstract_params(config: VAEConfig) -> dict:

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dreambooth_jax import hub, parallel
-from dreambooth_jax.models import vision
+from dreambooth_jax.errors import UsageError
+
+if TYPE_CHECKING:
+    from dreambooth_jax.evaluation.encoders import Encoders
 
 log = logging.getLogger(__name__)
 
+# The encoders the paper's metrics are defined with.
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 METRICS = ("dino", "clip_i", "clip_t")
@@ -38,91 +39,6 @@ PAPER_TABLE_1 = {
     "DreamBooth (Stable Diffusion)": (0.668, 0.803, 0.305),
     "Textual Inversion (Stable Diffusion)": (0.569, 0.780, 0.255),
 }
-
-
-def _preprocessing(folder: str, default: vision.ImagePreprocessing) -> vision.ImagePreprocessing:
-    path = os.path.join(folder, "preprocessor_config.json")
-    if not os.path.isfile(path):
-        log.info("%s has no preprocessor_config.json; using the default preprocessing", folder)
-        return default
-    from dreambooth_jax.checkpoint_files import read_json
-
-    return vision.ImagePreprocessing.from_processor_config(read_json(path))
-
-
-def _l2_normalize(x):
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-class Encoders:
-    """The DINO ViT and the CLIP model, loaded from Hub ids or local folders, as batched jitted functions.
-
-    Every method returns float32 L2-normalized embeddings on the host, one row per input.
-    """
-
-    def __init__(self, dino_model: str = DEFAULT_DINO_MODEL, clip_model: str = DEFAULT_CLIP_MODEL, *,
-                 batch_size: int | None = None, mesh=None, dtype=jnp.float32):
-        from transformers import CLIPTokenizer
-
-        self.mesh = mesh or parallel.data_mesh()
-        n = self.mesh.devices.size
-        self.batch_size = parallel.pad_to_multiple(batch_size or 16 * n, n)
-        dino_dir = hub.resolve(dino_model, what="model")
-        clip_dir = hub.resolve(clip_model, what="model")
-        self.dino_preprocessing = _preprocessing(dino_dir, vision.DINO_PREPROCESSING)
-        self.clip_preprocessing = _preprocessing(clip_dir, vision.CLIP_PREPROCESSING)
-        dino, dino_params = vision.load_vit(dino_dir, dtype=dtype)
-        clip_vision, vision_params, clip_text, text_params = vision.load_clip_model(clip_dir, dtype=dtype)
-        self.tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
-        # A folder without tokenizer_config.json leaves model_max_length at 1e30: use the model's length.
-        self.tokenizer.model_max_length = min(self.tokenizer.model_max_length,
-                                              clip_text.config.max_position_embeddings)
-        self.models = {"dino": dino_model, "clip": clip_model}
-
-        # Kept on the host, placed on the devices at the first use (and freed by `release`), so that a caller
-        # can load the encoders early, to fail fast, without holding device memory meanwhile.
-        host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
-        self._host_params = {"dino": host(dino_params), "clip_image": host(vision_params),
-                             "clip_text": host(text_params)}
-        self._params = None
-        self._fns = {
-            "dino": jax.jit(lambda p, x: _l2_normalize(dino.apply({"params": p}, x.astype(dtype)).cls)),
-            "clip_image": jax.jit(lambda p, x: _l2_normalize(clip_vision.apply({"params": p}, x.astype(dtype))
-                                                             .image_embeds)),
-            "clip_text": jax.jit(lambda p, ids: _l2_normalize(clip_text.apply({"params": p}, ids).text_embeds)),
-        }
-
-    def release(self) -> None:
-        """Frees the device copies of the weights (they are placed again at the next use)."""
-        self._params = None
-
-    def _run(self, name: str, inputs: np.ndarray) -> np.ndarray:
-        if self._params is None:
-            self._params = parallel.put_replicated(self._host_params, self.mesh)
-        out = []
-        for start in range(0, len(inputs), self.batch_size):
-            chunk = inputs[start : start + self.batch_size]
-            pad = self.batch_size - len(chunk)  # a fixed shape: one compile per encoder
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-            result = self._fns[name](self._params[name], parallel.put_batch(padded, self.mesh))
-            out.append(parallel.fetch(result)[: len(chunk)])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-    def dino(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """uint8 [H, W, 3] images (any sizes) -> [N, D] DINO embeddings."""
-        return self._run("dino", vision.preprocess(images, self.dino_preprocessing))
-
-    def clip_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        return self._run("clip_image", vision.preprocess(images, self.clip_preprocessing))
-
-    def clip_texts(self, prompts: Sequence[str]) -> np.ndarray:
-        from dreambooth_jax.sampling import tokenize
-
-        return self._run("clip_text", tokenize(self.tokenizer, prompts))
-
-    def embed(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        return {"dino": self.dino(images), "clip": self.clip_images(images)}
 
 
 # ------------------------------------------------------------------------------------------------ the scores
@@ -192,9 +108,9 @@ def evaluate(encoders: Encoders, generated: Sequence[np.ndarray], prompts: Seque
              info: dict | None = None) -> Evaluation:
     """DINO / CLIP-I / CLIP-T of `generated` images (uint8 HWC) made from `prompts`, against `real`."""
     if len(generated) != len(prompts):
-        raise ValueError(f"{len(generated)} images but {len(prompts)} prompts")
+        raise UsageError(f"{len(generated)} images but {len(prompts)} prompts")
     if not generated or not real:
-        raise ValueError("no generated images" if not generated else "no real images")
+        raise UsageError("no generated images" if not generated else "no real images")
     gen, ref = encoders.embed(generated), encoders.embed(real)
     text_prompts = [strip_token(p, unique_token) for p in prompts]
     unique = list(dict.fromkeys(text_prompts))

@@ -139,8 +139,8 @@ def make_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
 
 
 def _write_model(folder: str, config: dict, state: dict, preprocessor: dict | None = None) -> str:
-    from dreambooth_jax import safetensors_io
-    from dreambooth_jax.checkpoint_files import write_json
+    from dreambooth_jax.fileio import write_json
+    from dreambooth_jax.weights import safetensors_io
 
     os.makedirs(folder, exist_ok=True)
     write_json(os.path.join(folder, "config.json"), config)
@@ -156,8 +156,9 @@ def make_tiny_encoders(out_dir: str, seed: int = 0) -> tuple[str, str]:
     smoke runs and tests of the metrics pipeline; the scores they give mean nothing."""
     import re
 
-    from dreambooth_jax import convert
+    from dreambooth_jax.evaluation import preprocessing
     from dreambooth_jax.models import clip, vision
+    from dreambooth_jax.weights import convert
 
     dino_rng, vision_rng, text_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
     image = jnp.zeros((1, 32, 32, 3))
@@ -168,8 +169,8 @@ def make_tiny_encoders(out_dir: str, seed: int = 0) -> tuple[str, str]:
                  for k, v in convert.params_to_state_dict(vit_params).items()}
     dino_dir = _write_model(os.path.join(out_dir, "dino"), vit_cfg.to_diffusers_config(), vit_state, {
         "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
-        "resample": vision.BILINEAR, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(vision.IMAGENET_DEFAULT_MEAN), "image_std": list(vision.IMAGENET_DEFAULT_STD)})
+        "resample": preprocessing.BILINEAR, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(preprocessing.IMAGENET_DEFAULT_MEAN), "image_std": list(preprocessing.IMAGENET_DEFAULT_STD)})
 
     clip_dir = os.path.join(out_dir, "clip")
     write_tokenizer_files(clip_dir)
@@ -196,9 +197,9 @@ def make_tiny_encoders(out_dir: str, seed: int = 0) -> tuple[str, str]:
               "vision_config": vision_cfg.to_diffusers_config()}
     _write_model(clip_dir, config, state, {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
-        "resample": vision.BICUBIC, "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
+        "resample": preprocessing.BICUBIC, "do_center_crop": True, "crop_size": {"height": 32, "width": 32},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(vision.OPENAI_CLIP_MEAN), "image_std": list(vision.OPENAI_CLIP_STD)})
+        "image_mean": list(preprocessing.OPENAI_CLIP_MEAN), "image_std": list(preprocessing.OPENAI_CLIP_STD)})
     with open(os.path.join(clip_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": TOKENIZER_MAX_LENGTH,
                    "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",

@@ -23,6 +23,8 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dreambooth_jax.errors import DownloadError, MissingFileError, UsageError
+
 log = logging.getLogger(__name__)
 
 NAME = "dreambooth"
@@ -69,7 +71,7 @@ def parse_index(text: str, source: str = INDEX_FILE) -> SourceIndex:
             classes[subject] = class_name.strip()
     missing = [k for k in ("Object Prompts", "Live Subject Prompts") if not lists.get(k)]
     if not classes or missing:
-        raise ValueError(f"{source}: not the DreamBooth dataset index (no subject table or no "
+        raise UsageError(f"{source}: not the DreamBooth dataset index (no subject table or no "
                          f"{' / '.join(missing) or 'prompts'} list)")
     return SourceIndex(classes, tuple(lists["Object Prompts"]), tuple(lists["Live Subject Prompts"]))
 
@@ -114,17 +116,17 @@ class Dreambooth(tfds.core.GeneratorBasedBuilder):
         if manual is not None:
             root = find_source_root(manual)
             if root is None:
-                raise FileNotFoundError(f"manual_dir {manual} holds no {INDEX_FILE} (expected the layout of "
+                raise MissingFileError(f"manual_dir {manual} holds no {INDEX_FILE} (expected the layout of "
                                         f"{HOMEPAGE}/tree/main/dataset)")
             return root
         try:
             extracted = os.fspath(dl_manager.download_and_extract(SOURCE_URL))
         except Exception as e:  # offline, blocked, rate-limited: say what to do instead
-            raise ConnectionError(f"cannot download {SOURCE_URL} ({type(e).__name__}: {e}); build offline from a "
+            raise DownloadError(f"cannot download {SOURCE_URL} ({type(e).__name__}: {e}); build offline from a "
                                   "local copy with manual_dir (--dataset_manual_dir)") from e
         root = find_source_root(extracted)
         if root is None:
-            raise FileNotFoundError(f"{SOURCE_URL}: no dataset/{INDEX_FILE} in the archive")
+            raise MissingFileError(f"{SOURCE_URL}: no dataset/{INDEX_FILE} in the archive")
         return root
 
     def _split_generators(self, dl_manager):
@@ -133,11 +135,11 @@ class Dreambooth(tfds.core.GeneratorBasedBuilder):
             index = parse_index(f.read(), os.path.join(root, INDEX_FILE))
         missing = [s for s in index.classes if not os.path.isdir(os.path.join(root, s))]
         if missing:
-            raise FileNotFoundError(f"{root}: no image folder for subject(s) {', '.join(missing)}")
+            raise MissingFileError(f"{root}: no image folder for subject(s) {', '.join(missing)}")
         return {subject: self._generate_examples(root, index, subject) for subject in index.classes}
 
     def _generate_examples(self, root: str, index: SourceIndex, subject: str):
-        from dreambooth_jax.data import list_images
+        from dreambooth_jax.images import list_images
 
         class_name = index.classes[subject]
         templates = index.templates(class_name)
@@ -193,7 +195,7 @@ class Subject:
         """uint8 [H, W, 3] arrays, decoded as the trainer's folder reader does."""
         import io
 
-        from dreambooth_jax.data import read_image
+        from dreambooth_jax.images import read_image
 
         return [read_image(io.BytesIO(data)) for _, data in self.images]
 
@@ -202,7 +204,7 @@ def parse_spec(spec: str) -> str:
     """'dreambooth:dog6' -> 'dog6'."""
     name, _, subject = spec.partition(":")
     if name != NAME or not subject:
-        raise ValueError(f"--dataset {spec!r}: expected '{NAME}:<subject>', e.g. '{NAME}:dog6'")
+        raise UsageError(f"--dataset {spec!r}: expected '{NAME}:<subject>', e.g. '{NAME}:dog6'")
     return subject
 
 
@@ -215,7 +217,7 @@ def load_builder(data_dir: str | None = None, manual_dir: str | None = None) -> 
     """The builder, prepared: built once (from `manual_dir` if given, else downloaded) into `data_dir`
     (default: TFDS's, ~/tensorflow_datasets), then reused."""
     if manual_dir is not None and find_source_root(manual_dir) is None:
-        raise FileNotFoundError(f"{manual_dir}: not a copy of the DreamBooth dataset (no {INDEX_FILE} in it or "
+        raise MissingFileError(f"{manual_dir}: not a copy of the DreamBooth dataset (no {INDEX_FILE} in it or "
                                 "in its dataset/ folder)")
     import jax
 
@@ -269,7 +271,7 @@ def load_subject(builder: Dreambooth, subject: str) -> Subject:
     """A subject's records (images in file-name order) from the prepared dataset."""
     names = subject_names(builder)
     if subject not in names:
-        raise ValueError(f"no subject {subject!r} in the {NAME} dataset (subjects: {', '.join(names)})")
+        raise UsageError(f"no subject {subject!r} in the {NAME} dataset (subjects: {', '.join(names)})")
     source = builder.as_data_source(split=subject, decoders={"image": tfds.decode.SkipDecoding()})
     records = sorted((source[i] for i in range(len(source))), key=lambda r: _text(r["file_name"]))
     first = records[0]

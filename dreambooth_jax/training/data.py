@@ -12,35 +12,27 @@ import dataclasses
 import functools
 import logging
 import os
-import struct
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+
+from dreambooth_jax.errors import UsageError
+from dreambooth_jax.images import (
+    ImageError,
+    center_crop_offsets,
+    list_images,
+    load_image,
+    probe_size,
+    resized_size,
+    warn_if_small,
+)
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # Extra entropy words that keep the permutation streams apart from the (seed, step, row) augmentation
 # streams (SeedSequence zero-pads short entropy, so length alone would not separate them).
 _INSTANCE_PERM_TAG = 0x5045524D
 _CLASS_PERM_TAG = 0x434C4153
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-# Everything Pillow raises on a file that is not a decodable image.
-_DECODE_ERRORS = (
-    OSError,
-    SyntaxError,
-    ValueError,
-    TypeError,
-    EOFError,
-    struct.error,
-    Image.DecompressionBombError,
-)
-
-
-class ImageError(ValueError):
-    """A file that cannot be read as an image; the message names the file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,128 +43,6 @@ class Concept:
     instance_prompt: str
     class_data_dir: str | None = None
     class_prompt: str | None = None
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; transparency is composited on white."""
-    if im.mode.startswith("I;16") or im.mode == "I":
-        # 16-bit greyscale (PNG): scale 0..65535 onto 0..255; convert("L") would clip everything above 255.
-        grey = np.asarray(im).astype(np.float64).clip(0, 65535) / 257.0
-        return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:  # also P, L or RGB with a tRNS chunk
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...; embedded ICC profiles are ignored, as in diffusers
-
-
-def _resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(w, h) with the shorter side at `resolution`, rounded down as torchvision's `Resize(int)`."""
-    if width <= height:
-        return resolution, int(resolution * height / width)
-    return int(resolution * width / height), resolution
-
-
-def _open_rgb(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return _to_rgb(ImageOps.exif_transpose(im))
-    except _DECODE_ERRORS as e:
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-
-
-def read_image(path: str) -> np.ndarray:
-    """An image file at its own size as uint8 RGB [H, W, 3] (EXIF orientation, alpha and modes handled as
-    in `load_image`). Raises ImageError naming the file when it is not a readable image."""
-    return np.asarray(_open_rgb(path), dtype=np.uint8)
-
-
-def _load(path: str, resolution: int, *, warn: bool) -> np.ndarray:
-    im = _open_rgb(path)
-    if warn:
-        _warn_if_small(path, *im.size, resolution)
-    size = _resized_size(*im.size, resolution)
-    if size != im.size:
-        im = im.resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
-
-
-def load_image(path: str, resolution: int) -> np.ndarray:
-    """Decodes an image file to uint8 RGB [H, W, 3] with its shorter side resized to `resolution`.
-
-    The resize is PIL bilinear with antialiasing, which is exactly what diffusers' DreamBooth transform
-    (`transforms.Resize(size, interpolation=BILINEAR)` on a PIL image) computes; the longer side is rounded
-    down as torchvision does. EXIF orientation is applied first. Alpha (RGBA, LA, P or L with transparency)
-    is composited on white, 16-bit greyscale ('I;16', 'I') is scaled to 8 bits, CMYK and palette images are
-    converted by Pillow. An image smaller than `resolution` is upscaled with a logged warning.
-
-    Raises:
-      ImageError: the file is not a readable image (the message names it).
-    """
-    return _load(path, resolution, warn=True)
-
-
-def _probe(path: str) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF rotation applied), from the header, after checking the file
-    structure without decoding pixels."""
-    try:
-        with Image.open(path) as im:
-            im.verify()  # PNG: all chunk CRCs; other formats: little beyond the header
-        with Image.open(path) as im:  # verify() leaves the image unusable
-            width, height = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap width and height
-                width, height = height, width
-    except _DECODE_ERRORS as e:
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-    return width, height
-
-
-def _warn_if_small(path: str, width: int, height: int, resolution: int) -> None:
-    if min(width, height) < resolution:
-        log.warning("%s: %dx%d is smaller than resolution %d; upscaling it", path, width, height, resolution)
-
-
-def _image_files(folder: str) -> list[str]:
-    names = sorted(
-        n
-        for n in os.listdir(folder)
-        if not n.startswith(".")  # hidden files, and macOS `._x.jpg` resource forks that are not images
-        and n.lower().endswith(IMAGE_EXTENSIONS)
-        and os.path.isfile(os.path.join(folder, n))
-    )
-    return [os.path.join(folder, n) for n in names]
-
-
-def list_images(folder: str) -> list[str]:
-    """Sorted paths of the image files directly in `folder` (extension matched case-insensitively).
-
-    Raises:
-      FileNotFoundError: `folder` does not exist or is not a directory.
-      ValueError: it holds no file with one of IMAGE_EXTENSIONS.
-    """
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder {folder!r} does not exist or is not a directory")
-    paths = _image_files(folder)
-    if not paths:
-        raise ValueError(
-            f"image folder {folder!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
-        )
-    return paths
-
-
-def count_images(folder: str) -> int:
-    """How many readable image files `folder` holds (0 if it does not exist), e.g. to decide how many class
-    images are still to be generated."""
-    if not os.path.isdir(folder):
-        return 0
-    count = 0
-    for path in _image_files(folder):
-        try:
-            _probe(path)
-            count += 1
-        except ImageError:
-            pass
-    return count
 
 
 def caption_for(image_path: str, default_prompt: str) -> str:
@@ -221,13 +91,12 @@ class DreamBoothData:
         cache_size: int = 2048,
     ):
         if not concepts:
-            raise ValueError("no concepts given")
+            raise UsageError("no concepts given")
         if resolution < 1 or seed < 0:
-            raise ValueError(f"need resolution >= 1 and seed >= 0, got {resolution}, {seed}")
+            raise UsageError(f"need resolution >= 1 and seed >= 0, got {resolution}, {seed}")
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
-        self.with_prior_preservation = with_prior_preservation
         self.seed = seed
         self.skip_bad_images = skip_bad_images
         self.skipped: list[str] = []
@@ -250,23 +119,24 @@ class DreamBoothData:
                 instance_concept.append(c)
                 found += 1
             if not found:
-                raise ValueError(f"no readable instance images in {concept.instance_data_dir!r}")
+                raise UsageError(f"no readable instance images in {concept.instance_data_dir!r}")
         self._instance_concept = np.asarray(instance_concept)
         self._instance_counts = np.bincount(self._instance_concept, minlength=len(concepts))
 
+        self._concepts = tuple(concepts)
+        self.with_prior_preservation = False
         self.class_paths: list[str] = []
         self._class_sizes: list[tuple[int, int]] = []  # resized (w, h), known without decoding
         self._class_prompts: list[str] = []
         self._class_by_concept: list[np.ndarray] = []  # per concept: its indices into class_paths
-        if with_prior_preservation:
-            for concept in concepts:
-                self._scan_class_folder(concept)
         self.num_instance_images = len(self.instance_paths)
-        self.num_class_images = len(self.class_paths)
+        self.num_class_images = 0
+        if with_prior_preservation:
+            self.add_class_images()
 
         # Keyed by path, so a class folder shared by concepts is decoded once.
         self._class_image = functools.lru_cache(maxsize=cache_size)(
-            functools.partial(_load, resolution=resolution, warn=False)
+            functools.partial(load_image, resolution=resolution, warn=False)
         )
         self._instance_epoch = functools.lru_cache(maxsize=4)(self._instance_epoch_uncached)
         self._class_perm = functools.lru_cache(maxsize=4 * len(concepts))(self._class_perm_uncached)
@@ -277,23 +147,34 @@ class DreamBoothData:
         log.warning("skipping %s", error)
         self.skipped.append(path)
 
+    def add_class_images(self) -> None:
+        """Scans the concepts' class folders and turns prior preservation on: from now on every batch pairs each
+        instance row with a class row. Called by the constructor with `with_prior_preservation`, or later, once
+        missing class images have been generated (instance images are read first, so bad ones fail early)."""
+        if self.with_prior_preservation:
+            raise ValueError("class images were already added")
+        for concept in self._concepts:
+            self._scan_class_folder(concept)
+        self.num_class_images = len(self.class_paths)
+        self.with_prior_preservation = True
+
     def _scan_class_folder(self, concept: Concept) -> None:
         if concept.class_data_dir is None or concept.class_prompt is None:
-            raise ValueError(f"prior preservation needs class_data_dir and class_prompt for {concept}")
+            raise UsageError(f"prior preservation needs class_data_dir and class_prompt for {concept}")
         indices = []
         for path in list_images(concept.class_data_dir):
             try:
-                width, height = _probe(path)
+                width, height = probe_size(path)
             except ImageError as e:
                 self._skip(path, e)
                 continue
-            _warn_if_small(path, width, height, self.resolution)
+            warn_if_small(path, width, height, self.resolution)
             indices.append(len(self.class_paths))
             self.class_paths.append(path)
-            self._class_sizes.append(_resized_size(width, height, self.resolution))
+            self._class_sizes.append(resized_size(width, height, self.resolution))
             self._class_prompts.append(concept.class_prompt)
         if not indices:
-            raise ValueError(f"no readable class images in {concept.class_data_dir!r}")
+            raise UsageError(f"no readable class images in {concept.class_data_dir!r}")
         self._class_by_concept.append(np.asarray(indices))
 
     def prompts(self) -> list[str]:
@@ -325,9 +206,8 @@ class DreamBoothData:
             int(rng.integers(width - self.resolution + 1)),
         )
         flip = bool(rng.random() < 0.5) and self.random_flip
-        if self.center_crop:  # rounded as torchvision's CenterCrop
-            top = int(round((height - self.resolution) / 2.0))
-            left = int(round((width - self.resolution) / 2.0))
+        if self.center_crop:
+            top, left = center_crop_offsets(height, width, self.resolution)
         return top, left, flip
 
     def batch_plan(self, step: int, batch_size: int, *, start: int = 0, stop: int | None = None) -> dict:
@@ -411,7 +291,4 @@ class DreamBoothData:
     def fixed_view(self, kind: str, index: int, flip: bool = False) -> np.ndarray:
         """Image `index` of `kind` ('instance' or 'class') center-cropped, optionally flipped: float32
         [R, R, 3] in [-1, 1], e.g. for caching latents."""
-        height, width = self._uint8(kind, index).shape[:2]
-        top = int(round((height - self.resolution) / 2.0))
-        left = int(round((width - self.resolution) / 2.0))
-        return self.view(kind, index, (top, left), flip)
+        return self.view(kind, index, center_crop_offsets(*self._uint8(kind, index).shape[:2], self.resolution), flip)

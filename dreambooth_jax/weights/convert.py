@@ -16,6 +16,8 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from dreambooth_jax.errors import UsageError
+
 # PyTorch attributes that are `nn.ModuleList`/`nn.Sequential`: their Flax twins are named `<attr>_<i>`.
 # Every other `_<digits>` suffix (`linear_1`, `conv_norm_out`) is part of the attribute name itself.
 LIST_ATTRIBUTES = frozenset(
@@ -31,7 +33,7 @@ _DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", 
 _DEPRECATED_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 
 
-class ConversionError(ValueError):
+class ConversionError(UsageError):
     """A checkpoint that does not fit the model: missing, surplus or mis-shaped tensors."""
 
 

@@ -3,8 +3,9 @@
 Loss (Ruiz et al. 2023, eq. 2): E w(t) ||x̂(z_t, t, c) - target||² on the instance examples plus
 `prior_loss_weight` x the same on the class (prior-preservation) examples, where z_t ~ q(z_t | z_0) and the
 target is ε, v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0, or z_0 per the scheduler's `prediction_type`; w(t) = 1, or
-the Min-SNR weight (Hang et al. 2023) min(SNR(t), γ) / SNR(t) (ε) or / (SNR(t) + 1) (v) per example. Instance
-and class examples travel in one batch (one forward pass), told apart by `batch["is_prior"]`.
+the Min-SNR-γ weight (Hang et al. 2023) per example, for the target's own loss: min(SNR, γ) / SNR (ε),
+min(SNR, γ) / (SNR + 1) (v), min(SNR, γ) (z_0). Instance and class examples travel in one batch (one forward
+pass), told apart by `batch["is_prior"]`.
 
 The batch has a leading micro-batch axis [A, B, ...]: gradient accumulation is a `lax.scan` inside the
 compiled step. `batch["example_id"]` numbers the step's examples; each draws its noise from it. Static parts
@@ -16,50 +17,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dreambooth_jax import noise_schedule
-
-
-class TrainState(flax.struct.PyTreeNode):
-    """Everything that changes (or is needed) across steps.
-
-    `params` holds the trained parts ({'unet'[, 'text_encoder']}), each with its own optimizer in `txs` and
-    state in `opt_state`; `frozen` the others; `ema` (or None) the exponential moving average of every part
-    trained so far (a part that stops training keeps its last average).
-    """
-
-    step: jax.Array
-    params: dict
-    opt_state: dict
-    frozen: dict
-    ema: dict | None
-    txs: tuple = flax.struct.field(pytree_node=False)  # ((part, GradientTransformation), ...)
-    stopped: tuple = flax.struct.field(pytree_node=False, default=())  # parts trained, then frozen
-
-    @classmethod
-    def create(cls, params: dict, frozen: dict, txs: dict, *, ema: bool = False) -> TrainState:
-        # Copied: some optimizers (prodigy) keep the initial params in their state, and the same buffer twice
-        # in a donated state is an error.
-        opt_state = jax.tree.map(jnp.copy, {k: txs[k].init(params[k]) for k in params})
-        ema_params = jax.tree.map(jnp.copy, params) if ema else None
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, frozen=frozen,
-                   ema=ema_params, txs=tuple(sorted(txs.items())))
-
-    def freeze(self, part: str) -> TrainState:
-        """Stops training `part`: its params join `frozen` and its optimizer state is dropped."""
-        params = {k: v for k, v in self.params.items() if k != part}
-        return self.replace(params=params, frozen={**self.frozen, part: self.params[part]},
-                            opt_state={k: v for k, v in self.opt_state.items() if k != part},
-                            txs=tuple((k, tx) for k, tx in self.txs if k != part), stopped=(*self.stopped, part))
-
-    def export_params(self) -> dict:
-        """The weights to export: every part, the EMA ones where there are."""
-        return {**self.frozen, **self.params, **(self.ema or {})}
+from dreambooth_jax.diffusion import noise_schedule
+from dreambooth_jax.models.vae import sample_latents
+from dreambooth_jax.training.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -112,17 +77,16 @@ def clean_latents(spec: StepSpec, frozen, batch, keys):
         mean, logvar = batch["latent_mean"], batch["latent_logvar"]
     else:
         mean, logvar = spec.vae.apply({"params": frozen["vae"]}, batch["images"], method=spec.vae.encode)
-    z = mean + jnp.exp(0.5 * logvar) * _normal(keys, mean.shape[1:])
+    z = jax.vmap(sample_latents)(mean, logvar, keys)  # one draw per example, from its own key
     return jax.lax.stop_gradient(spec.vae.scale_latents(z))
 
 
 def loss_weights(spec: StepSpec, timesteps):
-    """Per-example loss weights [B]: 1, or Min-SNR-γ."""
+    """Per-example loss weights [B]: 1, or Min-SNR-γ (see `noise_schedule.min_snr_weights`)."""
     if spec.snr_gamma is None:
         return jnp.ones(timesteps.shape, jnp.float32)
     snr = noise_schedule.snr(jnp.asarray(spec.alphas_cumprod, jnp.float32), timesteps)
-    clipped = jnp.minimum(snr, spec.snr_gamma)
-    return clipped / (snr + 1.0) if spec.prediction_type == "v_prediction" else clipped / snr
+    return noise_schedule.min_snr_weights(snr, spec.snr_gamma, spec.prediction_type)
 
 
 def per_example_loss(spec: StepSpec, params, frozen, batch, latents, noise, timesteps, dropout_rng=None):
@@ -153,35 +117,41 @@ def combine_losses(mse, is_prior, prior_loss_weight: float):
     return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
 
 
-def draw_noise(spec: StepSpec, keys, shape):
-    """ε per example; with offset noise, plus `noise_offset` x one N(0, 1) value per example and channel."""
-    noise = _normal(keys[:, 0], shape)
-    if spec.noise_offset:
-        noise = noise + spec.noise_offset * _normal(keys[:, 1], (1, 1, shape[-1]))
-    return noise
+def draw_example_inputs(spec: StepSpec, frozen, batch, rng) -> dict:
+    """What each example of a micro-batch draws: {"latents": z_0 [B, h, w, c] (a sample of q(z | x), scaled),
+    "noise": ε [B, h, w, c], "offset": the offset-noise draw [B, 1, 1, c] (zeros without offset noise),
+    "timesteps": t int32 [B]}.
 
-
-def micro_batch_loss(params, frozen, batch, rng, *, spec: StepSpec):
-    """The DreamBooth loss of one micro-batch with freshly drawn latents, noise and timesteps.
-
-    Each example draws from `fold_in(rng, example_id)`: its draws do not depend on where it sits in the
-    batch, so device count and micro-batching do not change the result.
+    Each example draws from `fold_in(rng, example_id)`: its draws do not depend on where it sits in the batch,
+    so the device count and micro-batching do not change the result.
     """
     keys = jax.vmap(lambda e: jax.random.split(jax.random.fold_in(rng, e), 4))(batch["example_id"])
     latents = clean_latents(spec, frozen, batch, keys[:, 0])
-    noise = draw_noise(spec, keys[:, 1:3], latents.shape[1:])
+    shape = latents.shape[1:]
+    offset = _normal(keys[:, 2], (1, 1, shape[-1])) if spec.noise_offset else jnp.zeros((len(keys), 1, 1, shape[-1]))
     timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, len(spec.alphas_cumprod)))(keys[:, 3])
+    return {"latents": latents, "noise": _normal(keys[:, 1], shape), "offset": offset, "timesteps": timesteps,
+            "keys": keys}
+
+
+def micro_batch_loss(params, frozen, batch, rng, *, spec: StepSpec):
+    """The DreamBooth loss of one micro-batch with freshly drawn latents, noise and timesteps; offset noise adds
+    `noise_offset` x one N(0, 1) value per example and channel to ε."""
+    draws = draw_example_inputs(spec, frozen, batch, rng)
+    noise = draws["noise"] + spec.noise_offset * draws["offset"]
     # LoRA dropout masks span the micro-batch: drawn from its first example's id (distinct per micro-batch).
-    dropout_rng = jax.random.fold_in(keys[0, 0], 1) if spec.lora is not None and spec.lora.dropout > 0 else None
-    mse = per_example_loss(spec, params, frozen, batch, latents, noise, timesteps, dropout_rng)
+    dropout_rng = (jax.random.fold_in(draws["keys"][0, 0], 1) if spec.lora is not None and spec.lora.dropout > 0
+                   else None)
+    mse = per_example_loss(spec, params, frozen, batch, draws["latents"], noise, draws["timesteps"], dropout_rng)
     loss, instance_loss, prior_loss = combine_losses(mse, batch["is_prior"], spec.prior_loss_weight)
     return loss, {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
 
 
 def ema_decay_at(step, max_decay: float):
-    """diffusers' `EMAModel` decay for update number `step` (0-based): min(max_decay, (1 + k) / (10 + k))."""
+    """diffusers' `EMAModel.get_decay` for update number `step` (0-based): 0 at the first update (the average
+    starts as the weights after the first optimizer step), then min(max_decay, (1 + k) / (10 + k))."""
     k = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(max_decay, (1.0 + k) / (10.0 + k))
+    return jnp.where(k < 1, 0.0, jnp.minimum(max_decay, (1.0 + k) / (10.0 + k)))
 
 
 def update_ema(ema: dict, params: dict, step, max_decay: float) -> dict:
@@ -216,9 +186,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec
     (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics), batch)
     grads = jax.tree.map(lambda g: g / num_micro, grads)
     metrics = {k: v / num_micro for k, v in metrics.items()}
-    metrics["grad_norm"] = optax.global_norm(grads)
-    if spec.max_grad_norm > 0:  # one global norm over every trained part, as torch's clip_grad_norm_
-        grads, _ = optax.clip_by_global_norm(spec.max_grad_norm).update(grads, optax.EmptyState())
+    metrics["grad_norm"] = norm = optax.global_norm(grads)
+    if spec.max_grad_norm > 0:  # one global norm over every trained part, exactly as torch's clip_grad_norm_
+        scale = jnp.minimum(1.0, spec.max_grad_norm / (norm + 1e-6))
+        grads = jax.tree.map(lambda g: g * scale, grads)
     params, opt_state = {}, {}
     for part, tx in state.txs:
         updates, opt_state[part] = tx.update(grads[part], state.opt_state[part], state.params[part])

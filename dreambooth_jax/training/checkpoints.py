@@ -17,6 +17,8 @@ import signal
 import jax
 import orbax.checkpoint as ocp
 
+from dreambooth_jax.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -58,7 +60,7 @@ class Checkpointer:
         meta = dict(restored["meta"])
         for key, value in (expected_meta or {}).items():
             if meta.get(key) != value:
-                raise ValueError(f"checkpoint {self.root}/{step} was made with {key}={meta.get(key)!r}, "
+                raise UsageError(f"checkpoint {self.root}/{step} was made with {key}={meta.get(key)!r}, "
                                  f"this run has {key}={value!r}")
         tree = restored["state"]
         return state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"], ema=tree["ema"],
@@ -89,7 +91,7 @@ def resolve_resume(spec: str | None, checkpoints_root: str) -> tuple[str, int] |
     path = os.path.abspath(spec.rstrip("/"))
     name = os.path.basename(path)
     if not name.isdigit():
-        raise ValueError(f"--resume_from_checkpoint {spec}: expected a checkpoint folder named by its step")
+        raise UsageError(f"--resume_from_checkpoint {spec}: expected a checkpoint folder named by its step")
     return os.path.dirname(path), int(name)
 
 

@@ -7,6 +7,8 @@ import logging
 import os
 import re
 
+from dreambooth_jax.errors import MissingFileError
+
 log = logging.getLogger(__name__)
 
 _CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*")
@@ -54,12 +56,12 @@ def download_pipeline(
             return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token,
                                      cache_dir=cache_dir, local_files_only=True)
         except Exception as cache_error:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in the local cache "
                 f"({cache_error}). Pass a local pipeline folder instead."
             ) from e
     if "model_index.json" not in files:
-        raise FileNotFoundError(f"{repo_id} is not a diffusers pipeline repository (no model_index.json)")
+        raise MissingFileError(f"{repo_id} is not a diffusers pipeline repository (no model_index.json)")
     wanted = [f for f in files if any(fnmatch.fnmatch(f, p) for p in _CONFIG_PATTERNS)]
     wanted += _weight_patterns(files, variant)
     log.info("fetching %d files of %s", len(wanted), repo_id)
@@ -97,7 +99,7 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | bo
         try:
             return snapshot_download(repo_id, local_files_only=True, **kwargs)
         except Exception:
-            raise FileNotFoundError(f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in the "
+            raise MissingFileError(f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in the "
                                     "local cache. Pass a local model folder instead.") from e
 
 
@@ -107,6 +109,6 @@ def resolve(name_or_path: str, *, what: str = "pipeline", **kwargs) -> str:
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path} is not a {what} folder (no such folder; Hub ids look like "
+        raise MissingFileError(f"{name_or_path} is not a {what} folder (no such folder; Hub ids look like "
                                 "'org/name')")
     return download_model(name_or_path, **kwargs) if what == "model" else download_pipeline(name_or_path, **kwargs)

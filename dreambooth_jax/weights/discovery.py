@@ -1,36 +1,18 @@
-"""Finding, reading and writing the weight files of one diffusers/transformers component folder."""
+"""Finding and reading the weight files of one diffusers/transformers component folder."""
 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 
 import numpy as np
 
-from dreambooth_jax import safetensors_io
+from dreambooth_jax.errors import MissingFileError
+from dreambooth_jax.fileio import read_json
+from dreambooth_jax.weights import safetensors_io
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-
-
-def write_json(path: str, data: dict, *, sort_keys: bool = True) -> None:
-    """Writes `data` atomically (a temporary file renamed into place)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=sort_keys)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _variant_of(filename: str) -> str | None:
@@ -57,7 +39,7 @@ def find_weight_files(folder: str, stem: str, variant: str | None = None) -> lis
         paths = [os.path.join(folder, s) for s in shards]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            raise MissingFileError(f"{index} lists shards that are missing: {', '.join(missing)}")
         return paths
     single = [f for f in pick(candidates) if not re.search(r"-\d{5}-of-\d{5}", f)]
     if single:
@@ -67,14 +49,14 @@ def find_weight_files(folder: str, stem: str, variant: str | None = None) -> lis
         return pickled
     pickles = [f for f in os.listdir(folder) if f.endswith(_PICKLE_SUFFIXES)] if os.path.isdir(folder) else []
     if pickles:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{folder} holds only PyTorch pickle weights in a form dreambooth_jax does not read "
             f"({', '.join(sorted(pickles))}). Convert once where torch is installed, e.g. "
             "`Model.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`."
         )
     if variant and [f for f in candidates if _variant_of(f) is None]:
-        raise FileNotFoundError(f"{folder}: no '{variant}' variant of {stem}.safetensors (drop variant={variant!r}?)")
-    raise FileNotFoundError(f"{folder}: no {stem}{'.' + variant if variant else ''}.safetensors weights found")
+        raise MissingFileError(f"{folder}: no '{variant}' variant of {stem}.safetensors (drop variant={variant!r}?)")
+    raise MissingFileError(f"{folder}: no {stem}{'.' + variant if variant else ''}.safetensors weights found")
 
 
 def _pickled_weight_files(folder: str, stem: str, variant: str | None) -> list[str]:
@@ -87,7 +69,7 @@ def _pickled_weight_files(folder: str, stem: str, variant: str | None) -> list[s
         paths = [os.path.join(folder, s) for s in sorted(set(read_json(index)["weight_map"].values()))]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            raise MissingFileError(f"{index} lists shards that are missing: {', '.join(missing)}")
         return paths
     return [os.path.join(folder, name)] if os.path.isfile(os.path.join(folder, name)) else []
 
@@ -95,7 +77,7 @@ def _pickled_weight_files(folder: str, stem: str, variant: str | None) -> list[s
 def load_state_dict(files: list[str]) -> tuple[dict[str, np.ndarray], str]:
     """Merges the tensors of `files` (safetensors, or PyTorch `.bin`); returns (state dict, a source name for
     messages)."""
-    from dreambooth_jax import torch_pickle
+    from dreambooth_jax.weights import torch_pickle
 
     state: dict[str, np.ndarray] = {}
     for path in files:

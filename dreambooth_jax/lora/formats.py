@@ -1,18 +1,12 @@
-"""LoRA (Hu et al. 2021) as a parameter transform on the existing Flax modules, and its file formats.
+"""LoRA files: the diffusers/PEFT and kohya-ss layouts, read and written with NumPy (no torch).
 
-The base params are never touched: the LoRA factors live in their own tree, {'/'-joined Flax module path:
-{'A': [in, rank], 'B': [rank, out]}}, and `apply` runs the unchanged module with every targeted `nn.Dense`
-intercepted (`nn.intercept_methods`) to add `scale * (x @ A) @ B`. The factors travel as a separate variable
-collection, so Flax threads them through `nn.remat` and any other lifted transform like the params.
-
-    lora_params = init_lora(params, UNET_TARGETS, LoraConfig(rank=4), rng)
-    out = apply(unet, params, lora_params, config, latents, t, context)     # train: grad w.r.t. lora_params
     save_diffusers("out/", {"unet": lora_params}, config)   # StableDiffusionPipeline.load_lora_weights("out/")
+    loras, config = load_file("out/")                        # either layout
     pipe = load_pipeline(base, lora="out/")                  # merged: W + scale * A @ B
 
-Two file layouts: diffusers/PEFT (`unet.<module>.lora_A.weight` [rank, in], `.lora_B.weight` [out, rank]) and
-kohya-ss / A1111 / ComfyUI (`lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`,
-`.alpha`). Both are read back exactly by `load_file`.
+diffusers/PEFT: `unet.<module>.lora_A.weight` [rank, in], `.lora_B.weight` [out, rank]. kohya-ss / A1111 /
+ComfyUI: `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`. Both are read
+back exactly by `load_file`.
 """
 
 from __future__ import annotations
@@ -22,25 +16,18 @@ import dataclasses
 import json
 import os
 import re
-import struct
-from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from dreambooth_jax import convert, safetensors_io
+from dreambooth_jax.errors import MissingFileError, UsageError
+from dreambooth_jax.lora.transform import LoraConfig, flax_key, merge, torch_name
+from dreambooth_jax.weights import convert, safetensors_io
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_dreambooth_lora defaults
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name; `load_lora_weights(folder)` looks for it
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
-
-_COLLECTION = "lora"  # the variable collection that carries the factors into `module.apply`
-_DROPOUT_RNG = "lora_dropout"
 _META_KEY = "dreambooth_jax_lora"  # our LoraConfig, so that our own files load back exactly
 _DIFFUSERS_META_KEY = "lora_adapter_metadata"  # diffusers >= 0.34: per-component PEFT LoraConfig kwargs
 _TEXT_PREFIX = "text_model."  # transformers' CLIP submodule; diffusers strips it when the model lacks it
@@ -56,145 +43,10 @@ _NAME_RE = re.compile(
                    + sorted(_KNOWN_NAMES, key=len, reverse=True) + [r"[^_]+"]) + ")(?:_|$)"
 )
 
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """rank r, alpha (None -> r, i.e. scale 1) and dropout on the LoRA input; the update is (alpha / r) A B."""
-
-    rank: int = 4
-    alpha: float | None = None
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if self.alpha is not None and self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def scale(self) -> float:
-        return (self.rank if self.alpha is None else self.alpha) / self.rank
-
-
-def _torch_name(key: str) -> str:
-    """'down_blocks_0/.../to_out_0' -> 'down_blocks.0....to_out.0' (the PyTorch module name)."""
-    return convert.torch_key((*key.split("/"), "kernel"))[: -len(".weight")]
-
-
-def _flax_key(torch_name: str) -> str:
-    return re.sub(r"\.(\d+)(?=\.|$)", r"_\1", torch_name).replace(".", "/")
-
-
-def target_paths(params, targets: Sequence[str]) -> list[tuple[str, ...]]:
-    """Module paths of the Dense layers whose PyTorch name ends with one of `targets` (whole components).
-
-    E.g. 'to_out.0' matches 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0'. Raises a
-    ValueError listing the available Dense names when nothing matches.
-    """
-    if isinstance(targets, str):
-        targets = (targets,)
-    found, names = [], set()
-    for path, leaf in traverse_util.flatten_dict(params).items():
-        if path[-1] != "kernel" or len(leaf.shape) != 2:
-            continue
-        name = _torch_name("/".join(path[:-1]))
-        names.add(re.sub(r"^.*?([^.]+(\.\d+)?)$", r"\1", name))
-        if any(name == t or name.endswith("." + t) for t in targets):
-            found.append(path[:-1])
-    if not found:
-        raise ValueError(f"no Dense layer matches the LoRA targets {list(targets)}; available layer names: "
-                         f"{', '.join(sorted(names)[:20])}")
-    return found
-
-
-def init_lora(params, targets: Sequence[str], config: LoraConfig, rng) -> dict:
-    """A float32 LoRA tree for `targets`: A ~ U(+-1/sqrt(in)) (PEFT's kaiming-uniform, a=sqrt(5)), B = 0."""
-    flat = traverse_util.flatten_dict(params)
-    out = {}
-    for i, path in enumerate(target_paths(params, targets)):
-        d_in, d_out = flat[(*path, "kernel")].shape
-        bound = 1.0 / np.sqrt(d_in)
-        a = jax.random.uniform(jax.random.fold_in(rng, i), (d_in, config.rank), jnp.float32, -bound, bound)
-        out["/".join(path)] = {"A": a, "B": jnp.zeros((config.rank, d_out), jnp.float32)}
-    return out
-
-
-def check(base_params, lora_params) -> None:
-    """Raises a ValueError naming the layer when a LoRA layer is not a Dense of the model or mis-shaped."""
-    flat = traverse_util.flatten_dict(base_params)
-    for key, ab in lora_params.items():
-        kernel = flat.get((*key.split("/"), "kernel"))
-        a, b = ab["A"], ab["B"]
-        if kernel is None or len(kernel.shape) != 2:
-            raise ValueError(f"LoRA layer {_torch_name(key)!r} is not a Linear layer of this model "
-                             "(a LoRA for another architecture?)")
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or (a.shape[0], b.shape[1]) != kernel.shape:
-            raise ValueError(
-                f"LoRA layer {_torch_name(key)!r}: A {tuple(a.shape)} @ B {tuple(b.shape)} does not fit the "
-                f"model's [in, out] = {tuple(kernel.shape)} (a LoRA for another architecture?)")
-
-
-def _interceptor(config: LoraConfig, scale, dropout: bool):
-    def intercept(next_fun, args, kwargs, context):
-        y = next_fun(*args, **kwargs)
-        module = context.module
-        if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
-                or not module.has_variable(_COLLECTION, "A")):
-            return y
-        # The LoRA branch runs in float32 whatever the compute dtype (it is small: rank columns), then is
-        # cast to the Dense output's dtype, like PEFT under autocast.
-        h = (args[0] if args else kwargs["inputs"]).astype(jnp.float32)
-        if dropout:
-            keep = jax.random.bernoulli(module.make_rng(_DROPOUT_RNG), 1.0 - config.dropout, h.shape)
-            h = jnp.where(keep, h / (1.0 - config.dropout), 0.0)
-        a, b = module.get_variable(_COLLECTION, "A"), module.get_variable(_COLLECTION, "B")
-        delta = (h @ a.astype(jnp.float32)) @ b.astype(jnp.float32)
-        return y + (scale * config.scale * delta).astype(y.dtype)
-
-    return intercept
-
-
-def apply(module, base_params, lora_params, config: LoraConfig, *args, method=None, dropout_rng=None,
-          scale: float = 1.0, **kwargs):
-    """`module.apply({'params': base_params}, *args, method=method, **kwargs)` with LoRA on the targeted Denses.
-
-    Each Dense whose path is a key of `lora_params` computes y = dense(x) + scale * config.scale *
-    dropout(x) @ A @ B, the LoRA branch in float32 and cast to y's dtype. Dropout only when `dropout_rng` is
-    given and config.dropout > 0 (a mask per layer and call). Works under jit, grad (w.r.t. `lora_params`)
-    and `nn.remat`: the factors enter as the variable collection 'lora', nested like the params.
-    """
-    check(base_params, lora_params)
-    nested = traverse_util.unflatten_dict({(*k.split("/"), n): v for k, ab in lora_params.items()
-                                           for n, v in ab.items()})
-    use_dropout = dropout_rng is not None and config.dropout > 0
-    rngs = dict(kwargs.pop("rngs", None) or {}, **({_DROPOUT_RNG: dropout_rng} if use_dropout else {}))
-    with nn.intercept_methods(_interceptor(config, scale, use_dropout)):
-        return module.apply({"params": base_params, _COLLECTION: nested}, *args, method=method,
-                            rngs=rngs or None, **kwargs)
-
-
-def merge(base_params, lora_params, config: LoraConfig, scale: float = 1.0) -> dict:
-    """`base_params` with W <- W + scale * config.scale * A @ B on every LoRA layer (sum in float32, stored
-    in W's dtype). Pure jnp, jit-able; the input tree is not modified."""
-    check(base_params, lora_params)
-    flat = dict(traverse_util.flatten_dict(base_params))
-    for key, ab in lora_params.items():
-        path = (*key.split("/"), "kernel")
-        w = flat[path]
-        delta = jnp.asarray(ab["A"], jnp.float32) @ jnp.asarray(ab["B"], jnp.float32)
-        flat[path] = (w.astype(jnp.float32) + scale * config.scale * delta).astype(w.dtype)
-    return traverse_util.unflatten_dict(flat)
-
-
-# ---------------------------------------------------------------------------------------------------- files
-
-
 def _module_names(component: str, key: str) -> str:
     if component not in COMPONENTS:
-        raise ValueError(f"unknown LoRA component {component!r}; expected one of {COMPONENTS}")
-    return ("" if component == "unet" else _TEXT_PREFIX) + _torch_name(key)
+        raise UsageError(f"unknown LoRA component {component!r}; expected one of {COMPONENTS}")
+    return ("" if component == "unet" else _TEXT_PREFIX) + torch_name(key)
 
 
 def _torch_layout(x) -> np.ndarray:
@@ -263,12 +115,6 @@ def save_kohya(path: str, loras: dict, config: LoraConfig) -> str:
     return path
 
 
-def _read_metadata(path: str) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)).get("__metadata__") or {}
-
-
 def _parse_diffusers(state: dict, meta: dict, source: str) -> dict:
     """{(component, flax key): (A [in, r], B [r, out], scale)} of a diffusers/PEFT-layout file."""
     adapter = json.loads(meta.get(_DIFFUSERS_META_KEY) or "{}")
@@ -277,18 +123,18 @@ def _parse_diffusers(state: dict, meta: dict, source: str) -> dict:
         m = re.match(r"^([a-z_0-9]+)\.(.+)\.lora_A\.weight$", k)
         if not m:
             if not re.match(r"^.+\.lora_B\.weight$", k):
-                raise ValueError(f"{source}: unsupported LoRA tensor {k!r} (only PEFT-style lora_A/lora_B "
+                raise UsageError(f"{source}: unsupported LoRA tensor {k!r} (only PEFT-style lora_A/lora_B "
                                  "Linear factors are supported)")
             continue
         component, name = m.groups()
         if component not in COMPONENTS:
-            raise ValueError(f"{source}: tensor {k!r} belongs to no known component {COMPONENTS}")
+            raise UsageError(f"{source}: tensor {k!r} belongs to no known component {COMPONENTS}")
         b = state.get(f"{component}.{name}.lora_B.weight")
         if b is None:
-            raise ValueError(f"{source}: {k!r} has no matching lora_B")
+            raise UsageError(f"{source}: {k!r} has no matching lora_B")
         r = adapter.get(f"{component}.r")
         scale = adapter.get(f"{component}.lora_alpha", r) / r if r else 1.0
-        out[component, _flax_key(name.removeprefix(_TEXT_PREFIX))] = (state[k].T, b.T, scale)
+        out[component, flax_key(name.removeprefix(_TEXT_PREFIX))] = (state[k].T, b.T, scale)
     return out
 
 
@@ -302,13 +148,13 @@ def _parse_kohya(state: dict, source: str) -> dict:
             continue
         prefix = next((p for p in sorted(prefix_of, key=len, reverse=True) if name.startswith(p)), None)
         if leaf != "lora_down.weight" or prefix is None or state[k].ndim != 2:
-            raise ValueError(f"{source}: unsupported LoRA tensor {k!r} {tuple(state[k].shape)} (only Linear "
+            raise UsageError(f"{source}: unsupported LoRA tensor {k!r} {tuple(state[k].shape)} (only Linear "
                              "lora_down/lora_up/alpha are supported)")
         component, rest = prefix_of[prefix], name[len(prefix):]
         if component != "unet":
             rest = rest.removeprefix(_TEXT_PREFIX.replace(".", "_"))
         if f"{name}.lora_up.weight" not in state:
-            raise ValueError(f"{source}: {k!r} has no matching lora_up")
+            raise UsageError(f"{source}: {k!r} has no matching lora_up")
         a, b = state[k].T, state[f"{name}.lora_up.weight"].T
         alpha = state.get(f"{name}.alpha")
         scale = float(np.asarray(alpha).reshape(-1)[0]) / a.shape[1] if alpha is not None else 1.0
@@ -322,9 +168,9 @@ def resolve_file(path: str) -> str:
         for name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
-        raise FileNotFoundError(f"{path}: no {WEIGHT_NAME} or {KOHYA_WEIGHT_NAME} in this folder")
+        raise MissingFileError(f"{path}: no {WEIGHT_NAME} or {KOHYA_WEIGHT_NAME} in this folder")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no LoRA file {path}")
+        raise MissingFileError(f"no LoRA file {path}")
     return path
 
 
@@ -337,15 +183,15 @@ def load_file(path: str) -> tuple[dict, LoraConfig]:
     """
     path = resolve_file(path)
     state = {k: np.asarray(v) for k, v in safetensors_io.load_file(path).items()}
-    meta = _read_metadata(path)
+    meta = safetensors_io.read_metadata(path)
     if not state:
-        raise ValueError(f"{path}: empty LoRA file")
+        raise UsageError(f"{path}: empty LoRA file")
     if all(k.startswith("lora_") for k in state):
         modules = _parse_kohya(state, path)
     elif any(k.endswith(".lora_A.weight") for k in state):
         modules = _parse_diffusers(state, meta, path)
     else:
-        raise ValueError(f"{path}: not a LoRA file in the diffusers (lora_A/lora_B) or kohya (lora_down/lora_up) "
+        raise UsageError(f"{path}: not a LoRA file in the diffusers (lora_A/lora_B) or kohya (lora_down/lora_up) "
                          f"layout; keys like {', '.join(sorted(state)[:3])}")
     if _META_KEY in meta:
         config = LoraConfig(**json.loads(meta[_META_KEY]))
@@ -367,9 +213,9 @@ def apply_file(pipe, path: str, scale: float = 1.0):
     params = dict(pipe.params)
     for component, tree in loras.items():
         if component not in params:
-            raise ValueError(f"{path}: has a LoRA for {component!r}, which this pipeline lacks")
+            raise UsageError(f"{path}: has a LoRA for {component!r}, which this pipeline lacks")
         try:
             params[component] = merge(params[component], jax.tree.map(jnp.asarray, tree), config, scale)
-        except ValueError as e:
-            raise ValueError(f"{path}: {component}: {e}") from e
+        except UsageError as e:
+            raise UsageError(f"{path}: {component}: {e}") from e
     return dataclasses.replace(pipe, params=params)

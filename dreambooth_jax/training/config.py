@@ -17,10 +17,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from dreambooth_jax.optim import LR_SCHEDULERS, OPTIMIZERS
+from dreambooth_jax.errors import UsageError
+from dreambooth_jax.training.optimizers import LR_SCHEDULERS, OPTIMIZERS
 
 # The presets: `configs/` at the repository root, installed as the package `dreambooth_jax.configs`.
 CONFIGS_DIR = os.path.dirname(importlib.import_module("dreambooth_jax.configs").__file__)
+
+
+def preset_names() -> list[str]:
+    if not os.path.isdir(CONFIGS_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(CONFIGS_DIR) if f.endswith(".json"))
 
 
 def _opt(default, help: str, choices=None):
@@ -30,11 +37,14 @@ def _opt(default, help: str, choices=None):
 @dataclass
 class TrainConfig:
     # Model
+    config: str | None = _opt(None, f"preset name in configs/ ({', '.join(preset_names())}) or a JSON file path; "
+                                    "options given on the command line override it")
     pretrained_model_name_or_path: str | None = _opt(None, "diffusers pipeline folder or Hugging Face Hub id")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of the pretrained model")
     variant: str | None = _opt(None, "weight variant to load, e.g. fp16")
     # Data
-    instance_data_dir: str | None = _opt(None, "folder with the 3-5 photos of the subject")
+    instance_data_dir: str | None = _opt(None, "folder with the 3-5 photos of the subject (transparent pixels are "
+                                               "composited on white; diffusers drops the alpha channel)")
     dataset: str | None = _opt(None, "a subject of the DreamBooth paper's dataset instead of --instance_data_dir, "
                                      "e.g. 'dreambooth:dog6'; also sets the class and the default prompts")
     dataset_dir: str | None = _opt(None, "TFDS data_dir where --dataset is built (default: ~/tensorflow_datasets)")
@@ -70,22 +80,29 @@ class TrainConfig:
     learning_rate: float = _opt(5e-6, "peak learning rate")
     text_encoder_lr: float | None = _opt(None, "peak learning rate of the text encoder (default: learning_rate)")
     stop_text_encoder_training: int | None = _opt(None, "freeze the text encoder after this many steps")
-    optimizer: str = _opt("adamw", "optimizer (adam_* options apply where they exist)", OPTIMIZERS)
+    optimizer: str = _opt("adamw", "optimizer, each equal to its PyTorch implementation: torch AdamW, transformers "
+                                   "Adafactor (fixed lr, scale_parameter), lion-pytorch, prodigyopt (use lr 1.0); "
+                                   "adam_* options apply where they exist", OPTIMIZERS)
     scale_lr: bool = _opt(False, "multiply the learning rate by the global batch size")
     lr_scheduler: str = _opt("constant", "learning-rate schedule", LR_SCHEDULERS)
     lr_warmup_steps: int = _opt(0, "linear warm-up steps")
     lr_num_cycles: int = _opt(1, "restarts of cosine_with_restarts")
     lr_power: float = _opt(1.0, "power of the polynomial schedule")
-    adam_beta1: float = _opt(0.9, "AdamW beta1")
-    adam_beta2: float = _opt(0.999, "AdamW beta2")
-    adam_weight_decay: float = _opt(1e-2, "AdamW decoupled weight decay")
-    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
-    max_grad_norm: float = _opt(1.0, "clip gradients to this global norm (0: no clipping)")
-    snr_gamma: float | None = _opt(None, "Min-SNR loss weighting with this gamma (5.0 is the paper's choice)")
+    adam_beta1: float = _opt(0.9, "first-moment decay (AdamW, Lion, Prodigy)")
+    adam_beta2: float | None = _opt(None, "second-moment decay (default: the optimizer's own: 0.999 for AdamW and "
+                                          "Prodigy, 0.99 for Lion)")
+    adam_weight_decay: float = _opt(1e-2, "decoupled weight decay, scaled by the learning rate (every optimizer)")
+    adam_epsilon: float = _opt(1e-8, "AdamW / Prodigy epsilon")
+    max_grad_norm: float = _opt(1.0, "clip all trained gradients to this global norm, as torch's clip_grad_norm_ "
+                                     "(0: no clipping)")
+    snr_gamma: float | None = _opt(None, "Min-SNR-gamma loss weighting (5.0 is the paper's choice), per example and "
+                                         "for the prediction type's target (epsilon, v or sample); unlike diffusers' "
+                                         "train_dreambooth.py the prior half is weighted too")
     offset_noise: bool = _opt(False, "offset noise: add noise_offset x N(0, 1) per example and channel")
     noise_offset: float = _opt(0.1, "strength of --offset_noise")
     use_ema: bool = _opt(False, "keep an EMA of the trained weights and export it instead")
-    ema_decay: float = _opt(0.9999, "EMA decay (warmed up as diffusers' EMAModel: min(decay, (1+k)/(10+k)))")
+    ema_decay: float = _opt(0.9999, "EMA decay, warmed up as diffusers' EMAModel: 0 at the first update, then "
+                                    "min(decay, (1+k)/(10+k))")
     mixed_precision: str = _opt("no", "compute dtype: 'no' (fp32) or 'bf16'; master weights stay fp32",
                                 ("no", "bf16", "fp16"))
     attention: str = _opt("dot_product", "attention implementation", ("einsum", "dot_product", "cudnn"))
@@ -133,8 +150,6 @@ def _none_or(kind):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dreambooth_jax.train",
                                      description="DreamBooth fine-tuning of Stable Diffusion in JAX.")
-    parser.add_argument("--config", default=None,
-                        help=f"preset name in configs/ ({', '.join(preset_names())}) or a JSON file path")
     for f in dataclasses.fields(TrainConfig):
         kind, help_text = _field_type(f), f.metadata["help"]
         if kind is bool:
@@ -147,23 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def preset_names() -> list[str]:
-    if not os.path.isdir(CONFIGS_DIR):
-        return []
-    return sorted(f[:-5] for f in os.listdir(CONFIGS_DIR) if f.endswith(".json"))
-
-
 def load_preset(name_or_path: str) -> dict:
     """A preset's overrides: `configs/<name>.json`, or any JSON file of field -> value."""
     path = name_or_path if name_or_path.endswith(".json") else os.path.join(CONFIGS_DIR, name_or_path + ".json")
     if not os.path.isfile(path):
-        raise ValueError(f"no preset {name_or_path!r} (known: {', '.join(preset_names())}; or a .json path)")
+        raise UsageError(f"no preset {name_or_path!r} (known: {', '.join(preset_names())}; or a .json path)")
     with open(path, encoding="utf-8") as f:
         preset = json.load(f)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(k for k in preset if k not in names and not k.startswith("_"))
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+        raise UsageError(f"{path}: unknown option(s) {', '.join(unknown)}")
     return {k: v for k, v in preset.items() if not k.startswith("_")}
 
 
@@ -177,7 +186,7 @@ def parse_args(argv=None) -> TrainConfig:
     if known.config:
         try:
             preset = load_preset(known.config)
-        except ValueError as e:
+        except UsageError as e:
             parser.error(str(e))
         # A subject given on the command line replaces the preset's subject (e.g. tiny_demo's toy photos).
         if known.dataset:
@@ -185,9 +194,7 @@ def parse_args(argv=None) -> TrainConfig:
         elif known.instance_data_dir or known.concepts_list:
             preset.pop("dataset", None)
         parser.set_defaults(**preset)
-    args = vars(parser.parse_args(argv))
-    args.pop("config")
-    cfg = TrainConfig(**args)
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
     errors = validate(cfg)
     if errors:
         parser.error("\n  ".join(errors))
@@ -196,7 +203,7 @@ def parse_args(argv=None) -> TrainConfig:
 
 def read_concepts(cfg: TrainConfig):
     """The subjects of the run: those of --concepts_list, or the one given by the instance/class flags."""
-    from dreambooth_jax.data import Concept
+    from dreambooth_jax.training.data import Concept
 
     if not cfg.concepts_list:
         return [Concept(cfg.instance_data_dir, cfg.instance_prompt, cfg.class_data_dir, cfg.class_prompt)]
@@ -204,15 +211,15 @@ def read_concepts(cfg: TrainConfig):
         try:
             items = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--concepts_list {cfg.concepts_list}: not valid JSON ({e})") from e
+            raise UsageError(f"--concepts_list {cfg.concepts_list}: not valid JSON ({e})") from e
     if not isinstance(items, list) or not items:
-        raise ValueError(f"--concepts_list {cfg.concepts_list}: expected a non-empty JSON list of concepts")
+        raise UsageError(f"--concepts_list {cfg.concepts_list}: expected a non-empty JSON list of concepts")
     keys = {f.name for f in dataclasses.fields(Concept)}
     concepts = []
     for i, item in enumerate(items):
         unknown = sorted(set(item) - keys) if isinstance(item, dict) else ["(not an object)"]
         if unknown:
-            raise ValueError(f"--concepts_list {cfg.concepts_list}: concept {i} has unknown keys {unknown}")
+            raise UsageError(f"--concepts_list {cfg.concepts_list}: concept {i} has unknown keys {unknown}")
         concepts.append(Concept(**{k: item.get(k) for k in keys}))
     return concepts
 
@@ -222,7 +229,7 @@ def resolve_dataset(cfg: TrainConfig) -> TrainConfig:
     the instance/class options it implies filled in where not given. Builds the dataset on first use."""
     if not cfg.dataset:
         return cfg
-    from dreambooth_jax import dreambooth_dataset
+    from dreambooth_jax.evaluation import dataset as dreambooth_dataset
 
     subject = dreambooth_dataset.load_spec(cfg.dataset, cfg.dataset_dir, cfg.dataset_manual_dir)
     folder = subject.write_images(os.path.join(cfg.output_dir, "instance_images"))
@@ -239,12 +246,12 @@ def resolve_dataset(cfg: TrainConfig) -> TrainConfig:
 def _dataset_errors(cfg: TrainConfig) -> list[str]:
     if not cfg.dataset:
         return []
-    from dreambooth_jax import dreambooth_dataset
+    from dreambooth_jax.evaluation import dataset as dreambooth_dataset
 
     errors = []
     try:
         dreambooth_dataset.parse_spec(cfg.dataset)
-    except ValueError as e:
+    except UsageError as e:
         errors.append(str(e))
     if cfg.instance_data_dir or cfg.concepts_list:
         errors.append("--dataset replaces --instance_data_dir and --concepts_list; give one of them")
@@ -260,7 +267,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         errors.append("--pretrained_model_name_or_path is required")
     try:
         concepts = [] if cfg.dataset else read_concepts(cfg)  # --dataset: filled in by `resolve_dataset`
-    except (OSError, ValueError) as e:
+    except (OSError, UsageError) as e:  # OSError: a concepts file that cannot be read
         errors.append(str(e))
         concepts = []
     errors += _dataset_errors(cfg)

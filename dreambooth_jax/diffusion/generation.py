@@ -18,45 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreambooth_jax import parallel
-from dreambooth_jax.schedulers import SCHEDULER_NAMES, make_sampler, scheduler_name_for
+from dreambooth_jax.diffusion.conditioning import text_conditioning, tokenize
+from dreambooth_jax.diffusion.samplers import SCHEDULER_NAMES, make_sampler, scheduler_name_for
+from dreambooth_jax.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-
-def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
-    """Token ids [N, max_length] (padded, truncated with a warning naming the dropped text)."""
-    max_length = tokenizer.model_max_length
-    ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="np").input_ids
-    distinct = list(dict.fromkeys(prompts))
-    full = tokenizer(distinct, padding="longest", return_tensors="np", verbose=False).input_ids  # we warn below
-    if full.shape[-1] > max_length:
-        truncated = []
-        for prompt, row in zip(distinct, full):
-            n = int((row != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else len(row)
-            if n > max_length:
-                truncated.append((prompt, tokenizer.decode(row[max_length - 1 : n - 1])))
-        for prompt, dropped in truncated[:3]:  # once per distinct prompt, and only a few of them
-            log.warning("prompt longer than %d tokens, truncated; dropped: %r (prompt %r)", max_length, dropped,
-                        prompt)
-        if len(truncated) > 3:
-            log.warning("... and %d more prompts truncated to %d tokens", len(truncated) - 3, max_length)
-    return ids.astype(np.int32)
-
-
-def text_conditioning(pipe, params, ids, ids_2=None):
-    """The UNet's text conditioning: (context [N, L, D], pooled [N, P] or None).
-
-    SD 1.x/2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden states
-    concatenated, and the second encoder's projected pooled output (as diffusers' pipelines do).
-    """
-    out = pipe.text_encoder.apply({"params": params["text_encoder"]}, ids)
-    if not pipe.is_sdxl:
-        return out.last_hidden_state, None
-    out_2 = pipe.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2)
-    context = jnp.concatenate([out.hidden_states[-2], out_2.hidden_states[-2].astype(out.hidden_states[-2].dtype)],
-                              axis=-1)
-    return context, out_2.text_embeds
 
 
 def _interleave(a, b):
@@ -138,7 +104,7 @@ def _check_size(pipe, height, width) -> tuple[int, int]:
     default = (pipe.unet.config.sample_size or 64) * f
     height, width = height or default, width or default
     if height % f or width % f or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {f} (the VAE's downscaling factor); "
+        raise UsageError(f"height and width must be positive multiples of {f} (the VAE's downscaling factor); "
                          f"got {height}x{width}")
     return height, width
 
@@ -168,14 +134,14 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         prompts = [prompts]
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("no prompts given")
+        raise UsageError("no prompts given")
     if negative_prompts is None or isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts or ""] * len(prompts)
     if len(negative_prompts) != len(prompts):
-        raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+        raise UsageError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
     name = scheduler or scheduler_name_for(pipe.scheduler_config)
     if name not in SCHEDULER_NAMES:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+        raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
     height, width = _check_size(pipe, height, width)
     f, n = pipe.vae_scale_factor, len(prompts)
     shape = (height // f, width // f, pipe.unet.config.in_channels)
@@ -184,12 +150,12 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         latents = _noise(seeds, shape)
     latents = np.asarray(latents, np.float32)
     if latents.shape != (n, *shape):
-        raise ValueError(f"latents must have shape {(n, *shape)} (N, H/{f}, W/{f}, C); got {latents.shape}")
+        raise UsageError(f"latents must have shape {(n, *shape)} (N, H/{f}, W/{f}, C); got {latents.shape}")
 
     cfg = guidance_scale > 1.0
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if pipe.is_sdxl else [])
-    ids = [tokenize(t, prompts) for t in tokenizers]
-    neg_ids = [tokenize(t, negative_prompts) for t in tokenizers] if cfg else [np.zeros_like(i) for i in ids]
+    ids = [tokenize(t, prompts)[0] for t in tokenizers]
+    neg_ids = [tokenize(t, negative_prompts)[0] for t in tokenizers] if cfg else [np.zeros_like(i) for i in ids]
     neg_ids.append(np.array([p == "" for p in negative_prompts]))
     mesh = mesh or parallel.data_mesh()
     fn = _compiled(pipe, (name, num_inference_steps, eta, use_karras_sigmas), cfg, mesh)

@@ -14,7 +14,7 @@ import re
 import jax
 
 from dreambooth_jax import images as image_io
-from dreambooth_jax.data import count_images
+from dreambooth_jax.images import count_images
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^class-(\d+)")
@@ -31,7 +31,7 @@ def ensure_class_images(pipe, folder: str, prompt: str, num_images: int, *, batc
 
     Every process takes part in generation (the batch is sharded over all devices); process 0 writes.
     """
-    from dreambooth_jax.sampling import generate
+    from dreambooth_jax.diffusion.generation import generate
 
     os.makedirs(folder, exist_ok=True)
     have = count_images(folder)

@@ -23,6 +23,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from dreambooth_jax.errors import UnsupportedError, UsageError
+
 _BASE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
              trained_betas=None, prediction_type="epsilon", steps_offset=0)
 _DDPM_LIKE = dict(_BASE, clip_sample=True, clip_sample_range=1.0, timestep_spacing="leading",
@@ -90,13 +92,13 @@ class ScheduleConfig:
 
     def __post_init__(self):
         if self.trained_betas is None and self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule={self.beta_schedule!r} is not supported; "
+            raise UsageError(f"beta_schedule={self.beta_schedule!r} is not supported; "
                              f"expected one of {BETA_SCHEDULES}")
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"timestep_spacing={self.timestep_spacing!r}; "
+            raise UsageError(f"timestep_spacing={self.timestep_spacing!r}; "
                              f"expected one of {TIMESTEP_SPACINGS}")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type={self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
+            raise UsageError(f"prediction_type={self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
     @classmethod
     def from_diffusers_config(cls, d: dict, class_name: str | None = None) -> ScheduleConfig:
@@ -108,13 +110,13 @@ class ScheduleConfig:
         """
         name = class_name or d.get("_class_name", "")
         if name not in CLASS_DEFAULTS:
-            raise ValueError(f"unsupported scheduler class {name!r}; "
+            raise UsageError(f"unsupported scheduler class {name!r}; "
                              f"expected one of {sorted(CLASS_DEFAULTS)}")
         defaults = set(d.get("_use_default_values", ()))
         given = {k: v for k, v in d.items() if k not in defaults}
         for key in _UNSUPPORTED.get(name, ()):
             if given.get(key):
-                raise NotImplementedError(f"{name} with {key}={given[key]!r} is not implemented")
+                raise UnsupportedError(f"{name} with {key}={given[key]!r} is not implemented")
         values = {k: given.get(k, v) for k, v in CLASS_DEFAULTS[name].items()}
         values.update({k: given[k] for k in ("sigma_min", "sigma_max") if k in given})
         if values["trained_betas"] is not None:
@@ -236,3 +238,15 @@ def snr(alphas_cumprod, t):
     """SNR(t) = ᾱ_t / (1 - ᾱ_t), float32 [B] (for min-SNR loss weighting)."""
     a = jnp.asarray(alphas_cumprod, jnp.float32)[t]
     return a / (1 - a)
+
+
+def min_snr_weights(snr, gamma: float, prediction_type: str):
+    """Min-SNR-γ loss weights (Hang et al. 2023) for the loss on `prediction_type`'s target, each making the
+    weighted loss min(SNR, γ) x the x_0 loss (||ε̂ - ε||² = SNR ||x̂_0 - x_0||², ||v̂ - v||² = (SNR + 1) ||x̂_0 - x_0||²):
+    ε: min(SNR, γ) / SNR, computed as min(1, γ / SNR) so that a zero-terminal-SNR timestep (SNR = 0) gets 1,
+    not 0/0; v: min(SNR, γ) / (SNR + 1); x_0 ("sample"): min(SNR, γ)."""
+    if prediction_type == "epsilon":
+        return jnp.minimum(1.0, gamma / snr)
+    if prediction_type == "v_prediction":
+        return jnp.minimum(snr, gamma) / (snr + 1.0)
+    return jnp.minimum(snr, gamma)

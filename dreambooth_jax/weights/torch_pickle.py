@@ -14,6 +14,8 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
+from dreambooth_jax.errors import UsageError
+
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
     "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
@@ -83,20 +85,20 @@ class _Unpickler(pickle.Unpickler):
 def load_file(path: str) -> dict[str, np.ndarray]:
     """A `torch.save`d state dict (zip format, PyTorch >= 1.6) as {name: NumPy array}."""
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a zip-format PyTorch checkpoint (legacy pre-1.6 files are not supported; "
+        raise UsageError(f"{path}: not a zip-format PyTorch checkpoint (legacy pre-1.6 files are not supported; "
                          "convert it to safetensors where torch is installed)")
     with zipfile.ZipFile(path) as archive:
         pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
         if pkl is None:
-            raise ValueError(f"{path}: no data.pkl in the archive; not a PyTorch checkpoint")
+            raise UsageError(f"{path}: no data.pkl in the archive; not a PyTorch checkpoint")
         prefix = pkl[: -len("/data.pkl")]
         order = f"{prefix}/byteorder"
         if order in archive.namelist() and archive.read(order).strip() != b"little":
-            raise ValueError(f"{path}: big-endian checkpoints are not supported")
+            raise UsageError(f"{path}: big-endian checkpoints are not supported")
         with archive.open(pkl) as f:
             state = _Unpickler(f, archive, prefix, path).load()
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors")
+        raise UsageError(f"{path}: expected a state dict of tensors")
     return dict(state)

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 import ml_dtypes
 import numpy as np
 
+from dreambooth_jax.errors import UsageError
+
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -31,12 +33,17 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UsageError):
     """A safetensors file that cannot be read: truncated, corrupt, or of an unsupported dtype."""
 
 
 def read_header(path: str) -> tuple[dict, int]:
     """Returns (header without `__metadata__`, offset of the data section)."""
+    header, data_start, _ = _read(path)
+    return header, data_start
+
+
+def _read(path: str) -> tuple[dict, int, dict]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw_len = f.read(8)
@@ -49,7 +56,7 @@ def read_header(path: str) -> tuple[dict, int]:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from e
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + header_len
     data_len = max((v["data_offsets"][1] for v in header.values()), default=0)
     if data_start + data_len > size:
@@ -57,7 +64,12 @@ def read_header(path: str) -> tuple[dict, int]:
             f"{path}: file is truncated: the header declares {data_start + data_len} bytes but the file has "
             f"{size}. Re-download or re-save it."
         )
-    return header, data_start
+    return header, data_start, metadata
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The file's `__metadata__` (string to string; empty if it has none)."""
+    return _read(path)[2]
 
 
 def load_file(path: str) -> dict[str, np.ndarray]:

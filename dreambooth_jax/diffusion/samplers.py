@@ -1,0 +1,72 @@
+"""Samplers x_t -> x_{t-1} equal to diffusers' schedulers, as pure, jit-able JAX steps.
+
+    sampler = make_sampler("dpmpp_2m", pipe.scheduler_config, 25)
+    x = jax.random.normal(rng, shape) * sampler.init_noise_sigma
+    state = sampler.init_state(x)
+    for i in range(sampler.num_model_calls):          # or lax.fori_loop / lax.scan with a traced i
+        eps = unet(sampler.scale_model_input(x, i), sampler.timesteps[i], ...)
+        x, state = sampler.step(state, i, eps, x, jax.random.fold_in(noise_rng, i))
+
+diffusers' schedulers are stateful objects whose `step` branches in Python on counters (PNDM's Runge-Kutta
+warm-up, DPM-Solver's order ramp). Those counters do not depend on the data, so `make_sampler` runs that
+bookkeeping once on the host and stores, per model call i, every coefficient in float64-computed float32
+tables; `step` only indexes them with the traced i and forms linear combinations. Data-dependent state
+(PLMS history, DPM-Solver's previous outputs) is a pytree carried by the caller.
+
+Parametrisations: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (DDPM, DDIM, PNDM) or, with σ_t = sqrt((1-ᾱ_t)/ᾱ_t),
+x_t / sqrt(ᾱ_t) = x_0 + σ_t ε (Euler, DPM-Solver). The network predicts ε, v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x_0
+or x_0 ("epsilon", "v_prediction", "sample").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dreambooth_jax.diffusion.alpha_samplers import _ddim, _ddpm, _pndm
+from dreambooth_jax.diffusion.noise_schedule import ScheduleConfig
+from dreambooth_jax.diffusion.sampler_base import Sampler
+from dreambooth_jax.diffusion.sigma_samplers import _dpm, _euler
+from dreambooth_jax.errors import UsageError
+
+SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "ddpm")
+_CLASS_FOR = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+              "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
+              "ddpm": "DDPMScheduler"}
+_NAME_FOR = {cls: name for name, cls in _CLASS_FOR.items()}
+
+
+def scheduler_name_for(config_dict: dict) -> str:
+    """Our name for a diffusers scheduler_config.json, by its `_class_name`."""
+    cls = config_dict.get("_class_name")
+    if cls not in _NAME_FOR:
+        raise UsageError(f"unsupported scheduler class {cls!r}; supported: {SCHEDULER_NAMES} "
+                         f"(diffusers classes {sorted(_NAME_FOR)})")
+    return _NAME_FOR[cls]
+
+
+_BUILDERS = {"ddpm": _ddpm, "ddim": _ddim, "pndm": _pndm, "euler": _euler, "dpmpp_2m": _dpm,
+             "euler_a": lambda cfg, n, eta: _euler(cfg, n, eta, ancestral=True)}
+
+
+def make_sampler(name: str, config_dict: dict, num_inference_steps: int, *, eta: float = 0.0,
+                 use_karras_sigmas: bool | None = None) -> Sampler:
+    """The sampler `name` for a pipeline's scheduler_config.json, after diffusers' `set_timesteps(n)`.
+
+    When `name` differs from the config's class, the config is read as `NewScheduler.from_config(config)`
+    (same betas / prediction_type / spacing, the new class's defaults for the rest). `eta` is DDIM's η and
+    ignored by the others (as diffusers' pipelines do); `use_karras_sigmas` overrides the config for
+    euler / dpmpp_2m. "dpmpp_2m" follows a DPMSolverMultistepScheduler config's algorithm/order if given.
+    """
+    if name not in _BUILDERS:
+        raise UsageError(f"unknown scheduler {name!r}; expected one of {SCHEDULER_NAMES}")
+    cfg = ScheduleConfig.from_diffusers_config(config_dict, class_name=_CLASS_FOR[name])
+    if use_karras_sigmas is not None:
+        if use_karras_sigmas and name not in ("euler", "dpmpp_2m"):
+            raise UsageError(f"use_karras_sigmas applies to 'euler' and 'dpmpp_2m', not {name!r}")
+        cfg = dataclasses.replace(cfg, use_karras_sigmas=use_karras_sigmas)
+    if cfg.use_karras_sigmas and cfg.use_exponential_sigmas:
+        raise UsageError("only one of use_karras_sigmas / use_exponential_sigmas can be set")
+    T = cfg.num_train_timesteps
+    if num_inference_steps < 1 or (name in ("ddpm", "ddim") and num_inference_steps > T):
+        raise UsageError(f"num_inference_steps={num_inference_steps} must be in [1, {T}]")
+    return _BUILDERS[name](cfg, num_inference_steps, eta)

@@ -1,0 +1,44 @@
+"""What a run leaves behind: the trained weights as a diffusers pipeline folder, or LoRA files (diffusers/PEFT
+and kohya formats) and optionally the pipeline with the LoRA merged in."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+from dreambooth_jax import lora
+from dreambooth_jax.pipeline import export_pipeline, load_pipeline
+
+log = logging.getLogger("dreambooth_jax.train")
+
+
+def pipeline_params(state, lora_config: lora.LoraConfig | None) -> dict:
+    """Every network's weights as the pipeline needs them: EMA where kept, LoRA factors merged in."""
+    params = dict(state.export_params())
+    for net in ("unet", "text_encoder"):
+        factors = params.pop(f"{net}_lora", None)
+        if factors is not None:
+            params[net] = lora.merge(params[net], factors, lora_config)
+    return params
+
+
+def export(cfg, pipe, state, lora_config: lora.LoraConfig | None) -> None:
+    """Writes the result of `state` to `cfg.output_dir` (call on process 0 only): the diffusers pipeline, or with
+    LoRA the adapter files and, with `cfg.merge_lora`, the pipeline with them merged in."""
+    out, step = cfg.output_dir, int(state.step)
+    if not cfg.use_lora:
+        export_pipeline(pipe, out, params=jax.device_get(pipeline_params(state, lora_config)))
+        log.info("exported the pipeline of step %d to %s", step, out)
+        return
+    exported = state.export_params()
+    loras = {k.removesuffix("_lora"): jax.device_get(v) for k, v in exported.items() if k.endswith("_lora")}
+    lora.save_diffusers(out, loras, lora_config)
+    lora.save_kohya(os.path.join(out, lora.KOHYA_WEIGHT_NAME), loras, lora_config)
+    log.info("exported the LoRA of step %d to %s (diffusers and kohya formats)", step, out)
+    if cfg.merge_lora:  # merged into the fp32 base weights, not the compute-dtype copy trained against
+        base = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant).params
+        merged = {**base, **{net: lora.merge(base[net], f, lora_config) for net, f in loras.items()}}
+        export_pipeline(pipe, out, params=jax.device_get(merged))
+        log.info("exported the pipeline with the LoRA merged in to %s", out)

@@ -1,0 +1,120 @@
+"""What the train step eats: each step's batch, laid out for the mesh, from the data, tokens and optional caches.
+
+`TrainInputs.device_batch(step)` is a pure function of (seed, step): it reads the step's batch plan from
+`DreamBoothData`, decodes and crops this process's rows (or picks their cached VAE latents), tokenizes their
+prompts (or picks precomputed text embeddings) and places the rows on the devices.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+
+from dreambooth_jax import parallel
+from dreambooth_jax.diffusion.conditioning import tokenize
+
+log = logging.getLogger("dreambooth_jax.train")
+
+
+class TrainInputs:
+    """Batches of a run: `cfg` (a TrainConfig), the pipeline's tokenizer / text encoder / VAE, the data."""
+
+    def __init__(self, cfg, pipe, data, mesh):
+        self.cfg, self.pipe, self.data, self.mesh = cfg, pipe, data, mesh
+        self.max_length = cfg.tokenizer_max_length or pipe.tokenizer.model_max_length
+        self._token_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.context_for = self._precompute_text() if cfg.pre_compute_text_embeddings else None
+        self.latent_cache = self._precompute_latents() if cfg.cache_latents else None
+
+    def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, attention mask) [N, max_length] of `prompts`, each distinct prompt tokenized once per run."""
+        new = list(dict.fromkeys(p for p in prompts if p not in self._token_cache))
+        if new:
+            ids, mask = tokenize(self.pipe.tokenizer, new, self.max_length)
+            self._token_cache.update({p: (i, m) for p, i, m in zip(new, ids, mask)})
+        return (np.stack([self._token_cache[p][0] for p in prompts]),
+                np.stack([self._token_cache[p][1] for p in prompts]))
+
+    def _precompute_text(self) -> dict[str, np.ndarray]:
+        prompts = sorted(self.data.prompts())
+        ids, mask = self.tokenize(prompts)
+        mask = mask if self.cfg.text_encoder_use_attention_mask else None
+        te, params = self.pipe.text_encoder, self.pipe.params["text_encoder"]
+        out = jax.jit(lambda p, i, m: te.apply({"params": p}, i, m).last_hidden_state)(params, ids, mask)
+        return dict(zip(prompts, np.asarray(out, np.float32)))
+
+    def _precompute_latents(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(mean, logvar) [N, 2 (flip), h, w, c] of every image's center crop, unflipped and flipped."""
+        vae, params = self.pipe.vae, self.pipe.params["vae"]
+        encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
+        cache = {}
+        kinds = {"instance": self.data.num_instance_images}
+        if self.cfg.with_prior_preservation:
+            kinds["class"] = self.data.num_class_images
+        for kind, n in kinds.items():
+            means, logvars = [], []
+            for i in range(n):
+                views = np.stack([self.data.fixed_view(kind, i, flip=f) for f in (False, True)])
+                m, lv = encode(params, views)
+                means.append(np.asarray(m))
+                logvars.append(np.asarray(lv))
+            cache[kind] = (np.stack(means), np.stack(logvars))
+        log.info("cached VAE latents of %s", ", ".join(f"{n} {k} images" for k, n in kinds.items()))
+        return cache
+
+    def host_batch(self, step: int) -> dict:
+        """This process's rows of step `step`, laid out [A, rows, ...]; see `layout_batch`."""
+        return layout_batch(self.data, step, per_device=self.cfg.train_batch_size,
+                            accum=self.cfg.gradient_accumulation_steps,
+                            with_prior=self.cfg.with_prior_preservation, tokenize=self.tokenize,
+                            context_for=self.context_for, latent_cache=self.latent_cache,
+                            use_mask=self.cfg.text_encoder_use_attention_mask)
+
+    def device_batch(self, step: int):
+        """Step `step`'s batch on the mesh: [A, B, ...] arrays, the examples (axis 1) split over `data`."""
+        return parallel.put_batch(self.host_batch(step), self.mesh, batch_axis=1, process_local=True)
+
+
+def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bool, tokenize, context_for=None,
+                 latent_cache=None, use_mask: bool = False) -> dict:
+    """This process's rows of step `step`'s global batch, as [A, rows, ...] arrays.
+
+    Micro-batch a of the global batch is [its D*per_device instance rows; as many class rows] whatever the
+    number of devices, and `example_id` numbers every example of the step (instances first, then classes),
+    so the noise each example gets, and hence the step's result, is the same for any device count and any
+    split into accumulated micro-batches. Each process decodes only the rows its own devices hold.
+    """
+    n_inst = jax.device_count() * per_device  # instance rows per micro-batch
+    kinds = ("instance", "class") if with_prior else ("instance",)
+    local = jax.local_device_count() * per_device * len(kinds)
+    lo = jax.process_index() * local
+    plan = data.batch_plan(step, accum * n_inst)
+    rows = []  # (kind, index into the step's plan, example id) of this process's rows
+    for a in range(accum):
+        for r in range(lo, lo + local):
+            kind = kinds[r // n_inst]
+            k = a * n_inst + r % n_inst
+            rows.append((kind, k, k + (accum * n_inst if kind == "class" else 0)))
+    out: dict[str, np.ndarray] = {}
+    prompts = [plan[f"{kind}_prompts"][k] for kind, k, _ in rows]
+    if latent_cache is not None:
+        pick = [(latent_cache[kind], plan[f"{kind}_indices"][k], int(plan[f"{kind}_flips"][k])) for kind, k, _ in rows]
+        out["latent_mean"] = np.stack([c[0][i, f] for c, i, f in pick])
+        out["latent_logvar"] = np.stack([c[1][i, f] for c, i, f in pick])
+    else:
+        out["images"] = np.stack([
+            data.view(kind, int(plan[f"{kind}_indices"][k]), tuple(int(x) for x in plan[f"{kind}_crops"][k]),
+                      bool(plan[f"{kind}_flips"][k]))
+            for kind, k, _ in rows])
+    if context_for is not None:
+        out["context"] = np.stack([context_for[p] for p in prompts])
+    else:
+        ids, mask = tokenize(prompts)
+        out["input_ids"] = ids
+        if use_mask:
+            out["attention_mask"] = mask
+    out["is_prior"] = np.array([kind == "class" for kind, _, _ in rows])
+    out["example_id"] = np.array([e for _, _, e in rows], np.int32)
+    return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in out.items()}

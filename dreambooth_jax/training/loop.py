@@ -1,0 +1,179 @@
+"""The training loop around the compiled step: host batches, checkpoints, validation, logs, preemption."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from dreambooth_jax import images as image_io
+from dreambooth_jax import parallel
+from dreambooth_jax.diffusion.generation import generate
+from dreambooth_jax.errors import DivergedError
+from dreambooth_jax.training import export as export_lib
+from dreambooth_jax.training import step as train_step
+
+log = logging.getLogger("dreambooth_jax.train")
+
+
+def _peak_memory() -> str:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    if peak is None:
+        import resource
+
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB host RSS"
+    return f"{peak / 2**30:.2f} GiB per device"
+
+
+class TrainLoop:
+    """Owns the compiled step and everything the loop writes (process 0 only)."""
+
+    def __init__(self, cfg, pipe, mesh, spec, schedules: dict, inputs, max_steps: int, global_batch: int):
+        self.cfg, self.pipe, self.mesh, self.inputs, self.spec = cfg, pipe, mesh, inputs, spec
+        self.max_steps, self.global_batch = max_steps, global_batch
+        self.is_main = jax.process_index() == 0
+        self.rng = parallel.put_replicated(jax.random.PRNGKey(cfg.seed), mesh)
+        self.batch_sharding = parallel.batch_sharding(mesh, batch_axis=1)
+        self.step = functools.partial(train_step.train_step, spec=spec, schedules=schedules)
+        self.compiled = None
+        self._last_log = time.perf_counter()
+        self.summary: dict = {}
+        self.writer = None
+        if self.is_main:
+            os.makedirs(os.path.join(cfg.output_dir, "logs"), exist_ok=True)
+            self.jsonl = open(os.path.join(cfg.output_dir, "logs", "metrics.jsonl"), "a", encoding="utf-8")
+            if cfg.report_to == "tensorboard":
+                from tensorboardX import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(cfg.output_dir, "logs"))
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def compile(self, state, batch):
+        """The step, compiled ahead of time with explicit shardings: state and rng replicated (donated
+        state), batch split over `data` along its example axis, metrics replicated."""
+        repl = parallel.replicated(self.mesh)
+        state_sharding = jax.tree.map(lambda _: repl, state)
+        jitted = jax.jit(self.step, in_shardings=(state_sharding, self.batch_sharding, repl),
+                         out_shardings=(state_sharding, repl), donate_argnums=(0,))
+        return jitted.lower(state, batch, self.rng).compile()
+
+    def train(self, state, ckpt, meta: dict):
+        from tqdm.auto import tqdm
+
+        from dreambooth_jax.training.checkpoints import PreemptionWatch
+
+        start = int(state.step)
+        watch = PreemptionWatch()
+        history, pending = [], []
+        bar = tqdm(total=self.max_steps, initial=start, desc="training", unit="step", disable=not self.is_main)
+        t_loop = None
+        try:
+            for step in range(start, self.max_steps):
+                if step == self.cfg.stop_text_encoder_training and self.cfg.text_encoder_part in state.params:
+                    state, self.compiled = state.freeze(self.cfg.text_encoder_part), None  # a step without it
+                    log.info("text encoder frozen from step %d on", step)
+                batch = self.inputs.device_batch(step)
+                if self.compiled is None:
+                    t0 = time.perf_counter()
+                    self.compiled = self.compile(state, batch)
+                    self.summary["compile_s"] = self.summary.get("compile_s", 0.0) + time.perf_counter() - t0
+                    log.info("compiled the train step in %.1fs", self.summary["compile_s"])
+                state, metrics = self.compiled(state, batch, self.rng)
+                pending.append((step + 1, metrics))
+                if step == start:
+                    jax.block_until_ready(state)
+                    t_loop = self._last_log = time.perf_counter()  # throughput: steps after the first
+                done = step + 1
+                if len(pending) >= 10 or done == self.max_steps or done % self.cfg.checkpointing_steps == 0:
+                    history += self._log(pending)
+                    pending = []
+                    bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
+                bar.update(1)
+                if ckpt.save(state, meta) and self.cfg.export_at_checkpoints:
+                    self.export(state)
+                if self.cfg.validation_prompt and done % self.cfg.validation_steps == 0:
+                    self.validate(state, done)
+                if watch.should_stop(ckpt.manager, done) and done < self.max_steps:
+                    history += self._log(pending)
+                    pending = []
+                    ckpt.save(state, meta, force=True)
+                    ckpt.wait()
+                    log.warning("stopped at step %d on SIGTERM; checkpoint saved. Resume with "
+                                "--resume_from_checkpoint latest", done)
+                    break
+            else:
+                if self.cfg.validation_prompt and self.max_steps % self.cfg.validation_steps and start < self.max_steps:
+                    self.validate(state, self.max_steps)
+        finally:
+            watch.restore()
+            bar.close()
+        history += self._log(pending)
+        steps_timed = int(state.step) - start - 1
+        if t_loop is not None and steps_timed > 0:
+            elapsed = time.perf_counter() - t_loop
+            per_step = self.global_batch * (2 if self.cfg.with_prior_preservation else 1)
+            self.summary.update(steps_per_s=steps_timed / elapsed, samples_per_s=steps_timed * per_step / elapsed)
+        self.summary["peak_memory"] = _peak_memory()
+        if int(state.step) > start:
+            ckpt.save(state, meta, force=True)  # the final (or last reached) step is always kept
+        return state, history
+
+    def export(self, state) -> None:
+        """Process 0 writes the result of `state` to --output_dir (see `export.export`)."""
+        if self.is_main:
+            export_lib.export(self.cfg, self.pipe, state, self.spec.lora)
+
+    def _log(self, pending) -> list[dict]:
+        rows = []
+        now = time.perf_counter()
+        interval = now - self._last_log
+        self._last_log = now
+        per_step = self.global_batch * (2 if self.cfg.with_prior_preservation else 1)
+        rate = per_step * len(pending) / interval if interval > 0 else float("nan")
+        for step, metrics in pending:
+            row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()},
+                   "samples_per_s": rate}
+            if not np.isfinite(row["loss"]):
+                raise DivergedError(f"loss is {row['loss']} at step {step}; stopping (lower the learning "
+                                         "rate, or check the data)")
+            rows.append(row)
+            if self.is_main:
+                self.jsonl.write(json.dumps(row) + "\n")
+                if self.writer is not None:
+                    for k, v in row.items():
+                        if k != "step":
+                            self.writer.add_scalar(f"train/{k}", v, step)
+        if self.is_main:
+            self.jsonl.flush()
+        return rows
+
+    def validate(self, state, step: int) -> str | None:
+        """Validation images of the current weights: a PNG grid (and TensorBoard image)."""
+        # The state's own arrays (the pipeline's were donated with the first state); EMA ones where kept.
+        pipe = dataclasses.replace(self.pipe, params=export_lib.pipeline_params(state, self.spec.lora))
+        images = generate(pipe, [self.cfg.validation_prompt] * self.cfg.num_validation_images,
+                          num_inference_steps=self.cfg.validation_inference_steps, seed=self.cfg.seed)
+        if not self.is_main:
+            return None
+        folder = os.path.join(self.cfg.output_dir, "validation")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step-{step:06d}.png")
+        sheet = image_io.contact_sheet(images)
+        image_io.save_png(sheet, path, {"prompt": self.cfg.validation_prompt, "step": step, "seed": self.cfg.seed})
+        if self.writer is not None:
+            self.writer.add_image("validation", sheet, step, dataformats="HWC")
+        log.info("validation images at step %d: %s", step, path)
+        return path
+
+    def finish(self) -> None:
+        if self.is_main:
+            self.jsonl.close()
+            if self.writer is not None:
+                self.writer.close()

@@ -1,0 +1,179 @@
+"""Every training option through the CLI (`python -m dreambooth_jax.train`'s parser and `run`), on the tiny model,
+against the same steps computed in PyTorch by the reference libraries (`torch_reference.py`).
+
+Error budgets (fp32 on CPU): our UNet and diffusers' agree to ~1e-6 of their outputs' scale, so a loss (a mean
+of squared errors of O(1) values) agrees to ~1e-5 relative: asserted at 1e-4. Gradient norms likewise. Trained
+weights: see `torch_reference.assert_same_training`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from torch_reference import assert_same_training, exported_unet, read_metrics, reference_run
+from train_helpers import PROMPT
+
+from dreambooth_jax.testing import tiny
+from dreambooth_jax.training.config import parse_args
+from dreambooth_jax.training.trainer import run
+from dreambooth_jax.weights import convert
+
+LOSS_RTOL = 1e-4
+
+
+def _argv(pipeline, instance_dir, out, **options) -> list[str]:
+    base = {"pretrained_model_name_or_path": pipeline, "instance_data_dir": instance_dir, "instance_prompt": PROMPT,
+            "output_dir": str(out), "resolution": 64, "train_batch_size": 1, "max_train_steps": 1,
+            "learning_rate": 1e-3, "attention": "einsum", "checkpointing_steps": 100, "seed": 0, **options}
+    argv = []
+    for key, value in base.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _cli_run(*args, **options):
+    cfg = parse_args(_argv(*args, **options))
+    return cfg, run(cfg)
+
+
+def _init_unet(pipeline) -> dict[str, np.ndarray]:
+    return exported_unet(pipeline)
+
+
+def _unet_state(params) -> dict[str, np.ndarray]:
+    """Our UNet params in diffusers' names and layout."""
+    return {k: np.asarray(v) for k, v in convert.params_to_state_dict(jax.device_get(params)).items()}
+
+
+def _assert_metrics(ours: dict, ref: dict, keys=("loss", "instance_loss", "prior_loss", "grad_norm")):
+    for key in keys:
+        np.testing.assert_allclose(ours[key], ref[key], rtol=LOSS_RTOL, atol=1e-7, err_msg=key)
+
+
+OPTIMIZER_RUNS = {
+    # EMA, a schedule and weight decay ride along. No warm-up for AdamW: at lr 0 the first EMA update, which
+    # diffusers makes with decay 0, would see unchanged weights.
+    "adamw": dict(learning_rate=1e-3, adam_weight_decay=0.1, use_ema=True, ema_decay=0.9,
+                  lr_scheduler="cosine_with_restarts", lr_num_cycles=2),
+    "adafactor": dict(learning_rate=1e-2, adam_weight_decay=0.1, lr_scheduler="cosine", lr_warmup_steps=1),
+    "lion": dict(learning_rate=3e-4, adam_weight_decay=0.1),
+    # Prodigy's step is lr x d, d from 1e-6 up: a large lr makes 3 steps move the weights well above rounding.
+    "prodigy": dict(learning_rate=30.0, adam_weight_decay=0.01, lr_scheduler="constant_with_warmup",
+                    lr_warmup_steps=1),
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZER_RUNS))
+def test_optimizer_schedule_and_ema_equal_pytorch(tiny_pipelines, instance_dir, tmp_path, optimizer):
+    """Also: the optimizer's state (each its own structure) goes through an Orbax checkpoint, and a run resumed
+    from it continues bit for bit."""
+    steps = 3
+    options = dict(optimizer=optimizer, max_train_steps=steps, checkpointing_steps=2, **OPTIMIZER_RUNS[optimizer])
+    cfg, result = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "out", **options)
+    _, resumed = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "resumed",
+                          resume_from_checkpoint=str(tmp_path / "out" / "checkpoints" / "2"), **options)
+    assert resumed.steps == steps and [m["step"] for m in resumed.metrics] == [3]
+    for a, b in zip(jax.tree.leaves(jax.device_get(result.state)), jax.tree.leaves(jax.device_get(resumed.state))):
+        np.testing.assert_array_equal(a, b)
+    ref, ref_metrics = reference_run(cfg, steps)
+    ours_metrics = read_metrics(tmp_path / "out")
+    assert [m["step"] for m in ours_metrics] == [1, 2, 3]
+    # The lr of every step, as diffusers' get_scheduler gives it.
+    np.testing.assert_allclose([m["lr"] for m in ours_metrics], [m["lr"] for m in ref_metrics], rtol=1e-6)
+    _assert_metrics(ours_metrics[0], ref_metrics[0])  # the first step's loss and gradient norm
+    init = _init_unet(tiny_pipelines["sd1"])
+    assert_same_training(_unet_state(result.state.params["unet"]), ref.weights(), init)
+    if cfg.use_ema:  # the export holds the EMA weights: as diffusers' EMAModel fed the same weights
+        assert_same_training(exported_unet(tmp_path / "out"), ref.weights(ema=True), init)
+
+
+def _sample_prediction_pipeline(src: str, dst) -> str:
+    """A copy of `src` whose scheduler predicts x_0 (prediction_type 'sample')."""
+    import json
+
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "scheduler", "scheduler_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["prediction_type"] = "sample"
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    return str(dst)
+
+
+@pytest.mark.parametrize("case", ["epsilon_prior_offset", "v_prediction", "sample"])
+def test_loss_options_equal_pytorch(tiny_pipelines, instance_dir, class_dir, tmp_path, case):
+    """--snr_gamma for each prediction type, --with_prior_preservation with --prior_loss_weight, --offset_noise
+    with --noise_offset: the first step's losses and gradient norm."""
+    options = {"snr_gamma": 5.0}
+    pipeline = tiny_pipelines["sd1"]
+    if case == "epsilon_prior_offset":
+        options.update(with_prior_preservation=True, class_data_dir=class_dir, class_prompt="a photo of toy",
+                       num_class_images=4, prior_loss_weight=0.5, offset_noise=True, noise_offset=0.3)
+    elif case == "v_prediction":
+        pipeline = tiny_pipelines["sd2"]
+    else:
+        pipeline = _sample_prediction_pipeline(tiny_pipelines["sd1"], tmp_path / "sample_pipe")
+    cfg, _ = _cli_run(pipeline, instance_dir, tmp_path / "out", **options)
+    _, ref_metrics = reference_run(cfg, 1)
+    ours = read_metrics(tmp_path / "out")[0]
+    _assert_metrics(ours, ref_metrics[0])
+    if case == "epsilon_prior_offset":
+        assert ours["prior_loss"] > 0 and ours["loss"] == pytest.approx(ours["instance_loss"]
+                                                                        + 0.5 * ours["prior_loss"], rel=1e-6)
+
+
+def test_text_encoder_attention_mask_with_a_bang_padding_tokenizer(tiny_pipelines, instance_dir, tmp_path):
+    """SD 2.x's tokenizer pads with '!': the mask must be the tokenizer's own, also for a prompt that contains
+    '!' (counting pad tokens, as we once did, masks everything after it)."""
+    pipeline = shutil.copytree(tiny_pipelines["sd1"], tmp_path / "bang_pipe")
+    shutil.rmtree(pipeline / "tokenizer")
+    tok = tiny.make_tokenizer(pad_token="!")
+    tok.save_pretrained(pipeline / "tokenizer")
+    prompt = "a photo of sks! toy!"  # two '!' in the prompt
+    cfg, _ = _cli_run(str(pipeline), instance_dir, tmp_path / "out", instance_prompt=prompt,
+                      text_encoder_use_attention_mask=True)
+    from torch_reference import OurInputs
+
+    prompts = [prompt, "a photo of toy"]  # and one without '!', whose first pad must be masked too
+    ids, mask = OurInputs(cfg).inputs.tokenize(prompts)
+    expected = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True)
+    np.testing.assert_array_equal(mask, expected.attention_mask)
+    assert int((ids[0] == tok.pad_token_id).sum()) > int((mask[0] == 0).sum())  # '!' inside the prompt
+    _, ref_metrics = reference_run(cfg, 1)
+    _assert_metrics(read_metrics(tmp_path / "out")[0], ref_metrics[0])
+
+
+def test_gradient_checkpointing_and_bf16_through_the_trainer(tiny_pipelines, instance_dir, tmp_path):
+    """--gradient_checkpointing recomputes the same activations: the same gradients (fp32, ~1e-6 relative: only
+    XLA's fusion choices differ). --mixed_precision bf16: bf16 keeps 8 significant bits (2^-9 relative per
+    rounding); through the tiny UNet's ~20 layers the loss moves by ~1e-2 relative: asserted within 3e-2."""
+    pipeline = tiny_pipelines["sd1"]
+    _, plain = _cli_run(pipeline, instance_dir, tmp_path / "plain")
+    _, remat = _cli_run(pipeline, instance_dir, tmp_path / "remat", gradient_checkpointing=True)
+    _, bf16 = _cli_run(pipeline, instance_dir, tmp_path / "bf16", mixed_precision="bf16")
+    a, b, c = (read_metrics(tmp_path / name)[0] for name in ("plain", "remat", "bf16"))
+    np.testing.assert_allclose([b["loss"], b["grad_norm"]], [a["loss"], a["grad_norm"]], rtol=1e-5)
+    init = _init_unet(pipeline)
+    assert_same_training(_unet_state(remat.state.params["unet"]), _unet_state(plain.state.params["unet"]), init)
+    assert abs(c["loss"] - a["loss"]) <= 3e-2 * a["loss"]
+    assert c["loss"] != a["loss"]  # it really ran in bf16
+
+
+def test_scale_lr_is_diffusers_formula(tiny_pipelines, instance_dir, tmp_path, caplog):
+    """diffusers: lr x gradient_accumulation_steps x train_batch_size x num_processes (x devices, for us)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="dreambooth_jax.train"):
+        cfg, _ = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "out", scale_lr=True, learning_rate=1e-4,
+                          train_batch_size=2, gradient_accumulation_steps=2)
+    expected = 1e-4 * 2 * 2 * jax.device_count()
+    assert read_metrics(tmp_path / "out")[0]["lr"] == pytest.approx(expected, rel=1e-6)
+    assert f"learning rate {expected:g}" in caplog.text and "global batch 4 instance images" in caplog.text
