@@ -60,7 +60,8 @@ def _torch_optimizer(name, params, lr, weight_decay):
     return Prodigy(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
 
 
-LR = {"adamw": 1e-2, "adafactor": 1e-2, "lion": 3e-3, "prodigy": 1.0}
+# Prodigy steps lr x d, d from 1e-6: a large lr makes its moves well above the rounding of the weights.
+LR = {"adamw": 1e-2, "adafactor": 1e-2, "lion": 3e-3, "prodigy": 100.0}
 
 
 @pytest.mark.parametrize("name", optimizers.OPTIMIZERS)

@@ -15,24 +15,23 @@ from dreambooth_jax.pipeline import load_pipeline
 from dreambooth_jax.training.trainer import run
 
 
-def test_text_encoder_stops_training(tiny_pipelines, instance_dir, tmp_path):
-    kw = dict(train_text_encoder=True, text_encoder_lr=5e-4, stop_text_encoder_training=2)
-    stopped = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "a", max_train_steps=4, **kw))
-    two = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "b", max_train_steps=2, **kw))
+def test_text_encoder_stops_training_and_resumes_across_the_stop(tiny_pipelines, instance_dir, tmp_path):
+    kw = dict(train_text_encoder=True, text_encoder_lr=5e-4, stop_text_encoder_training=2, max_train_steps=4,
+              checkpointing_steps=2)
+    stopped = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "a", **kw))
     assert "text_encoder" not in stopped.state.params and "text_encoder" not in stopped.state.opt_state
-    te_after_4 = jax.tree.leaves(jax.device_get(stopped.state.frozen["text_encoder"]))
-    te_after_2 = jax.tree.leaves(jax.device_get(two.state.params["text_encoder"]))
+    # Trained in steps 1 and 2 (at its own lr), then a step without it.
+    assert [m["lr_text_encoder"] for m in stopped.metrics[:2]] == pytest.approx([5e-4, 5e-4])
+    assert all("lr_text_encoder" not in m for m in stopped.metrics[2:])
+    te = jax.tree.leaves(jax.device_get(stopped.state.frozen["text_encoder"]))
     base = jax.tree.leaves(load_pipeline(tiny_pipelines["sd1"]).params["text_encoder"])
-    assert all(np.array_equal(a, b) for a, b in zip(te_after_4, te_after_2))  # unchanged after step 2
-    assert any(not np.array_equal(a, b) for a, b in zip(te_after_2, base))  # but trained before it
-    assert [m["lr_text_encoder"] for m in two.metrics] == pytest.approx([5e-4, 5e-4])
-    # The export carries the text encoder as trained up to step 2.
+    assert any(not np.array_equal(a, b) for a, b in zip(te, base))
     exported = jax.tree.leaves(load_pipeline(str(tmp_path / "a")).params["text_encoder"])
-    assert all(np.array_equal(a, b) for a, b in zip(exported, te_after_2))
-    # Resumed from the checkpoint of step 2 (the stop itself: the state is restored without the text encoder's
-    # optimizer), the run continues exactly as the straight one.
-    resumed = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "b", max_train_steps=4,
-                            resume_from_checkpoint="latest", **kw))
+    assert all(np.array_equal(a, b) for a, b in zip(exported, te))
+    # Resumed from the checkpoint of step 2, the stop itself (written before the loop froze the encoder at the
+    # start of step 3), the run continues exactly as the straight one.
+    resumed = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "b",
+                            resume_from_checkpoint=str(tmp_path / "a" / "checkpoints" / "2"), **kw))
     assert resumed.steps == 4 and "text_encoder" not in resumed.state.params
     for a, b in zip(jax.tree.leaves(jax.device_get(stopped.state)), jax.tree.leaves(jax.device_get(resumed.state))):
         np.testing.assert_array_equal(a, b)

@@ -185,13 +185,14 @@ def exported_unet(output_dir) -> dict[str, np.ndarray]:
     return {name: p.detach().numpy() for name, p in unet.named_parameters()}
 
 
-def assert_same_training(ours: dict, ref: dict, init: dict, *, max_mismatch: float = 1e-3) -> None:
+def assert_same_training(ours: dict, ref: dict, init: dict, *, max_mismatch: float = 1e-2) -> None:
     """Our trained weights equal the reference's, for every weight but the few whose update a sign decided.
 
     Error budget: the two UNets compute the gradients in float32 in different orders, ~1e-5 relative apart.
     Adam's first steps and Lion move each weight by ~lr x sign(update), so a weight whose update is within that
-    noise of zero may move the other way: those are rare (the fraction of gradient entries within 1e-5 of
-    zero, relative), and the test allows `max_mismatch` of them. Every other weight must be within 1e-4 of the
+    noise of zero may move the other way or by another amount: those are rare (measured on the tiny UNet: up to
+    1e-3 of the weights with AdamW at eps 1e-6, 1e-4 with Lion, none with Adafactor), and the test allows
+    `max_mismatch` of them; a wrong rule (decay, moment, schedule, EMA) moves nearly every weight. Every other weight must be within 1e-4 of the
     largest move, plus a few float32 ulps of the weight itself (and the moves must be real: a run that did not
     train fails).
     """

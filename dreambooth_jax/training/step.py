@@ -195,6 +195,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec
         updates, opt_state[part] = tx.update(grads[part], state.opt_state[part], state.params[part])
         params[part] = optax.apply_updates(state.params[part], updates)
     ema = None if state.ema is None else update_ema(state.ema, params, state.step, spec.ema_decay)
-    for part, schedule in (schedules or {}).items():
-        metrics["lr" if part.startswith("unet") else f"lr_{part}"] = schedule(state.step)
+    for part, _ in state.txs:  # the parts still trained (a stopped text encoder has no lr any more)
+        if part in (schedules or {}):
+            metrics["lr" if part.startswith("unet") else f"lr_{part}"] = schedules[part](state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
