@@ -75,16 +75,18 @@ OPTIMIZER_RUNS = {
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZER_RUNS))
 def test_optimizer_schedule_and_ema_equal_pytorch(tiny_pipelines, instance_dir, tmp_path, optimizer):
-    """Also: the optimizer's state (each its own structure) goes through an Orbax checkpoint, and a run resumed
-    from it continues bit for bit."""
+    """Also, for our own optimizer states (Adafactor's, Prodigy's; optax's AdamW state resumes in test_train.py):
+    the state goes through an Orbax checkpoint, and a run resumed from it continues bit for bit."""
     steps = 3
     options = dict(optimizer=optimizer, max_train_steps=steps, checkpointing_steps=2, **OPTIMIZER_RUNS[optimizer])
     cfg, result = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "out", **options)
-    _, resumed = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "resumed",
-                          resume_from_checkpoint=str(tmp_path / "out" / "checkpoints" / "2"), **options)
-    assert resumed.steps == steps and [m["step"] for m in resumed.metrics] == [3]
-    for a, b in zip(jax.tree.leaves(jax.device_get(result.state)), jax.tree.leaves(jax.device_get(resumed.state))):
-        np.testing.assert_array_equal(a, b)
+    if optimizer in ("adafactor", "prodigy"):
+        _, resumed = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "resumed",
+                              resume_from_checkpoint=str(tmp_path / "out" / "checkpoints" / "2"), **options)
+        assert resumed.steps == steps and [m["step"] for m in resumed.metrics] == [3]
+        for a, b in zip(jax.tree.leaves(jax.device_get(result.state)),
+                        jax.tree.leaves(jax.device_get(resumed.state))):
+            np.testing.assert_array_equal(a, b)
     ref, ref_metrics = reference_run(cfg, steps)
     ours_metrics = read_metrics(tmp_path / "out")
     assert [m["step"] for m in ours_metrics] == [1, 2, 3]
