@@ -25,3 +25,4 @@ def write_json(path: str, data: dict, *, sort_keys: bool = True) -> None:
         json.dump(data, f, indent=2, sort_keys=sort_keys)
         f.write("\n")
     os.replace(tmp, path)
+

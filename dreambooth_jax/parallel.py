@@ -1,4 +1,9 @@
-"""The device mesh and shardings: data parallel over every device of every host (`data` axis)."""
+"""The device mesh and shardings over every device of every host.
+
+Two axes: `data` (examples split, state replicated) and `fsdp` (examples split too; trained state and frozen
+networks sharded, each array along one dimension, gathered by XLA where a layer needs it). Sampling and
+evaluation use a 1-D `data` mesh; training uses (data, fsdp), with fsdp = 1 meaning plain data parallelism.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dreambooth_jax.errors import UsageError
+
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+# Arrays with fewer elements stay whole on every device under fsdp (biases, norms): sharding them saves
+# nothing worth a collective.
+FSDP_MIN_ELEMENTS = 4096
 
 
 def maybe_initialize_distributed() -> None:
@@ -28,6 +39,10 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
 def barrier(name: str) -> None:
     """All processes wait here for each other (a no-op on one host)."""
     if jax.process_count() > 1:
@@ -45,13 +60,54 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(devices, (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def train_mesh(fsdp: int = 1, devices=None) -> Mesh:
+    """A 2-D mesh (`data`, `fsdp`) over `devices` (default: all devices of all processes), `fsdp` devices per
+    group. Devices are taken in process order, so an fsdp group spans as few hosts as possible (its all-gathers
+    stay inside a host when fsdp <= the devices per host)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    if fsdp < 1 or devices.size % fsdp:
+        raise UsageError(f"--fsdp {fsdp} does not divide the {devices.size} devices")
+    return Mesh(devices.reshape(devices.size // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS),
+                axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def fsdp_size(mesh: Mesh) -> int:
+    return int(mesh.shape.get(FSDP_AXIS, 1))
+
+
 def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
-    """Axis `batch_axis` (the examples) split over `data`, the other axes whole."""
-    return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), DATA_AXIS))
+    """Axis `batch_axis` (the examples) split over every mesh axis, the other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), tuple(mesh.axis_names)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def fsdp_spec(shape: tuple[int, ...], size: int) -> PartitionSpec:
+    """The rule for state under fsdp: an array is split over `fsdp` along its largest dimension divisible by the
+    axis size (the first such, on ties); arrays under FSDP_MIN_ELEMENTS or with no such dimension stay whole."""
+    if size <= 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_ELEMENTS:
+        return PartitionSpec()
+    candidates = [i for i, d in enumerate(shape) if d % size == 0]
+    if not candidates:
+        return PartitionSpec()
+    dim = max(candidates, key=lambda i: (shape[i], -i))
+    return PartitionSpec(*([None] * dim), FSDP_AXIS)
+
+
+def state_shardings(tree, mesh: Mesh):
+    """NamedShardings for a tree of arrays (or ShapeDtypeStructs) by the fsdp rule (`fsdp_spec`)."""
+    size = fsdp_size(mesh)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), size)), tree)
+
+
+def per_device_bytes(tree, shardings) -> int:
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings` (the largest shard)."""
+    total = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        total += int(np.prod(s.shard_shape(tuple(np.shape(x))), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
 
 
 def put_batch(tree, mesh: Mesh, *, batch_axis: int = 0, process_local: bool = False):
@@ -72,7 +128,7 @@ def put_batch(tree, mesh: Mesh, *, batch_axis: int = 0, process_local: bool = Fa
 
 def fetch(x) -> np.ndarray:
     """A sharded array, whole, on every process's host (gathered across hosts when there are several)."""
-    if jax.process_count() == 1:
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
 
@@ -80,7 +136,40 @@ def fetch(x) -> np.ndarray:
 
 
 def put_replicated(tree, mesh: Mesh):
-    return jax.device_put(tree, replicated(mesh))
+    """`tree` whole on every device of `mesh`: host arrays are transferred, arrays already placed so are kept,
+    other device arrays (e.g. fsdp-sharded ones, possibly spread over hosts) are gathered by one program."""
+    repl = replicated(mesh)
+    leaves, treedef = jax.tree.flatten(tree)
+    ndims = [np.ndim(x) for x in leaves]
+    placed = [isinstance(x, jax.Array) and x.sharding.is_equivalent_to(repl, n) for x, n in zip(leaves, ndims)]
+    regather = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not placed[i]]
+    out = list(leaves)
+    if regather:
+        gathered = jax.jit(lambda xs: xs, out_shardings=repl)([leaves[i] for i in regather])
+        for i, x in zip(regather, gathered):
+            out[i] = x
+    host = [i for i, x in enumerate(leaves) if not isinstance(x, jax.Array)]
+    for i, x in zip(host, jax.device_put([leaves[i] for i in host], repl)):
+        out[i] = x
+    return jax.tree.unflatten(treedef, out)
+
+
+def put_sharded(tree, shardings):
+    """Host (or device) arrays placed as `shardings` say; each process transfers only its own shards."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, sharding):
+        if isinstance(x, jax.Array):
+            return jax.jit(lambda a: a, out_shardings=sharding)(x)
+        return jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x[idx]))
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def host_copy(tree):
+    """Every array of `tree` whole in host memory, on every process (`fetch`, leaf by leaf)."""
+    return jax.tree.map(fetch, tree)
 
 
 def pad_to_multiple(n: int, multiple: int) -> int:

@@ -80,8 +80,11 @@ def _build_module(name: str, config_dict: dict, source: str, **options):
         raise type(e)(f"{source}: {e}") from e
 
 
+WEIGHTS = ("device", "host", "none")
+
+
 def load_component(folder: str, name: str, *, dtype=jnp.float32, param_dtype=None, variant=None,
-                   attention_impl: str = "einsum", remat: bool = False):
+                   attention_impl: str = "einsum", remat: bool = False, weights: str = "device"):
     """Loads one component folder (`unet`, `vae`, `text_encoder`, `text_encoder_2`) -> (module, params).
 
     Args:
@@ -89,7 +92,12 @@ def load_component(folder: str, name: str, *, dtype=jnp.float32, param_dtype=Non
       dtype: compute dtype of the module.
       param_dtype: dtype of the returned params (default: `dtype`); None-like 'keep' is not offered since
         every float dtype round-trips exactly through float32.
+      weights: where the params go: 'device' (JAX arrays on the default device), 'host' (NumPy arrays, for the
+        caller to place, e.g. sharded), 'none' (`jax.ShapeDtypeStruct`s from the config alone; the weight files
+        are not read).
     """
+    if weights not in WEIGHTS:
+        raise UsageError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
     if name not in _COMPONENTS:
         raise UsageError(f"unknown component {name!r}; expected one of {', '.join(_COMPONENTS)}")
     spec = _COMPONENTS[name]
@@ -99,11 +107,13 @@ def load_component(folder: str, name: str, *, dtype=jnp.float32, param_dtype=Non
     config_dict = fileio.read_json(config_path)
     options = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat)
     module, abstract = _build_module(name, config_dict, config_path, **options)
+    if weights == "none":
+        return module, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), abstract)
     state, source = discovery.load_state_dict(discovery.find_weight_files(folder, spec.stem, variant))
     state = convert.normalize_state_dict(state, strip_prefix=spec.load_prefix)
     params = convert.state_dict_to_params(state, abstract, dtype=param_dtype, source=source,
                                           ignore=clip.IGNORED_KEYS)
-    return module, jax.tree.map(jnp.asarray, params)
+    return module, params if weights == "host" else jax.tree.map(jnp.asarray, params)
 
 
 def save_component(folder: str, name: str, module, params, *, dtype=None) -> None:
@@ -166,7 +176,7 @@ def _load_tokenizer(folder: str):
 def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, revision: str | None = None,
                   variant: str | None = None, token=None, cache_dir: str | None = None,
                   attention_impl: str = "einsum", remat: bool = False, lora: str | None = None,
-                  lora_scale: float = 1.0) -> Pipeline:
+                  lora_scale: float = 1.0, weights: str = "device") -> Pipeline:
     """Loads a diffusers pipeline folder, or a Hub repository id, into a `Pipeline`.
 
     Args:
@@ -178,14 +188,18 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
       remat: gradient checkpointing in the UNet.
       lora: a LoRA file (diffusers or kohya layout) or a folder with `pytorch_lora_weights.safetensors`,
         merged into the params (`dreambooth_jax.lora.apply_file`); lora_scale multiplies its update.
+      weights: 'device', 'host' or 'none' (configs and tokenizers only: the params are shapes); see
+        `load_component`.
     """
-    root = hub.resolve(name_or_path, revision=revision, variant=variant, token=token, cache_dir=cache_dir)
+    root = hub.resolve(name_or_path, revision=revision, variant=variant, token=token, cache_dir=cache_dir,
+                       weights=weights != "none")
     index = fileio.read_json(os.path.join(root, "model_index.json"))
     class_name = index.get("_class_name")
     if class_name not in _PIPELINE_CLASSES:
         raise UsageError(f"{root}/model_index.json: pipeline class {class_name!r} is not supported "
                          f"(supported: {', '.join(_PIPELINE_CLASSES)})")
-    options = dict(dtype=dtype, param_dtype=param_dtype, variant=variant, attention_impl=attention_impl)
+    options = dict(dtype=dtype, param_dtype=param_dtype, variant=variant, attention_impl=attention_impl,
+                   weights=weights)
     names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if class_name.endswith("XLPipeline") else [])
     modules, params = {}, {}
     for name in names:
@@ -206,6 +220,8 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
         source=name_or_path,
     )
     if lora:
+        if weights != "device":
+            raise UsageError("lora= merges into loaded weights: it needs weights='device'")
         from dreambooth_jax import lora as lora_lib
 
         return lora_lib.apply_file(pipe, lora, lora_scale)

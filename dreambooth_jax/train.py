@@ -1,10 +1,12 @@
 """DreamBooth fine-tuning: `python -m dreambooth_jax.train --config sd15 --instance_data_dir ... ...`.
 
-Parses the options, runs `dreambooth_jax.training.trainer.run`, reports.
+Parses the options, runs `dreambooth_jax.training.trainer.run`, reports. With `--dry_run`, the memory preflight
+is the last line of stdout, one JSON object.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -21,6 +23,10 @@ def main(argv=None) -> None:
     setup_logging()
     t0 = time.perf_counter()
     result = run(cfg)
+    if cfg.dry_run:
+        if jax.process_index() == 0:
+            print(json.dumps(result.summary["preflight"]), flush=True)  # the last line of stdout: for tools
+        return
     if jax.process_index() == 0:
         s = result.summary
         print(f"done: {result.steps} steps in {time.perf_counter() - t0:.0f}s "

@@ -77,3 +77,16 @@ def class_dir(tmp_path_factory) -> str:
     from train_helpers import draw_images
 
     return draw_images(tmp_path_factory.mktemp("class"), 4, seed=1)
+
+
+@pytest.fixture(scope="session")
+def one_device_run(tiny_pipelines, instance_dir, class_dir, tmp_path_factory) -> str:
+    """The output folder of a one-device CLI run (`train_helpers.full_run_argv`, global batch 8) that the
+    multi-device and multi-process runs must equal."""
+    from train_helpers import full_run_argv, run_argv
+
+    from dreambooth_jax.train import main
+
+    out = tmp_path_factory.mktemp("one_device") / "out"
+    main(run_argv(tiny_pipelines, instance_dir, out, *full_run_argv(class_dir), "--train_batch_size", "8"))
+    return str(out)

@@ -3,7 +3,6 @@ accumulation, resume and SIGTERM, class images, exports, bad inputs."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -13,7 +12,16 @@ import jax
 import numpy as np
 import pytest
 from conftest import run_processes
-from train_helpers import PROMPT, draw_images, fixed_eval_loss, train_cfg
+from train_helpers import (
+    PROMPT,
+    assert_same_weights,
+    draw_images,
+    exported_weights,
+    fixed_eval_loss,
+    full_run_argv,
+    run_argv,
+    train_cfg,
+)
 
 from dreambooth_jax.diffusion import noise_schedule
 from dreambooth_jax.pipeline import load_pipeline
@@ -119,31 +127,21 @@ def test_gradient_accumulation_2x2_equals_batch_4(tiny_pipelines, instance_dir, 
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
-def test_one_device_equals_two_processes_of_four_devices(tiny_pipelines, instance_dir, class_dir, tmp_path):
-    """Data parallel over 8 devices in 2 processes (JAX's multi-process runtime on CPU, gloo collectives):
-    per-host batch slices, Orbax checkpoints from both processes, the export by process 0 and the validation
-    sampler's all-gather; the weights equal a one-device run of the same global batch."""
-    kw = dict(max_train_steps=2, with_prior_preservation=True, class_data_dir=class_dir,
-              class_prompt="a photo of toy", num_class_images=4, train_text_encoder=True, **WELL_CONDITIONED)
-    one = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "one", train_batch_size=8, **kw))
+def test_one_device_equals_two_processes_of_four_devices(tiny_pipelines, instance_dir, class_dir, one_device_run,
+                                                         tmp_path):
+    """Two processes of 4 devices (JAX's multi-process runtime on CPU, gloo collectives), fsdp 4 x data 2: the
+    data axis spans the hosts, each fsdp group is one host's devices. Per-host batch slices, sharded Orbax
+    checkpoints written by both processes, the export gathered by both and written by process 0, the validation
+    sampler's gather; the exported weights equal a one-device run of the same global batch."""
     multi = tmp_path / "multi"
-    cfg = train_cfg(tiny_pipelines, instance_dir, multi, train_batch_size=1, checkpointing_steps=1,
-                    validation_prompt=PROMPT, validation_steps=2, num_validation_images=2,
-                    validation_inference_steps=2, **kw)
-    out = tmp_path / "multi.npz"
-    code = ("import jax, numpy as np\nfrom dreambooth_jax.training.trainer import run\n"
-            "from dreambooth_jax.training.config import TrainConfig\n"
-            f"r = run(TrainConfig(**{dataclasses.asdict(cfg)!r}))\n"
-            "assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4\n"
-            "if jax.process_index() == 0:\n"
-            "    np.savez(" + repr(str(out)) + ", *[np.asarray(x.addressable_data(0)) "
-            "for x in jax.tree.leaves(r.state.params)])\n")
-    run_processes(["-c", code], devices=4)
-    multi_params = np.load(out)
-    ours = jax.tree.leaves(jax.device_get(one.state.params))
-    assert len(ours) == len(multi_params.files)
-    for i, x in enumerate(ours):  # as in the accumulation test: only summation order differs
-        np.testing.assert_allclose(multi_params[f"arr_{i}"], x, rtol=1e-5, atol=1e-7)
+    argv = run_argv(tiny_pipelines, instance_dir, multi, *full_run_argv(class_dir), "--fsdp", "4",
+                    "--checkpointing_steps", "1", "--validation_prompt", PROMPT, "--validation_steps", "2",
+                    "--num_validation_images", "2", "--validation_inference_steps", "2")
+    code = ("import sys, jax\nfrom dreambooth_jax.train import main\n"
+            "main(sys.argv[1:])\n"
+            "assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4\n")
+    run_processes(["-c", code, *argv], devices=4)
+    assert_same_weights(exported_weights(multi), exported_weights(one_device_run))
     assert sorted(os.listdir(multi / "checkpoints")) == ["1", "2"]
     assert os.path.isfile(multi / "model_index.json")
     assert sorted(os.listdir(multi / "validation")) == ["step-000002.png"]
@@ -152,21 +150,21 @@ def test_one_device_equals_two_processes_of_four_devices(tiny_pipelines, instanc
 def test_sigterm_then_resume_is_bit_identical(tiny_pipelines, instance_dir, tmp_path, monkeypatch):
     straight = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "straight", max_train_steps=4))
 
-    from dreambooth_jax.training import inputs as train_inputs
+    from dreambooth_jax.training import checkpoints
 
-    original = train_inputs.layout_batch
+    original = checkpoints.Checkpointer.save
 
-    def preempt_at_step_2(data, step, **kw):  # a real SIGTERM, delivered while step 2 is prepared
-        if step == 2:
+    def preempt_after_step_2(self, state, meta, *, step, force=False):  # a real SIGTERM, after step 2 was dispatched
+        if step == 2 and not force:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(data, step, **kw)
+        return original(self, state, meta, step=step, force=force)
 
-    monkeypatch.setattr(train_inputs, "layout_batch", preempt_at_step_2)
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", preempt_after_step_2)
     out = tmp_path / "resumed"
     stopped = run(train_cfg(tiny_pipelines, instance_dir, out, max_train_steps=4, checkpointing_steps=100))
-    assert stopped.steps == 3  # the step in flight finishes, then a checkpoint, then exit
-    assert os.listdir(out / "checkpoints") == ["3"] and not os.path.exists(out / "model_index.json")
-    monkeypatch.setattr(train_inputs, "layout_batch", original)
+    assert stopped.steps == 2  # the step in flight finishes, then a checkpoint, then exit
+    assert os.listdir(out / "checkpoints") == ["2"] and not os.path.exists(out / "model_index.json")
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", original)
     resumed = run(train_cfg(tiny_pipelines, instance_dir, out, max_train_steps=4, resume_from_checkpoint="latest"))
     assert resumed.steps == 4 and os.path.isfile(out / "model_index.json")
     for x, y in zip(_unet_leaves(straight.state), _unet_leaves(resumed.state)):

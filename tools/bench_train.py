@@ -14,7 +14,6 @@ per row too, as the allocator's peak is per process. Prints a JSON line per row,
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -98,7 +97,8 @@ def time_loop(step, sync, warmup: int, steps: int) -> float:
 
 
 def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: int, rows: int, step_s: float,
-             peak_bytes, opt_bytes: int, loss: float, compile_s: float = 0.0, xla=None, xla_bytes=None) -> dict:
+             peak_bytes, opt_bytes: int, loss: float, compile_s: float = 0.0, xla=None, xla_bytes=None,
+             mesh=None) -> dict:
     """One result row. MFU from XLA's count (of the per-device program) and from the analytic UNet-only count,
     (3 + remat) x forward per sample, scaled with the pixel count (attention grows a bit faster)."""
     feats, samples = features(name), 2 * rows * chips
@@ -107,7 +107,7 @@ def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: 
     analytic = None if fwd is None else fwd * (3 + feats["remat"]) * samples
     gib = lambda b: None if b is None else b / 2**30  # noqa: E731
     mfu = lambda tflop, n: None if tflop is None or peak is None else tflop / step_s / (peak * n)  # noqa: E731
-    return {"impl": impl, "config": name, "optimizer": optimizer, "device": device, "devices": chips,
+    return {"impl": impl, "config": name, "optimizer": optimizer, "device": device, "devices": chips, "mesh": mesh,
             "batch_per_device": f"{rows}+{rows}", "samples_per_step": samples, "compile_s": compile_s,
             "step_s": step_s, "steps_per_s": 1 / step_s, "samples_per_s": samples / step_s,
             "peak_memory_gib": gib(peak_bytes), "xla_memory_gib": gib(xla_bytes), "opt_state_gib": gib(opt_bytes),
@@ -130,56 +130,42 @@ def build_pipeline(args):
     return pipe
 
 
-def make_state(pipe, feats: dict, optimizer: str, mesh):
-    """(state placed on `mesh`, step spec), as `dreambooth_jax.training.state.make_state` and `run` build them."""
-    from dreambooth_jax import parallel
-    from dreambooth_jax.diffusion import noise_schedule
-    from dreambooth_jax.testing import tiny
-    from dreambooth_jax.training import optimizers as optim
-    from dreambooth_jax.training import step as train_step
+def train_config(pipe, feats: dict, optimizer: str, args):
+    """The `TrainConfig` of a configuration: fp32 weights, bf16 compute, prior preservation, a constant lr."""
     from dreambooth_jax.training.config import TrainConfig
-    from dreambooth_jax.training.state import TrainState, lora_config, lora_params
 
-    trained = ["unet"] + (["text_encoder"] if feats["text_encoder"] else [])
-    lr = 1.0 if optimizer == "prodigy" else 1e-6  # prodigy estimates its own step size
-    schedule = optim.lr_schedule("constant", lr, warmup_steps=0, total_steps=1)
-    lora_cfg = TrainConfig(use_lora=True, rank=feats["lora"], mixed_precision="bf16") if feats["lora"] else None
-    if lora_cfg:  # the trainer's own LoRA setup: factors trained, bases frozen in bf16
-        params, frozen = lora_params(lora_cfg, pipe, trained)
-    else:
-        params = {k: v for k, v in pipe.params.items() if k in trained}
-        frozen = {k: v for k, v in pipe.params.items() if k not in trained}
-    txs = {part: optim.make_optimizer(optimizer, schedule) for part in params}
-    state = parallel.put_replicated(TrainState.create(params, frozen, txs), mesh)
-    sched = noise_schedule.ScheduleConfig.from_diffusers_config(tiny.SD1_SCHEDULER, class_name="DDPMScheduler")
-    spec = train_step.StepSpec(unet=pipe.unet.clone(remat=feats["remat"]), vae=pipe.vae,
-                               text_encoder=pipe.text_encoder, alphas_cumprod=noise_schedule.alphas_cumprod(sched),
-                               prediction_type=sched.prediction_type,
-                               lora=lora_config(lora_cfg) if lora_cfg else None)
-    return state, spec
+    return TrainConfig(
+        pretrained_model_name_or_path="random", train_text_encoder=feats["text_encoder"],
+        gradient_checkpointing=feats["remat"], cache_latents=feats["cached"], use_lora=bool(feats["lora"]),
+        rank=feats["lora"] or 4, optimizer=optimizer, learning_rate=1.0 if optimizer == "prodigy" else 1e-6,
+        mixed_precision="bf16", with_prior_preservation=True, train_batch_size=instance_rows(feats, args),
+        resolution=args.resolution, tokenizer_max_length=pipe.text_encoder.config.max_position_embeddings,
+        max_train_steps=1, fsdp=args.fsdp)
 
 
 def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
+    """One configuration through the trainer's own path: preflight (AOT compile, per-device memory), the
+    state built sharded from the host weights, then timed steps."""
+    import dataclasses
+
     import jax
 
-    from dreambooth_jax import parallel
-    from dreambooth_jax.training import step as train_step
+    from dreambooth_jax.training import preflight
+    from dreambooth_jax.training.trainer import step_spec
 
-    feats, mesh, chips = features(name), parallel.data_mesh(), jax.device_count()
+    feats, chips = features(name), jax.device_count()
     rows = instance_rows(feats, args)
-    state, spec = make_state(pipe, feats, optimizer, mesh)
-    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
-    batch_sharding = parallel.batch_sharding(mesh, batch_axis=1)  # as TrainLoop.compile
-    batch = jax.device_put(synthetic_batch(pipe.text_encoder.config, pipe.vae.config, feats["cached"],
-                                           rows * chips, args.resolution), batch_sharding)
-    repl = parallel.replicated(mesh)
-    rng = parallel.put_replicated(jax.random.PRNGKey(0), mesh)
-    state_sharding = jax.tree.map(lambda _: repl, state)
+    pipe = dataclasses.replace(pipe, unet=pipe.unet.clone(remat=feats["remat"]))
+    cfg = train_config(pipe, feats, optimizer, args)
     t0 = time.perf_counter()
-    compiled = jax.jit(functools.partial(train_step.train_step, spec=spec),
-                       in_shardings=(state_sharding, batch_sharding, repl), out_shardings=(state_sharding, repl),
-                       donate_argnums=(0,)).lower(state, batch, rng).compile()
+    plan = preflight.plan(cfg, pipe, step_spec(cfg, pipe), max_steps=1, global_batch=rows * chips,
+                          fsdp=cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp))
     compile_s = time.perf_counter() - t0
+    compiled, report = plan.compiled, plan.report
+    state = plan.init_state(plan.place_params(pipe.params))
+    batch = jax.device_put(synthetic_batch(pipe.text_encoder.config, pipe.vae.config, feats["cached"],
+                                           rows * chips, args.resolution), plan.batch_sharding)
+    rng = jax.device_put(jax.random.PRNGKey(0), jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec()))
     carry = {"state": state}
     del state  # donated by the first step
 
@@ -188,15 +174,14 @@ def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
 
     step_s = time_loop(step, lambda: jax.block_until_ready(carry), args.warmup, args.steps)
     stats = jax.local_devices()[0].memory_stats() or {}
-    cost, mem = compiled.cost_analysis(), compiled.memory_analysis()
+    cost = compiled.cost_analysis()
     flops = [c.get("flops") for c in (cost if isinstance(cost, (list, tuple)) else [cost]) if c]
     row = make_row("dreambooth_jax", name, optimizer, args, device=jax.devices()[0].device_kind, chips=chips,
-                   rows=rows, step_s=step_s, peak_bytes=stats.get("peak_bytes_in_use"), opt_bytes=opt_bytes,
-                   loss=float(carry["metrics"]["loss"]), compile_s=compile_s,
-                   xla=sum(flops) / 1e12 if flops and None not in flops else None,
-                   # XLA's own estimate, per configuration even in one process (and known on CPU)
-                   xla_bytes=mem and (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                      + mem.temp_size_in_bytes - mem.alias_size_in_bytes))
+                   rows=rows, step_s=step_s, peak_bytes=stats.get("peak_bytes_in_use"),
+                   opt_bytes=report["per_device_bytes"]["optimizer"], loss=float(carry["metrics"]["loss"]),
+                   compile_s=compile_s, xla=sum(flops) / 1e12 if flops and None not in flops else None,
+                   # the preflight's total (XLA's own estimate), per configuration even in one process
+                   xla_bytes=report["per_device_bytes"]["total"], mesh=report["mesh"])
     jax.clear_caches()
     return row
 
@@ -391,6 +376,7 @@ def parse_args(argv):
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--all_optimizers", action="store_true", help="every configuration with every optimizer")
     p.add_argument("--attention", default="dot_product", choices=("einsum", "dot_product", "cudnn"))
+    p.add_argument("--fsdp", default="auto", help="as the trainer's --fsdp: 'auto' or a divisor of the device count")
     p.add_argument("--peak_tflops", type=float, default=None, help="per chip (default: by device kind)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one process per row (default: on with a GPU/TPU)")

@@ -17,6 +17,7 @@ import signal
 import jax
 import orbax.checkpoint as ocp
 
+from dreambooth_jax import storage
 from dreambooth_jax.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -30,20 +31,23 @@ def _saved_tree(state) -> dict:
 
 
 class Checkpointer:
-    """Saves every `every` steps into `root/<step>`, keeping the newest `keep` (all when None)."""
+    """Saves every `every` steps into `root/<step>` (a local folder or a bucket URI, written by Orbax directly),
+    keeping the newest `keep` (all when None)."""
 
     def __init__(self, root: str, *, every: int, keep: int | None = None):
-        self.root = os.path.abspath(root)
+        folder = storage.Folder(root)
+        self.root = folder.uri if folder.remote else os.path.abspath(root)
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
-        self.manager = ocp.CheckpointManager(self.root, options=options)
+        self.manager = ocp.CheckpointManager(folder.remote_path, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, state, meta: dict, *, force: bool = False) -> bool:
-        """Starts an (async) save of `state` at its step; returns whether one was started."""
-        step = int(state.step)
+    def save(self, state, meta: dict, *, step: int, force: bool = False) -> bool:
+        """Starts an (async) save of `state`, which is at step `step` (the caller's count: reading `state.step`
+        would wait for the device); returns whether one was started. Sharded arrays are saved sharded: each
+        process writes its own shards."""
         if not force and step % self.every:
             return False
         if step in self.manager.all_steps():
@@ -53,8 +57,13 @@ class Checkpointer:
         return self.manager.save(step, args=args, force=True)
 
     def restore(self, state, step: int, expected_meta: dict | None = None):
-        """Returns (`state` with the saved step/params/opt_state, saved metadata)."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _saved_tree(state))
+        """Returns (`state` with the saved step/params/opt_state, saved metadata). The arrays are restored into
+        `state`'s shardings, whatever the device count and mesh the checkpoint was written with; `state`'s own
+        arrays of the restored parts are freed first (they are replaced), so the state is not held twice."""
+        saved = _saved_tree(state)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
+        for x in jax.tree.leaves({k: v for k, v in saved.items() if k != "step"}):
+            x.delete()
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         meta = dict(restored["meta"])
@@ -80,19 +89,19 @@ def resolve_resume(spec: str | None, checkpoints_root: str) -> tuple[str, int] |
     if spec is None:
         return None
     if spec == "latest":
-        if not os.path.isdir(checkpoints_root):
-            log.warning("--resume_from_checkpoint latest: no checkpoints in %s yet; starting fresh", checkpoints_root)
-            return None
-        steps = [int(d) for d in os.listdir(checkpoints_root) if d.isdigit()]
+        folder = storage.Folder(checkpoints_root)
+        names = ([p.name for p in storage.remote_path(folder.uri).iterdir()] if folder.remote else
+                 os.listdir(checkpoints_root)) if folder.exists() else []
+        steps = [int(d) for d in names if d.isdigit()]
         if not steps:
             log.warning("--resume_from_checkpoint latest: no checkpoints in %s yet; starting fresh", checkpoints_root)
             return None
-        return checkpoints_root, max(steps)
-    path = os.path.abspath(spec.rstrip("/"))
-    name = os.path.basename(path)
+        return (checkpoints_root if folder.remote else os.path.abspath(checkpoints_root)), max(steps)
+    path = spec.rstrip("/") if storage.is_remote(spec) else os.path.abspath(spec.rstrip("/"))
+    root, _, name = path.rpartition("/")
     if not name.isdigit():
         raise UsageError(f"--resume_from_checkpoint {spec}: expected a checkpoint folder named by its step")
-    return os.path.dirname(path), int(name)
+    return root, int(name)
 
 
 class PreemptionWatch:

@@ -12,8 +12,11 @@ import os
 import re
 
 import jax
+import numpy as np
 
 from dreambooth_jax import images as image_io
+from dreambooth_jax import parallel, storage
+from dreambooth_jax.errors import UsageError
 from dreambooth_jax.images import count_images
 
 log = logging.getLogger(__name__)
@@ -25,20 +28,28 @@ def _next_number(folder: str) -> int:
     return max(numbers, default=-1) + 1
 
 
-def ensure_class_images(pipe, folder: str, prompt: str, num_images: int, *, batch_size_per_device: int,
+def ensure_class_images(pipe, uri: str, prompt: str, num_images: int, *, batch_size_per_device: int,
                         num_inference_steps: int = 25, seed: int = 0, progress: bool = True) -> int:
     """Generates the class images missing from `folder`; returns how many were generated.
 
-    Every process takes part in generation (the batch is sharded over all devices); process 0 writes.
+    Every process takes part: each batch is sharded over all devices, each process writes the images of its
+    share of every batch, and all wait for each other before anyone reads the folder. On several hosts the folder
+    must be one they share (a network filesystem or a bucket); each checks that it sees every image. A bucket
+    folder (`gs://...`) is mirrored into a local twin, each process uploads the images it wrote, and all
+    download the others' after the barrier.
     """
     from dreambooth_jax.diffusion.generation import generate
 
-    os.makedirs(folder, exist_ok=True)
+    remote = storage.Folder(uri)
+    folder = remote.pull(required=False)
+    if jax.process_index() == 0 or remote.remote:
+        os.makedirs(folder, exist_ok=True)
+    parallel.barrier(f"class folder {uri}")
     have = count_images(folder)
     missing = num_images - have
     if missing <= 0:
         return 0
-    log.info("%s holds %d class images of %d wanted: generating %d for %r", folder, have, num_images, missing,
+    log.info("%s holds %d class images of %d wanted: generating %d for %r", uri, have, num_images, missing,
              prompt)
     per_call = batch_size_per_device * jax.device_count()
     first = _next_number(folder)
@@ -51,15 +62,26 @@ def ensure_class_images(pipe, folder: str, prompt: str, num_images: int, *, batc
     while done < missing:
         n = min(per_call, missing - done)
         images = generate(pipe, [prompt] * n, num_inference_steps=num_inference_steps, seed=seed + first + done)
-        if jax.process_index() == 0:
-            for k, image in enumerate(images):
-                number = first + done + k
-                meta = {"prompt": prompt, "seed": seed + number, "steps": num_inference_steps,
-                        "model": pipe.source}
-                image_io.save_png(image, os.path.join(folder, f"class-{number:05d}.png"), meta)
+        written = []
+        share = -(-n // jax.process_count())  # this process's consecutive images of the batch
+        for k in range(jax.process_index() * share, min(n, (jax.process_index() + 1) * share)):
+            number = first + done + k
+            meta = {"prompt": prompt, "seed": seed + number, "steps": num_inference_steps, "model": pipe.source}
+            image_io.save_png(images[k], os.path.join(folder, f"class-{number:05d}.png"), meta)
+            written.append(f"class-{number:05d}.png")
+        remote.push(*written)  # this process's images of the batch (a no-op for a local folder)
         done += n
         if bar is not None:
             bar.update(n)
     if bar is not None:
         bar.close()
+    parallel.barrier(f"class images {uri}")
+    seen = count_images(remote.pull())
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        fewest = int(multihost_utils.process_allgather(np.int32(seen)).min())
+        if fewest < num_images:
+            raise UsageError(f"{uri}: a host sees {fewest} class images of {num_images}; on several hosts "
+                             "--class_data_dir must be a folder they share")
     return missing

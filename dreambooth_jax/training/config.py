@@ -17,6 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from dreambooth_jax import storage
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.training.optimizers import LR_SCHEDULERS, OPTIMIZERS
 
@@ -106,6 +107,16 @@ class TrainConfig:
     mixed_precision: str = _opt("no", "compute dtype: 'no' (fp32) or 'bf16'; master weights stay fp32",
                                 ("no", "bf16", "fp16"))
     attention: str = _opt("dot_product", "attention implementation", ("einsum", "dot_product", "cudnn"))
+    # Scale
+    fsdp: str = _opt("auto", "devices to shard the trained state (params, gradients, optimizer state, EMA) and "
+                             "frozen networks over; must divide the device count, the rest is data parallel. "
+                             "'auto': 1 (replication) when that fits comfortably in device memory, else the "
+                             "smallest that fits")
+    dry_run: bool = _opt(False, "read only the model's configs and tokenizers, compile the step ahead of time and "
+                                "print its per-device memory as one JSON line; then exit")
+    compilation_cache_dir: str | None = _opt(None, "XLA's persistent compilation cache, so a second run compiles "
+                                                   "nothing (default: $JAX_COMPILATION_CACHE_DIR or "
+                                                   "~/.cache/dreambooth_jax/xla; 'none': off)")
     # LoRA
     use_lora: bool = _opt(False, "train low-rank adapters instead of the full UNet (and text encoder)")
     rank: int = _opt(4, "LoRA rank")
@@ -229,10 +240,14 @@ def resolve_dataset(cfg: TrainConfig) -> TrainConfig:
     the instance/class options it implies filled in where not given. Builds the dataset on first use."""
     if not cfg.dataset:
         return cfg
+    from dreambooth_jax import parallel
     from dreambooth_jax.evaluation import dataset as dreambooth_dataset
 
     subject = dreambooth_dataset.load_spec(cfg.dataset, cfg.dataset_dir, cfg.dataset_manual_dir)
-    folder = subject.write_images(os.path.join(cfg.output_dir, "instance_images"))
+    folder = os.path.join(cfg.output_dir, "instance_images")
+    if parallel.is_main_process():  # one process writes the folder, the others wait for it
+        subject.write_images(folder)
+    parallel.barrier("instance images")
     resolved = dataclasses.replace(
         cfg, instance_data_dir=folder, instance_prompt=cfg.instance_prompt or subject.instance_prompt(),
         class_prompt=cfg.class_prompt or f"a photo of {subject.class_name}",
@@ -271,12 +286,23 @@ def validate(cfg: TrainConfig) -> list[str]:
         errors.append(str(e))
         concepts = []
     errors += _dataset_errors(cfg)
+    for flag, path in (("--output_dir", cfg.output_dir), ("--pretrained_model_name_or_path",
+                       cfg.pretrained_model_name_or_path), ("--resume_from_checkpoint", cfg.resume_from_checkpoint)):
+        try:
+            storage.check(path or "", flag)
+        except UsageError as e:
+            errors.append(str(e))
     for i, c in enumerate(concepts):
         where = f"concept {i} of {cfg.concepts_list}: " if cfg.concepts_list else ""
         flag = (lambda name: name) if cfg.concepts_list else (lambda name: f"--{name}")  # noqa: E731
+        for name in ("instance_data_dir", "class_data_dir"):
+            try:
+                storage.check(getattr(c, name) or "", f"{where}{flag(name)}")
+            except UsageError as e:
+                errors.append(str(e))
         if not c.instance_data_dir:
             errors.append(f"{where}{flag('instance_data_dir')} is required")
-        elif not os.path.isdir(c.instance_data_dir):
+        elif not storage.is_remote(c.instance_data_dir) and not os.path.isdir(c.instance_data_dir):
             errors.append(f"{where}{flag('instance_data_dir')} {c.instance_data_dir}: no such folder")
         if not c.instance_prompt:
             errors.append(f"{where}{flag('instance_prompt')} is required")
@@ -315,8 +341,11 @@ def validate(cfg: TrainConfig) -> list[str]:
         errors.append("--pre_compute_text_embeddings cannot be combined with --train_text_encoder")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         errors.append("--checkpoints_total_limit must be >= 1")
-    if cfg.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
+    if (cfg.resume_from_checkpoint not in (None, "latest") and not storage.is_remote(cfg.resume_from_checkpoint)
+            and not os.path.isdir(cfg.resume_from_checkpoint)):
         errors.append(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no such checkpoint folder")
+    if cfg.fsdp != "auto" and not (cfg.fsdp.isdigit() and int(cfg.fsdp) >= 1):
+        errors.append(f"--fsdp must be 'auto' or a positive integer; got {cfg.fsdp!r}")
     if cfg.report_to == "tensorboard":
         try:
             import tensorboardX  # noqa: F401

@@ -8,7 +8,7 @@ import os
 
 import jax
 
-from dreambooth_jax import lora
+from dreambooth_jax import lora, parallel
 from dreambooth_jax.pipeline import export_pipeline, load_pipeline
 
 log = logging.getLogger("dreambooth_jax.train")
@@ -24,21 +24,40 @@ def pipeline_params(state, lora_config: lora.LoraConfig | None) -> dict:
     return params
 
 
-def export(cfg, pipe, state, lora_config: lora.LoraConfig | None) -> None:
-    """Writes the result of `state` to `cfg.output_dir` (call on process 0 only): the diffusers pipeline, or with
-    LoRA the adapter files and, with `cfg.merge_lora`, the pipeline with them merged in."""
-    out, step = cfg.output_dir, int(state.step)
+def export(cfg, pipe, state, lora_config: lora.LoraConfig | None, *, step: int, write: bool = True) -> list[str]:
+    """Writes the result of `state` (at step `step`) to `cfg.output_dir`: the diffusers pipeline, or with LoRA the
+    adapter files and, with `cfg.merge_lora`, the pipeline with them merged in. Every process calls it (sharded
+    weights are gathered to the host, leaf by leaf, by all processes together); only `write` ones write.
+    Returns the names written in `cfg.output_dir` (files and folders)."""
+    out = cfg.output_dir
     if not cfg.use_lora:
-        export_pipeline(pipe, out, params=jax.device_get(pipeline_params(state, lora_config)))
+        params = parallel.host_copy(pipeline_params(state, lora_config))
+        if not write:
+            return []
+        export_pipeline(pipe, out, params=params)
         log.info("exported the pipeline of step %d to %s", step, out)
-        return
+        return pipeline_files(pipe)
     exported = state.export_params()
-    loras = {k.removesuffix("_lora"): jax.device_get(v) for k, v in exported.items() if k.endswith("_lora")}
+    loras = {k.removesuffix("_lora"): parallel.host_copy(v) for k, v in exported.items() if k.endswith("_lora")}
+    if not write:
+        return []
     lora.save_diffusers(out, loras, lora_config)
     lora.save_kohya(os.path.join(out, lora.KOHYA_WEIGHT_NAME), loras, lora_config)
     log.info("exported the LoRA of step %d to %s (diffusers and kohya formats)", step, out)
+    written = [lora.WEIGHT_NAME, lora.KOHYA_WEIGHT_NAME]
     if cfg.merge_lora:  # merged into the fp32 base weights, not the compute-dtype copy trained against
-        base = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant).params
+        base = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
+                             weights="host").params
         merged = {**base, **{net: lora.merge(base[net], f, lora_config) for net, f in loras.items()}}
         export_pipeline(pipe, out, params=jax.device_get(merged))
         log.info("exported the pipeline with the LoRA merged in to %s", out)
+        written += pipeline_files(pipe)
+    return written
+
+
+def pipeline_files(pipe) -> list[str]:
+    """The names a saved pipeline consists of in its folder (model_index.json: the one saying it is complete)."""
+    names = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if pipe.is_sdxl:
+        names += ["text_encoder_2", "tokenizer_2"]
+    return [*names, "model_index.json"]

@@ -2,12 +2,16 @@
 
 `TrainInputs.device_batch(step)` is a pure function of (seed, step): it reads the step's batch plan from
 `DreamBoothData`, decodes and crops this process's rows (or picks their cached VAE latents), tokenizes their
-prompts (or picks precomputed text embeddings) and places the rows on the devices.
+prompts (or picks precomputed text embeddings) and places the rows on the devices. The loop calls it from a
+`Prefetcher`, a thread that keeps the next two steps' batches ready.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 
 import jax
 import numpy as np
@@ -41,14 +45,19 @@ class TrainInputs:
         prompts = sorted(self.data.prompts())
         ids, mask = self.tokenize(prompts)
         mask = mask if self.cfg.text_encoder_use_attention_mask else None
-        te, params = self.pipe.text_encoder, self.pipe.params["text_encoder"]
-        out = jax.jit(lambda p, i, m: te.apply({"params": p}, i, m).last_hidden_state)(params, ids, mask)
+        # The encoder whole on every device for this (it may be fsdp-sharded): the output is then replicated,
+        # readable on every host.
+        te, params = self.pipe.text_encoder, parallel.put_replicated(self.pipe.params["text_encoder"], self.mesh)
+        repl = parallel.replicated(self.mesh)
+        out = jax.jit(lambda p, i, m: te.apply({"params": p}, i, m).last_hidden_state, out_shardings=repl)(
+            params, ids, mask)
         return dict(zip(prompts, np.asarray(out, np.float32)))
 
     def _precompute_latents(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(mean, logvar) [N, 2 (flip), h, w, c] of every image's center crop, unflipped and flipped."""
-        vae, params = self.pipe.vae, self.pipe.params["vae"]
-        encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))
+        vae, params = self.pipe.vae, parallel.put_replicated(self.pipe.params["vae"], self.mesh)  # as above
+        encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode),
+                         out_shardings=parallel.replicated(self.mesh))
         cache = {}
         kinds = {"instance": self.data.num_instance_images}
         if self.cfg.with_prior_preservation:
@@ -118,3 +127,42 @@ def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bo
     out["is_prior"] = np.array([kind == "class" for kind, _, _ in rows])
     out["example_id"] = np.array([e for _, _, e in rows], np.int32)
     return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in out.items()}
+
+
+class Prefetcher:
+    """The batches of steps [start, stop), made by `make(step)` in a background thread that stays `depth` steps
+    ahead, so decoding, augmentation and the transfer overlap the device's work. `next()` returns (batch, seconds
+    waited for it); an error raised while making a batch is raised there, for that step."""
+
+    def __init__(self, make, start: int, stop: int, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(make, start, stop), name="train-inputs",
+                                        daemon=True)
+        self._thread.start()
+
+    def _work(self, make, start: int, stop: int) -> None:
+        for step in range(start, stop):
+            try:
+                item = (make(step), None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+                item = (None, e)
+            while not self._closed.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[1] is not None or self._closed.is_set():
+                return
+
+    def next(self):
+        t0 = time.perf_counter()
+        batch, error = self._queue.get()
+        if error is not None:
+            raise error
+        return batch, time.perf_counter() - t0
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()

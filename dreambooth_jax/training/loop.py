@@ -35,18 +35,23 @@ def _peak_memory() -> str:
 class TrainLoop:
     """Owns the compiled step and everything the loop writes (process 0 only)."""
 
-    def __init__(self, cfg, pipe, mesh, spec, schedules: dict, inputs, max_steps: int, global_batch: int):
+    def __init__(self, cfg, pipe, mesh, spec, schedules: dict, inputs, max_steps: int, global_batch: int, output):
+        """`output`: the `storage.Folder` of --output_dir (`cfg.output_dir` is its local twin); what the loop
+        writes there is pushed to it."""
         self.cfg, self.pipe, self.mesh, self.inputs, self.spec = cfg, pipe, mesh, inputs, spec
+        self.output = output
         self.max_steps, self.global_batch = max_steps, global_batch
         self.is_main = jax.process_index() == 0
         self.rng = parallel.put_replicated(jax.random.PRNGKey(cfg.seed), mesh)
         self.batch_sharding = parallel.batch_sharding(mesh, batch_axis=1)
         self.step = functools.partial(train_step.train_step, spec=spec, schedules=schedules)
         self.compiled = None
+        self.step_count = 0
         self._last_log = time.perf_counter()
         self.summary: dict = {}
         self.writer = None
         if self.is_main:
+            output.pull(("logs/*",), required=False)  # a resumed run appends to the logs so far
             os.makedirs(os.path.join(cfg.output_dir, "logs"), exist_ok=True)
             self.jsonl = open(os.path.join(cfg.output_dir, "logs", "metrics.jsonl"), "a", encoding="utf-8")
             if cfg.report_to == "tensorboard":
@@ -56,10 +61,11 @@ class TrainLoop:
 
     # --- the loop -------------------------------------------------------------------------------------
     def compile(self, state, batch):
-        """The step, compiled ahead of time with explicit shardings: state and rng replicated (donated
-        state), batch split over `data` along its example axis, metrics replicated."""
+        """The step, compiled ahead of time with explicit shardings: the state by the fsdp rule (donated), the
+        batch split over the mesh along its example axis, rng and metrics replicated. (The first program comes
+        from the preflight; this one serves a changed state, e.g. after the text encoder stops training.)"""
         repl = parallel.replicated(self.mesh)
-        state_sharding = jax.tree.map(lambda _: repl, state)
+        state_sharding = parallel.state_shardings(state, self.mesh)
         jitted = jax.jit(self.step, in_shardings=(state_sharding, self.batch_sharding, repl),
                          out_shardings=(state_sharding, repl), donate_argnums=(0,))
         return jitted.lower(state, batch, self.rng).compile()
@@ -68,42 +74,45 @@ class TrainLoop:
         from tqdm.auto import tqdm
 
         from dreambooth_jax.training.checkpoints import PreemptionWatch
+        from dreambooth_jax.training.inputs import Prefetcher
 
-        start = int(state.step)
+        # The step counter lives on the host from here on: reading `state.step` would wait for the device.
+        start = self.step_count = int(state.step)
         watch = PreemptionWatch()
         history, pending = [], []
         bar = tqdm(total=self.max_steps, initial=start, desc="training", unit="step", disable=not self.is_main)
+        batches = Prefetcher(self.inputs.device_batch, start, self.max_steps)
         t_loop = None
         try:
             for step in range(start, self.max_steps):
                 if step == self.cfg.stop_text_encoder_training and self.cfg.text_encoder_part in state.params:
                     state, self.compiled = state.freeze(self.cfg.text_encoder_part), None  # a step without it
                     log.info("text encoder frozen from step %d on", step)
-                batch = self.inputs.device_batch(step)
+                batch, waited = batches.next()
                 if self.compiled is None:
                     t0 = time.perf_counter()
                     self.compiled = self.compile(state, batch)
                     self.summary["compile_s"] = self.summary.get("compile_s", 0.0) + time.perf_counter() - t0
                     log.info("compiled the train step in %.1fs", self.summary["compile_s"])
                 state, metrics = self.compiled(state, batch, self.rng)
-                pending.append((step + 1, metrics))
+                self.step_count = done = step + 1
+                pending.append((done, metrics, waited))
                 if step == start:
                     jax.block_until_ready(state)
                     t_loop = self._last_log = time.perf_counter()  # throughput: steps after the first
-                done = step + 1
                 if len(pending) >= 10 or done == self.max_steps or done % self.cfg.checkpointing_steps == 0:
                     history += self._log(pending)
                     pending = []
                     bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
                 bar.update(1)
-                if ckpt.save(state, meta) and self.cfg.export_at_checkpoints:
+                if ckpt.save(state, meta, step=done) and self.cfg.export_at_checkpoints:
                     self.export(state)
                 if self.cfg.validation_prompt and done % self.cfg.validation_steps == 0:
                     self.validate(state, done)
                 if watch.should_stop(ckpt.manager, done) and done < self.max_steps:
                     history += self._log(pending)
                     pending = []
-                    ckpt.save(state, meta, force=True)
+                    ckpt.save(state, meta, step=done, force=True)
                     ckpt.wait()
                     log.warning("stopped at step %d on SIGTERM; checkpoint saved. Resume with "
                                 "--resume_from_checkpoint latest", done)
@@ -112,23 +121,28 @@ class TrainLoop:
                 if self.cfg.validation_prompt and self.max_steps % self.cfg.validation_steps and start < self.max_steps:
                     self.validate(state, self.max_steps)
         finally:
+            batches.close()
             watch.restore()
             bar.close()
         history += self._log(pending)
-        steps_timed = int(state.step) - start - 1
+        steps_timed = self.step_count - start - 1
         if t_loop is not None and steps_timed > 0:
             elapsed = time.perf_counter() - t_loop
             per_step = self.global_batch * (2 if self.cfg.with_prior_preservation else 1)
             self.summary.update(steps_per_s=steps_timed / elapsed, samples_per_s=steps_timed * per_step / elapsed)
+        if history:
+            self.summary["input_wait_s"] = sum(row["input_wait_s"] for row in history)
         self.summary["peak_memory"] = _peak_memory()
-        if int(state.step) > start:
-            ckpt.save(state, meta, force=True)  # the final (or last reached) step is always kept
+        if self.step_count > start:
+            ckpt.save(state, meta, step=self.step_count, force=True)  # the final (or last reached) step is kept
         return state, history
 
     def export(self, state) -> None:
-        """Process 0 writes the result of `state` to --output_dir (see `export.export`)."""
+        """The result of `state` in --output_dir (see `export.export`): every process gathers, process 0 writes."""
+        written = export_lib.export(self.cfg, self.pipe, state, self.spec.lora, step=self.step_count,
+                                    write=self.is_main)
         if self.is_main:
-            export_lib.export(self.cfg, self.pipe, state, self.spec.lora)
+            self.output.push(*written, last="model_index.json" if "model_index.json" in written else None)
 
     def _log(self, pending) -> list[dict]:
         rows = []
@@ -137,9 +151,9 @@ class TrainLoop:
         self._last_log = now
         per_step = self.global_batch * (2 if self.cfg.with_prior_preservation else 1)
         rate = per_step * len(pending) / interval if interval > 0 else float("nan")
-        for step, metrics in pending:
+        for step, metrics, waited in pending:
             row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()},
-                   "samples_per_s": rate}
+                   "samples_per_s": rate, "input_wait_s": waited}
             if not np.isfinite(row["loss"]):
                 raise DivergedError(f"loss is {row['loss']} at step {step}; stopping (lower the learning "
                                          "rate, or check the data)")
@@ -152,6 +166,7 @@ class TrainLoop:
                             self.writer.add_scalar(f"train/{k}", v, step)
         if self.is_main:
             self.jsonl.flush()
+            self.output.push("logs")
         return rows
 
     def validate(self, state, step: int) -> str | None:
@@ -167,6 +182,7 @@ class TrainLoop:
         path = os.path.join(folder, f"step-{step:06d}.png")
         sheet = image_io.contact_sheet(images)
         image_io.save_png(sheet, path, {"prompt": self.cfg.validation_prompt, "step": step, "seed": self.cfg.seed})
+        self.output.push(os.path.relpath(path, self.cfg.output_dir))
         if self.writer is not None:
             self.writer.add_image("validation", sheet, step, dataformats="HWC")
         log.info("validation images at step %d: %s", step, path)
@@ -177,3 +193,4 @@ class TrainLoop:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
+            self.output.push("logs")

@@ -49,22 +49,36 @@ class TrainState(flax.struct.PyTreeNode):
         return {**self.frozen, **self.params, **(self.ema or {})}
 
 
-def make_state(cfg: TrainConfig, pipe, max_steps: int, global_batch: int):
-    """The initial train state (unplaced) and the lr schedule of each trained part."""
-    networks = ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
-    if cfg.use_lora:
-        params, frozen = lora_params(cfg, pipe, networks)
-    else:
-        params = {k: v for k, v in pipe.params.items() if k in networks}
-        frozen = {k: v for k, v in pipe.params.items() if k not in networks}
+def trained_networks(cfg: TrainConfig) -> list[str]:
+    return ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
+
+
+def lr_schedules(cfg: TrainConfig, parts, max_steps: int, global_batch: int) -> dict:
+    """{trained part: its learning-rate schedule} (the text encoder's parts take --text_encoder_lr)."""
     scale = global_batch if cfg.scale_lr else 1
     peak = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_lr or cfg.learning_rate}
-    schedules = {part: optim.lr_schedule(cfg.lr_scheduler, peak[part.removesuffix("_lora")] * scale,
-                                         warmup_steps=cfg.lr_warmup_steps, total_steps=max_steps,
-                                         num_cycles=cfg.lr_num_cycles, power=cfg.lr_power) for part in params}
+    return {part: optim.lr_schedule(cfg.lr_scheduler, peak[part.removesuffix("_lora")] * scale,
+                                    warmup_steps=cfg.lr_warmup_steps, total_steps=max_steps,
+                                    num_cycles=cfg.lr_num_cycles, power=cfg.lr_power) for part in parts}
+
+
+def make_state(cfg: TrainConfig, params: dict, max_steps: int, global_batch: int) -> TrainState:
+    """The initial train state from the pipeline's params {'unet', 'vae', 'text_encoder'}.
+
+    Pure: the trainer traces it with `jax.eval_shape` (the memory preflight, before any weight is read) and runs
+    it under `jax.jit` with the state's shardings as outputs, so the optimizer state and EMA are created in
+    place, sharded, and nothing is built whole on one device first.
+    """
+    networks = trained_networks(cfg)
+    if cfg.use_lora:
+        trained, frozen = lora_params(cfg, params, networks)
+    else:
+        trained = {k: v for k, v in params.items() if k in networks}
+        frozen = {k: v for k, v in params.items() if k not in networks}
+    schedules = lr_schedules(cfg, trained, max_steps, global_batch)
     txs = {part: optim.make_optimizer(cfg.optimizer, schedules[part], b1=cfg.adam_beta1, b2=cfg.adam_beta2,
-                                      eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay) for part in params}
-    return TrainState.create(params, frozen, txs, ema=cfg.use_ema), schedules
+                                      eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay) for part in trained}
+    return TrainState.create(trained, frozen, txs, ema=cfg.use_ema)
 
 
 def lora_config(cfg: TrainConfig) -> lora.LoraConfig | None:
@@ -72,20 +86,27 @@ def lora_config(cfg: TrainConfig) -> lora.LoraConfig | None:
     return lora.LoraConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout) if cfg.use_lora else None
 
 
-def lora_params(cfg: TrainConfig, pipe, networks: list[str]) -> tuple[dict, dict]:
+def lora_params(cfg: TrainConfig, params: dict, networks: list[str]) -> tuple[dict, dict]:
     """(trained LoRA factors {'<net>_lora'}, frozen params): the adapted bases kept in the compute dtype."""
     defaults = {"unet": lora.UNET_TARGETS, "text_encoder": lora.TEXT_ENCODER_TARGETS}
     custom = tuple(t.strip() for t in cfg.lora_target_modules.split(",")) if cfg.lora_target_modules else None
     rngs = dict(zip(networks, jax.random.split(jax.random.PRNGKey(cfg.seed), len(networks))))
-    params, frozen = {}, dict(pipe.params)
+    trained, frozen = {}, dict(params)
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bf16" else jnp.float32
     for net in networks:
-        targets = defaults[net] if custom is None else [t for t in custom if lora.target_paths(pipe.params[net], [t])]
+        targets = defaults[net] if custom is None else [t for t in custom if _matches(params[net], t)]
         if not targets:
             continue  # none of the custom names is in this network
-        params[f"{net}_lora"] = lora.init_lora(pipe.params[net], targets, lora_config(cfg), rngs[net])
-        frozen[net] = jax.tree.map(lambda x: x.astype(dtype), pipe.params[net])
-    if not params:
+        trained[f"{net}_lora"] = lora.init_lora(params[net], targets, lora_config(cfg), rngs[net])
+        frozen[net] = jax.tree.map(lambda x: x.astype(dtype), params[net])
+    if not trained:
         raise UsageError(f"--lora_target_modules {cfg.lora_target_modules}: no such module in the "
                          f"{' or '.join(networks)}")
-    return params, frozen
+    return trained, frozen
+
+
+def _matches(params, target: str) -> bool:
+    try:
+        return bool(lora.target_paths(params, [target]))
+    except UsageError:
+        return False

@@ -1,23 +1,27 @@
 """A DreamBooth run from a `TrainConfig`: what `python -m dreambooth_jax.train` calls.
 
-One compiled `train_step` runs data parallel over every device of every host.
+One compiled `train_step` runs over a (data, fsdp) mesh of every device of every host: the batch split over
+both axes, the trained state and frozen networks sharded over `fsdp` (see `parallel` and `preflight`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import json
 import logging
 import math
 import os
 
 import jax
 
-from dreambooth_jax import parallel
+from dreambooth_jax import parallel, storage
 from dreambooth_jax.diffusion import noise_schedule
-from dreambooth_jax.errors import OutputError, UnsupportedError
+from dreambooth_jax.errors import UnsupportedError
+from dreambooth_jax.images import count_images
 from dreambooth_jax.parallel import maybe_initialize_distributed
 from dreambooth_jax.pipeline import load_pipeline
-from dreambooth_jax.training import checkpoints
+from dreambooth_jax.training import checkpoints, preflight
 from dreambooth_jax.training import state as state_lib
 from dreambooth_jax.training import step as train_step
 from dreambooth_jax.training.class_images import ensure_class_images
@@ -41,65 +45,81 @@ class Run:
 
 
 def run(cfg: TrainConfig) -> Run:
-    """Trains as `cfg` says: options -> model -> class images -> data -> compiled step -> loop (checkpoints,
-    validation, logs) -> export. Usable from Python (tests, notebooks)."""
+    """Trains as `cfg` says: options -> model configs -> compiled step and its memory preflight (while the weights
+    load) -> class images -> data -> loop (checkpoints, validation, logs) -> export. Usable from Python (tests,
+    notebooks). With `cfg.dry_run`, stops after the preflight: `Run.summary["preflight"]` holds its report."""
     maybe_initialize_distributed()
-    try:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"--output_dir {cfg.output_dir}: cannot create it ({e})") from e
-    if not os.access(cfg.output_dir, os.W_OK):
-        raise OutputError(f"--output_dir {cfg.output_dir} is not writable")
+    configure_compilation_cache(cfg.compilation_cache_dir)
+    if cfg.dry_run:
+        return Run(state=None, output_dir=cfg.output_dir, steps=0, metrics=[], summary={"preflight": dry_run(cfg)})
+    fsdp = _fsdp(cfg, jax.devices())  # an --fsdp that does not divide the device count fails before anything else
+    output = storage.Folder(cfg.output_dir)
+    output.prepare_output()
+    # From here on everything is written to the output folder's local twin (the folder itself when local) and
+    # pushed where it is remote; checkpoints go to `output` directly.
+    cfg = dataclasses.replace(cfg, output_dir=output.local)
     if cfg.cache_latents and not cfg.center_crop:
         log.warning("--cache_latents encodes center crops once: random crops are off (flips still apply)")
+
+    shapes = _model_shapes(cfg)
     cfg = resolve_dataset(cfg)
-    concepts = read_concepts(cfg)
+    given = read_concepts(cfg)  # as the user named the folders (remote ones are mirrored locally)
+    concepts = [dataclasses.replace(c, instance_data_dir=storage.Folder(c.instance_data_dir).pull(),
+                                    class_data_dir=c.class_data_dir and storage.Folder(c.class_data_dir).local)
+                for c in given]
     data = DreamBoothData(concepts, resolution=cfg.resolution, center_crop=cfg.center_crop,  # reads the instance
                           random_flip=cfg.random_flip, skip_bad_images=cfg.skip_bad_images,  # images: bad ones
                           seed=cfg.seed)                                                      # fail before the model
+    num_instances = data.num_instance_images
+    global_batch = cfg.train_batch_size * jax.device_count() * cfg.gradient_accumulation_steps  # instance rows
+    max_steps = _max_steps(cfg, global_batch, num_instances, _expected_class_images(cfg, given))
+    spec = step_spec(cfg, shapes)
 
-    pipe = load_pipeline(cfg.pretrained_model_name_or_path, dtype=cfg.compute_dtype, param_dtype="fp32",
-                         revision=cfg.revision, variant=cfg.variant, attention_impl=cfg.attention,
-                         remat=cfg.gradient_checkpointing)
-    if pipe.is_sdxl:
-        raise UnsupportedError("SDXL pipelines are not supported by the trainer yet (SD 1.x / 2.x are)")
-    schedule_cfg = noise_schedule.ScheduleConfig.from_diffusers_config(pipe.scheduler_config,
-                                                                       class_name="DDPMScheduler")
+    # The step compiles (and its memory is known) while the weights are read into host memory.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        planned = pool.submit(preflight.plan, cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch,
+                              fsdp=fsdp)
+        host = load_pipeline(cfg.pretrained_model_name_or_path, weights="host", **_pipeline_options(cfg))
+        plan = planned.result()
+    report = plan.report
+    log.info("preflight: %s", json.dumps(report))
+    preflight.raise_if_too_large(report, cfg)
+    mesh = plan.mesh
+    pipe = dataclasses.replace(host, params=plan.place_params(host.params))
+    del host
+
     if cfg.with_prior_preservation:
-        for c in {(c.class_data_dir, c.class_prompt) for c in concepts}:  # a folder shared by concepts: once
+        for c in {(c.class_data_dir, c.class_prompt) for c in given}:  # a folder shared by concepts: once
             ensure_class_images(pipe, *c, cfg.num_class_images, batch_size_per_device=cfg.sample_batch_size,
                                 num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed)
         data.add_class_images()
-    global_batch = cfg.train_batch_size * jax.device_count() * cfg.gradient_accumulation_steps  # instance rows
-    dataset_len = max(data.num_instance_images, data.num_class_images if cfg.with_prior_preservation else 0)
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(dataset_len / global_batch)
+        if _max_steps(cfg, global_batch, num_instances, data.num_class_images) != max_steps:
+            # Fewer readable class images than expected (skipped bad ones): the schedule's length changes.
+            max_steps = _max_steps(cfg, global_batch, num_instances, data.num_class_images)
+            plan = preflight.plan(cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch,
+                                  fsdp=report["mesh"]["fsdp"])
     if jax.process_index() == 0:
-        summary, warning = recipe_report(cfg, jax.device_count(), global_batch, max_steps, data.num_instance_images)
+        summary, warning = recipe_report(cfg, jax.device_count(), global_batch, max_steps, num_instances)
         log.info("%s", summary)
         if warning:
             log.warning("%s", warning)
 
-    mesh = parallel.data_mesh()
-    state, schedules = state_lib.make_state(cfg, pipe, max_steps, global_batch)
-    spec = train_step.StepSpec(
-        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
-        alphas_cumprod=noise_schedule.alphas_cumprod(schedule_cfg), prediction_type=schedule_cfg.prediction_type,
-        prior_loss_weight=cfg.prior_loss_weight, use_attention_mask=cfg.text_encoder_use_attention_mask,
-        snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0,
-        max_grad_norm=cfg.max_grad_norm, ema_decay=cfg.ema_decay, lora=state_lib.lora_config(cfg),
-    )
-    loop = TrainLoop(cfg, pipe, mesh, spec, schedules, TrainInputs(cfg, pipe, data, mesh), max_steps, global_batch)
-    ckpt = checkpoints.Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), every=cfg.checkpointing_steps,
-                                      keep=cfg.checkpoints_total_limit)
+    inputs = TrainInputs(cfg, pipe, data, mesh)  # caches (latents, text) use the pipeline's params: before init
+    schedules = state_lib.lr_schedules(cfg, plan.abstract_state.params, max_steps, global_batch)
+    loop = TrainLoop(cfg, pipe, mesh, spec, schedules, inputs, max_steps, global_batch, output)
+    loop.compiled = plan.compiled
+    loop.summary.update(preflight=report, compile_s=plan.compile_s)
+    ckpt = checkpoints.Checkpointer(output.join("checkpoints"), every=cfg.checkpointing_steps,
+                                    keep=cfg.checkpoints_total_limit)
     meta = {"model": cfg.pretrained_model_name_or_path, "seed": cfg.seed, "global_batch": global_batch,
             "optimizer": cfg.optimizer, "use_ema": cfg.use_ema}
     resume = checkpoints.resolve_resume(cfg.resume_from_checkpoint, ckpt.root)
+    state = plan.init_state(pipe.params)  # the pipeline's params are donated: the state's arrays replace them
     # The loop freezes the text encoder at the start of step `stop`, after the checkpoint of step `stop` was
     # written: only later checkpoints were saved without it.
     stop = cfg.stop_text_encoder_training
     if resume is not None and stop is not None and resume[1] > stop:
-        state = state.freeze(cfg.text_encoder_part)
-    state = parallel.put_replicated(state, mesh)
+        state, loop.compiled = state.freeze(cfg.text_encoder_part), None
     if resume is not None:
         root, step = resume
         source = ckpt if root == ckpt.root else checkpoints.Checkpointer(root, every=cfg.checkpointing_steps)
@@ -109,11 +129,88 @@ def run(cfg: TrainConfig) -> Run:
         state, metrics = loop.train(state, ckpt, meta)
     finally:
         ckpt.close()
-    if int(state.step) >= max_steps:
+    if loop.step_count >= max_steps:
         loop.export(state)
         parallel.barrier("export")  # the others wait until process 0 has written the pipeline
     loop.finish()
-    return Run(state=state, output_dir=cfg.output_dir, steps=int(state.step), metrics=metrics, summary=loop.summary)
+    return Run(state=state, output_dir=output.uri, steps=loop.step_count, metrics=metrics, summary=loop.summary)
+
+
+def dry_run(cfg: TrainConfig, devices=None) -> dict:
+    """The memory preflight of `cfg` on `devices` (default: every device of every process; or e.g. the
+    compile-only devices of a TPU topology), from the model's configs and tokenizers alone: what `--dry_run`
+    prints. The data folders are listed, not read."""
+    devices = jax.devices() if devices is None else list(devices)
+    fsdp = _fsdp(cfg, devices)
+    shapes = _model_shapes(cfg)
+    concepts = read_concepts(cfg) if not cfg.dataset else []
+    num_instances = sum(storage.Folder(c.instance_data_dir).count_images() for c in concepts) or 1
+    global_batch = cfg.train_batch_size * len(devices) * cfg.gradient_accumulation_steps
+    max_steps = _max_steps(cfg, global_batch, num_instances, _expected_class_images(cfg, concepts))
+    plan = preflight.plan(cfg, shapes, step_spec(cfg, shapes), max_steps=max_steps, global_batch=global_batch,
+                          fsdp=fsdp, devices=devices)
+    return plan.report
+
+
+def _fsdp(cfg: TrainConfig, devices) -> str | int:
+    """--fsdp as 'auto' or an int, checked against the device count."""
+    if cfg.fsdp == "auto":
+        return "auto"
+    parallel.train_mesh(int(cfg.fsdp), devices)
+    return int(cfg.fsdp)
+
+
+def _model_shapes(cfg: TrainConfig):
+    """The pipeline's modules, tokenizers and parameter shapes, from its configs (no weight is read)."""
+    shapes = load_pipeline(cfg.pretrained_model_name_or_path, weights="none", **_pipeline_options(cfg))
+    if shapes.is_sdxl:
+        raise UnsupportedError("SDXL pipelines are not supported by the trainer yet (SD 1.x / 2.x are)")
+    return shapes
+
+
+def _pipeline_options(cfg: TrainConfig) -> dict:
+    return dict(dtype=cfg.compute_dtype, param_dtype="fp32", revision=cfg.revision, variant=cfg.variant,
+                attention_impl=cfg.attention, remat=cfg.gradient_checkpointing)
+
+
+def step_spec(cfg: TrainConfig, pipe) -> train_step.StepSpec:
+    """The static parts of the step: the pipeline's modules (weights not needed), schedule, loss options."""
+    schedule_cfg = noise_schedule.ScheduleConfig.from_diffusers_config(pipe.scheduler_config,
+                                                                       class_name="DDPMScheduler")
+    return train_step.StepSpec(
+        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+        alphas_cumprod=noise_schedule.alphas_cumprod(schedule_cfg), prediction_type=schedule_cfg.prediction_type,
+        prior_loss_weight=cfg.prior_loss_weight, use_attention_mask=cfg.text_encoder_use_attention_mask,
+        snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0,
+        max_grad_norm=cfg.max_grad_norm, ema_decay=cfg.ema_decay, lora=state_lib.lora_config(cfg),
+    )
+
+
+def _expected_class_images(cfg: TrainConfig, concepts) -> int:
+    """Class images the run will read once the missing ones are generated (each concept reads its folder)."""
+    if not cfg.with_prior_preservation:
+        return 0
+    def have(uri: str) -> int:  # a bucket folder is listed, not downloaded
+        folder = storage.Folder(uri)
+        return folder.count_images() if folder.remote else count_images(uri)
+
+    return sum(max(have(c.class_data_dir), cfg.num_class_images) for c in concepts if c.class_data_dir)
+
+
+def _max_steps(cfg: TrainConfig, global_batch: int, num_instances: int, num_classes: int) -> int:
+    return cfg.max_train_steps or cfg.num_train_epochs * math.ceil(max(num_instances, num_classes) / global_batch)
+
+
+def configure_compilation_cache(option: str | None) -> None:
+    """XLA's persistent compilation cache: `option`, else $JAX_COMPILATION_CACHE_DIR, else our user cache folder;
+    'none' turns it off. A second run of the same command then loads its programs instead of compiling them."""
+    if option == "none":
+        jax.config.update("jax_compilation_cache_dir", None)
+        return
+    folder = option or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dreambooth_jax", "xla")
+    if jax.config.jax_compilation_cache_dir != folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
 
 
 def recipe_report(cfg: TrainConfig, devices: int, global_batch: int, max_steps: int,

@@ -13,6 +13,8 @@ log = logging.getLogger(__name__)
 
 _CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*")
 _WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# What is read of a pipeline folder in a bucket: every weight file of the components (variants included).
+_BUCKET_WEIGHT_PATTERNS = tuple(f"{d}/*{ext}" for d in _WEIGHT_FOLDERS for ext in (".safetensors", ".json", ".bin"))
 
 
 def _weight_patterns(files: list[str], variant: str | None) -> list[str]:
@@ -35,8 +37,10 @@ def download_pipeline(
     variant: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | None = None,
+    weights: bool = True,
 ) -> str:
     """Downloads (or finds in the cache) what `load_pipeline` reads; returns the local snapshot folder.
+    `weights=False`: the configs and tokenizers only (a memory preflight reads nothing else).
 
     The token defaults to huggingface_hub's own (`HF_TOKEN` or `huggingface-cli login`). With
     `HF_HUB_OFFLINE=1` the cached snapshot is used.
@@ -51,7 +55,7 @@ def download_pipeline(
     except Exception as e:  # offline, unreachable: use what the cache holds for these patterns
         log.warning("cannot list %s on the Hub (%s); trying the local cache", repo_id, e)
         patterns = list(_CONFIG_PATTERNS) + [f"{d}/*{'.' + variant if variant else ''}*.safetensors*"
-                                             for d in _WEIGHT_FOLDERS]
+                                             for d in _WEIGHT_FOLDERS if weights]
         try:
             return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token,
                                      cache_dir=cache_dir, local_files_only=True)
@@ -63,7 +67,7 @@ def download_pipeline(
     if "model_index.json" not in files:
         raise MissingFileError(f"{repo_id} is not a diffusers pipeline repository (no model_index.json)")
     wanted = [f for f in files if any(fnmatch.fnmatch(f, p) for p in _CONFIG_PATTERNS)]
-    wanted += _weight_patterns(files, variant)
+    wanted += _weight_patterns(files, variant) if weights else []
     log.info("fetching %d files of %s", len(wanted), repo_id)
     return snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token, cache_dir=cache_dir)
 
@@ -104,8 +108,14 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | bo
 
 
 def resolve(name_or_path: str, *, what: str = "pipeline", **kwargs) -> str:
-    """A local folder as is; anything else is taken for a Hub repository id and downloaded (a diffusers
-    pipeline, or with `what="model"` a transformers model)."""
+    """A local folder as is; a bucket folder (`gs://...`) mirrored into the local cache; anything else is taken
+    for a Hub repository id and downloaded (a diffusers pipeline, or with `what="model"` a transformers model)."""
+    from dreambooth_jax import storage
+
+    if storage.is_remote(name_or_path):
+        storage.check(name_or_path, "model")
+        weights = kwargs.get("weights", True)
+        return storage.Folder(name_or_path).pull(_CONFIG_PATTERNS + (_BUCKET_WEIGHT_PATTERNS if weights else ()))
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):

@@ -1,0 +1,225 @@
+"""The memory preflight: the train step compiled ahead of time from shapes alone, and what each device will hold.
+
+Nothing is allocated here: the state is traced with `jax.eval_shape` from the pipeline's parameter shapes (read
+from its configs), sharded by the fsdp rule (`parallel.state_shardings`), and the step is lowered and compiled
+with explicit shardings. XLA's `memory_analysis()` of that executable gives the per-device temporaries; the
+persistent state's per-device bytes follow from the shardings. The executable is the one the run then uses.
+
+    plan = preflight.plan(cfg, pipe, spec, max_steps=1000, global_batch=8, fsdp="auto")
+    plan.report  # {"devices": 8, "mesh": {"data": 1, "fsdp": 8}, "per_device_bytes": {...}, "fits": true, ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreambooth_jax import parallel
+from dreambooth_jax.errors import UsageError
+from dreambooth_jax.training import state as state_lib
+from dreambooth_jax.training import step as train_step
+
+log = logging.getLogger("dreambooth_jax.train")
+
+# A run "fits" when XLA's total is within this share of the device's memory (the rest: the runtime, allocator
+# fragmentation, the input batches in flight); --fsdp auto keeps replication only below the lower share.
+FITS = 0.95
+FITS_COMFORTABLY = 0.85
+
+
+class OutOfMemoryError(UsageError, MemoryError):
+    """The run would not fit in device memory (known before anything is allocated)."""
+
+
+def abstract_params(params) -> Any:
+    """`jax.ShapeDtypeStruct`s of a param tree (arrays or structs)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+
+
+def batch_shapes(cfg, pipe, num_devices: int) -> dict:
+    """The global batch of one step as `jax.ShapeDtypeStruct`s [A, rows, ...], exactly as
+    `inputs.layout_batch` builds it (a test holds the two together)."""
+    accum = cfg.gradient_accumulation_steps
+    rows = num_devices * cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
+    s = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct((accum, rows, *shape), dtype)  # noqa: E731
+    out = {}
+    if cfg.cache_latents:
+        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        latent = (cfg.resolution // f, cfg.resolution // f, pipe.vae.config.latent_channels)
+        out["latent_mean"] = s(*latent)
+        out["latent_logvar"] = s(*latent)
+    else:
+        out["images"] = s(cfg.resolution, cfg.resolution, 3)
+    length = cfg.tokenizer_max_length or pipe.tokenizer.model_max_length
+    if cfg.pre_compute_text_embeddings:
+        out["context"] = s(length, pipe.text_encoder.config.hidden_size)
+    else:
+        out["input_ids"] = s(length, dtype=jnp.int32)
+        if cfg.text_encoder_use_attention_mask:
+            out["attention_mask"] = s(length, dtype=jnp.int32)
+    out["is_prior"] = s(dtype=jnp.bool_)
+    out["example_id"] = s(dtype=jnp.int32)
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    """A compiled step and what it needs: the mesh, the state's abstract shapes and shardings, the report."""
+
+    mesh: Any
+    abstract_state: state_lib.TrainState
+    state_shardings: Any
+    param_shardings: Any  # of the pipeline's params (where the loaded weights go)
+    batch_sharding: Any
+    compiled: Any
+    report: dict
+    init: Any  # pipeline params -> initial TrainState (pure)
+    compile_s: float = 0.0
+
+    def place_params(self, host_params):
+        """The pipeline's host (NumPy) params on the mesh, sharded by the fsdp rule."""
+        return parallel.put_sharded(host_params, self.param_shardings)
+
+    def init_state(self, params) -> state_lib.TrainState:
+        """The initial train state from placed pipeline params (donated): built by one program whose outputs are
+        the state's shardings."""
+        init = jax.jit(self.init, out_shardings=self.state_shardings, donate_argnums=(0,))
+        return init(params)
+
+
+def _bytes_of(tree, shardings) -> int:
+    return parallel.per_device_bytes(tree, shardings) if jax.tree.leaves(tree) else 0
+
+
+# HBM per chip by device kind, for devices that cannot report it (compile-only TPU topology devices).
+HBM_BYTES = {"TPU v5 lite": 16 * 2**30, "TPU v6 lite": 32 * 2**30, "TPU v4": 32 * 2**30, "TPU v5": 95 * 2**30}
+
+
+def _device_memory(devices=None) -> int | None:
+    """Bytes of memory of one device of `devices` (default: this process's first), or None (e.g. CPU)."""
+    device = jax.local_devices()[0] if devices is None else np.asarray(devices).flat[0]
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # backends and compile-only devices that do not report
+        limit = None
+    return limit or HBM_BYTES.get(device.device_kind)
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """Whether a compile error is XLA refusing a program larger than the device (TPU compilers check)."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+def _compile(cfg, pipe, spec, schedules, abstract_state, init, fsdp: int, devices) -> Plan:
+    mesh = parallel.train_mesh(fsdp, devices)
+    shardings = parallel.state_shardings(abstract_state, mesh)
+    repl = parallel.replicated(mesh)
+    batch_sharding = parallel.batch_sharding(mesh, batch_axis=1)
+    batch = batch_shapes(cfg, pipe, mesh.size)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    step = functools.partial(train_step.train_step, spec=spec, schedules=schedules)
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, repl), out_shardings=(shardings, repl),
+                     donate_argnums=(0,))
+    t0 = time.perf_counter()
+    try:
+        compiled = jitted.lower(abstract_state, batch, rng).compile()
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        log.info("XLA refused the program as larger than the device: %s", str(e).splitlines()[0][:300])
+        compiled = None
+    compile_s = time.perf_counter() - t0
+    per_device = {
+        "params": _bytes_of(abstract_state.params, shardings.params),
+        "optimizer": _bytes_of(abstract_state.opt_state, shardings.opt_state),
+        "ema": _bytes_of(abstract_state.ema, shardings.ema),
+        "frozen": _bytes_of(abstract_state.frozen, shardings.frozen),
+    }
+    memory = None if compiled is None else compiled.memory_analysis()
+    if compiled is None:  # the compiler's verdict: it does not fit; the total is not known
+        per_device["temp"] = per_device["total"] = None
+    elif memory is not None:
+        per_device["temp"] = int(memory.temp_size_in_bytes)
+        # Arguments (state, batch) + outputs not aliased to a donated argument + temporaries.
+        per_device["total"] = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                  - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    else:  # a backend without the analysis: the state alone, a lower bound
+        per_device["temp"] = None
+        per_device["total"] = sum(per_device.values()) + _bytes_of(batch, jax.tree.map(lambda _: batch_sharding,
+                                                                                           batch))
+    limit = _device_memory(devices)
+    fits = (False if compiled is None else None if limit is None else bool(per_device["total"] <= FITS * limit))
+    report = {"devices": mesh.size, "mesh": {k: int(v) for k, v in mesh.shape.items()},
+              "per_device_bytes": per_device, "device_memory_bytes": limit, "fits": fits}
+    param_shardings = parallel.state_shardings(abstract_params(pipe.params), mesh)
+    return Plan(mesh, abstract_state, shardings, param_shardings, batch_sharding, compiled, report, init, compile_s)
+
+
+def plan(cfg, pipe, spec, *, max_steps: int, global_batch: int, fsdp: str | int = "auto", devices=None) -> Plan:
+    """Compiles the step for `--fsdp` (an int, or 'auto': 1 when the replicated run fits comfortably, else the
+    smallest divisor of the device count that fits) and reports its per-device memory. `pipe.params` may be
+    shapes only (`load_pipeline(..., weights="none")`)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    params = abstract_params(pipe.params)
+    make = functools.partial(state_lib.make_state, cfg, max_steps=max_steps, global_batch=global_batch)
+    abstract_state = jax.eval_shape(make, params)
+    # Every call makes new optimizer objects (static fields of the state): keep the ones the step compiles with.
+    init = lambda p: make(p).replace(txs=abstract_state.txs)  # noqa: E731
+    schedules = state_lib.lr_schedules(cfg, abstract_state.params, max_steps, global_batch)
+    compile_for = functools.partial(_compile, cfg, pipe, spec, schedules, abstract_state, init, devices=devices)
+    if fsdp != "auto":
+        return compile_for(int(fsdp))
+    limit = _device_memory(devices)
+    divisors = [n for n in range(1, devices.size + 1) if devices.size % n == 0]
+    first = compile_for(1)
+    total = first.report["per_device_bytes"]["total"]
+    if limit is None or (total is not None and total <= FITS_COMFORTABLY * limit):
+        return first
+    state_bytes = lambda n: parallel.per_device_bytes(  # noqa: E731
+        abstract_state, parallel.state_shardings(abstract_state, parallel.train_mesh(n, devices)))
+    best = first
+    for n in divisors[1:]:
+        if state_bytes(n) > FITS * limit:
+            continue  # the state alone does not fit: no need to compile
+        best = compile_for(n)
+        if best.report["fits"]:
+            break
+    log.info("--fsdp auto: %s", best.report["mesh"])
+    return best
+
+
+def raise_if_too_large(report: dict, cfg) -> None:
+    """Stops a run that will not fit, before anything is allocated, naming what would help."""
+    if report["fits"] is not False:
+        return
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    parts = ", ".join(f"{k} {gib(v)}" for k, v in report["per_device_bytes"].items() if v is not None and k != "total")
+    helps = []
+    if not cfg.gradient_checkpointing:
+        helps.append("--gradient_checkpointing")
+    if report["mesh"]["fsdp"] < report["devices"]:
+        helps.append("--fsdp N (shard the state over N devices; now "
+                     f"{report['mesh']['fsdp']} of {report['devices']})")
+    elif report["devices"] == 1:
+        helps.append("more devices with --fsdp")
+    if not cfg.use_lora:
+        helps.append("--use_lora")
+    if cfg.optimizer != "adafactor" and not cfg.use_lora:
+        helps.append("--optimizer adafactor")
+    if cfg.train_batch_size > 1:
+        helps.append("a smaller --train_batch_size (with --gradient_accumulation_steps for the same batch)")
+    if not cfg.cache_latents:
+        helps.append("--cache_latents")
+    total = report["per_device_bytes"]["total"]
+    need = "more than a device has" if total is None else f"{gib(total)} per device"  # None: XLA refused it
+    raise OutOfMemoryError(
+        f"this run needs {need} ({parts}) but a device has {gib(report['device_memory_bytes'])}; try "
+        f"{', '.join(helps) or 'a smaller model'} (--dry_run prints the numbers without loading weights)")
