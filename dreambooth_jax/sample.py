@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt")
     src.add_argument("--prompts_file", help="a text file with one prompt per line (blank lines skipped)")
-    p.add_argument("--negative_prompt", default="", help="negative prompt, for every image")
+    p.add_argument("--negative_prompt", default=None,
+                   help="negative prompt, for every image (default: none; SDXL then uses zero conditioning, as "
+                        "diffusers does, where an explicit '' is encoded)")
     p.add_argument("--num_images", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance (<= 1: off)")

@@ -28,7 +28,7 @@ def _pipe(path):
     return load_pipeline(path)
 
 
-def _diffusers_images(path, scheduler_name, latents_nhwc, steps, guidance, kind):
+def _diffusers_images(path, scheduler_name, latents_nhwc, steps, guidance, kind, negative_prompt=None):
     import diffusers
     import torch
 
@@ -40,18 +40,21 @@ def _diffusers_images(path, scheduler_name, latents_nhwc, steps, guidance, kind)
     pipe.set_progress_bar_config(disable=True)
     latents = torch.tensor(latents_nhwc.transpose(0, 3, 1, 2))
     return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=latents, height=64, width=64,
-                output_type="np").images
+                negative_prompt=negative_prompt, output_type="np").images
 
 
-@pytest.mark.parametrize("kind, scheduler", [("sd1", "ddim"), ("sd1", "dpmpp_2m"), ("sd2", "ddim"),
-                                             ("sd2", "dpmpp_2m"), ("sdxl", "euler")])
-def test_images_match_diffusers_pipeline(tiny_pipelines, kind, scheduler):
+@pytest.mark.parametrize("kind, scheduler, negative", [
+    ("sd1", "ddim", None), ("sd1", "dpmpp_2m", ""), ("sd2", "ddim", None), ("sd2", "dpmpp_2m", None),
+    # SDXL: diffusers zeroes the negative conditioning only when no negative prompt is given
+    # (`force_zeros_for_empty_prompt`); an explicit "" (what many front-ends send) is encoded.
+    ("sdxl", "euler", None), ("sdxl", "euler", "")])
+def test_images_match_diffusers_pipeline(tiny_pipelines, kind, scheduler, negative):
     """Same weights, latents and prompts, CFG on: our images equal diffusers' `output_type="np"` ones."""
     path = tiny_pipelines[kind]
     latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
     ours = generate(_pipe(path), PROMPTS, num_inference_steps=6, guidance_scale=7.5, scheduler=scheduler,
-                    latents=latents, height=64, width=64)
-    ref = _diffusers_images(path, scheduler, latents, 6, 7.5, kind)
+                    latents=latents, height=64, width=64, negative_prompts=negative)
+    ref = _diffusers_images(path, scheduler, latents, 6, 7.5, kind, negative)
     assert ours.shape == ref.shape == (2, 64, 64, 3) and ours.dtype == np.float32
     assert np.abs(ours - ref).max() <= IMAGE_TOL
 

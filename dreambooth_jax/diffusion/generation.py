@@ -45,7 +45,7 @@ def _sample(params, ids, neg_ids, noise, seeds, guidance_scale, guidance_rescale
     if cfg:
         neg_context, neg_pooled = text_conditioning(pipe, params, neg_ids[0], neg_ids[1] if pipe.is_sdxl else None)
         if pipe.is_sdxl and pipe.model_index.get("force_zeros_for_empty_prompt", True):
-            empty = neg_ids[2][:, None, None]  # the negative prompt was empty: zeros, as diffusers does
+            empty = neg_ids[2][:, None, None]  # no negative prompt was given: zeros, as diffusers does
             neg_context = jnp.where(empty, 0.0, neg_context)
             neg_pooled = jnp.where(empty[:, :, 0], 0.0, neg_pooled)
         context = _interleave(neg_context, context)
@@ -119,7 +119,8 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
     Args:
       pipe: what `dreambooth_jax.load_pipeline` returns.
       prompts: the prompts, one image each.
-      negative_prompts: one string for all, or one per prompt (default: empty).
+      negative_prompts: one string for all, or one per prompt (default: none, encoded as "" or, for SDXL
+        pipelines with `force_zeros_for_empty_prompt`, zero conditioning, as diffusers does).
       scheduler: a name of `SCHEDULER_NAMES` (default: the pipeline's own scheduler).
       seed: image i starts from the noise of seed `seed + i`.
       latents: optional starting noise [N, H/8, W/8, C] (unscaled, as diffusers' `latents=` in NHWC).
@@ -135,6 +136,9 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
     prompts = list(prompts)
     if not prompts:
         raise UsageError("no prompts given")
+    # SDXL pipelines zero the negative conditioning when no negative prompt is given (None) and the pipeline's
+    # `force_zeros_for_empty_prompt` is set, as diffusers does; an explicit "" is encoded like any prompt.
+    zero_negative = negative_prompts is None
     if negative_prompts is None or isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts or ""] * len(prompts)
     if len(negative_prompts) != len(prompts):
@@ -156,7 +160,7 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if pipe.is_sdxl else [])
     ids = [tokenize(t, prompts)[0] for t in tokenizers]
     neg_ids = [tokenize(t, negative_prompts)[0] for t in tokenizers] if cfg else [np.zeros_like(i) for i in ids]
-    neg_ids.append(np.array([p == "" for p in negative_prompts]))
+    neg_ids.append(np.full(len(prompts), zero_negative))
     mesh = mesh or parallel.data_mesh()
     fn = _compiled(pipe, (name, num_inference_steps, eta, use_karras_sigmas), cfg, mesh)
     params = parallel.put_replicated(pipe.params, mesh)  # a no-op when already placed so
