@@ -7,9 +7,9 @@ on}. Nothing is allocated and no weight is read, so it runs on a CPU machine wit
 
 Each device count runs in its own process (XLA's simulated CPU devices are fixed at start-up). Prints a JSON line
 per row and a Markdown table. The numbers are XLA's CPU compiler's: the persistent state (params, optimizer,
-EMA, frozen) is exact for any backend; the temporaries are the CPU compiler's buffer assignment, which computes
-bf16 ops in fp32 and schedules for CPU, so they are an estimate of a TPU's or GPU's (run `--dry_run` on the
-machine itself for its own compiler's figure).
+EMA, frozen) is exact for any backend; the temporaries are the CPU compiler's buffer assignment (with its
+memory-minimising scheduler), which computes some bf16 ops in fp32, so they estimate a TPU's or GPU's (run
+`--dry_run` on the machine itself for its own compiler's figure, or `--topologies` with libtpu installed).
 """
 
 from __future__ import annotations
@@ -147,7 +147,11 @@ def main(argv=None) -> None:
                else [("--devices", n) for n in args.devices])
     for flag, target in targets:
         # -O0: codegen is not needed for the memory analysis (buffer assignment happens before it), only its time.
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0" + (
+        # XLA CPU's default scheduler favours concurrency over memory: it keeps rematerialised activations alive
+        # (gradient checkpointing saves nothing in its analysis); the memory-minimising one schedules as
+        # accelerators do.
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0 "
+               "--xla_cpu_enable_concurrency_optimized_scheduler=false" + (
             f" --xla_force_host_platform_device_count={target}" if flag == "--devices" else "")}
         if flag == "--topology":  # libtpu's start-up otherwise warns that it cannot find a TPU
             env.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
