@@ -40,7 +40,8 @@ def _diffusers_images(path, scheduler_name, latents_nhwc, steps, guidance, kind,
     pipe.set_progress_bar_config(disable=True)
     latents = torch.tensor(latents_nhwc.transpose(0, 3, 1, 2))
     return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=latents, height=64, width=64,
-                negative_prompt=negative_prompt, output_type="np").images
+                negative_prompt=None if negative_prompt is None else [negative_prompt] * len(PROMPTS),
+                output_type="np").images
 
 
 @pytest.mark.parametrize("kind, scheduler, negative", [
