@@ -102,13 +102,6 @@ def state_shardings(tree, mesh: Mesh):
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), size)), tree)
 
 
-def whole_on_every_device(mesh: Mesh):
-    """A function that constrains every array of a tree to be whole on every device of `mesh` (for use inside a
-    jitted function: sharded weights are all-gathered there, and their gradients reduce-scattered back)."""
-    whole = replicated(mesh)
-    return lambda tree: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole), tree)
-
-
 def per_device_bytes(tree, shardings) -> int:
     """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings` (the largest shard)."""
     total = 0

@@ -79,7 +79,6 @@ class Plan:
     param_shardings: Any  # of the pipeline's params (where the loaded weights go)
     batch_sharding: Any
     compiled: Any
-    spec: Any  # the step's static parts as compiled (with the mesh's weight gathering under fsdp)
     report: dict
     init: Any  # pipeline params -> initial TrainState (pure)
     compile_s: float = 0.0
@@ -121,8 +120,6 @@ def _out_of_memory(error: Exception) -> bool:
 
 def _compile(cfg, pipe, spec, schedules, abstract_state, init, fsdp: int, devices) -> Plan:
     mesh = parallel.train_mesh(fsdp, devices)
-    if fsdp > 1:
-        spec = dataclasses.replace(spec, gather_weights=parallel.whole_on_every_device(mesh))
     shardings = parallel.state_shardings(abstract_state, mesh)
     repl = parallel.replicated(mesh)
     batch_sharding = parallel.batch_sharding(mesh, batch_axis=1)
@@ -163,8 +160,7 @@ def _compile(cfg, pipe, spec, schedules, abstract_state, init, fsdp: int, device
     report = {"devices": mesh.size, "mesh": {k: int(v) for k, v in mesh.shape.items()},
               "per_device_bytes": per_device, "device_memory_bytes": limit, "fits": fits}
     param_shardings = parallel.state_shardings(abstract_params(pipe.params), mesh)
-    return Plan(mesh, abstract_state, shardings, param_shardings, batch_sharding, compiled, spec, report, init,
-                compile_s)
+    return Plan(mesh, abstract_state, shardings, param_shardings, batch_sharding, compiled, report, init, compile_s)
 
 
 def plan(cfg, pipe, spec, *, max_steps: int, global_batch: int, fsdp: str | int = "auto", devices=None) -> Plan:

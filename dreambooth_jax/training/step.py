@@ -43,10 +43,6 @@ class StepSpec:
     max_grad_norm: float = 1.0  # clip the global norm of all trained parts' gradients (0: off)
     ema_decay: float = 0.9999
     lora: Any = None  # lora.LoraConfig when training LoRA factors (params '<part>_lora')
-    # Under fsdp (`parallel.whole_on_every_device`): weights are gathered whole where the networks use them, so
-    # XLA all-gathers each weight (and reduce-scatters its gradient) instead of splitting activations over
-    # features to match a sharded weight.
-    gather_weights: Any = None
 
 
 def apply_part(spec: StepSpec, part: str, params, frozen, *args, dropout_rng=None):
@@ -141,8 +137,6 @@ def draw_example_inputs(spec: StepSpec, frozen, batch, rng) -> dict:
 def micro_batch_loss(params, frozen, batch, rng, *, spec: StepSpec):
     """The DreamBooth loss of one micro-batch with freshly drawn latents, noise and timesteps; offset noise adds
     `noise_offset` x one N(0, 1) value per example and channel to ε."""
-    if spec.gather_weights is not None:
-        params, frozen = spec.gather_weights(params), spec.gather_weights(frozen)
     draws = draw_example_inputs(spec, frozen, batch, rng)
     noise = draws["noise"] + spec.noise_offset * draws["offset"]
     # LoRA dropout masks span the micro-batch: drawn from its first example's id (distinct per micro-batch).

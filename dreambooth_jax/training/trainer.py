@@ -106,7 +106,7 @@ def run(cfg: TrainConfig) -> Run:
 
     inputs = TrainInputs(cfg, pipe, data, mesh)  # caches (latents, text) use the pipeline's params: before init
     schedules = state_lib.lr_schedules(cfg, plan.abstract_state.params, max_steps, global_batch)
-    loop = TrainLoop(cfg, pipe, mesh, plan.spec, schedules, inputs, max_steps, global_batch, output)
+    loop = TrainLoop(cfg, pipe, mesh, spec, schedules, inputs, max_steps, global_batch, output)
     loop.compiled = plan.compiled
     loop.summary.update(preflight=report, compile_s=plan.compile_s)
     ckpt = checkpoints.Checkpointer(output.join("checkpoints"), every=cfg.checkpointing_steps,
