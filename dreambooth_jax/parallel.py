@@ -84,6 +84,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def traced_on(mesh: Mesh):
+    """Context for tracing a program that runs on `mesh`: Pallas kernels (`kernels.batch_parallel`) read the mesh
+    from it to run on each device's share of the batch, which XLA cannot split for them."""
+    return jax.set_mesh(mesh)
+
+
 def fsdp_spec(shape: tuple[int, ...], size: int) -> PartitionSpec:
     """The rule for state under fsdp: an array is split over `fsdp` along its largest dimension divisible by the
     axis size (the first such, on ties); arrays under FSDP_MIN_ELEMENTS or with no such dimension stay whole."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from dreambooth_jax import fileio
 from dreambooth_jax.errors import MissingFileError, UsageError
+from dreambooth_jax.kernels import choose
 from dreambooth_jax.models import clip, unet, vae
 from dreambooth_jax.weights import convert, discovery, hub, safetensors_io
 
@@ -72,6 +73,7 @@ def _build_module(name: str, config_dict: dict, source: str, **options):
         if name == "vae":
             cfg = vae.VAEConfig.from_diffusers_config(config_dict)
             return vae.AutoencoderKL(cfg, **options), vae.abstract_params(cfg)
+        options.pop("fused_norm", None)  # no GroupNorm in CLIP
         cfg = clip.CLIPTextConfig.from_diffusers_config(config_dict)
         with_projection = name == "text_encoder_2" or "WithProjection" in str(config_dict.get("architectures"))
         cls = clip.CLIPTextModelWithProjection if with_projection else clip.CLIPTextModel
@@ -84,12 +86,14 @@ WEIGHTS = ("device", "host", "none")
 
 
 def load_component(folder: str, name: str, *, dtype=jnp.float32, param_dtype=None, variant=None,
-                   attention_impl: str = "einsum", remat: bool = False, weights: str = "device"):
+                   attention_impl: str = "auto", remat: bool = False, fused_norm: str | bool = "auto",
+                   weights: str = "device"):
     """Loads one component folder (`unet`, `vae`, `text_encoder`, `text_encoder_2`) -> (module, params).
 
     Args:
       folder: the component folder (holding `config.json` and the safetensors).
       dtype: compute dtype of the module.
+      attention_impl, fused_norm: which kernels the module runs, see `load_pipeline`.
       param_dtype: dtype of the returned params (default: `dtype`); None-like 'keep' is not offered since
         every float dtype round-trips exactly through float32.
       weights: where the params go: 'device' (JAX arrays on the default device), 'host' (NumPy arrays, for the
@@ -105,7 +109,9 @@ def load_component(folder: str, name: str, *, dtype=jnp.float32, param_dtype=Non
     param_dtype = parse_dtype(param_dtype) or dtype
     config_path = os.path.join(folder, "config.json")
     config_dict = fileio.read_json(config_path)
-    options = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat)
+    options = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=choose.check_attention(attention_impl),
+                   remat=remat, fused_norm=fused_norm)
+    choose.fused_norm(fused_norm)  # a bad setting fails here, not when first traced
     module, abstract = _build_module(name, config_dict, config_path, **options)
     if weights == "none":
         return module, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), abstract)
@@ -175,8 +181,8 @@ def _load_tokenizer(folder: str):
 
 def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, revision: str | None = None,
                   variant: str | None = None, token=None, cache_dir: str | None = None,
-                  attention_impl: str = "einsum", remat: bool = False, lora: str | None = None,
-                  lora_scale: float = 1.0, weights: str = "device") -> Pipeline:
+                  attention_impl: str = "auto", remat: bool = False, fused_norm: str | bool = "auto",
+                  lora: str | None = None, lora_scale: float = 1.0, weights: str = "device") -> Pipeline:
     """Loads a diffusers pipeline folder, or a Hub repository id, into a `Pipeline`.
 
     Args:
@@ -184,8 +190,11 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
       dtype: compute dtype ('fp32', 'bf16', 'fp16' or a dtype).
       param_dtype: params dtype (default: `dtype`); train with bf16 compute and fp32 params.
       revision, variant, token, cache_dir: as in diffusers' `from_pretrained` (Hub ids only, except variant).
-      attention_impl: see `dreambooth_jax.models.attention.ATTENTION_IMPLS`.
+      attention_impl: "auto" (default: the fastest that applies per call, `dreambooth_jax.kernels.choose`),
+        or one of "einsum", "dot_product" (XLA), "cudnn", "pallas" to force one.
       remat: gradient checkpointing in the UNet.
+      fused_norm: "auto" (default: on for GPU and TPU), "on" or "off" (or a bool): GroupNorm (+ SiLU) in the
+        UNet and VAE as one Pallas kernel (`dreambooth_jax.kernels.group_norm`).
       lora: a LoRA file (diffusers or kohya layout) or a folder with `pytorch_lora_weights.safetensors`,
         merged into the params (`dreambooth_jax.lora.apply_file`); lora_scale multiplies its update.
       weights: 'device', 'host' or 'none' (configs and tokenizers only: the params are shapes); see
@@ -199,7 +208,7 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
         raise UsageError(f"{root}/model_index.json: pipeline class {class_name!r} is not supported "
                          f"(supported: {', '.join(_PIPELINE_CLASSES)})")
     options = dict(dtype=dtype, param_dtype=param_dtype, variant=variant, attention_impl=attention_impl,
-                   weights=weights)
+                   fused_norm=fused_norm, weights=weights)
     names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if class_name.endswith("XLPipeline") else [])
     modules, params = {}, {}
     for name in names:

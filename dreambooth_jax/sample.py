@@ -15,6 +15,7 @@ import time
 
 from dreambooth_jax.diffusion.samplers import SCHEDULER_NAMES, scheduler_name_for
 from dreambooth_jax.errors import UsageError
+from dreambooth_jax.kernels.choose import ATTENTION_IMPLS, FUSED_NORM
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per compiled call (default: 4 per device)")
     p.add_argument("--output_dir", default="samples")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="compute and weights dtype")
-    p.add_argument("--attention", choices=("einsum", "dot_product", "cudnn"), default="dot_product",
-                   help="attention implementation")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
+                   help="attention implementation ('auto': the fastest that applies per call)")
+    p.add_argument("--fused_norm", choices=FUSED_NORM, default="auto",
+                   help="GroupNorm + SiLU as one Pallas kernel ('auto': on for GPU and TPU)")
     p.add_argument("--lora", default=None,
                    help="LoRA file (diffusers/PEFT or kohya format) or folder with pytorch_lora_weights.safetensors")
     p.add_argument("--lora_scale", type=float, default=1.0, help="strength of --lora")
@@ -77,7 +80,7 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision, variant=args.variant,
-                         attention_impl=args.attention, lora=args.lora, lora_scale=args.lora_scale)
+                         attention_impl=args.attention, fused_norm=args.fused_norm, lora=args.lora, lora_scale=args.lora_scale)
     scheduler = args.scheduler or scheduler_name_for(pipe.scheduler_config)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {jax.device_count()} device(s) "
           f"({jax.devices()[0].platform}); scheduler {scheduler}, {args.steps} steps", file=sys.stderr)

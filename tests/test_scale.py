@@ -66,12 +66,14 @@ def test_sharded_runs_equal_one_device_and_checkpoints_move_between_device_count
                                                                                    class_dir, one_device_run,
                                                                                    tmp_path):
     """On 8 devices: fsdp 8, fsdp 4 x data 2 and replication (fsdp 1) give the one-device weights (full fine-tuning
-    with prior preservation, text encoder and EMA; and LoRA). The fsdp 8 run's step-1 checkpoint resumes to the
+    with prior preservation, text encoder and EMA; and LoRA); so does fsdp 4 with the GroupNorm kernel (interpret
+    mode, run per device on its share of the batch) against XLA's norm on one device. The fsdp 8 run's step-1 checkpoint resumes to the
     same weights, bit for bit on 8 devices and within rounding on 4 (fsdp 4, 2 rows per device)."""
     argv = lambda out, *extra: run_argv(tiny_pipelines, instance_dir, tmp_path / out, *extra)  # noqa: E731
     eight = {"fsdp8": argv("fsdp8", *full_run_argv(class_dir), "--fsdp", "8", "--checkpointing_steps", "1"),
              "fsdp4": argv("fsdp4", *full_run_argv(class_dir), "--fsdp", "4"),
              "replicated": argv("replicated", *full_run_argv(class_dir), "--fsdp", "1"),
+             "fused_fsdp4": argv("fused_fsdp4", *full_run_argv(class_dir), "--fsdp", "4", "--fused_norm", "on"),
              "lora_fsdp8": argv("lora_fsdp8", *_lora(class_dir), "--fsdp", "8")}
     checkpoint = str(tmp_path / "fsdp8" / "checkpoints" / "1")
     resumed8 = argv("resumed8", *full_run_argv(class_dir), "--fsdp", "8", "--resume_from_checkpoint", checkpoint)
@@ -84,7 +86,7 @@ def test_sharded_runs_equal_one_device_and_checkpoints_move_between_device_count
     initial = {f"unet/{k}": v for k, v in load_file(os.path.join(tiny_pipelines["sd1"], "unet",
                                                                   "diffusion_pytorch_model.safetensors")).items()}
     assert max(np.abs(one[k] - initial[k]).max() for k in initial) > 1e-4  # training did change the weights
-    for name in ("fsdp8", "fsdp4", "replicated"):
+    for name in ("fsdp8", "fsdp4", "replicated", "fused_fsdp4"):
         assert_same_weights(exported_weights(tmp_path / name), one)
     assert_same_weights(exported_weights(tmp_path / "lora_fsdp8"), exported_weights(tmp_path / "lora_one"))
     assert_same_weights(exported_weights(tmp_path / "resumed8"), exported_weights(tmp_path / "fsdp8"), exact=True)

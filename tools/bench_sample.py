@@ -32,7 +32,7 @@ def build_pipeline(args):
     from dreambooth_jax.testing import tiny
 
     if args.model:
-        return load_pipeline(args.model, dtype=args.dtype, attention_impl=args.attention)
+        return load_pipeline(args.model, dtype=args.dtype, attention_impl=args.attention, fused_norm=args.fused_norm)
     tokenizer = tiny.make_tokenizer()
     if args.tiny:
         configs = tiny.tiny_configs(len(tokenizer))
@@ -112,6 +112,8 @@ def bench_diffusers(pipe, batch: int, args) -> dict | None:
 
 
 def main(argv=None) -> None:
+    from dreambooth_jax.kernels.choose import ATTENTION_IMPLS, FUSED_NORM
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="pipeline folder/Hub id (default: SD-1.5-shaped random weights)")
     p.add_argument("--tiny", action="store_true", help="the tiny random model instead (CPU smoke test)")
@@ -121,15 +123,18 @@ def main(argv=None) -> None:
     p.add_argument("--scheduler", default="pndm")
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--attention", default="dot_product", choices=("einsum", "dot_product", "cudnn"))
+    p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
+                   help="'dot_product' with --fused_norm off: XLA only (the kernels-off row)")
+    p.add_argument("--fused_norm", default="auto", choices=FUSED_NORM)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--diffusers", action="store_true", help="also time diffusers' PyTorch pipeline (CUDA)")
     args = p.parse_args(argv)
 
     pipe = build_pipeline(args)
     if not args.model:
-        pipe.unet, pipe.vae, pipe.text_encoder = (m.clone(attention_impl=args.attention)
-                                                  for m in (pipe.unet, pipe.vae, pipe.text_encoder))
+        pipe.unet, pipe.vae = (m.clone(attention_impl=args.attention, fused_norm=args.fused_norm)
+                               for m in (pipe.unet, pipe.vae))
+        pipe.text_encoder = pipe.text_encoder.clone(attention_impl=args.attention)
     rows = []
     for batch in args.batch:
         rows.append(bench_ours(pipe, batch, args))
@@ -141,7 +146,7 @@ def main(argv=None) -> None:
                 rows.append(theirs)
     for row in rows:
         print(json.dumps({**row, "steps": args.steps, "resolution": args.resolution, "dtype": args.dtype,
-                          "scheduler": args.scheduler}))
+                          "scheduler": args.scheduler, "attention": args.attention, "fused_norm": args.fused_norm}))
     print(f"\n{'impl':<16}{'batch':>6}{'s/batch':>10}{'img/s':>9}{'compile s':>11}{'peak GiB':>10}")
     for r in rows:
         mem = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"

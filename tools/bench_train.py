@@ -7,7 +7,8 @@ beside diffusers' PyTorch training loop on the same workload when torch with CUD
 
 A configuration is `base` or '+'-joined features: `text_encoder` (trained too), `remat`, `cached` (VAE
 latents), `throughput` (`--throughput_batch` samples per device instead of `--batch` instance + as many class
-rows), `loraR` (LoRA of rank R instead of full fine-tuning, e.g. `lora4`, `lora16+cached`). Weights fp32, compute bf16, a fresh state per row; with `--isolate` (default with a GPU/TPU) a process
+rows), `loraR` (LoRA of rank R instead of full fine-tuning, e.g. `lora4`, `lora16+cached`), `xla` (our kernels
+off: XLA attention and GroupNorm, against the `--attention`/`--fused_norm` of the other rows, default auto). Weights fp32, compute bf16, a fresh state per row; with `--isolate` (default with a GPU/TPU) a process
 per row too, as the allocator's peak is per process. Prints a JSON line per row, then a table with targets.
 """
 
@@ -29,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-FEATURES = ("text_encoder", "remat", "cached", "throughput")
+FEATURES = ("text_encoder", "remat", "cached", "throughput", "xla")
 # Dense bf16 peak TFLOP/s per chip, by substring of the lower-cased device kind (first match wins).
 PEAK_TFLOPS = (("h100 pcie", 756), ("h100", 989), ("h200", 989), ("a100", 312), ("tpu v5 lite", 197),
                ("tpu v5e", 197), ("tpu v6 lite", 918), ("tpu v6e", 918), ("tpu v5", 459), ("tpu v4", 275))
@@ -125,9 +126,19 @@ def build_pipeline(args):
 
     pipe = tiny.random_pipeline(*model_configs(args.tiny), tiny.SD1_SCHEDULER, dtype="bf16", param_dtype="fp32")
     pipe.params = jax.tree.map(np.array, pipe.params)  # copies: the device buffers go
-    pipe.unet, pipe.vae, pipe.text_encoder = (m.clone(attention_impl=args.attention)
-                                              for m in (pipe.unet, pipe.vae, pipe.text_encoder))
     return pipe
+
+
+def with_kernels(pipe, feats: dict, args):
+    """The pipeline's modules with the row's kernels: `--attention`/`--fused_norm`, or XLA's ops for `xla` rows."""
+    import dataclasses
+
+    attention = "dot_product" if feats["xla"] else args.attention
+    fused = "off" if feats["xla"] else args.fused_norm
+    return dataclasses.replace(
+        pipe, unet=pipe.unet.clone(attention_impl=attention, fused_norm=fused, remat=feats["remat"]),
+        vae=pipe.vae.clone(attention_impl=attention, fused_norm=fused),
+        text_encoder=pipe.text_encoder.clone(attention_impl=attention))
 
 
 def train_config(pipe, feats: dict, optimizer: str, args):
@@ -146,8 +157,6 @@ def train_config(pipe, feats: dict, optimizer: str, args):
 def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
     """One configuration through the trainer's own path: preflight (AOT compile, per-device memory), the
     state built sharded from the host weights, then timed steps."""
-    import dataclasses
-
     import jax
 
     from dreambooth_jax.training import preflight
@@ -155,7 +164,7 @@ def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
 
     feats, chips = features(name), jax.device_count()
     rows = instance_rows(feats, args)
-    pipe = dataclasses.replace(pipe, unet=pipe.unet.clone(remat=feats["remat"]))
+    pipe = with_kernels(pipe, feats, args)
     cfg = train_config(pipe, feats, optimizer, args)
     t0 = time.perf_counter()
     plan = preflight.plan(cfg, pipe, step_spec(cfg, pipe), max_steps=1, global_batch=rows * chips,
@@ -273,7 +282,8 @@ def plan(args) -> list[tuple[str, str, str]]:
 
         if torch.cuda.is_available():
             # No PyTorch LoRA reference (that would need peft's training loop): LoRA rows are ours only.
-            jobs = [("torch", c, "adamw") for c in args.configs if not features(c)["lora"]] + jobs
+            jobs = [("torch", c, "adamw") for c in args.configs
+                    if not features(c)["lora"] and not features(c)["xla"]] + jobs
     return jobs
 
 
@@ -362,6 +372,7 @@ def has_accelerator() -> bool:
 
 
 def parse_args(argv):
+    from dreambooth_jax.kernels.choose import ATTENTION_IMPLS, FUSED_NORM
     from dreambooth_jax.training.optimizers import OPTIMIZERS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -372,10 +383,11 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--configs", nargs="+", help="rows to run (throughput without remat may not fit in 80 GB)",
-                   default=["base", "text_encoder", "remat", "cached", "throughput+cached+remat"])
+                   default=["base", "text_encoder", "remat", "cached", "cached+xla", "throughput+cached+remat"])
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--all_optimizers", action="store_true", help="every configuration with every optimizer")
-    p.add_argument("--attention", default="dot_product", choices=("einsum", "dot_product", "cudnn"))
+    p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS)
+    p.add_argument("--fused_norm", default="auto", choices=FUSED_NORM)
     p.add_argument("--fsdp", default="auto", help="as the trainer's --fsdp: 'auto' or a divisor of the device count")
     p.add_argument("--peak_tflops", type=float, default=None, help="per chip (default: by device kind)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,

@@ -178,6 +178,8 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         # Pad with copies of the last example (dropped afterwards) so every device gets the same share.
         pad = lambda a: np.concatenate([a[start:stop], np.repeat(a[stop - 1 : stop], padded - (stop - start), 0)])  # noqa: E731,B023
         args = ([pad(i) for i in ids], [pad(i) for i in neg_ids], pad(latents), pad(seeds))
-        images = fn(params, *parallel.put_batch(args, mesh), jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
+        with parallel.traced_on(mesh):  # the first call traces
+            images = fn(params, *parallel.put_batch(args, mesh), jnp.float32(guidance_scale),
+                        jnp.float32(guidance_rescale))
         out.append(parallel.fetch(images)[: stop - start])
     return np.concatenate(out)

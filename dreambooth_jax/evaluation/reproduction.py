@@ -67,7 +67,8 @@ def sample_subject(args, cfg, subject, seed: int, model_dir: str, samples_dir: s
     from dreambooth_jax.diffusion.samplers import scheduler_name_for
     from dreambooth_jax.pipeline import load_pipeline
 
-    pipe = load_pipeline(model_dir, dtype=cfg.compute_dtype, attention_impl=cfg.attention)
+    pipe = load_pipeline(model_dir, dtype=cfg.compute_dtype, attention_impl=cfg.attention,
+                         fused_norm=cfg.fused_norm)
     scheduler = args.scheduler or scheduler_name_for(pipe.scheduler_config)
     prompts = [p for p in subject.prompts(args.unique_token) for _ in range(args.num_images_per_prompt)]
     log.info("%s seed %d: generating %d images (%s, %d steps)", subject.name, seed, len(prompts), scheduler,

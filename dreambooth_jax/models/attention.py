@@ -2,45 +2,37 @@
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dreambooth_jax.errors import UsageError
+from dreambooth_jax.kernels import choose
+from dreambooth_jax.kernels.attention import attention_reference, splash_attention
+from dreambooth_jax.kernels.batch_parallel import batch_parallel
 
-# "einsum": plain XLA ops, runs anywhere, the reference. "dot_product": `jax.nn.dot_product_attention`,
-# which picks its own backend (XLA, or cuDNN flash attention on a GPU where it applies). "cudnn": force
-# cuDNN (GPU only, fp16/bf16).
-ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
+ATTENTION_IMPLS = choose.ATTENTION_IMPLS
 
 
-def dot_product_attention(q, k, v, *, mask=None, implementation: str = "einsum", upcast: bool = True):
+def dot_product_attention(q, k, v, *, mask=None, implementation: str = "auto", upcast: bool = True):
     """softmax(q k^T / sqrt(d) + mask) v.
 
     Args:
       q: [B, T, N, H] queries; k, v: [B, S, N, H].
       mask: optional bool array broadcastable to [B, N, T, S]; True where attending is allowed.
-      implementation: one of `ATTENTION_IMPLS`.
+      implementation: one of `ATTENTION_IMPLS`; "auto" asks `kernels.choose.attention` for this call's shapes.
       upcast: compute the scores and softmax in float32 (diffusers' `upcast_attention`/`upcast_softmax`);
         only the einsum path honours False, the others always accumulate in float32.
 
     Returns:
       [B, T, N, H] in q's dtype.
     """
-    if implementation == "einsum":
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        compute = jnp.float32 if upcast else q.dtype
-        scores = jnp.einsum("btnh,bsnh->bnts", q.astype(compute), k.astype(compute)) * scale
-        if mask is not None:
-            scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-        return jnp.einsum("bnts,bsnh->btnh", probs, v)
-    if implementation in ("dot_product", "cudnn"):
-        impl = None if implementation == "dot_product" else "cudnn"
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-    raise UsageError(f"unknown attention implementation {implementation!r}; expected one of {ATTENTION_IMPLS}")
+    impl = choose.attention(implementation, q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[-1],
+                            dtype=q.dtype, masked=mask is not None)
+    if impl == "einsum":
+        return attention_reference(q, k, v, mask=mask, upcast=upcast)
+    if impl == "pallas":
+        return batch_parallel(lambda q, k, v: splash_attention(q, k, v), q, k, v, num_batched=3)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla" if impl == "dot_product" else impl)
 
 
 class Attention(nn.Module):
@@ -54,7 +46,7 @@ class Attention(nn.Module):
     out_dim: int
     qkv_bias: bool = False
     upcast: bool = True
-    attention_impl: str = "einsum"
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 

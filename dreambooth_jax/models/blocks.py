@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreambooth_jax.kernels import choose
+from dreambooth_jax.kernels.batch_parallel import batch_parallel
+from dreambooth_jax.kernels.group_norm import group_norm
+
 
 class GroupNorm(nn.Module):
-    """GroupNorm with statistics in float32 whatever the compute dtype (as PyTorch autocast does)."""
+    """GroupNorm with statistics in float32 whatever the compute dtype (as PyTorch autocast does), optionally
+    followed by SiLU (`activation="silu"`, the norm -> SiLU pairs of every ResNet block).
+
+    `fused`: one Pallas kernel per direction (`dreambooth_jax.kernels.group_norm`, SiLU computed in float32)
+    instead of XLA's ops; same params, same values up to rounding. A bool, or "auto"/"on"/"off" decided when
+    traced (`kernels.choose.fused_norm`: auto is on for GPU and TPU).
+    """
 
     num_groups: int
     epsilon: float
+    activation: str | None = None
+    fused: bool | str = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -21,12 +35,17 @@ class GroupNorm(nn.Module):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        if choose.fused_norm(self.fused):
+            kernel = functools.partial(group_norm, num_groups=self.num_groups, eps=self.epsilon,
+                                       activation=self.activation)
+            return batch_parallel(kernel, x, scale, bias).astype(self.dtype)
         xf = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
         axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
         mean = xf.mean(axis=axes, keepdims=True)
         var = jnp.square(xf - mean).mean(axis=axes, keepdims=True)
         xf = ((xf - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        return (xf * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        y = (xf * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        return nn.silu(y) if self.activation == "silu" else y
 
 
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None, dtype, param_dtype, name: str):
@@ -51,19 +70,19 @@ class ResnetBlock2D(nn.Module):
     eps: float = 1e-6
     use_temb: bool = True
     output_scale_factor: float = 1.0
+    fused_norm: bool | str = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = GroupNorm(self.groups, self.eps, **kw, name="norm1")(x)
-        h = conv(self.out_channels, 3, **kw, name="conv1")(nn.silu(h))
+        norm = functools.partial(GroupNorm, self.groups, self.eps, "silu", self.fused_norm, **kw)
+        h = conv(self.out_channels, 3, **kw, name="conv1")(norm(name="norm1")(x))
         if self.use_temb:
             t = nn.Dense(self.out_channels, **kw, name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
-        h = GroupNorm(self.groups, self.eps, **kw, name="norm2")(h)
-        h = conv(self.out_channels, 3, **kw, name="conv2")(nn.silu(h))
+        h = conv(self.out_channels, 3, **kw, name="conv2")(norm(name="norm2")(h))
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, **kw, name="conv_shortcut")(x)
         out = x.astype(h.dtype) + h

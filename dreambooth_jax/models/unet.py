@@ -167,6 +167,7 @@ class UNet2DConditionModel(nn.Module):
       dtype / param_dtype: compute and storage dtypes.
       remat: gradient checkpointing of every down/mid/up block (`nn.remat`).
       attention_impl: see `dreambooth_jax.models.attention.ATTENTION_IMPLS`.
+      fused_norm: GroupNorm (+ SiLU) as one Pallas kernel (`dreambooth_jax.kernels.group_norm`).
     """
 
     config: UNetConfig
@@ -174,6 +175,7 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
     attention_impl: str = "einsum"
+    fused_norm: bool | str = False
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, *, text_embeds=None, time_ids=None):
@@ -209,7 +211,8 @@ class UNet2DConditionModel(nn.Module):
         x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, **kw, name="conv_in")(x)
 
         block = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, use_linear_projection=cfg.use_linear_projection,
-                     upcast_attention=cfg.upcast_attention, attention_impl=self.attention_impl, **kw)
+                     upcast_attention=cfg.upcast_attention, attention_impl=self.attention_impl,
+                     fused_norm=self.fused_norm, **kw)
         wrap = (lambda cls: nn.remat(cls)) if self.remat else (lambda cls: cls)  # noqa: E731
         heads, layers = cfg.heads_per_block, cfg.per_block("layers_per_block")
         tlayers = cfg.per_block("transformer_layers_per_block")
@@ -236,8 +239,8 @@ class UNet2DConditionModel(nn.Module):
                 **block, name=f"up_blocks_{i}",
             )(x, block_skips, emb, context)
 
-        x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, **kw, name="conv_norm_out")(x)
-        return conv(cfg.out_channels, cfg.conv_out_kernel, **kw, name="conv_out")(nn.silu(x))
+        x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, "silu", self.fused_norm, **kw, name="conv_norm_out")(x)
+        return conv(cfg.out_channels, cfg.conv_out_kernel, **kw, name="conv_out")(x)
 
 
 def dummy_inputs(config: UNetConfig, batch: int = 1, seq_len: int = 77):

@@ -70,6 +70,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     attention_impl: str = "einsum"
+    fused_norm: bool | str = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -79,7 +80,7 @@ class Transformer2DModel(nn.Module):
         b, h, w, c = x.shape
         inner = self.heads * self.dim_head
         residual = x
-        x = GroupNorm(self.groups, 1e-6, **kw, name="norm")(x)
+        x = GroupNorm(self.groups, 1e-6, fused=self.fused_norm, **kw, name="norm")(x)
         if self.use_linear_projection:
             x = nn.Dense(inner, **kw, name="proj_in")(x.reshape(b, h * w, c))
         else:
@@ -108,17 +109,19 @@ class BlockSpec(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     attention_impl: str = "einsum"
+    fused_norm: bool | str = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     def resnet(self, i: int, output_scale_factor: float = 1.0):
         return ResnetBlock2D(self.out_channels, self.groups, self.eps, output_scale_factor=output_scale_factor,
-                             dtype=self.dtype, param_dtype=self.param_dtype, name=f"resnets_{i}")
+                             fused_norm=self.fused_norm, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name=f"resnets_{i}")
 
     def attention(self, i: int):
         return Transformer2DModel(
             self.heads, self.out_channels // self.heads, self.transformer_layers, self.groups,
-            self.use_linear_projection, self.upcast_attention, self.attention_impl,
+            self.use_linear_projection, self.upcast_attention, self.attention_impl, self.fused_norm,
             dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions_{i}",
         )
 

@@ -97,11 +97,13 @@ class MidBlockAttention(Attention):
     """
 
     groups: int = 32
+    fused_norm: bool | str = False
 
     @nn.compact
     def __call__(self, x):  # [B, H, W, C]
         b, h, w, c = x.shape
-        y = GroupNorm(self.groups, _EPS, dtype=self.dtype, param_dtype=self.param_dtype, name="group_norm")(x)
+        y = GroupNorm(self.groups, _EPS, fused=self.fused_norm, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="group_norm")(x)
         y = super().__call__(y.reshape(b, h * w, c)).reshape(b, h, w, c)
         return y + x.astype(y.dtype)  # rescale_output_factor is 1 in the VAE
 
@@ -113,17 +115,19 @@ class MidBlock(nn.Module):
     groups: int
     add_attention: bool = True
     attention_impl: str = "einsum"
+    fused_norm: bool | str = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(groups=self.groups, eps=_EPS, use_temb=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(groups=self.groups, eps=_EPS, use_temb=False, fused_norm=self.fused_norm, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
         x = ResnetBlock2D(self.channels, **kw, name="resnets_0")(x)
         if self.add_attention:
             x = MidBlockAttention(
                 heads=1, dim_head=self.channels, out_dim=self.channels, qkv_bias=True, upcast=True,
-                attention_impl=self.attention_impl, groups=self.groups, dtype=self.dtype,
+                attention_impl=self.attention_impl, groups=self.groups, fused_norm=self.fused_norm, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="attentions_0",
             )(x)
         return ResnetBlock2D(self.channels, **kw, name="resnets_1")(x)
@@ -137,6 +141,7 @@ class ResnetStack2D(nn.Module):
     layers: int
     groups: int
     resample: str | None = None  # "down", "up" or None (the last block of a stack)
+    fused_norm: bool | str = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -144,7 +149,8 @@ class ResnetStack2D(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, _EPS, use_temb=False, **kw, name=f"resnets_{j}")(x)
+            x = ResnetBlock2D(self.out_channels, self.groups, _EPS, use_temb=False, fused_norm=self.fused_norm, **kw,
+                              name=f"resnets_{j}")(x)
         if self.resample == "down":
             x = Downsample2D(self.out_channels, padding=0, **kw, name="downsamplers_0")(x)
         elif self.resample == "up":
@@ -157,6 +163,7 @@ class Encoder(nn.Module):
 
     config: VAEConfig
     attention_impl: str = "einsum"
+    fused_norm: bool | str = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -166,11 +173,11 @@ class Encoder(nn.Module):
         channels, n = cfg.block_out_channels, len(cfg.block_out_channels)
         x = conv(channels[0], 3, **kw, name="conv_in")(x.astype(self.dtype))
         for i, c in enumerate(channels):
-            x = ResnetStack2D(c, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < n - 1 else None, **kw,
-                              name=f"down_blocks_{i}")(x)
+            x = ResnetStack2D(c, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < n - 1 else None,
+                              self.fused_norm, **kw, name=f"down_blocks_{i}")(x)
         x = MidBlock(channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, self.attention_impl,
-                     **kw, name="mid_block")(x)
-        x = nn.silu(GroupNorm(cfg.norm_num_groups, _EPS, **kw, name="conv_norm_out")(x))
+                     self.fused_norm, **kw, name="mid_block")(x)
+        x = GroupNorm(cfg.norm_num_groups, _EPS, "silu", self.fused_norm, **kw, name="conv_norm_out")(x)
         return conv(2 * cfg.latent_channels, 3, **kw, name="conv_out")(x)
 
 
@@ -179,6 +186,7 @@ class Decoder(nn.Module):
 
     config: VAEConfig
     attention_impl: str = "einsum"
+    fused_norm: bool | str = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -188,11 +196,11 @@ class Decoder(nn.Module):
         channels, n = tuple(reversed(cfg.block_out_channels)), len(cfg.block_out_channels)
         x = conv(channels[0], 3, **kw, name="conv_in")(z.astype(self.dtype))
         x = MidBlock(channels[0], cfg.norm_num_groups, cfg.mid_block_add_attention, self.attention_impl,
-                     **kw, name="mid_block")(x)
+                     self.fused_norm, **kw, name="mid_block")(x)
         for i, c in enumerate(channels):
-            x = ResnetStack2D(c, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < n - 1 else None, **kw,
-                              name=f"up_blocks_{i}")(x)
-        x = nn.silu(GroupNorm(cfg.norm_num_groups, _EPS, **kw, name="conv_norm_out")(x))
+            x = ResnetStack2D(c, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < n - 1 else None,
+                              self.fused_norm, **kw, name=f"up_blocks_{i}")(x)
+        x = GroupNorm(cfg.norm_num_groups, _EPS, "silu", self.fused_norm, **kw, name="conv_norm_out")(x)
         return conv(cfg.out_channels, 3, **kw, name="conv_out")(x)
 
 
@@ -210,17 +218,19 @@ class AutoencoderKL(nn.Module):
       dtype: compute dtype (GroupNorm statistics and attention softmax stay in float32).
       param_dtype: storage dtype of the params.
       attention_impl: the mid-block attention implementation, see `attention.ATTENTION_IMPLS`.
+      fused_norm: GroupNorm (+ SiLU) as one Pallas kernel (`dreambooth_jax.kernels.group_norm`).
     """
 
     config: VAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: str = "einsum"
+    fused_norm: bool | str = False
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = Encoder(cfg, self.attention_impl, **kw)
-        self.decoder = Decoder(cfg, self.attention_impl, **kw)
+        self.encoder = Encoder(cfg, self.attention_impl, self.fused_norm, **kw)
+        self.decoder = Decoder(cfg, self.attention_impl, self.fused_norm, **kw)
         if cfg.use_quant_conv:
             self.quant_conv = conv(2 * cfg.latent_channels, 1, **kw, name="quant_conv")
         if cfg.use_post_quant_conv:

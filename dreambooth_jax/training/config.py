@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from dreambooth_jax import storage
 from dreambooth_jax.errors import UsageError
+from dreambooth_jax.kernels.choose import ATTENTION_IMPLS, FUSED_NORM
 from dreambooth_jax.training.optimizers import LR_SCHEDULERS, OPTIMIZERS
 
 # The presets: `configs/` at the repository root, installed as the package `dreambooth_jax.configs`.
@@ -106,7 +107,11 @@ class TrainConfig:
                                     "min(decay, (1+k)/(10+k))")
     mixed_precision: str = _opt("no", "compute dtype: 'no' (fp32) or 'bf16'; master weights stay fp32",
                                 ("no", "bf16", "fp16"))
-    attention: str = _opt("dot_product", "attention implementation", ("einsum", "dot_product", "cudnn"))
+    attention: str = _opt("auto", "attention implementation: 'auto' picks per call (cuDNN flash on GPU, Pallas "
+                                  "splash on TPU for long sequences, XLA otherwise); the others force one",
+                          ATTENTION_IMPLS)
+    fused_norm: str = _opt("auto", "GroupNorm (+ SiLU) in the UNet and VAE as one Pallas kernel per direction; "
+                                   "'auto': on for GPU and TPU, off on CPU", FUSED_NORM)
     # Scale
     fsdp: str = _opt("auto", "devices to shard the trained state (params, gradients, optimizer state, EMA) and "
                              "frozen networks over; must divide the device count, the rest is data parallel. "

@@ -68,7 +68,8 @@ class TrainLoop:
         state_sharding = parallel.state_shardings(state, self.mesh)
         jitted = jax.jit(self.step, in_shardings=(state_sharding, self.batch_sharding, repl),
                          out_shardings=(state_sharding, repl), donate_argnums=(0,))
-        return jitted.lower(state, batch, self.rng).compile()
+        with parallel.traced_on(self.mesh):
+            return jitted.lower(state, batch, self.rng).compile()
 
     def train(self, state, ckpt, meta: dict):
         from tqdm.auto import tqdm

@@ -23,6 +23,7 @@ import numpy as np
 
 from dreambooth_jax import parallel
 from dreambooth_jax.errors import UsageError
+from dreambooth_jax.kernels import choose
 from dreambooth_jax.training import state as state_lib
 from dreambooth_jax.training import step as train_step
 
@@ -130,7 +131,10 @@ def _compile(cfg, pipe, spec, schedules, abstract_state, init, fsdp: int, device
                      donate_argnums=(0,))
     t0 = time.perf_counter()
     try:
-        compiled = jitted.lower(abstract_state, batch, rng).compile()
+        # Traced for the devices' own platform, also when they are compile-only (a TPU topology from a CPU host),
+        # so that `auto` kernels are those the devices would run.
+        with parallel.traced_on(mesh), choose.target_backend(mesh.devices.flat[0].platform):
+            compiled = jitted.lower(abstract_state, batch, rng).compile()
     except Exception as e:
         if not _out_of_memory(e):
             raise

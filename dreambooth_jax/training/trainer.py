@@ -170,7 +170,7 @@ def _model_shapes(cfg: TrainConfig):
 
 def _pipeline_options(cfg: TrainConfig) -> dict:
     return dict(dtype=cfg.compute_dtype, param_dtype="fp32", revision=cfg.revision, variant=cfg.variant,
-                attention_impl=cfg.attention, remat=cfg.gradient_checkpointing)
+                attention_impl=cfg.attention, remat=cfg.gradient_checkpointing, fused_norm=cfg.fused_norm)
 
 
 def step_spec(cfg: TrainConfig, pipe) -> train_step.StepSpec:
