@@ -8,11 +8,11 @@ metadata), a `prompts.jsonl` line per image, and a contact-sheet grid per run. E
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 
+from dreambooth_jax.cli import setup_logging
 from dreambooth_jax.diffusion.samplers import SCHEDULER_NAMES, scheduler_name_for
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.kernels.choose import ATTENTION_IMPLS, FUSED_NORM
@@ -66,7 +66,7 @@ def read_prompts(args) -> list[str]:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.num_images < 1 or args.steps < 1:
         raise UsageError("--num_images and --steps must be >= 1")
     prompts = read_prompts(args)
