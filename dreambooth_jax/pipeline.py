@@ -110,8 +110,7 @@ def load_component(folder: str, name: str, *, dtype=jnp.float32, param_dtype=Non
     config_path = os.path.join(folder, "config.json")
     config_dict = fileio.read_json(config_path)
     options = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=choose.check_attention(attention_impl),
-                   remat=remat, fused_norm=fused_norm)
-    choose.fused_norm(fused_norm)  # a bad setting fails here, not when first traced
+                   remat=remat, fused_norm=choose.check_fused_norm(fused_norm))
     module, abstract = _build_module(name, config_dict, config_path, **options)
     if weights == "none":
         return module, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), abstract)

@@ -80,7 +80,8 @@ def main(argv=None) -> None:
 
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision, variant=args.variant,
-                         attention_impl=args.attention, fused_norm=args.fused_norm, lora=args.lora, lora_scale=args.lora_scale)
+                         attention_impl=args.attention, fused_norm=args.fused_norm, lora=args.lora,
+                         lora_scale=args.lora_scale)
     scheduler = args.scheduler or scheduler_name_for(pipe.scheduler_config)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {jax.device_count()} device(s) "
           f"({jax.devices()[0].platform}); scheduler {scheduler}, {args.steps} steps", file=sys.stderr)

@@ -96,12 +96,16 @@ def attention(impl: str, *, q_len: int, kv_len: int, head_dim: int, dtype, maske
     return "dot_product"
 
 
+def check_fused_norm(setting: str | bool) -> str | bool:
+    if not isinstance(setting, bool) and setting not in FUSED_NORM:
+        raise UsageError(f"fused_norm={setting!r}: expected one of {', '.join(FUSED_NORM)}")
+    return setting
+
+
 def fused_norm(setting: str | bool, backend: str | None = None) -> bool:
     """Whether GroupNorm runs as the Pallas kernel: "on", "off", or "auto" (on for GPU and TPU)."""
-    if isinstance(setting, bool):
+    if isinstance(check_fused_norm(setting), bool):
         return setting
-    if setting not in FUSED_NORM:
-        raise UsageError(f"fused_norm={setting!r}: expected one of {', '.join(FUSED_NORM)}")
     if setting == "auto":
         return _backend(backend) in ("gpu", "cuda", "tpu")
     return setting == "on"

@@ -16,7 +16,7 @@ from conftest import xla_flags_with
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.kernels import choose
 from dreambooth_jax.kernels.attention import attention_reference, splash_attention
-from dreambooth_jax.kernels.group_norm import group_norm, group_norm_reference
+from dreambooth_jax.kernels.norm import group_norm, group_norm_reference
 
 # Error budgets. The kernels and the references compute the same float32 formulas and differ in the order of
 # their reductions (blocked partial sums combined with Chan's formula against one XLA reduce). Each reduction of
@@ -91,8 +91,6 @@ def test_group_norm_rejects_bad_arguments():
 def test_group_norm_lowers_for_tpu_and_gpu():
     """The kernels lower for TPU (Mosaic) and GPU (Triton) from this CPU machine: block shapes, masks and the ops used
     are accepted by both lowerings (running them needs the chips)."""
-    from dreambooth_jax.kernels import group_norm as module
-
     x = jax.ShapeDtypeStruct((2, 37, 29, 320), jnp.bfloat16)
     s = jax.ShapeDtypeStruct((320,), jnp.float32)
 
@@ -101,13 +99,9 @@ def test_group_norm_lowers_for_tpu_and_gpu():
                        .astype(jnp.float32))
 
     for platform, backend in (("tpu", "tpu"), ("cuda", "gpu")):
-        original = module.jax.default_backend
-        module.jax.default_backend = lambda b=backend: b
-        try:
+        with choose.target_backend(backend):
             text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, s, s).lower(
                 lowering_platforms=(platform,)).as_text()
-        finally:
-            module.jax.default_backend = original
         assert ("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") in text, platform
 
 
@@ -211,7 +205,7 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from dreambooth_jax import parallel
 from dreambooth_jax.kernels.batch_parallel import batch_parallel
-from dreambooth_jax.kernels.group_norm import group_norm, group_norm_reference
+from dreambooth_jax.kernels.norm import group_norm, group_norm_reference
 mesh = parallel.train_mesh(4)
 k = jax.random.split(jax.random.PRNGKey(0), 3)
 x, s, b = jax.random.normal(k[0], (8, 6, 5, 64)), jax.random.normal(k[1], (64,)), jax.random.normal(k[2], (64,))

@@ -117,7 +117,7 @@ def _fwd_and_fwd_bwd(f, args):
 def bench_norm(shape, groups, eps, activation, dtype, repeats, device_kind) -> dict:
     import jax
 
-    from dreambooth_jax.kernels.group_norm import group_norm, group_norm_reference
+    from dreambooth_jax.kernels.norm import group_norm, group_norm_reference
 
     k = jax.random.split(jax.random.PRNGKey(0), 3)
     c = shape[-1]
@@ -141,6 +141,7 @@ def bench_norm(shape, groups, eps, activation, dtype, repeats, device_kind) -> d
 
 def bench_attention(b, t, s, heads, head_dim, dtype, repeats, device_kind, implementation: str = "auto") -> dict:
     import jax
+    from bench_train import PEAK_TFLOPS
 
     from dreambooth_jax.kernels import choose
     from dreambooth_jax.models.attention import dot_product_attention
@@ -150,7 +151,7 @@ def bench_attention(b, t, s, heads, head_dim, dtype, repeats, device_kind, imple
     auto = choose.attention(implementation, q_len=t, kv_len=s, head_dim=head_dim, dtype=dtype, masked=False)
     flop = 4 * b * heads * t * s * head_dim
     row = {"op": "attention", "shape": [b, t, s, heads, head_dim], "auto": auto}
-    peak = _peak(__import__("bench_train").PEAK_TFLOPS, device_kind)
+    peak = _peak(PEAK_TFLOPS, device_kind)
     impls = [("kernel", auto), ("xla", "dot_product")] if auto != "dot_product" else [("xla", "dot_product")]
     for impl, name in impls:
         fwd, fwd_bwd = _fwd_and_fwd_bwd(functools.partial(dot_product_attention, implementation=name), args)
@@ -192,7 +193,7 @@ def compile_for(topology: str, models, dtype) -> None:
 
     from dreambooth_jax.kernels import choose
     from dreambooth_jax.kernels.attention import splash_attention
-    from dreambooth_jax.kernels.group_norm import group_norm
+    from dreambooth_jax.kernels.norm import group_norm
 
     device = topologies.get_topology_desc(platform="tpu", topology_name=topology,
                                           chips_per_host_bounds=[1, 1, 1]).devices[0]

@@ -31,7 +31,7 @@ def dot_product_attention(q, k, v, *, mask=None, implementation: str = "auto", u
     if impl == "einsum":
         return attention_reference(q, k, v, mask=mask, upcast=upcast)
     if impl == "pallas":
-        return batch_parallel(lambda q, k, v: splash_attention(q, k, v), q, k, v, num_batched=3)
+        return batch_parallel(splash_attention, q, k, v, num_batched=3)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla" if impl == "dot_product" else impl)
 
 
@@ -46,7 +46,7 @@ class Attention(nn.Module):
     out_dim: int
     qkv_bias: bool = False
     upcast: bool = True
-    attention_impl: str = "auto"
+    attention_impl: str = "einsum"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from dreambooth_jax.kernels import choose
 from dreambooth_jax.kernels.batch_parallel import batch_parallel
-from dreambooth_jax.kernels.group_norm import group_norm
+from dreambooth_jax.kernels.norm import group_norm
 
 
 class GroupNorm(nn.Module):

@@ -82,7 +82,7 @@ def _check(x, scale, num_groups, activation):
 # ---------------------------------------------------------------------------------------------- blocks
 
 
-def _tiling(rows: int, channels: int, backend: str) -> tuple[int, int]:
+def _tiling(rows: int, channels: int, interpret: bool) -> tuple[int, int]:
     """(row block, channel block) for a [rows, channels] slab of one sample.
 
     TPU: the channel block is a multiple of 128 dividing C (else all of C) and the row block a power of
@@ -90,7 +90,7 @@ def _tiling(rows: int, channels: int, backend: str) -> tuple[int, int]:
     double-buffered, well inside scoped VMEM). GPU (Triton): power-of-two blocks of <= 8192 elements,
     which a program keeps in registers. Interpret mode (CPU) wants few grid steps, so it takes TPU's.
     """
-    if backend == "gpu":
+    if _backend(interpret) == "gpu":
         cb = min(256, channels & -channels)  # the largest power of two dividing C
         rb = max(1, min(8192 // cb, pl.next_power_of_2(rows)))
         return rb, cb
@@ -119,15 +119,17 @@ def _call(kernel, x3, extra_row_inputs, per_channel, out_rows, out_dtype, partia
     """Runs `kernel` over a grid (B, row blocks, channel blocks) of the [B, L, C] inputs.
 
     `extra_row_inputs`: more [B, L, C] arrays (dy); `per_channel`: a [B, K, C] float32 array of per-channel
-    coefficients. Returns [B, L, C] of `out_dtype` (`partial` False), or [B, row blocks, out_rows, C]
+    coefficients, or None. Returns [B, L, C] of `out_dtype` (`partial` False), or [B, row blocks, out_rows, C]
     float32 partial sums (`partial` True).
     """
     b, length, c = x3.shape
-    backend = _backend(interpret)
-    rb, cb = _tiling(length, c, "gpu" if backend == "gpu" else "tpu")
+    rb, cb = _tiling(length, c, interpret)
     grid = (b, pl.cdiv(length, rb), c // cb)
     rows = pl.BlockSpec((1, rb, cb), lambda i, r, j: (i, r, j))
-    coef = pl.BlockSpec((1, per_channel.shape[1], cb), lambda i, r, j: (i, 0, j))
+    inputs, in_specs = [x3, *extra_row_inputs], [rows] * (1 + len(extra_row_inputs))
+    if per_channel is not None:
+        inputs.append(per_channel)
+        in_specs.append(pl.BlockSpec((1, per_channel.shape[1], cb), lambda i, r, j: (i, 0, j)))
     if partial:
         out_shape = jax.ShapeDtypeStruct((b, grid[1], out_rows, c), jnp.float32)
         out_spec = pl.BlockSpec((1, 1, out_rows, cb), lambda i, r, j: (i, r, 0, j))
@@ -137,12 +139,12 @@ def _call(kernel, x3, extra_row_inputs, per_channel, out_rows, out_dtype, partia
     return pl.pallas_call(
         functools.partial(kernel, length=length, rb=rb),
         grid=grid,
-        in_specs=[rows] * (1 + len(extra_row_inputs)) + [coef],
+        in_specs=in_specs,
         out_specs=out_spec,
         out_shape=out_shape,
-        compiler_params=_compiler_params(backend),
+        compiler_params=_compiler_params(_backend(interpret)),
         interpret=interpret,
-    )(x3, *extra_row_inputs, per_channel)
+    )(*inputs)
 
 
 def _valid_rows(length: int, rb: int, shape):
@@ -154,7 +156,7 @@ def _valid_rows(length: int, rb: int, shape):
 # --------------------------------------------------------------------------------------------- kernels
 
 
-def _stats_kernel(x_ref, _unused_ref, out_ref, *, length, rb):
+def _stats_kernel(x_ref, out_ref, *, length, rb):
     """Per channel of one row block: [mean, M2] over its valid rows."""
     x = x_ref[0].astype(jnp.float32)  # [rb, cb]
     valid = _valid_rows(length, rb, x.shape)
@@ -231,9 +233,8 @@ def _per_channel(group_values, c):
 def _group_stats(x3, num_groups, eps, interpret):
     """(mean, rstd) [B, G] float32 of [B, L, C] x, from the stats kernel's per-block partials."""
     b, length, c = x3.shape
-    dummy = jnp.zeros((b, _COEF_ROWS, c), jnp.float32)
-    partial = _call(_stats_kernel, x3, [], dummy, 2, None, True, interpret)  # [B, nb, 2, C]
-    rb = _tiling(length, c, "gpu" if _backend(interpret) == "gpu" else "tpu")[0]
+    partial = _call(_stats_kernel, x3, [], None, 2, None, True, interpret)  # [B, nb, 2, C]
+    rb = _tiling(length, c, interpret)[0]
     counts = np.minimum(rb, length - rb * np.arange(partial.shape[1])).astype(np.float32)  # rows per block
     counts = counts[None, :, None]
     means, m2s = partial[:, :, 0], partial[:, :, 1]  # [B, nb, C]
@@ -274,15 +275,10 @@ def _backward(num_groups, eps, activation, interpret, residuals, dy):
     n = x3.shape[1] * (c // num_groups)
     group_mean = lambda a: _per_channel(  # noqa: E731
         (a * scale.astype(jnp.float32)).reshape(b, num_groups, -1).sum(axis=2) / n, c)
-    coef = _coefficients(b, c, _per_channel(mean, c), _per_channel(rstd, c), scale, bias,
-                         group_mean(dz_sum), group_mean(dz_xhat_sum))
+    coef = coef.at[:, 4:6].set(jnp.stack([group_mean(dz_sum), group_mean(dz_xhat_sum)], axis=1))
     apply = functools.partial(_grad_apply_kernel, activation=activation)
     dx = _call(apply, x3, [dy3], coef, None, x.dtype, False, interpret).reshape(x.shape)
     return dx, dz_xhat_sum.sum(axis=0).astype(scale.dtype), dz_sum.sum(axis=0).astype(bias.dtype)
 
 
-def _forward_rule(x, scale, bias, num_groups, eps, activation, interpret):
-    return _forward(x, scale, bias, num_groups, eps, activation, interpret)
-
-
-_group_norm.defvjp(_forward_rule, _backward)
+_group_norm.defvjp(_forward, _backward)
