@@ -181,7 +181,8 @@ def _load_tokenizer(folder: str):
 def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, revision: str | None = None,
                   variant: str | None = None, token=None, cache_dir: str | None = None,
                   attention_impl: str = "auto", remat: bool = False, fused_norm: str | bool = "auto",
-                  lora: str | None = None, lora_scale: float = 1.0, weights: str = "device") -> Pipeline:
+                  lora: str | None = None, lora_scale: float = 1.0, vae: str | None = None,
+                  weights: str = "device") -> Pipeline:
     """Loads a diffusers pipeline folder, or a Hub repository id, into a `Pipeline`.
 
     Args:
@@ -196,6 +197,9 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
         UNet and VAE as one Pallas kernel (`dreambooth_jax.kernels.group_norm`).
       lora: a LoRA file (diffusers or kohya layout) or a folder with `pytorch_lora_weights.safetensors`,
         merged into the params (`dreambooth_jax.lora.apply_file`); lora_scale multiplies its update.
+      vae: another VAE instead of the pipeline's own: a model folder, a pipeline folder (its `vae/`), a bucket
+        folder or a Hub id (e.g. 'madebyollin/sdxl-vae-fp16-fix', SDXL's VAE fine-tuned not to overflow in fp16);
+        saved with the pipeline by `save_pipeline`.
       weights: 'device', 'host' or 'none' (configs and tokenizers only: the params are shapes); see
         `load_component`.
     """
@@ -210,10 +214,13 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
                    fused_norm=fused_norm, weights=weights)
     names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if class_name.endswith("XLPipeline") else [])
     modules, params = {}, {}
+    folders = {name: os.path.join(root, name) for name in names}
+    if vae:  # its own weights, whatever --variant the pipeline's are read in
+        folders["vae"] = hub.resolve_component(vae, "vae", token=token, cache_dir=cache_dir, weights=weights != "none")
     for name in names:
-        modules[name], params[name] = load_component(
-            os.path.join(root, name), name, remat=remat and name == "unet", **options
-        )
+        variant_of = None if name == "vae" and vae else variant
+        modules[name], params[name] = load_component(folders[name], name, remat=remat and name == "unet",
+                                                     **{**options, "variant": variant_of})
     sdxl = "text_encoder_2" in modules
     pipe = Pipeline(
         unet=modules["unet"],

@@ -286,3 +286,54 @@ def test_class_images_rotated_or_small(tmp_path, caplog):
         assert batch["class_images"].shape == (2, R, R, 3)
         assert batch["class_crops"][:, 1].max() == 0  # the rotated image is 16 wide, 64 high
     assert count_images(str(tmp_path / "cls")) == 2
+
+
+def _diffusers_sdxl_view(path, resolution, flip, top, left) -> np.ndarray:
+    """What diffusers' `train_dreambooth_lora_sdxl.py` feeds the VAE for an image conditioned on crop corner
+    (top, left): EXIF-transposed RGB, shorter side resized (torchvision's `Resize` on PIL: bilinear, the longer
+    side rounded down), flipped, *then* cropped at (top, left) of the flipped image."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    w, h = im.size
+    size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+    im = im.resize(size, Image.Resampling.BILINEAR)
+    if flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(im)[top : top + resolution, left : left + resolution]
+
+
+@pytest.mark.parametrize("center_crop", [False, True])
+def test_sdxl_time_ids_are_what_diffusers_computes_for_the_same_view(tmp_path, center_crop):
+    """time_ids = (original h, w, crop top, crop left, R, R) for every row of many steps (random or centre crops,
+    flips both ways), instance and class images of their own sizes (one stored with an EXIF rotation): the
+    original size is the file's as displayed, and diffusers' pipeline cropping its flipped image at the
+    (top, left) we report yields exactly the pixels we train on."""
+    for i, size in enumerate([(40, 24), (24, 37), (31, 31)]):
+        _gradient(tmp_path / "inst", f"{i}.png", size)
+    for i, size in enumerate([(50, 20), (19, 45)]):
+        _gradient(tmp_path / "cls", f"{i}.png", size)
+    rotated = Image.open(tmp_path / "cls" / "1.png")
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees: 45 x 19
+    rotated.save(tmp_path / "cls" / "2.jpg", exif=exif, quality=95)
+    data = DreamBoothData([Concept(str(tmp_path / "inst"), "a", str(tmp_path / "cls"), "b")], resolution=R,
+                          center_crop=center_crop, random_flip=True, with_prior_preservation=True, seed=3)
+    seen = set()
+    for step in range(12):
+        plan = data.batch_plan(step, 2)
+        for kind in ("instance", "class"):
+            paths = data.instance_paths if kind == "instance" else data.class_paths
+            for index, crop, flip in zip(plan[f"{kind}_indices"], plan[f"{kind}_crops"], plan[f"{kind}_flips"]):
+                index, crop, flip = int(index), tuple(int(c) for c in crop), bool(flip)
+                ids = data.time_ids(kind, index, crop, flip)
+                with Image.open(paths[index]) as im:
+                    im = im.transpose(Image.Transpose.ROTATE_270) if paths[index].endswith(".jpg") else im
+                    assert tuple(ids[:2]) == (im.height, im.width)
+                assert tuple(ids[4:]) == (R, R) and ids.dtype == np.float32
+                top, left = int(ids[2]), int(ids[3])
+                ours = np.round((data.view(kind, index, crop, flip) + 1) * 127.5).astype(np.uint8)
+                np.testing.assert_array_equal(ours, _diffusers_sdxl_view(paths[index], R, flip, top, left))
+                seen.add((kind, flip, left != crop[1]))
+    assert {("instance", True), ("class", True), ("instance", False)} <= {(k, f) for k, f, _ in seen}
+    assert any(mirrored for _, _, mirrored in seen)  # some flipped crop's corner moved

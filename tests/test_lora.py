@@ -1,5 +1,6 @@
 """LoRA: the intercepted modules equal the merged weights, diffusers loads our files to the same outputs, both
-file layouts round-trip exactly, and mismatched LoRAs fail with the layer's name."""
+file layouts round-trip exactly, kohya's SDXL files (LDM UNet names) merge as diffusers merges them, and mismatched
+LoRAs fail with the layer's name."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from safetensors.numpy import load_file as reference_load_file
+from safetensors.numpy import save_file as reference_save_file
 
 from dreambooth_jax import lora
 from dreambooth_jax.diffusion.generation import generate
+from dreambooth_jax.errors import UsageError
+from dreambooth_jax.models.unet import UNetConfig
 from dreambooth_jax.pipeline import load_pipeline
+from dreambooth_jax.weights.convert import params_to_state_dict
 
 CONFIG = lora.LoraConfig(rank=4, alpha=8.0)  # alpha != rank: the scale (2) must survive every format
 # fp32 on CPU; outputs are O(1). Measured: UNet ~1e-6 and text encoder ~1e-6 max abs error vs diffusers.
@@ -294,3 +299,111 @@ def test_errors(sd1, tiny_pipelines, loras, files, tmp_path):
         lora.load_file(f"{tiny_pipelines['sd1']}/unet/diffusion_pytorch_model.safetensors")
     with pytest.raises(FileNotFoundError):
         lora.load_file(str(tmp_path))
+
+
+# kohya's SDXL names (LDM/SGM UNet) of the tiny SDXL UNet -> (component, PyTorch module), written out by hand from
+# its config (layers_per_block=1; down: DownBlock2D, 2 x CrossAttn; up: 2 x CrossAttn, UpBlock2D): input_blocks_0 is
+# conv_in, 1 = down 0 (resnet), 2 = its downsampler, 3 = down 1 (resnet, attention), 4 = downsampler, 5 = down 2;
+# output_blocks 0-1 = up 0, 2-3 = up 1 (2 layers each), 4-5 = up 2 (no attention); time_embed and label_emb are the
+# embedding MLPs. Text encoders: each has an out_proj because diffusers 0.42 fails on a kohya text encoder LoRA
+# without one ("Could not automatically infer state dict type"), and none has an mlp layer because next to one
+# diffusers left an attention layer unloaded (reported as UNEXPECTED keys).
+LDM_SDXL_NAMES = {
+    "lora_unet_input_blocks_1_0_emb_layers_1": ("unet", "down_blocks.0.resnets.0.time_emb_proj"),
+    "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q": (
+        "unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+    "lora_unet_input_blocks_5_1_proj_in": ("unet", "down_blocks.2.attentions.0.proj_in"),
+    "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_k": (
+        "unet", "down_blocks.2.attentions.0.transformer_blocks.1.attn2.to_k"),
+    "lora_unet_middle_block_1_transformer_blocks_1_attn1_to_out_0": (
+        "unet", "mid_block.attentions.0.transformer_blocks.1.attn1.to_out.0"),
+    "lora_unet_middle_block_2_emb_layers_1": ("unet", "mid_block.resnets.1.time_emb_proj"),
+    "lora_unet_output_blocks_1_1_transformer_blocks_0_ff_net_2": (
+        "unet", "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.2"),
+    "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_v": (
+        "unet", "up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_v"),
+    "lora_unet_output_blocks_5_0_emb_layers_1": ("unet", "up_blocks.2.resnets.1.time_emb_proj"),
+    "lora_unet_time_embed_0": ("unet", "time_embedding.linear_1"),
+    "lora_unet_label_emb_0_2": ("unet", "add_embedding.linear_2"),
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ("text_encoder", "encoder.layers.0.self_attn.q_proj"),
+    "lora_te1_text_model_encoder_layers_2_self_attn_out_proj": (
+        "text_encoder", "encoder.layers.2.self_attn.out_proj"),
+    "lora_te2_text_model_encoder_layers_0_self_attn_v_proj": ("text_encoder_2", "encoder.layers.0.self_attn.v_proj"),
+    "lora_te2_text_model_encoder_layers_1_self_attn_out_proj": (
+        "text_encoder_2", "encoder.layers.1.self_attn.out_proj"),
+}
+
+
+def _write_kohya(path, shapes: dict, seed: int = 0) -> str:
+    """A kohya file with random rank-4 factors for {name: (out, in)}: alpha 8 (scale 2), but 2 on the first."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i, (name, (d_out, d_in)) in enumerate(shapes.items()):
+        tensors[f"{name}.lora_down.weight"] = (0.1 * rng.standard_normal((4, d_in))).astype(np.float32)
+        tensors[f"{name}.lora_up.weight"] = (0.1 * rng.standard_normal((d_out, 4))).astype(np.float32)
+        tensors[f"{name}.alpha"] = np.array(2.0 if i == 0 else 8.0, np.float32)
+    reference_save_file(tensors, str(path))
+    return str(path)
+
+
+def _no_text_model(state: dict) -> dict:
+    """A copy (fusing a LoRA writes into torch's weights) without the 'text_model.' level, which transformers 5's
+    CLIPTextModel lacks (CLIPTextModelWithProjection has it)."""
+    return {k.removeprefix("text_model."): np.array(v) for k, v in state.items()}
+
+
+def test_kohya_sdxl_ldm_names_merge_as_in_diffusers(tiny_pipelines, tmp_path):
+    import diffusers
+
+    path, components = tiny_pipelines["sdxl"], ("unet", "text_encoder", "text_encoder_2")
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(path)
+    base = {c: _no_text_model(getattr(ref, c).state_dict()) for c in components}
+    file = _write_kohya(tmp_path / "sdxl_ldm.safetensors",
+                        {name: base[c][f"{module}.weight"].shape for name, (c, module) in LDM_SDXL_NAMES.items()})
+    ref.load_lora_weights(file)
+    ref.fuse_lora(components=list(components))
+    ref.unload_lora_weights()  # keeps the fused weights, under their plain names
+    ours = load_pipeline(path, lora=file)
+    for c in components:
+        expected = _no_text_model(getattr(ref, c).state_dict())
+        got = _no_text_model(params_to_state_dict(ours.params[c]))
+        targets = {f"{module}.weight" for comp, module in LDM_SDXL_NAMES.values() if comp == c}
+        assert got.keys() == expected.keys()
+        assert {k for k in expected if not np.array_equal(expected[k], base[c][k])} == targets  # diffusers' merge
+        for k in expected:
+            # Both add the same float32 update (W + alpha / rank * up @ down) to the same float32 W, |W| < 1 here;
+            # only the rounding of the rank-4 products may differ: a few ulps (6e-8 below 1). Measured: 1.5e-8.
+            np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=2.5e-7, err_msg=f"{c}: {k}")
+
+
+def test_kohya_sdxl_ldm_names_of_the_full_size_unet(tmp_path):
+    """SDXL's own numbering (layers_per_block=2, as in its LDM checkpoints), from its UNet config alone."""
+    config = UNetConfig(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                        block_out_channels=(320, 640, 1280), layers_per_block=2)
+    names = {"input_blocks_1_0_emb_layers_1": "down_blocks_0/resnets_0/time_emb_proj",
+             "input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+                 "down_blocks_1/attentions_0/transformer_blocks_0/attn1/to_q",
+             "input_blocks_8_1_proj_out": "down_blocks_2/attentions_1/proj_out",
+             "middle_block_0_emb_layers_1": "mid_block/resnets_0/time_emb_proj",
+             "output_blocks_0_1_transformer_blocks_9_ff_net_0_proj":
+                 "up_blocks_0/attentions_0/transformer_blocks_9/ff/net_0/proj",
+             "output_blocks_5_1_transformer_blocks_0_attn2_to_out_0":
+                 "up_blocks_1/attentions_2/transformer_blocks_0/attn2/to_out_0",
+             "output_blocks_8_0_emb_layers_1": "up_blocks_2/resnets_2/time_emb_proj"}
+    file = _write_kohya(tmp_path / "ldm.safetensors", {f"lora_unet_{n}": (8, 8) for n in names})
+    loras, _ = lora.load_file(file, config)
+    assert sorted(loras["unet"]) == sorted(names.values())
+
+
+def test_kohya_sdxl_ldm_name_errors(tiny_pipelines, tmp_path):
+    path = tiny_pipelines["sdxl"]
+    file = _write_kohya(tmp_path / "ldm.safetensors", {"lora_unet_middle_block_1_proj_in": (32, 32)})
+    with pytest.raises(UsageError, match=r"'lora_unet_middle_block_1_proj_in.*LDM/SGM UNet names.*needs the UNet "
+                                         r"config.*unet_config="):
+        lora.load_file(file)
+    # The tiny SDXL's first down block has no attention (and 2 is its downsampler): input_blocks_1_1 maps nowhere.
+    bad = _write_kohya(tmp_path / "bad.safetensors", {"lora_unet_input_blocks_1_1_proj_in": (16, 16)})
+    with pytest.raises(UsageError, match=r"input_blocks_1_1_proj_in.*no LDM block 'input_blocks_1_1' "
+                                         r"\(layers_per_block=1, .*another architecture"):
+        load_pipeline(path, lora=bad)

@@ -137,18 +137,19 @@ def test_batch_shapes_are_what_the_inputs_build(tiny_pipelines, instance_dir, cl
     from dreambooth_jax.training.data import Concept, DreamBoothData
     from dreambooth_jax.training.inputs import TrainInputs
 
-    pipe = load_pipeline(tiny_pipelines["sd1"])
+    pipes = {kind: load_pipeline(tiny_pipelines[kind]) for kind in ("sd1", "sdxl")}
     base = train_cfg(tiny_pipelines, instance_dir, "unused", with_prior_preservation=True, class_data_dir=class_dir,
                      class_prompt="a photo of toy", gradient_accumulation_steps=2, train_batch_size=2)
-    for options in ({}, {"cache_latents": True, "pre_compute_text_embeddings": True},
-                    {"text_encoder_use_attention_mask": True, "with_prior_preservation": False}):
-        cfg = dataclasses.replace(base, **options)
+    for kind, options in (("sd1", {}), ("sd1", {"cache_latents": True, "pre_compute_text_embeddings": True}),
+                          ("sd1", {"text_encoder_use_attention_mask": True, "with_prior_preservation": False}),
+                          ("sdxl", {}), ("sdxl", {"cache_latents": True, "pre_compute_text_embeddings": True})):
+        cfg, pipe = dataclasses.replace(base, **options), pipes[kind]
         data = DreamBoothData([Concept(instance_dir, PROMPT, class_dir, "a photo of toy")], resolution=64,
                               with_prior_preservation=cfg.with_prior_preservation)
         batch = TrainInputs(cfg, pipe, data, parallel.data_mesh()).host_batch(0)
         expected = preflight.batch_shapes(cfg, pipe, jax.device_count())
         assert {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()} == \
-            {k: (v.shape, np.dtype(v.dtype)) for k, v in expected.items()}, options
+            {k: (v.shape, np.dtype(v.dtype)) for k, v in expected.items()}, (kind, options)
 
 
 def test_a_run_too_large_for_the_device_stops_before_placing_anything(tiny_pipelines, instance_dir, tmp_path,

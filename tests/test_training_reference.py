@@ -148,7 +148,8 @@ def test_text_encoder_attention_mask_with_a_bang_padding_tokenizer(tiny_pipeline
     from torch_reference import OurInputs
 
     prompts = [prompt, "a photo of toy"]  # and one without '!', whose first pad must be masked too
-    ids, mask = OurInputs(cfg).inputs.tokenize(prompts)
+    tokens = OurInputs(cfg).inputs.tokenize(prompts)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
     expected = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True)
     np.testing.assert_array_equal(mask, expected.attention_mask)
     assert int((ids[0] == tok.pad_token_id).sum()) > int((mask[0] == 0).sum())  # '!' inside the prompt
@@ -185,3 +186,46 @@ def test_scale_lr_is_diffusers_formula(tiny_pipelines, instance_dir, tmp_path, c
     expected = 1e-4 * 2 * 2 * jax.device_count()
     assert read_metrics(tmp_path / "out")[0]["lr"] == pytest.approx(expected, rel=1e-6)
     assert f"learning rate {expected:g}" in caplog.text and "global batch 4 instance images" in caplog.text
+
+
+@pytest.mark.parametrize("prior", [False, True], ids=["unet", "prior+text_encoders"])
+def test_sdxl_training_equals_pytorch(tiny_pipelines, instance_dir, class_dir, tmp_path, prior):
+    """SDXL: the UNet conditioned on both text encoders' penultimate hidden states, the second's pooled embedding
+    and each example's time_ids (random crops and flips), as diffusers' `train_dreambooth_lora_sdxl.py` does: the
+    first step's losses and gradient norm, and the UNet after two steps. With prior preservation both text
+    encoders train too (at their own --text_encoder_lr): the gradient norm spans all three networks."""
+    # AdamW's eps above the gradients' float32 noise, as in OPTIMIZER_RUNS (else text-encoder weights whose
+    # gradient is noise move by ~lr either way, and the second step's UNet gradients with them).
+    options = dict(max_train_steps=2, random_flip=True, adam_epsilon=1e-6)
+    if prior:
+        options.update(with_prior_preservation=True, class_data_dir=class_dir, class_prompt="a photo of toy",
+                       num_class_images=4, train_text_encoder=True, text_encoder_lr=5e-4)
+    cfg, result = _cli_run(tiny_pipelines["sdxl"], instance_dir, tmp_path / "out", **options)
+    ref, ref_metrics = reference_run(cfg, 2)
+    ours = read_metrics(tmp_path / "out")
+    _assert_metrics(ours[0], ref_metrics[0])
+    assert ours[0]["loss"] > 0 and (ours[0]["prior_loss"] > 0) == prior
+    if prior:
+        assert set(result.state.params) == {"unet", "text_encoder", "text_encoder_2"}
+        assert ours[0]["lr_text_encoder_2"] == pytest.approx(5e-4)
+    assert_same_training(_unet_state(result.state.params["unet"]), ref.weights(), _init_unet(tiny_pipelines["sdxl"]))
+    if prior:  # the exported pipeline (both trained encoders, tokenizer_2) loads in diffusers and samples as ours
+        _assert_samples_like_diffusers(str(tmp_path / "out"))
+
+
+def _assert_samples_like_diffusers(path: str) -> None:
+    """diffusers' StableDiffusionXLPipeline loads the pipeline at `path` and draws our images (sampling parity:
+    ~2e-6, test_sampling)."""
+    import diffusers
+    import torch
+
+    from dreambooth_jax.diffusion.generation import generate
+    from dreambooth_jax.pipeline import load_pipeline
+
+    latents = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, height=64, width=64)
+    ours = generate(load_pipeline(path), [PROMPT], latents=latents, **kw)
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(path)
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref([PROMPT], latents=torch.tensor(latents.transpose(0, 3, 1, 2)), output_type="np", **kw).images
+    assert np.abs(theirs - ours).max() <= 1e-4

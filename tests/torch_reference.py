@@ -39,6 +39,7 @@ class StepInputs:
     timesteps: torch.Tensor
     is_prior: np.ndarray
     prompts: list[str]
+    time_ids: torch.Tensor | None = None  # SDXL's [B, 6] size and crop conditioning, from our batch
 
 
 class OurInputs:
@@ -56,6 +57,7 @@ class OurInputs:
         sched = noise_schedule.ScheduleConfig.from_diffusers_config(self.pipe.scheduler_config,
                                                                     class_name="DDPMScheduler")
         self.spec = train_step.StepSpec(unet=self.pipe.unet, vae=self.pipe.vae, text_encoder=self.pipe.text_encoder,
+                                        text_encoder_2=self.pipe.text_encoder_2,
                                         alphas_cumprod=noise_schedule.alphas_cumprod(sched),
                                         noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0)
 
@@ -65,45 +67,69 @@ class OurInputs:
         draws = train_step.draw_example_inputs(self.spec, self.pipe.params, batch, rng)
         c = self.concepts[0]
         prompts = [c.class_prompt if p else c.instance_prompt for p in batch["is_prior"]]
+        time_ids = torch.tensor(np.asarray(batch["time_ids"])) if "time_ids" in batch else None
         return StepInputs(_nchw(draws["latents"]), _nchw(draws["noise"]), _nchw(draws["offset"]),
                           torch.tensor(np.asarray(draws["timesteps"]), dtype=torch.long),
-                          np.asarray(batch["is_prior"]), prompts)
+                          np.asarray(batch["is_prior"]), prompts, time_ids)
 
 
 class TorchTrainer:
-    """diffusers-style DreamBooth training of the UNet (text encoder frozen) in PyTorch, fp32 on CPU."""
+    """diffusers-style DreamBooth training in PyTorch, fp32 on CPU: the UNet, and with --train_text_encoder the
+    text encoder(s) (at --text_encoder_lr). SDXL pipelines as diffusers' `train_dreambooth_lora_sdxl.py` conditions
+    the UNet (`encode_prompt`, `added_cond_kwargs`)."""
 
     def __init__(self, cfg: TrainConfig, max_steps: int):
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         path = cfg.pretrained_model_name_or_path
         self.cfg = cfg
+        with open(os.path.join(path, "model_index.json"), encoding="utf-8") as f:
+            self.sdxl = json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
         self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").train()
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        self.encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()]
+        self.tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
+        if self.sdxl:
+            self.encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2").eval())
+            self.tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+        self.text_encoder, self.tokenizer = self.encoders[0], self.tokenizers[0]
         self.scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         params = list(self.unet.parameters())
-        self.optimizer = make_torch_optimizer(cfg, params)
+        groups = [{"params": params}]
+        if cfg.train_text_encoder:
+            groups.append({"params": [p for e in self.encoders for p in e.parameters()],
+                           "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        self.trained = [p for g in groups for p in g["params"]]
+        self.optimizer = make_torch_optimizer(cfg, groups)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=max_steps, num_cycles=cfg.lr_num_cycles,
                                           power=cfg.lr_power)
         self.ema = EMAModel(params, decay=cfg.ema_decay) if cfg.use_ema else None
 
-    def text(self, prompts: list[str]) -> torch.Tensor:
-        length = self.cfg.tokenizer_max_length or self.tokenizer.model_max_length
-        tok = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        mask = tok.attention_mask if self.cfg.text_encoder_use_attention_mask else None
-        with torch.no_grad():
-            return self.text_encoder(tok.input_ids, attention_mask=mask)[0]
+    def text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context, pooled or None) of `prompts`."""
+        outs = []
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+            length = self.cfg.tokenizer_max_length or tokenizer.model_max_length
+            tok = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            mask = tok.attention_mask if self.cfg.text_encoder_use_attention_mask else None
+            with torch.set_grad_enabled(self.cfg.train_text_encoder):
+                outs.append(encoder(tok.input_ids, attention_mask=mask, output_hidden_states=True, return_dict=False))
+        if not self.sdxl:
+            return outs[0][0], None
+        # diffusers' train_dreambooth_lora_sdxl.py `encode_prompt`: each encoder's hidden_states[-2], concatenated;
+        # the pooled embedding is the last encoder's first output (text_embeds of the projection model).
+        return torch.cat([out[-1][-2] for out in outs], dim=-1), outs[-1][0]
 
     def loss(self, x: StepInputs) -> tuple[torch.Tensor, dict]:
         cfg, sched = self.cfg, self.scheduler
         noise = x.noise + (cfg.noise_offset * x.offset if cfg.offset_noise else 0.0)
         noisy = sched.add_noise(x.latents, noise, x.timesteps)
-        pred = self.unet(noisy, x.timesteps, self.text(x.prompts)).sample
+        context, pooled = self.text(x.prompts)
+        added = {"text_embeds": pooled, "time_ids": x.time_ids} if self.sdxl else None
+        pred = self.unet(noisy, x.timesteps, context, added_cond_kwargs=added).sample
         kind = sched.config.prediction_type
         target = {"epsilon": noise, "v_prediction": sched.get_velocity(x.latents, noise, x.timesteps),
                   "sample": x.latents}[kind]
@@ -128,7 +154,7 @@ class TorchTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         loss, metrics = self.loss(x)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.cfg.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.trained, self.cfg.max_grad_norm
                                               if self.cfg.max_grad_norm > 0 else float("inf"))
         self.optimizer.step()
         self.lr_scheduler.step()

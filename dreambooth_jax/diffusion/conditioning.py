@@ -39,15 +39,18 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int | None = None) -
 
 
 def text_conditioning(pipe, params, ids, ids_2=None):
-    """The UNet's text conditioning: (context [N, L, D], pooled [N, P] or None).
-
-    SD 1.x/2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden states
-    concatenated, and the second encoder's projected pooled output (as diffusers' pipelines do).
-    """
+    """The UNet's text conditioning: (context [N, L, D], pooled [N, P] or None); see `combine_encoders`."""
     out = pipe.text_encoder.apply({"params": params["text_encoder"]}, ids)
-    if not pipe.is_sdxl:
+    out_2 = pipe.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2) if pipe.is_sdxl else None
+    return combine_encoders(out, out_2)
+
+
+def combine_encoders(out, out_2=None):
+    """(context, pooled) from the text encoders' outputs. SD 1.x/2.x (`out_2` None): the encoder's last hidden
+    state, no pooled embedding. SDXL: both encoders' penultimate hidden states concatenated on the feature axis,
+    and the second encoder's projected pooled output, as diffusers' pipelines and training scripts compute them."""
+    if out_2 is None:
         return out.last_hidden_state, None
-    out_2 = pipe.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2)
     context = jnp.concatenate([out.hidden_states[-2], out_2.hidden_states[-2].astype(out.hidden_states[-2].dtype)],
                               axis=-1)
     return context, out_2.text_embeds

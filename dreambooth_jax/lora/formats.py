@@ -6,7 +6,9 @@
 
 diffusers/PEFT: `unet.<module>.lora_A.weight` [rank, in], `.lora_B.weight` [out, rank]. kohya-ss / A1111 /
 ComfyUI: `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`. Both are read
-back exactly by `load_file`.
+back exactly by `load_file`. kohya's SDXL files name the UNet's modules as the original (LDM/SGM) UNet does
+(`lora_unet_input_blocks_4_1_...`, `middle_block_1_...`, `output_blocks_0_1_...`); `load_file` reads those too,
+given the UNet config that says which diffusers block each numbered LDM block is (`apply_file` passes it).
 """
 
 from __future__ import annotations
@@ -42,6 +44,59 @@ _NAME_RE = re.compile(
     "(" + "|".join([rf"{a}_\d+" for a in sorted(convert.LIST_ATTRIBUTES, key=len, reverse=True)]
                    + sorted(_KNOWN_NAMES, key=len, reverse=True) + [r"[^_]+"]) + ")(?:_|$)"
 )
+# kohya's SDXL UNet names (sd-scripts trains its own LDM/SGM UNet): a numbered block, then the module inside it.
+_LDM_RE = re.compile(
+    r"^(input_blocks_\d+_\d+|middle_block_\d+|output_blocks_\d+_\d+|time_embed_\d+|label_emb_0_\d+)(?:_(.+))?$")
+# The one Linear of an LDM ResBlock (in_layers_2, out_layers_3 and skip_connection are convs, rejected anyway).
+_LDM_RESNET_LINEARS = {"emb_layers_1": "time_emb_proj"}
+
+
+def _ldm_unet_blocks(config) -> dict[str, str]:
+    """LDM/SGM UNet module names -> our module paths ('input_blocks_4_1' -> 'down_blocks_1/attentions_0') for a
+    `UNetConfig`: the block numbering depends on layers_per_block and on which blocks have attentions."""
+    layers, last = config.per_block("layers_per_block"), config.num_blocks - 1
+    table = {"time_embed_0": "time_embedding/linear_1", "time_embed_2": "time_embedding/linear_2",
+             "label_emb_0_0": "add_embedding/linear_1", "label_emb_0_2": "add_embedding/linear_2",
+             "middle_block_0": "mid_block/resnets_0", "middle_block_1": "mid_block/attentions_0",
+             "middle_block_2": "mid_block/resnets_1"}
+    n = 1  # input_blocks_0 is conv_in
+    for i, kind in enumerate(config.down_block_types):
+        for j in range(layers[i]):
+            table[f"input_blocks_{n}_0"] = f"down_blocks_{i}/resnets_{j}"
+            if kind.startswith("CrossAttn"):
+                table[f"input_blocks_{n}_1"] = f"down_blocks_{i}/attentions_{j}"
+            n += 1
+        if i < last:
+            table[f"input_blocks_{n}_0"] = f"down_blocks_{i}/downsamplers_0"
+            n += 1
+    n = 0
+    for i, kind in enumerate(config.up_block_types):
+        attention = kind.startswith("CrossAttn")
+        for j in range(layers[last - i] + 1):
+            table[f"output_blocks_{n}_0"] = f"up_blocks_{i}/resnets_{j}"
+            if attention:
+                table[f"output_blocks_{n}_1"] = f"up_blocks_{i}/attentions_{j}"
+            n += 1
+        if i < last:  # the upsampler follows the last resnet (and attention) of the block: index 1 or 2
+            table[f"output_blocks_{n - 1}_{1 + attention}"] = f"up_blocks_{i}/upsamplers_0"
+    return table
+
+
+def _ldm_key(match: re.Match, unet_config, source: str, tensor: str) -> str:
+    """Our flax key of an LDM-named kohya UNet module (`match` of `_LDM_RE` on the name after 'lora_unet_')."""
+    if unet_config is None:
+        raise UsageError(f"{source}: {tensor!r} has the LDM/SGM UNet names of kohya's SDXL LoRAs; mapping them to "
+                         "diffusers' modules needs the UNet config: load_file(path, unet_config=pipe.unet.config) "
+                         "(apply_file and load_pipeline(lora=...) pass it)")
+    block, inner = match.groups()
+    ours = _ldm_unet_blocks(unet_config).get(block)
+    if ours is None:
+        raise UsageError(f"{source}: {tensor!r}: this UNet has no LDM block {block!r} (layers_per_block="
+                         f"{unet_config.layers_per_block}, down_block_types={unet_config.down_block_types}); "
+                         "the LoRA is for another architecture")
+    inner = _LDM_RESNET_LINEARS.get(inner, inner)
+    return "/".join([ours, *_NAME_RE.findall(inner or "")])
+
 
 def _module_names(component: str, key: str) -> str:
     if component not in COMPONENTS:
@@ -138,8 +193,9 @@ def _parse_diffusers(state: dict, meta: dict, source: str) -> dict:
     return out
 
 
-def _parse_kohya(state: dict, source: str) -> dict:
-    """{(component, flax key): (A, B, scale)} of a kohya-layout file (scale = alpha / rank, 1 without alpha)."""
+def _parse_kohya(state: dict, source: str, unet_config) -> dict:
+    """{(component, flax key): (A, B, scale)} of a kohya-layout file (scale = alpha / rank, 1 without alpha).
+    LDM-named UNet modules (kohya's SDXL files) need `unet_config`."""
     prefix_of = {**{v: k for k, v in _KOHYA_PREFIXES.items()}, "lora_te1_": "text_encoder"}
     out = {}
     for k in state:
@@ -158,7 +214,9 @@ def _parse_kohya(state: dict, source: str) -> dict:
         a, b = state[k].T, state[f"{name}.lora_up.weight"].T
         alpha = state.get(f"{name}.alpha")
         scale = float(np.asarray(alpha).reshape(-1)[0]) / a.shape[1] if alpha is not None else 1.0
-        out[component, "/".join(_NAME_RE.findall(rest))] = (a, b, scale)
+        ldm = component == "unet" and _LDM_RE.match(rest)
+        key = _ldm_key(ldm, unet_config, source, k) if ldm else "/".join(_NAME_RE.findall(rest))
+        out[component, key] = (a, b, scale)
     return out
 
 
@@ -174,12 +232,14 @@ def resolve_file(path: str) -> str:
     return path
 
 
-def load_file(path: str) -> tuple[dict, LoraConfig]:
+def load_file(path: str, unet_config=None) -> tuple[dict, LoraConfig]:
     """Reads a diffusers- or kohya-layout LoRA file -> ({component: LoRA tree}, LoraConfig).
 
     Our own files come back exactly (their LoraConfig is in the metadata; see `save_diffusers` for the one
     inexact case). Foreign files: alpha from the kohya `.alpha` tensors or diffusers' adapter
     metadata; modules whose rank or alpha differ from the most common have their own scale folded into B.
+    kohya SDXL files with LDM/SGM UNet names (`lora_unet_input_blocks_4_1_...`) are mapped to our modules
+    through `unet_config` (the pipeline's `UNetConfig`); without it they raise `UsageError`.
     """
     path = resolve_file(path)
     state = {k: np.asarray(v) for k, v in safetensors_io.load_file(path).items()}
@@ -187,7 +247,7 @@ def load_file(path: str) -> tuple[dict, LoraConfig]:
     if not state:
         raise UsageError(f"{path}: empty LoRA file")
     if all(k.startswith("lora_") for k in state):
-        modules = _parse_kohya(state, path)
+        modules = _parse_kohya(state, path, unet_config)
     elif any(k.endswith(".lora_A.weight") for k in state):
         modules = _parse_diffusers(state, meta, path)
     else:
@@ -209,7 +269,7 @@ def load_file(path: str) -> tuple[dict, LoraConfig]:
 
 def apply_file(pipe, path: str, scale: float = 1.0):
     """A copy of `pipe` with the LoRA file merged into its params (`scale` multiplies the LoRA update)."""
-    loras, config = load_file(path)
+    loras, config = load_file(path, pipe.unet.config)
     params = dict(pipe.params)
     for component, tree in loras.items():
         if component not in params:

@@ -44,6 +44,9 @@ class TrainConfig:
     pretrained_model_name_or_path: str | None = _opt(None, "diffusers pipeline folder or Hugging Face Hub id")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of the pretrained model")
     variant: str | None = _opt(None, "weight variant to load, e.g. fp16")
+    pretrained_vae_model_name_or_path: str | None = _opt(
+        None, "another VAE to train and export with (a model folder or Hub id), e.g. madebyollin/sdxl-vae-fp16-fix "
+              "for SDXL")
     # Data
     instance_data_dir: str | None = _opt(None, "folder with the 3-5 photos of the subject (transparent pixels are "
                                                "composited on white; diffusers drops the alpha channel)")
@@ -143,9 +146,10 @@ class TrainConfig:
     report_to: str = _opt("none", "'tensorboard' also writes TensorBoard events", ("none", "tensorboard"))
 
     @property
-    def text_encoder_part(self) -> str:
-        """The trained part that --stop_text_encoder_training freezes."""
-        return "text_encoder_lora" if self.use_lora else "text_encoder"
+    def text_encoder_parts(self) -> tuple[str, str]:
+        """The trained parts that --stop_text_encoder_training freezes (SDXL has both, SD 1.x/2.x the first)."""
+        suffix = "_lora" if self.use_lora else ""
+        return f"text_encoder{suffix}", f"text_encoder_2{suffix}"
 
     @property
     def compute_dtype(self) -> str:
@@ -292,7 +296,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         concepts = []
     errors += _dataset_errors(cfg)
     for flag, path in (("--output_dir", cfg.output_dir), ("--pretrained_model_name_or_path",
-                       cfg.pretrained_model_name_or_path), ("--resume_from_checkpoint", cfg.resume_from_checkpoint)):
+                       cfg.pretrained_model_name_or_path), ("--resume_from_checkpoint", cfg.resume_from_checkpoint),
+                       ("--pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path)):
         try:
             storage.check(path or "", flag)
         except UsageError as e:

@@ -103,16 +103,19 @@ class DreamBoothData:
 
         self.instance_paths: list[str] = []
         self._instance_images: list[np.ndarray] = []  # uint8 [h, w, 3], shorter side = resolution
+        self._original_sizes = {"instance": [], "class": []}  # (h, w) as stored, EXIF rotation applied
         self._instance_prompts: list[str] = []
         instance_concept = []
         for c, concept in enumerate(concepts):
             found = 0
             for path in list_images(concept.instance_data_dir):
                 try:
+                    width, height = probe_size(path)
                     image = load_image(path, resolution)
                 except ImageError as e:
                     self._skip(path, e)
                     continue
+                self._original_sizes["instance"].append((height, width))
                 self.instance_paths.append(path)
                 self._instance_images.append(image)
                 self._instance_prompts.append(caption_for(path, concept.instance_prompt))
@@ -172,6 +175,7 @@ class DreamBoothData:
             indices.append(len(self.class_paths))
             self.class_paths.append(path)
             self._class_sizes.append(resized_size(width, height, self.resolution))
+            self._original_sizes["class"].append((height, width))
             self._class_prompts.append(concept.class_prompt)
         if not indices:
             raise UsageError(f"no readable class images in {concept.class_data_dir!r}")
@@ -288,7 +292,34 @@ class DreamBoothData:
             raise ImageError(f"{self.class_paths[index]}: decoded size differs from its header")
         return _to_float(image[:, ::-1] if flip else image)
 
+    def _resized_size(self, kind: str, index: int) -> tuple[int, int]:
+        """(w, h) of image `index` of `kind` after the resize, known without decoding class images."""
+        if kind == "instance":
+            return self._instance_images[index].shape[1::-1]
+        if kind == "class":
+            return self._class_sizes[index]
+        raise ValueError(f"kind must be 'instance' or 'class', got {kind!r}")
+
+    def centered_crop(self, kind: str, index: int) -> tuple[int, int]:
+        """(top, left) of the centred crop of image `index` of `kind`."""
+        width, height = self._resized_size(kind, index)
+        return center_crop_offsets(height, width, self.resolution)
+
     def fixed_view(self, kind: str, index: int, flip: bool = False) -> np.ndarray:
         """Image `index` of `kind` ('instance' or 'class') center-cropped, optionally flipped: float32
         [R, R, 3] in [-1, 1], e.g. for caching latents."""
-        return self.view(kind, index, center_crop_offsets(*self._uint8(kind, index).shape[:2], self.resolution), flip)
+        return self.view(kind, index, self.centered_crop(kind, index), flip)
+
+    def time_ids(self, kind: str, index: int, crop: tuple[int, int], flip: bool) -> np.ndarray:
+        """SDXL's size and crop conditioning of one view: float32 [6] = (original height, original width,
+        crop top, crop left, R, R), as diffusers' `train_dreambooth_lora_sdxl.py` computes it, in pixels.
+
+        The original size is the image file's own (each class image its own; diffusers reuses the instance
+        image's). diffusers flips before cropping, so its crop corner is in the flipped image's frame: we crop
+        first, so a flipped view's left edge is mirrored, `W - left - R` for a resized width W (as kohya does).
+        """
+        top, left = crop
+        if flip:
+            left = self._resized_size(kind, index)[0] - left - self.resolution
+        return np.array([*self._original_sizes[kind][index], top, left, self.resolution, self.resolution],
+                        np.float32)

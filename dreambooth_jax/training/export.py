@@ -17,7 +17,7 @@ log = logging.getLogger("dreambooth_jax.train")
 def pipeline_params(state, lora_config: lora.LoraConfig | None) -> dict:
     """Every network's weights as the pipeline needs them: EMA where kept, LoRA factors merged in."""
     params = dict(state.export_params())
-    for net in ("unet", "text_encoder"):
+    for net in ("unet", "text_encoder", "text_encoder_2"):
         factors = params.pop(f"{net}_lora", None)
         if factors is not None:
             params[net] = lora.merge(params[net], factors, lora_config)
@@ -47,7 +47,7 @@ def export(cfg, pipe, state, lora_config: lora.LoraConfig | None, *, step: int, 
     written = [lora.WEIGHT_NAME, lora.KOHYA_WEIGHT_NAME]
     if cfg.merge_lora:  # merged into the fp32 base weights, not the compute-dtype copy trained against
         base = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
-                             weights="host").params
+                             vae=cfg.pretrained_vae_model_name_or_path, weights="host").params
         merged = {**base, **{net: lora.merge(base[net], f, lora_config) for net, f in loras.items()}}
         export_pipeline(pipe, out, params=jax.device_get(merged))
         log.info("exported the pipeline with the LoRA merged in to %s", out)

@@ -2,7 +2,7 @@
 
 `TrainInputs.device_batch(step)` is a pure function of (seed, step): it reads the step's batch plan from
 `DreamBoothData`, decodes and crops this process's rows (or picks their cached VAE latents), tokenizes their
-prompts (or picks precomputed text embeddings) and places the rows on the devices. The loop calls it from a
+prompts with the pipeline's tokenizer(s) (or picks precomputed text embeddings), adds SDXL's per-view `time_ids` and places the rows on the devices. The loop calls it from a
 `Prefetcher`, a thread that keeps the next two steps' batches ready.
 """
 
@@ -17,41 +17,56 @@ import jax
 import numpy as np
 
 from dreambooth_jax import parallel
-from dreambooth_jax.diffusion.conditioning import tokenize
+from dreambooth_jax.diffusion.conditioning import combine_encoders, tokenize
 
 log = logging.getLogger("dreambooth_jax.train")
 
 
 class TrainInputs:
-    """Batches of a run: `cfg` (a TrainConfig), the pipeline's tokenizer / text encoder / VAE, the data."""
+    """Batches of a run: `cfg` (a TrainConfig), the pipeline's tokenizer(s) / text encoder(s) / VAE, the data."""
 
     def __init__(self, cfg, pipe, data, mesh):
         self.cfg, self.pipe, self.data, self.mesh = cfg, pipe, data, mesh
-        self.max_length = cfg.tokenizer_max_length or pipe.tokenizer.model_max_length
-        self._token_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.tokenizers = {"input_ids": pipe.tokenizer, **({"input_ids_2": pipe.tokenizer_2} if pipe.is_sdxl else {})}
+        self._token_cache: dict[str, dict[str, np.ndarray]] = {}
         self.context_for = self._precompute_text() if cfg.pre_compute_text_embeddings else None
         self.latent_cache = self._precompute_latents() if cfg.cache_latents else None
 
-    def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, attention mask) [N, max_length] of `prompts`, each distinct prompt tokenized once per run."""
+    def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """{"input_ids", "attention_mask"[, "input_ids_2" (SDXL's second tokenizer)]}: [N, length] int32 arrays of
+        `prompts`, each tokenizer with its own padding; each distinct prompt tokenized once per run."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._token_cache))
         if new:
-            ids, mask = tokenize(self.pipe.tokenizer, new, self.max_length)
-            self._token_cache.update({p: (i, m) for p, i, m in zip(new, ids, mask)})
-        return (np.stack([self._token_cache[p][0] for p in prompts]),
-                np.stack([self._token_cache[p][1] for p in prompts]))
+            tokens = {}
+            for key, tokenizer in self.tokenizers.items():
+                ids, mask = tokenize(tokenizer, new, self.cfg.tokenizer_max_length)
+                tokens[key] = ids
+                if key == "input_ids":
+                    tokens["attention_mask"] = mask
+            self._token_cache.update({p: {k: v[i] for k, v in tokens.items()} for i, p in enumerate(new)})
+        return {k: np.stack([self._token_cache[p][k] for p in prompts]) for k in self._token_cache[prompts[0]]}
 
-    def _precompute_text(self) -> dict[str, np.ndarray]:
+    def _precompute_text(self) -> dict[str, dict[str, np.ndarray]]:
+        """{prompt: {"context"[, "pooled"]}} of every prompt the data holds."""
         prompts = sorted(self.data.prompts())
-        ids, mask = self.tokenize(prompts)
-        mask = mask if self.cfg.text_encoder_use_attention_mask else None
-        # The encoder whole on every device for this (it may be fsdp-sharded): the output is then replicated,
+        tokens = self.tokenize(prompts)
+        mask = tokens["attention_mask"] if self.cfg.text_encoder_use_attention_mask else None
+        # The encoders whole on every device for this (they may be fsdp-sharded): the output is then replicated,
         # readable on every host.
-        te, params = self.pipe.text_encoder, parallel.put_replicated(self.pipe.params["text_encoder"], self.mesh)
-        repl = parallel.replicated(self.mesh)
-        out = jax.jit(lambda p, i, m: te.apply({"params": p}, i, m).last_hidden_state, out_shardings=repl)(
-            params, ids, mask)
-        return dict(zip(prompts, np.asarray(out, np.float32)))
+        parts = ("text_encoder", "text_encoder_2") if self.pipe.is_sdxl else ("text_encoder",)
+        params = parallel.put_replicated({k: self.pipe.params[k] for k in parts}, self.mesh)
+        pipe = self.pipe
+
+        def encode(params, tokens, mask):
+            out = pipe.text_encoder.apply({"params": params["text_encoder"]}, tokens["input_ids"], mask)
+            out_2 = (pipe.text_encoder_2.apply({"params": params["text_encoder_2"]}, tokens["input_ids_2"])
+                     if pipe.is_sdxl else None)
+            context, pooled = combine_encoders(out, out_2)
+            return {"context": context, **({"pooled": pooled} if pooled is not None else {})}
+
+        out = jax.jit(encode, out_shardings=parallel.replicated(self.mesh))(params, tokens, mask)
+        out = {k: np.asarray(v, np.float32) for k, v in out.items()}
+        return {p: {k: v[i] for k, v in out.items()} for i, p in enumerate(prompts)}
 
     def _precompute_latents(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(mean, logvar) [N, 2 (flip), h, w, c] of every image's center crop, unflipped and flipped."""
@@ -79,7 +94,7 @@ class TrainInputs:
                             accum=self.cfg.gradient_accumulation_steps,
                             with_prior=self.cfg.with_prior_preservation, tokenize=self.tokenize,
                             context_for=self.context_for, latent_cache=self.latent_cache,
-                            use_mask=self.cfg.text_encoder_use_attention_mask)
+                            use_mask=self.cfg.text_encoder_use_attention_mask, time_ids=self.pipe.is_sdxl)
 
     def device_batch(self, step: int):
         """Step `step`'s batch on the mesh: [A, B, ...] arrays, the examples (axis 1) split over `data`."""
@@ -87,13 +102,15 @@ class TrainInputs:
 
 
 def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bool, tokenize, context_for=None,
-                 latent_cache=None, use_mask: bool = False) -> dict:
+                 latent_cache=None, use_mask: bool = False, time_ids: bool = False) -> dict:
     """This process's rows of step `step`'s global batch, as [A, rows, ...] arrays.
 
     Micro-batch a of the global batch is [its D*per_device instance rows; as many class rows] whatever the
     number of devices, and `example_id` numbers every example of the step (instances first, then classes),
     so the noise each example gets, and hence the step's result, is the same for any device count and any
-    split into accumulated micro-batches. Each process decodes only the rows its own devices hold.
+    split into accumulated micro-batches. Each process decodes only the rows its own devices hold. With
+    `time_ids` (SDXL) each row also gets the size and crop conditioning of the view it holds
+    (`DreamBoothData.time_ids`; the centre crop where latents are cached).
     """
     n_inst = jax.device_count() * per_device  # instance rows per micro-batch
     kinds = ("instance", "class") if with_prior else ("instance",)
@@ -106,24 +123,25 @@ def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bo
             kind = kinds[r // n_inst]
             k = a * n_inst + r % n_inst
             rows.append((kind, k, k + (accum * n_inst if kind == "class" else 0)))
+    # (kind, image index, crop, flip) of each row's view
+    views = [(kind, int(plan[f"{kind}_indices"][k]), tuple(int(x) for x in plan[f"{kind}_crops"][k]),
+              bool(plan[f"{kind}_flips"][k])) for kind, k, _ in rows]
+    if latent_cache is not None:  # the cache holds centre crops
+        views = [(kind, i, data.centered_crop(kind, i), flip) for kind, i, _, flip in views]
     out: dict[str, np.ndarray] = {}
     prompts = [plan[f"{kind}_prompts"][k] for kind, k, _ in rows]
     if latent_cache is not None:
-        pick = [(latent_cache[kind], plan[f"{kind}_indices"][k], int(plan[f"{kind}_flips"][k])) for kind, k, _ in rows]
-        out["latent_mean"] = np.stack([c[0][i, f] for c, i, f in pick])
-        out["latent_logvar"] = np.stack([c[1][i, f] for c, i, f in pick])
+        out["latent_mean"] = np.stack([latent_cache[kind][0][i, int(flip)] for kind, i, _, flip in views])
+        out["latent_logvar"] = np.stack([latent_cache[kind][1][i, int(flip)] for kind, i, _, flip in views])
     else:
-        out["images"] = np.stack([
-            data.view(kind, int(plan[f"{kind}_indices"][k]), tuple(int(x) for x in plan[f"{kind}_crops"][k]),
-                      bool(plan[f"{kind}_flips"][k]))
-            for kind, k, _ in rows])
+        out["images"] = np.stack([data.view(*view) for view in views])
     if context_for is not None:
-        out["context"] = np.stack([context_for[p] for p in prompts])
+        out.update({key: np.stack([context_for[p][key] for p in prompts]) for key in context_for[prompts[0]]})
     else:
-        ids, mask = tokenize(prompts)
-        out["input_ids"] = ids
-        if use_mask:
-            out["attention_mask"] = mask
+        tokens = tokenize(prompts)
+        out.update({k: v for k, v in tokens.items() if k != "attention_mask" or use_mask})
+    if time_ids:
+        out["time_ids"] = np.stack([data.time_ids(*view) for view in views])
     out["is_prior"] = np.array([kind == "class" for kind, _, _ in rows])
     out["example_id"] = np.array([e for _, _, e in rows], np.int32)
     return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in out.items()}

@@ -86,9 +86,10 @@ class TrainLoop:
         t_loop = None
         try:
             for step in range(start, self.max_steps):
-                if step == self.cfg.stop_text_encoder_training and self.cfg.text_encoder_part in state.params:
-                    state, self.compiled = state.freeze(self.cfg.text_encoder_part), None  # a step without it
-                    log.info("text encoder frozen from step %d on", step)
+                parts = [p for p in self.cfg.text_encoder_parts if p in state.params]
+                if step == self.cfg.stop_text_encoder_training and parts:
+                    state, self.compiled = state.freeze(*parts), None  # a step without them
+                    log.info("text encoder%s frozen from step %d on", "s" if len(parts) > 1 else "", step)
                 batch, waited = batches.next()
                 if self.compiled is None:
                     t0 = time.perf_counter()

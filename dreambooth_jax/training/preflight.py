@@ -58,13 +58,21 @@ def batch_shapes(cfg, pipe, num_devices: int) -> dict:
         out["latent_logvar"] = s(*latent)
     else:
         out["images"] = s(cfg.resolution, cfg.resolution, 3)
-    length = cfg.tokenizer_max_length or pipe.tokenizer.model_max_length
+    length = lambda tokenizer: cfg.tokenizer_max_length or tokenizer.model_max_length  # noqa: E731
     if cfg.pre_compute_text_embeddings:
-        out["context"] = s(length, pipe.text_encoder.config.hidden_size)
+        width = pipe.text_encoder.config.hidden_size
+        if pipe.is_sdxl:
+            width += pipe.text_encoder_2.config.hidden_size
+            out["pooled"] = s(pipe.text_encoder_2.config.projection_dim)
+        out["context"] = s(length(pipe.tokenizer), width)
     else:
-        out["input_ids"] = s(length, dtype=jnp.int32)
+        out["input_ids"] = s(length(pipe.tokenizer), dtype=jnp.int32)
         if cfg.text_encoder_use_attention_mask:
-            out["attention_mask"] = s(length, dtype=jnp.int32)
+            out["attention_mask"] = s(length(pipe.tokenizer), dtype=jnp.int32)
+        if pipe.is_sdxl:
+            out["input_ids_2"] = s(length(pipe.tokenizer_2), dtype=jnp.int32)
+    if pipe.is_sdxl:
+        out["time_ids"] = s(6)
     out["is_prior"] = s(dtype=jnp.bool_)
     out["example_id"] = s(dtype=jnp.int32)
     return out

@@ -37,39 +37,45 @@ class TrainState(flax.struct.PyTreeNode):
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, frozen=frozen,
                    ema=ema_params, txs=tuple(sorted(txs.items())))
 
-    def freeze(self, part: str) -> TrainState:
-        """Stops training `part`: its params join `frozen` and its optimizer state is dropped."""
-        params = {k: v for k, v in self.params.items() if k != part}
-        return self.replace(params=params, frozen={**self.frozen, part: self.params[part]},
-                            opt_state={k: v for k, v in self.opt_state.items() if k != part},
-                            txs=tuple((k, tx) for k, tx in self.txs if k != part), stopped=(*self.stopped, part))
+    def freeze(self, *parts: str) -> TrainState:
+        """Stops training `parts` (those trained; others are ignored): their params join `frozen` and their
+        optimizer states are dropped."""
+        parts = tuple(p for p in parts if p in self.params)
+        params = {k: v for k, v in self.params.items() if k not in parts}
+        return self.replace(params=params, frozen={**self.frozen, **{p: self.params[p] for p in parts}},
+                            opt_state={k: v for k, v in self.opt_state.items() if k not in parts},
+                            txs=tuple((k, tx) for k, tx in self.txs if k not in parts),
+                            stopped=(*self.stopped, *parts))
 
     def export_params(self) -> dict:
         """The weights to export: every part, the EMA ones where there are."""
         return {**self.frozen, **self.params, **(self.ema or {})}
 
 
-def trained_networks(cfg: TrainConfig) -> list[str]:
-    return ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
+def trained_networks(cfg: TrainConfig, params: dict) -> list[str]:
+    """The networks the run trains: the UNet, and with --train_text_encoder every text encoder (SDXL's two)."""
+    encoders = [k for k in ("text_encoder", "text_encoder_2") if k in params] if cfg.train_text_encoder else []
+    return ["unet", *encoders]
 
 
 def lr_schedules(cfg: TrainConfig, parts, max_steps: int, global_batch: int) -> dict:
-    """{trained part: its learning-rate schedule} (the text encoder's parts take --text_encoder_lr)."""
+    """{trained part: its learning-rate schedule} (the text encoders' parts take --text_encoder_lr)."""
     scale = global_batch if cfg.scale_lr else 1
-    peak = {"unet": cfg.learning_rate, "text_encoder": cfg.text_encoder_lr or cfg.learning_rate}
+    text_lr = cfg.text_encoder_lr or cfg.learning_rate
+    peak = {"unet": cfg.learning_rate, "text_encoder": text_lr, "text_encoder_2": text_lr}
     return {part: optim.lr_schedule(cfg.lr_scheduler, peak[part.removesuffix("_lora")] * scale,
                                     warmup_steps=cfg.lr_warmup_steps, total_steps=max_steps,
                                     num_cycles=cfg.lr_num_cycles, power=cfg.lr_power) for part in parts}
 
 
 def make_state(cfg: TrainConfig, params: dict, max_steps: int, global_batch: int) -> TrainState:
-    """The initial train state from the pipeline's params {'unet', 'vae', 'text_encoder'}.
+    """The initial train state from the pipeline's params {'unet', 'vae', 'text_encoder'[, 'text_encoder_2']}.
 
     Pure: the trainer traces it with `jax.eval_shape` (the memory preflight, before any weight is read) and runs
     it under `jax.jit` with the state's shardings as outputs, so the optimizer state and EMA are created in
     place, sharded, and nothing is built whole on one device first.
     """
-    networks = trained_networks(cfg)
+    networks = trained_networks(cfg, params)
     if cfg.use_lora:
         trained, frozen = lora_params(cfg, params, networks)
     else:
@@ -88,7 +94,8 @@ def lora_config(cfg: TrainConfig) -> lora.LoraConfig | None:
 
 def lora_params(cfg: TrainConfig, params: dict, networks: list[str]) -> tuple[dict, dict]:
     """(trained LoRA factors {'<net>_lora'}, frozen params): the adapted bases kept in the compute dtype."""
-    defaults = {"unet": lora.UNET_TARGETS, "text_encoder": lora.TEXT_ENCODER_TARGETS}
+    defaults = {"unet": lora.UNET_TARGETS, "text_encoder": lora.TEXT_ENCODER_TARGETS,
+                "text_encoder_2": lora.TEXT_ENCODER_TARGETS}
     custom = tuple(t.strip() for t in cfg.lora_target_modules.split(",")) if cfg.lora_target_modules else None
     rngs = dict(zip(networks, jax.random.split(jax.random.PRNGKey(cfg.seed), len(networks))))
     trained, frozen = {}, dict(params)

@@ -2,7 +2,8 @@
 
 Loss (Ruiz et al. 2023, eq. 2): E w(t) ||x̂(z_t, t, c) - target||² on the instance examples plus
 `prior_loss_weight` x the same on the class (prior-preservation) examples, where z_t ~ q(z_t | z_0) and the
-target is ε, v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0, or z_0 per the scheduler's `prediction_type`; w(t) = 1, or
+target is ε, v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0, or z_0 per the scheduler's `prediction_type`, and c the
+text conditioning (SDXL: both encoders' and the pooled embedding, plus each example's `time_ids`); w(t) = 1, or
 the Min-SNR-γ weight (Hang et al. 2023) per example, for the target's own loss: min(SNR, γ) / SNR (ε),
 min(SNR, γ) / (SNR + 1) (v), min(SNR, γ) (z_0). Instance and class examples travel in one batch (one forward
 pass), told apart by `batch["is_prior"]`.
@@ -23,6 +24,7 @@ import numpy as np
 import optax
 
 from dreambooth_jax.diffusion import noise_schedule
+from dreambooth_jax.diffusion.conditioning import combine_encoders
 from dreambooth_jax.models.vae import sample_latents
 from dreambooth_jax.training.state import TrainState
 
@@ -43,27 +45,38 @@ class StepSpec:
     max_grad_norm: float = 1.0  # clip the global norm of all trained parts' gradients (0: off)
     ema_decay: float = 0.9999
     lora: Any = None  # lora.LoraConfig when training LoRA factors (params '<part>_lora')
+    text_encoder_2: Any = None  # SDXL's second (projected) text encoder
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
 
-def apply_part(spec: StepSpec, part: str, params, frozen, *args, dropout_rng=None):
-    """Runs `part` ('unet' or 'text_encoder') with its trained params, its frozen ones, or (LoRA) its frozen
-    base plus the trained `<part>_lora` factors."""
+def apply_part(spec: StepSpec, part: str, params, frozen, *args, dropout_rng=None, **kwargs):
+    """Runs `part` ('unet', 'text_encoder' or 'text_encoder_2') with its trained params, its frozen ones, or
+    (LoRA) its frozen base plus the trained `<part>_lora` factors."""
     module = getattr(spec, part)
     factors = params.get(f"{part}_lora", frozen.get(f"{part}_lora"))  # frozen ones: stopped text-encoder LoRA
     if factors is not None:
         from dreambooth_jax import lora
 
-        return lora.apply(module, frozen[part], factors, spec.lora, *args, dropout_rng=dropout_rng)
-    out = module.apply({"params": params[part] if part in params else frozen[part]}, *args)
+        return lora.apply(module, frozen[part], factors, spec.lora, *args, dropout_rng=dropout_rng, **kwargs)
+    out = module.apply({"params": params[part] if part in params else frozen[part]}, *args, **kwargs)
     return out if part in params else jax.tree.map(jax.lax.stop_gradient, out)
 
 
-def _text_context(spec: StepSpec, params, frozen, batch, dropout_rng=None):
+def text_conditioning(spec: StepSpec, params, frozen, batch, dropout_rng=None):
+    """(context [B, L, D], pooled [B, P] or None) of the batch's prompts: precomputed, or from the text
+    encoder(s) (`conditioning.combine_encoders`)."""
     if "context" in batch:  # precomputed text embeddings
-        return batch["context"]
+        return batch["context"], batch.get("pooled")
     mask = batch.get("attention_mask") if spec.use_attention_mask else None
-    return apply_part(spec, "text_encoder", params, frozen, batch["input_ids"], mask,
-                      dropout_rng=dropout_rng).last_hidden_state
+    out = apply_part(spec, "text_encoder", params, frozen, batch["input_ids"], mask, dropout_rng=dropout_rng)
+    out_2 = None
+    if spec.is_sdxl:  # SDXL's pipelines pass no attention mask
+        rng_2 = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 2)
+        out_2 = apply_part(spec, "text_encoder_2", params, frozen, batch["input_ids_2"], dropout_rng=rng_2)
+    return combine_encoders(out, out_2)
 
 
 def _normal(keys, shape):
@@ -96,9 +109,10 @@ def per_example_loss(spec: StepSpec, params, frozen, batch, latents, noise, time
     ac = jnp.asarray(spec.alphas_cumprod, jnp.float32)
     noisy = noise_schedule.add_noise(ac, latents, noise, timesteps)
     te_rng, unet_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-    context = _text_context(spec, params, frozen, batch, te_rng)
+    context, pooled = text_conditioning(spec, params, frozen, batch, te_rng)
+    added = dict(text_embeds=pooled, time_ids=batch["time_ids"]) if spec.is_sdxl else {}
     pred = apply_part(spec, "unet", params, frozen, noisy.astype(spec.unet.dtype), timesteps, context,
-                      dropout_rng=unet_rng)
+                      dropout_rng=unet_rng, **added)
     if spec.prediction_type == "epsilon":
         target = noise
     elif spec.prediction_type == "v_prediction":

@@ -17,7 +17,7 @@ import jax
 
 from dreambooth_jax import parallel, storage
 from dreambooth_jax.diffusion import noise_schedule
-from dreambooth_jax.errors import UnsupportedError
+from dreambooth_jax.errors import UsageError
 from dreambooth_jax.images import count_images
 from dreambooth_jax.parallel import maybe_initialize_distributed
 from dreambooth_jax.pipeline import load_pipeline
@@ -119,7 +119,7 @@ def run(cfg: TrainConfig) -> Run:
     # written: only later checkpoints were saved without it.
     stop = cfg.stop_text_encoder_training
     if resume is not None and stop is not None and resume[1] > stop:
-        state, loop.compiled = state.freeze(cfg.text_encoder_part), None
+        state, loop.compiled = state.freeze(*cfg.text_encoder_parts), None
     if resume is not None:
         root, step = resume
         source = ckpt if root == ckpt.root else checkpoints.Checkpointer(root, every=cfg.checkpointing_steps)
@@ -161,16 +161,19 @@ def _fsdp(cfg: TrainConfig, devices) -> str | int:
 
 
 def _model_shapes(cfg: TrainConfig):
-    """The pipeline's modules, tokenizers and parameter shapes, from its configs (no weight is read)."""
+    """The pipeline's modules, tokenizers and parameter shapes, from its configs (no weight is read); options the
+    model cannot take are refused here, before any weight is loaded."""
     shapes = load_pipeline(cfg.pretrained_model_name_or_path, weights="none", **_pipeline_options(cfg))
-    if shapes.is_sdxl:
-        raise UnsupportedError("SDXL pipelines are not supported by the trainer yet (SD 1.x / 2.x are)")
+    if shapes.is_sdxl and cfg.text_encoder_use_attention_mask:
+        raise UsageError("--text_encoder_use_attention_mask: SDXL's text encoders take no attention mask (its "
+                         "pipelines and diffusers' SDXL scripts pass none)")
     return shapes
 
 
 def _pipeline_options(cfg: TrainConfig) -> dict:
     return dict(dtype=cfg.compute_dtype, param_dtype="fp32", revision=cfg.revision, variant=cfg.variant,
-                attention_impl=cfg.attention, remat=cfg.gradient_checkpointing, fused_norm=cfg.fused_norm)
+                vae=cfg.pretrained_vae_model_name_or_path, attention_impl=cfg.attention,
+                remat=cfg.gradient_checkpointing, fused_norm=cfg.fused_norm)
 
 
 def step_spec(cfg: TrainConfig, pipe) -> train_step.StepSpec:
@@ -178,7 +181,7 @@ def step_spec(cfg: TrainConfig, pipe) -> train_step.StepSpec:
     schedule_cfg = noise_schedule.ScheduleConfig.from_diffusers_config(pipe.scheduler_config,
                                                                        class_name="DDPMScheduler")
     return train_step.StepSpec(
-        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
         alphas_cumprod=noise_schedule.alphas_cumprod(schedule_cfg), prediction_type=schedule_cfg.prediction_type,
         prior_loss_weight=cfg.prior_loss_weight, use_attention_mask=cfg.text_encoder_use_attention_mask,
         snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0,

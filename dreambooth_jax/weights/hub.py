@@ -17,13 +17,14 @@ _WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _BUCKET_WEIGHT_PATTERNS = tuple(f"{d}/*{ext}" for d in _WEIGHT_FOLDERS for ext in (".safetensors", ".json", ".bin"))
 
 
-def _weight_patterns(files: list[str], variant: str | None) -> list[str]:
-    """The safetensors files (and shard indexes) of each component, of `variant` when it has one."""
+def _weight_patterns(files: list[str], variant: str | None, folders=_WEIGHT_FOLDERS) -> list[str]:
+    """The safetensors files (and shard indexes) of each component folder ('': the repository's root), of
+    `variant` when it has one."""
     chosen = []
-    for folder in _WEIGHT_FOLDERS:
-        mine = [f for f in files if f.startswith(folder + "/") and f.count("/") == 1 and ".safetensors" in f]
+    for folder in folders:
+        mine = [f for f in files if os.path.dirname(f) == folder and ".safetensors" in f]
         if not mine:  # PyTorch pickles only: read without torch (`torch_pickle`)
-            mine = [f for f in files if f.startswith(folder + "/") and f.count("/") == 1 and ".bin" in f]
+            mine = [f for f in files if os.path.dirname(f) == folder and ".bin" in f]
         tagged = [f for f in mine if variant and re.search(rf"\.{re.escape(variant)}[.-]", f)]
         plain = [f for f in mine if not re.search(r"\.(fp16|bf16|fp32|ema|non_ema|flax)[.-]", f)]
         chosen += tagged or plain
@@ -105,6 +106,60 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | bo
         except Exception:
             raise MissingFileError(f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in the "
                                     "local cache. Pass a local model folder instead.") from e
+
+
+def download_component(repo_id: str, folder: str, *, revision: str | None = None, variant: str | None = None,
+                       token: str | bool | None = None, cache_dir: str | None = None, weights: bool = True) -> str:
+    """Downloads (or finds in the cache) one diffusers model: a repository holding it at its root (e.g.
+    madebyollin/sdxl-vae-fp16-fix) or a pipeline repository's `folder/`; returns the local snapshot folder."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
+        raise
+    except Exception as e:  # offline, unreachable: use what the cache holds
+        log.warning("cannot list %s on the Hub (%s); trying the local cache", repo_id, e)
+        patterns = ["config.json", f"{folder}/config.json"]
+        patterns += [f"*diffusion_pytorch_model{'.' + variant if variant else ''}*.safetensors*"] if weights else []
+        try:
+            return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token,
+                                     cache_dir=cache_dir, local_files_only=True)
+        except Exception as cache_error:
+            raise MissingFileError(f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in the "
+                                   f"local cache ({cache_error}). Pass a local folder instead.") from e
+    where = "" if "config.json" in files else folder
+    if os.path.join(where, "config.json") not in files:
+        raise MissingFileError(f"{repo_id} holds no diffusers model (no config.json at its root or in {folder}/)")
+    wanted = [os.path.join(where, "config.json")] + (_weight_patterns(files, variant, (where,)) if weights else [])
+    return snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token, cache_dir=cache_dir)
+
+
+def resolve_component(name_or_path: str, folder: str, *, weights: bool = True, **kwargs) -> str:
+    """The local folder of one diffusers model (its `config.json` and weights) given as a local folder, a bucket
+    folder or a Hub repository id; a whole pipeline stands for its `folder/` (e.g. 'vae')."""
+    from dreambooth_jax import storage
+
+    if storage.is_remote(name_or_path):
+        storage.check(name_or_path, "model")
+        patterns = ("config.json", f"{folder}/config.json")
+        if weights:
+            patterns += ("*.safetensors*", f"{folder}/*.safetensors*")
+        local = storage.Folder(name_or_path).pull(patterns)
+    elif os.path.isdir(name_or_path):
+        local = name_or_path
+    elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
+        raise MissingFileError(f"{name_or_path} is not a model folder (no such folder; Hub ids look like "
+                               "'org/name')")
+    else:
+        local = download_component(name_or_path, folder, weights=weights, **kwargs)
+    if not os.path.isfile(os.path.join(local, "config.json")) and os.path.isdir(os.path.join(local, folder)):
+        local = os.path.join(local, folder)
+    if not os.path.isfile(os.path.join(local, "config.json")):
+        raise MissingFileError(f"{name_or_path}: no config.json (expected a diffusers model folder, or a pipeline "
+                               f"with a {folder}/ folder)")
+    return local
 
 
 def resolve(name_or_path: str, *, what: str = "pipeline", **kwargs) -> str:

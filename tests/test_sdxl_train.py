@@ -1,0 +1,90 @@
+"""SDXL DreamBooth-LoRA through the CLI: both text encoders adapted, a separate VAE, the exports read by diffusers
+(diffusers and kohya layouts) and drawing what our merged export draws. The loss and the full fine-tune against
+PyTorch are in test_training_reference.py."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file as read_safetensors
+from train_helpers import PROMPT, run_argv
+
+from dreambooth_jax import lora
+from dreambooth_jax.diffusion.generation import generate
+from dreambooth_jax.pipeline import load_pipeline
+
+# Ours (merged export) vs diffusers (base + load_lora_weights): the same weights up to float32 rounding of W + BA,
+# through 3 sampling steps and the decoder: sampling parity alone is ~2e-6 (test_sampling). The issue's bound.
+IMAGE_TOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora_run(tiny_pipelines, instance_dir, class_dir, tmp_path_factory):
+    """A CLI run: LoRA on the UNet and both text encoders, prior preservation, random crops and flips, another
+    pipeline's VAE (`--pretrained_vae_model_name_or_path`), validation, `--merge_lora`."""
+    from dreambooth_jax.train import main
+
+    out = tmp_path_factory.mktemp("sdxl_lora") / "out"
+    argv = run_argv(tiny_pipelines, instance_dir, out, "--use_lora", "--rank", "4", "--train_text_encoder",
+                    "--text_encoder_lr", "2e-2", "--learning_rate", "5e-2", "--max_train_steps", "3",
+                    "--merge_lora", "--with_prior_preservation", "--class_data_dir", class_dir, "--class_prompt",
+                    "a photo of toy", "--num_class_images", "4", "--random_flip",
+                    "--pretrained_vae_model_name_or_path", tiny_pipelines["sd1"], "--validation_prompt", PROMPT,
+                    "--validation_steps", "3", "--num_validation_images", "1", "--validation_inference_steps", "2")
+    argv[argv.index(tiny_pipelines["sd1"])] = tiny_pipelines["sdxl"]  # the first: --pretrained_model_name_or_path
+    main(argv)
+    return str(out)
+
+
+def test_sdxl_lora_export_draws_in_diffusers_what_our_merged_export_draws(tiny_pipelines, sdxl_lora_run):
+    import diffusers
+    import torch
+
+    out = sdxl_lora_run
+    assert os.path.isfile(os.path.join(out, "validation", "step-000003.png"))
+    keys = read_safetensors(os.path.join(out, lora.WEIGHT_NAME)).keys()
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    latents = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, latents=latents, height=64, width=64)
+    merged = load_pipeline(out)
+    ours = generate(merged, [PROMPT], **kw)
+
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_pipelines["sd1"], subfolder="vae")  # the run's VAE
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_pipelines["sdxl"], vae=vae)
+    ref.set_progress_bar_config(disable=True)
+    draw = lambda: ref([PROMPT], latents=torch.tensor(latents.transpose(0, 3, 1, 2)), output_type="np",  # noqa: E731
+                       **{k: v for k, v in kw.items() if k != "latents"}).images
+    without = draw()
+    ref.load_lora_weights(out)
+    theirs = draw()
+    assert np.abs(theirs - ours).max() <= IMAGE_TOL
+    assert np.abs(without - ours).max() > 10 * IMAGE_TOL  # the adapters (both encoders' too) change the image
+
+    # The merged export holds the VAE the run trained with, not the pipeline's own.
+    sd1_vae = load_pipeline(tiny_pipelines["sd1"]).params["vae"]
+    np.testing.assert_array_equal(merged.params["vae"]["encoder"]["conv_in"]["kernel"],
+                                  sd1_vae["encoder"]["conv_in"]["kernel"])
+
+
+def test_sdxl_kohya_export_round_trips(tiny_pipelines, sdxl_lora_run):
+    """The kohya file (lora_unet_ / lora_te1_ / lora_te2_) reads back as the diffusers-layout file, and merged
+    into the base it gives our --merge_lora export's weights."""
+    import jax
+
+    out = sdxl_lora_run
+    kohya_path = os.path.join(out, lora.KOHYA_WEIGHT_NAME)
+    prefixes = {k.split("_text_model")[0].split("_down_blocks")[0].split("_up_blocks")[0].split("_mid_block")[0]
+                for k in read_safetensors(kohya_path)}
+    assert prefixes == {"lora_unet", "lora_te1", "lora_te2"}
+    kohya, kohya_cfg = lora.load_file(kohya_path)
+    diffusers_layout, cfg = lora.load_file(os.path.join(out, lora.WEIGHT_NAME))
+    assert kohya_cfg == cfg and kohya.keys() == diffusers_layout.keys() == {"unet", "text_encoder", "text_encoder_2"}
+    for a, b in zip(jax.tree.leaves(kohya), jax.tree.leaves(diffusers_layout)):
+        np.testing.assert_array_equal(a, b)
+    merged = load_pipeline(out).params
+    base = load_pipeline(tiny_pipelines["sdxl"], lora=kohya_path).params
+    for net in ("unet", "text_encoder", "text_encoder_2"):
+        for a, b in zip(jax.tree.leaves(base[net]), jax.tree.leaves(merged[net])):
+            np.testing.assert_array_equal(a, b)
