@@ -231,3 +231,36 @@ def test_runtime_never_imports_torch(tiny_pipelines, tmp_path):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_separate_vae_folder_pipeline_and_hub_repository(tiny_pipelines, tmp_path, monkeypatch):
+    """`load_pipeline(vae=...)` (the trainer's --pretrained_vae_model_name_or_path): a model folder or another
+    pipeline's vae/; from the Hub only diffusers' config and weights of that model are fetched."""
+    import huggingface_hub
+
+    from dreambooth_jax.errors import MissingFileError
+
+    other_vae = load_pipeline(tiny_pipelines["sd1"]).params["vae"]
+    folder = shutil.copytree(os.path.join(tiny_pipelines["sd1"], "vae"), tmp_path / "my-vae")
+    for source in (str(folder), tiny_pipelines["sd1"]):
+        pipe = load_pipeline(tiny_pipelines["sdxl"], vae=source)
+        for a, b in zip(jax.tree.leaves(pipe.params["vae"]), jax.tree.leaves(other_vae)):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(MissingFileError, match="no config.json"):
+        load_pipeline(tiny_pipelines["sdxl"], vae=str(tmp_path), weights="none")
+
+    fetched = {}
+
+    class Api:
+        def list_repo_files(self, repo_id, **kwargs):
+            return ["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                    "diffusion_pytorch_model.bin", "sdxl_vae.safetensors", "README.md"]
+
+    def snapshot_download(repo_id, allow_patterns, **kwargs):
+        fetched[repo_id] = sorted(allow_patterns)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    load_pipeline(tiny_pipelines["sdxl"], vae="madebyollin/sdxl-vae-fp16-fix")
+    assert fetched == {"madebyollin/sdxl-vae-fp16-fix": ["config.json", "diffusion_pytorch_model.safetensors"]}

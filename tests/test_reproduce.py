@@ -79,3 +79,22 @@ def test_reproduce_two_subjects_then_skips_them_and_keeps_settings(setup, monkey
         reproduce.main([*args, "--subjects", "dog6"])
     with pytest.raises(SystemExit):
         reproduce.main([*args, "--seeds", "a,b"])
+
+
+def test_reproduce_with_the_sdxl_lora_preset(setup, tiny_pipelines, capsys):
+    """`--config sdxl_lora` (the preset itself, its heavy settings overridden for the tiny SDXL model): the
+    paper's protocol on SDXL trains a LoRA, samples from the merged pipeline and scores it."""
+    root, args = setup
+    out = root / "out_sdxl"
+    args = [a for a in args if a not in ("--config", str(root / "tiny_paper.json"))]
+    args[args.index("--output_dir") + 1] = str(out)
+    reproduce.main([*args, "--config", "sdxl_lora", "--pretrained_model_name_or_path", tiny_pipelines["sdxl"],
+                    "--subjects", "dog", "--max_train_steps", "2", "--", "--pretrained_vae_model_name_or_path",
+                    "none", "--resolution", "64", "--gradient_accumulation_steps", "1", "--num_class_images", "2",
+                    "--sample_batch_size", "2", "--mixed_precision", "no", "--attention", "einsum",
+                    "--validation_inference_steps", "2", "--learning_rate", "1e-3"])
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["subjects"]) == ["dog"] and results["subjects"]["dog"]["dino"]["n"] == 4
+    settings = json.loads((out / "dog" / "seed0" / "settings.json").read_text())
+    assert settings["config"] == "sdxl_lora"
+    assert "--use_lora: adding --merge_lora" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 from safetensors.numpy import load_file as read_safetensors
-from train_helpers import PROMPT, run_argv
+from train_helpers import PROMPT, run_argv, train_cfg
 
 from dreambooth_jax import lora
 from dreambooth_jax.diffusion.generation import generate
@@ -88,3 +88,59 @@ def test_sdxl_kohya_export_round_trips(tiny_pipelines, sdxl_lora_run):
     for net in ("unet", "text_encoder", "text_encoder_2"):
         for a, b in zip(jax.tree.leaves(base[net]), jax.tree.leaves(merged[net])):
             np.testing.assert_array_equal(a, b)
+
+
+def test_sdxl_cached_latents_and_embeddings_give_the_uncached_loss(tiny_pipelines, instance_dir, class_dir):
+    """--cache_latents + --pre_compute_text_embeddings on SDXL: the cached pooled embedding, both encoders'
+    context and the centre crops' time_ids give the loss of the same batch computed from images and tokens."""
+    import dataclasses
+
+    import jax
+
+    from dreambooth_jax import parallel
+    from dreambooth_jax.training import step as train_step
+    from dreambooth_jax.training.data import Concept, DreamBoothData
+    from dreambooth_jax.training.inputs import TrainInputs
+    from dreambooth_jax.training.trainer import step_spec
+
+    pipe = load_pipeline(tiny_pipelines["sdxl"])
+    cfg = train_cfg(tiny_pipelines, instance_dir, "unused", pretrained_model_name_or_path=tiny_pipelines["sdxl"],
+                    center_crop=True, random_flip=True, train_batch_size=3, with_prior_preservation=True,
+                    class_data_dir=class_dir, class_prompt="a photo of toy")
+    data = DreamBoothData([Concept(instance_dir, PROMPT, class_dir, "a photo of toy")], resolution=64,
+                          center_crop=True, random_flip=True, with_prior_preservation=True)
+    spec = step_spec(cfg, pipe)
+    losses = []
+    for options in ({}, {"cache_latents": True, "pre_compute_text_embeddings": True}):
+        run_cfg = dataclasses.replace(cfg, **options)
+        batch = TrainInputs(run_cfg, pipe, data, parallel.data_mesh()).host_batch(1)
+        batch = jax.tree.map(lambda x: x[0], batch)  # the one micro-batch
+        assert ("pooled" in batch) == bool(options) and batch["time_ids"].shape == (6, 6)
+        loss, _ = train_step.micro_batch_loss({}, pipe.params, batch, jax.random.PRNGKey(0), spec=spec)
+        losses.append(float(loss))
+    # fp32: the same maths, the VAE and encoders run on another batch layout (summation order): ~1e-7 relative.
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_sdxl_options_it_cannot_take_are_refused_before_loading_weights(tiny_pipelines, instance_dir, tmp_path,
+                                                                        monkeypatch):
+    import json
+    import shutil
+
+    from dreambooth_jax.errors import UsageError
+    from dreambooth_jax.training import trainer
+    from dreambooth_jax.weights import discovery
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(discovery, "load_state_dict", refuse)
+    cfg = train_cfg(tiny_pipelines, instance_dir, tmp_path / "out", pretrained_model_name_or_path=tiny_pipelines["sdxl"],
+                    text_encoder_use_attention_mask=True)
+    with pytest.raises(UsageError, match="SDXL's text encoders take no attention mask"):
+        trainer.run(cfg)
+    refiner = shutil.copytree(tiny_pipelines["sdxl"], tmp_path / "refiner")
+    index = json.loads((refiner / "model_index.json").read_text())
+    (refiner / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    with pytest.raises(UsageError, match="StableDiffusionXLImg2ImgPipeline' is not supported"):
+        trainer.run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "out2", pretrained_model_name_or_path=str(refiner)))

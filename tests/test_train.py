@@ -206,6 +206,12 @@ def test_presets_and_cli_overrides(tiny_pipelines, instance_dir):
     paper = parse_args(["--config", "paper", "--instance_data_dir", instance_dir, "--instance_prompt", PROMPT,
                         "--class_data_dir", "/tmp/x", "--class_prompt", "a dog"])
     assert (paper.learning_rate, paper.num_class_images, paper.prior_loss_weight) == (5e-6, 1000, 1.0)
+    for preset, lora in (("sdxl", False), ("sdxl_lora", True)):
+        sdxl = parse_args(["--config", preset, "--instance_data_dir", instance_dir, "--instance_prompt", PROMPT,
+                           "--class_data_dir", "/tmp/x", "--class_prompt", "a dog"])
+        assert (sdxl.resolution, sdxl.use_lora, sdxl.mixed_precision) == (1024, lora, "bf16")
+        assert sdxl.pretrained_vae_model_name_or_path == "madebyollin/sdxl-vae-fp16-fix"
+    assert (sdxl.rank, sdxl.learning_rate) == (16, 1e-4)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -132,7 +132,10 @@ def download_component(repo_id: str, folder: str, *, revision: str | None = None
     where = "" if "config.json" in files else folder
     if os.path.join(where, "config.json") not in files:
         raise MissingFileError(f"{repo_id} holds no diffusers model (no config.json at its root or in {folder}/)")
-    wanted = [os.path.join(where, "config.json")] + (_weight_patterns(files, variant, (where,)) if weights else [])
+    # Only diffusers' weight files: such repositories often carry the same weights in other layouts too (e.g.
+    # sdxl-vae-fp16-fix's `sdxl_vae.safetensors`, in the original LDM naming).
+    ours = [f for f in files if os.path.basename(f).startswith("diffusion_pytorch_model")]
+    wanted = [os.path.join(where, "config.json")] + (_weight_patterns(ours, variant, (where,)) if weights else [])
     return snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token, cache_dir=cache_dir)
 
 
