@@ -3,13 +3,25 @@ beside diffusers' PyTorch training loop on the same workload when torch with CUD
 
     python tools/bench_train.py                                    # SD-1.5-shaped random weights, 512 px
     python tools/bench_train.py --configs cached throughput cached+remat --all_optimizers
-    python tools/bench_train.py --tiny --steps 3 --warmup 1        # a quick CPU smoke run
+    python tools/bench_train.py --model sdxl                       # SDXL-shaped, 1024 px: full (remat) and LoRA
+    python tools/bench_train.py --model sdxl --dry_run             # their per-device memory, on any machine
+    python tools/bench_train.py --tiny --steps 3 --warmup 1        # a quick CPU smoke run (--model sdxl too)
 
-A configuration is `base` or '+'-joined features: `text_encoder` (trained too), `remat`, `cached` (VAE
+`--model sd15|sdxl`: the full-size model's shapes with random weights (SDXL: both text encoders, the pooled
+embedding and `time_ids` condition the UNet), or with `--tiny` the tiny model of that family.
+
+A configuration is `base` or '+'-joined features: `text_encoder` (trained too; SDXL's both), `remat`, `cached` (VAE
 latents), `throughput` (`--throughput_batch` samples per device instead of `--batch` instance + as many class
 rows), `loraR` (LoRA of rank R instead of full fine-tuning, e.g. `lora4`, `lora16+cached`), `xla` (our kernels
-off: XLA attention and GroupNorm, against the `--attention`/`--fused_norm` of the other rows, default auto). Weights fp32, compute bf16, a fresh state per row; with `--isolate` (default with a GPU/TPU) a process
-per row too, as the allocator's peak is per process. Prints a JSON line per row, then a table with targets.
+off: XLA attention and GroupNorm, against the `--attention`/`--fused_norm` of the other rows, default auto).
+Weights fp32, compute bf16, a fresh state per row; with `--isolate` (default with a GPU/TPU) a process per row
+too, as the allocator's peak is per process. The PyTorch reference is diffusers' scripts' step (train_dreambooth.py;
+LoRA rows: train_dreambooth_lora[_sdxl].py's peft adapters), for every row but `xla`.
+
+`--dry_run`: no weights and no timing: each row only compiles the trainer's step ahead of time from parameter
+shapes (the trainer's memory preflight) and reports the compile time and the per-device memory XLA plans
+(params, optimizer, frozen, temp, total) for the device it runs on; no GPU needed.
+Prints a JSON line per row, then a table with targets.
 """
 
 from __future__ import annotations
@@ -30,25 +42,54 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+MODELS = ("sd15", "sdxl")
 FEATURES = ("text_encoder", "remat", "cached", "throughput", "xla")
 # Dense bf16 peak TFLOP/s per chip, by substring of the lower-cased device kind (first match wins).
 PEAK_TFLOPS = (("h100 pcie", 756), ("h100", 989), ("h200", 989), ("a100", 312), ("tpu v5 lite", 197),
                ("tpu v5e", 197), ("tpu v6 lite", 918), ("tpu v6e", 918), ("tpu v5", 459), ("tpu v4", 275))
-SD15_UNET_FWD_TFLOP = 0.80  # one SD-1.5 UNet forward at 512 px, per sample
-TARGETS = ("targets (SD-1.5, 512 px, one H100): cached 1+1 >= 25 steps/s and >= 1.5x PyTorch; "
-           "throughput >= 40% MFU; peak <= 21 GB without remat")
+# (TFLOP of one UNet forward per sample, at this many px): the model's native resolution and default.
+UNET_FWD_TFLOP = {"sd15": (0.80, 512), "sdxl": (6.76, 1024)}
+DEFAULT_CONFIGS = {"sd15": ["base", "text_encoder", "remat", "cached", "cached+xla", "throughput+cached+remat"],
+                   "sdxl": ["cached+remat", "lora16+cached", "lora16+cached+remat"]}
+TARGETS = {
+    "sd15": ("targets (SD-1.5, 512 px, one H100): cached 1+1 >= 25 steps/s and >= 1.5x PyTorch; "
+             "throughput >= 40% MFU; peak <= 21 GB without remat"),
+    "sdxl": ("targets (SDXL, 1024 px, one H100, cached 1+1): full fine-tune with remat >= 5 steps/s, LoRA r16 "
+             ">= 8 steps/s, each >= 1.5x PyTorch; LoRA peak <= 24 GB"),
+}
 
 
-def model_configs(tiny_model: bool):
-    """(text encoder, UNet, VAE configs, tokenizer): the tiny model's, or SD 1.5's from our presets."""
+def model_configs(args) -> dict:
+    """`tiny.random_pipeline`'s keywords for `--model`: its configs, tokenizers and scheduler. Full size from
+    `make_config_pipeline.configs` (our presets), or with `--tiny` the tiny model of that family
+    (`make_tiny_pipeline`'s)."""
+    import dataclasses
+
+    from make_config_pipeline import configs
+    from make_tiny_pipeline import _variant_configs
+
     from dreambooth_jax.models import clip, unet, vae
     from dreambooth_jax.testing import tiny
 
-    tokenizer = tiny.make_tokenizer()
-    if tiny_model:
-        return (*tiny.tiny_configs(len(tokenizer)), tokenizer)
-    tokenizer.model_max_length = 77
-    return clip.PRESETS["sd1"], unet.UNetConfig(cross_attention_dim=768), vae.SD_VAE, tokenizer
+    sdxl = args.model == "sdxl"
+    tokenizers = {"tokenizer": tiny.make_tokenizer()}
+    if sdxl:  # SDXL's second tokenizer pads with '!'
+        tokenizers["tokenizer_2"] = tiny.make_tokenizer(pad_token="!")
+    if args.tiny:
+        text, unet_cfg, vae_cfg = _variant_configs("sdxl" if sdxl else "sd1", len(tokenizers["tokenizer"]))
+        out = dict(text_cfg=text, unet_cfg=unet_cfg, vae_cfg=vae_cfg, scheduler_config=tiny.SD1_SCHEDULER)
+        if sdxl:  # as make_tiny_pipeline's
+            out["text_cfg_2"] = dataclasses.replace(text, num_hidden_layers=2)
+        return {**out, **tokenizers}
+    parts = configs(args.model)
+    out = dict(text_cfg=clip.CLIPTextConfig.from_diffusers_config(parts["text_encoder"]),
+               unet_cfg=unet.UNetConfig.from_diffusers_config(parts["unet"]),
+               vae_cfg=vae.VAEConfig.from_diffusers_config(parts["vae"]), scheduler_config=parts["scheduler"])
+    if sdxl:
+        out["text_cfg_2"] = clip.CLIPTextConfig.from_diffusers_config(parts["text_encoder_2"])
+    for tok in tokenizers.values():  # the tiny vocabulary, the real models' length (shapes come from configs)
+        tok.model_max_length = 77
+    return {**out, **tokenizers}
 
 
 def features(name: str) -> dict:
@@ -66,9 +107,10 @@ def instance_rows(feats: dict, args) -> int:
     return max(1, args.throughput_batch // 2) if feats["throughput"] else args.batch
 
 
-def synthetic_batch(text, vae, cached: bool, rows: int, resolution: int, seed: int = 0) -> dict:
-    """One micro-batch [1, 2 * rows, ...] on the host for the `text`/`vae` configs: `rows` instance rows, then
-    as many class rows (as `training.inputs.layout_batch` lays them out)."""
+def synthetic_batch(text, vae, cached: bool, rows: int, resolution: int, seed: int = 0, text_2=None) -> dict:
+    """One micro-batch [1, 2 * rows, ...] on the host for the `text`/`vae` (SDXL: and `text_2`) configs: `rows`
+    instance rows, then as many class rows (as `training.inputs.layout_batch` lays them out, the structure
+    `preflight.batch_shapes` compiles the step for)."""
     rng = np.random.default_rng(seed)
     n = 2 * rows
     if cached:
@@ -78,7 +120,11 @@ def synthetic_batch(text, vae, cached: bool, rows: int, resolution: int, seed: i
     else:
         batch = {"images": rng.uniform(-1.0, 1.0, (n, resolution, resolution, vae.in_channels))}
     batch = {k: v.astype(np.float32) for k, v in batch.items()}
-    batch["input_ids"] = rng.integers(0, text.vocab_size, (n, text.max_position_embeddings), dtype=np.int32)
+    length = text.max_position_embeddings  # `train_config`'s --tokenizer_max_length, for both tokenizers
+    batch["input_ids"] = rng.integers(0, text.vocab_size, (n, length), dtype=np.int32)
+    if text_2 is not None:  # SDXL: the second tokenizer's ids; time_ids (original size, crop corner, target size)
+        batch["input_ids_2"] = rng.integers(0, text_2.vocab_size, (n, length), dtype=np.int32)
+        batch["time_ids"] = np.tile(np.float32([resolution, resolution, 0, 0, resolution, resolution]), (n, 1))
     batch["is_prior"] = np.arange(n) >= rows
     batch["example_id"] = np.arange(n, dtype=np.int32)
     return {k: v[None] for k, v in batch.items()}
@@ -97,21 +143,26 @@ def time_loop(step, sync, warmup: int, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: int, rows: int, step_s: float,
-             peak_bytes, opt_bytes: int, loss: float, compile_s: float = 0.0, xla=None, xla_bytes=None,
-             mesh=None) -> dict:
-    """One result row. MFU from XLA's count (of the per-device program) and from the analytic UNet-only count,
-    (3 + remat) x forward per sample, scaled with the pixel count (attention grows a bit faster)."""
+def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: int, rows: int, step_s, peak_bytes,
+             memory: dict, loss, compile_s: float = 0.0, xla=None, mesh=None) -> dict:
+    """One result row; `step_s` and `loss` None in a dry run. `memory`: per-device bytes by part (the preflight's
+    params, optimizer, frozen, temp, total; PyTorch's optimizer). MFU from XLA's count (of the per-device program)
+    and from the analytic UNet-only count, (3 + remat) x forward per sample ((2 + remat) with LoRA: the frozen
+    weights take no weight gradients), scaled with the pixel count (attention grows a bit faster)."""
     feats, samples = features(name), 2 * rows * chips
     peak = args.peak_tflops or next((tf for key, tf in PEAK_TFLOPS if key in device.lower()), None)
-    fwd = None if args.tiny else SD15_UNET_FWD_TFLOP * (args.resolution / 512) ** 2
-    analytic = None if fwd is None else fwd * (3 + feats["remat"]) * samples
+    tflop, native = UNET_FWD_TFLOP[args.model]
+    fwd = None if args.tiny else tflop * (args.resolution / native) ** 2
+    analytic = None if fwd is None else fwd * (2 + (not feats["lora"]) + feats["remat"]) * samples
     gib = lambda b: None if b is None else b / 2**30  # noqa: E731
-    mfu = lambda tflop, n: None if tflop is None or peak is None else tflop / step_s / (peak * n)  # noqa: E731
-    return {"impl": impl, "config": name, "optimizer": optimizer, "device": device, "devices": chips, "mesh": mesh,
-            "batch_per_device": f"{rows}+{rows}", "samples_per_step": samples, "compile_s": compile_s,
-            "step_s": step_s, "steps_per_s": 1 / step_s, "samples_per_s": samples / step_s,
-            "peak_memory_gib": gib(peak_bytes), "xla_memory_gib": gib(xla_bytes), "opt_state_gib": gib(opt_bytes),
+    per_s = lambda n: None if step_s is None else n / step_s  # noqa: E731
+    mfu = lambda tf, n: None if tf is None or peak is None or step_s is None else tf / step_s / (peak * n)  # noqa: E731
+    return {"impl": impl, "config": name, "optimizer": optimizer, "model": args.model, "device": device,
+            "devices": chips, "mesh": mesh, "batch_per_device": f"{rows}+{rows}", "samples_per_step": samples,
+            "compile_s": compile_s, "step_s": step_s, "steps_per_s": per_s(1), "samples_per_s": per_s(samples),
+            "peak_memory_gib": gib(peak_bytes), "params_gib": gib(memory.get("params")),
+            "opt_state_gib": gib(memory.get("optimizer")), "frozen_gib": gib(memory.get("frozen")),
+            "temp_gib": gib(memory.get("temp")), "xla_memory_gib": gib(memory.get("total")),
             "xla_tflop_per_step": xla, "analytic_tflop_per_step": analytic, "peak_tflops": peak,
             "mfu_xla": mfu(xla, 1), "mfu_analytic": mfu(analytic, chips), "loss": loss}
 
@@ -119,13 +170,15 @@ def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: 
 # --- dreambooth_jax ----------------------------------------------------------------------------------
 def build_pipeline(args):
     """The random pipeline (fp32 weights, bf16 compute), its params on the host: each configuration places
-    its own copy, so that donation and peak memory stay per configuration."""
+    its own copy, so that donation and peak memory stay per configuration. A dry run's params are shapes."""
     import jax
 
     from dreambooth_jax.testing import tiny
 
-    pipe = tiny.random_pipeline(*model_configs(args.tiny), tiny.SD1_SCHEDULER, dtype="bf16", param_dtype="fp32")
-    pipe.params = jax.tree.map(np.array, pipe.params)  # copies: the device buffers go
+    pipe = tiny.random_pipeline(**model_configs(args), dtype="bf16", param_dtype="fp32",
+                                weights="none" if args.dry_run else "device")
+    if not args.dry_run:
+        pipe.params = jax.tree.map(np.array, pipe.params)  # copies: the device buffers go
     return pipe
 
 
@@ -138,7 +191,8 @@ def with_kernels(pipe, feats: dict, args):
     return dataclasses.replace(
         pipe, unet=pipe.unet.clone(attention_impl=attention, fused_norm=fused, remat=feats["remat"]),
         vae=pipe.vae.clone(attention_impl=attention, fused_norm=fused),
-        text_encoder=pipe.text_encoder.clone(attention_impl=attention))
+        text_encoder=pipe.text_encoder.clone(attention_impl=attention),
+        text_encoder_2=pipe.text_encoder_2.clone(attention_impl=attention) if pipe.is_sdxl else None)
 
 
 def train_config(pipe, feats: dict, optimizer: str, args):
@@ -155,8 +209,8 @@ def train_config(pipe, feats: dict, optimizer: str, args):
 
 
 def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
-    """One configuration through the trainer's own path: preflight (AOT compile, per-device memory), the
-    state built sharded from the host weights, then timed steps."""
+    """One configuration through the trainer's own path: preflight (AOT compile, per-device memory), then, unless
+    a dry run, the state built sharded from the host weights and timed steps."""
     import jax
 
     from dreambooth_jax.training import preflight
@@ -170,69 +224,111 @@ def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
     plan = preflight.plan(cfg, pipe, step_spec(cfg, pipe), max_steps=1, global_batch=rows * chips,
                           fsdp=cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp))
     compile_s = time.perf_counter() - t0
-    compiled, report = plan.compiled, plan.report
+    step_s, loss, peak_bytes = (None, None, None) if args.dry_run else time_jax(plan, pipe, feats, rows * chips, args)
+    # None: XLA refused the program as larger than the device (the preflight's total is None too)
+    cost = plan.compiled.cost_analysis() if plan.compiled is not None else None
+    flops = [c.get("flops") for c in (cost if isinstance(cost, (list, tuple)) else [cost]) if c]
+    row = make_row("dreambooth_jax", name, optimizer, args, device=jax.devices()[0].device_kind, chips=chips,
+                   rows=rows, step_s=step_s, peak_bytes=peak_bytes, loss=loss, compile_s=compile_s,
+                   xla=sum(flops) / 1e12 if flops and None not in flops else None,
+                   # the preflight's (XLA's own estimate), per configuration even in one process
+                   memory=plan.report["per_device_bytes"], mesh=plan.report["mesh"])
+    jax.clear_caches()
+    return row
+
+
+def time_jax(plan, pipe, feats: dict, global_rows: int, args) -> tuple[float, float, int | None]:
+    """(seconds per step, last loss, the device's peak bytes) of the planned step on the synthetic batch."""
+    import jax
+
     state = plan.init_state(plan.place_params(pipe.params))
-    batch = jax.device_put(synthetic_batch(pipe.text_encoder.config, pipe.vae.config, feats["cached"],
-                                           rows * chips, args.resolution), plan.batch_sharding)
+    text_2 = pipe.text_encoder_2.config if pipe.is_sdxl else None
+    batch = jax.device_put(synthetic_batch(pipe.text_encoder.config, pipe.vae.config, feats["cached"], global_rows,
+                                           args.resolution, text_2=text_2), plan.batch_sharding)
     rng = jax.device_put(jax.random.PRNGKey(0), jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec()))
     carry = {"state": state}
     del state  # donated by the first step
 
     def step():
-        carry["state"], carry["metrics"] = compiled(carry["state"], batch, rng)
+        carry["state"], carry["metrics"] = plan.compiled(carry["state"], batch, rng)
 
     step_s = time_loop(step, lambda: jax.block_until_ready(carry), args.warmup, args.steps)
     stats = jax.local_devices()[0].memory_stats() or {}
-    cost = compiled.cost_analysis()
-    flops = [c.get("flops") for c in (cost if isinstance(cost, (list, tuple)) else [cost]) if c]
-    row = make_row("dreambooth_jax", name, optimizer, args, device=jax.devices()[0].device_kind, chips=chips,
-                   rows=rows, step_s=step_s, peak_bytes=stats.get("peak_bytes_in_use"),
-                   opt_bytes=report["per_device_bytes"]["optimizer"], loss=float(carry["metrics"]["loss"]),
-                   compile_s=compile_s, xla=sum(flops) / 1e12 if flops and None not in flops else None,
-                   # the preflight's total (XLA's own estimate), per configuration even in one process
-                   xla_bytes=report["per_device_bytes"]["total"], mesh=report["mesh"])
-    jax.clear_caches()
-    return row
+    return step_s, float(carry["metrics"]["loss"]), stats.get("peak_bytes_in_use")
 
 
 # --- diffusers / PyTorch -------------------------------------------------------------------------------
-def torch_models(feats: dict, text_cfg, unet_cfg, vae_cfg, dev):
-    """(unet, vae, text encoder, trained params) as diffusers' train_dreambooth.py sets them up under bf16
-    mixed precision: trained modules fp32 (autocast computes in bf16), frozen ones bf16."""
+def torch_models(feats: dict, models: dict, dev):
+    """(unet, vae, text encoders, trained params) as diffusers' DreamBooth scripts set them up under bf16 mixed
+    precision: trained modules fp32 (autocast computes in bf16), frozen ones bf16; LoRA (train_dreambooth_lora
+    [_sdxl].py): peft adapters on the frozen bf16 base, their params fp32 (`cast_training_params`)."""
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = diffusers.UNet2DConditionModel.from_config(unet_cfg.to_diffusers_config()).to(dev)
-    vae = diffusers.AutoencoderKL.from_config(vae_cfg.to_diffusers_config()).to(dev, torch.bfloat16)
-    text = CLIPTextModel(CLIPTextConfig(**text_cfg.to_diffusers_config(with_projection=False))).to(dev)
+    from dreambooth_jax import lora
+
+    unet = diffusers.UNet2DConditionModel.from_config(models["unet_cfg"].to_diffusers_config()).to(dev)
+    vae = diffusers.AutoencoderKL.from_config(models["vae_cfg"].to_diffusers_config()).to(dev, torch.bfloat16)
+    texts = [CLIPTextModel(CLIPTextConfig(**models["text_cfg"].to_diffusers_config(with_projection=False)))]
+    if "text_cfg_2" in models:  # SDXL
+        config = models["text_cfg_2"].to_diffusers_config(with_projection=True)
+        texts.append(CLIPTextModelWithProjection(CLIPTextConfig(**config)))
     vae.requires_grad_(False)
-    text.requires_grad_(feats["text_encoder"])
-    if not feats["text_encoder"]:
-        text.to(torch.bfloat16)
+    trained = [unet, *texts] if feats["text_encoder"] else [unet]
+    rank = feats["lora"]
+    for module in (unet, *texts):
+        trains = module is unet or feats["text_encoder"]
+        module.to(dev).requires_grad_(trains and not rank)
+        if rank or not trains:
+            module.to(torch.bfloat16)  # frozen weights (LoRA's base too) in the compute dtype
+        if rank and trains:
+            targets = lora.UNET_TARGETS if module is unet else lora.TEXT_ENCODER_TARGETS
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
+            if module is unet:
+                unet.add_adapter(config)
+            else:  # what transformers' `add_adapter` does (transformers 5's wants peft >= 0.22)
+                inject_adapter_in_model(config, module)
+    if rank:
+        cast_training_params(trained, dtype=torch.float32)
     if feats["remat"]:
         unet.enable_gradient_checkpointing()
-        if feats["text_encoder"]:  # renamed in transformers 5
+        for text in trained[1:]:  # renamed in transformers 5
             (getattr(text, "activation_checkpointing_enable", None) or text.gradient_checkpointing_enable)()
-    return unet, vae, text, [p for m in (unet, text) for p in m.parameters() if p.requires_grad]
+    return unet, vae, texts, [p for m in trained for p in m.parameters() if p.requires_grad]
+
+
+def torch_conditioning(texts, batch) -> tuple:
+    """(context, the UNet's added_cond_kwargs or None) as diffusers' scripts compute them: SD 1.5 the encoder's
+    last hidden state; SDXL (train_dreambooth_lora_sdxl.py's `encode_prompt`) both encoders' penultimate hidden
+    states concatenated, the second's projected pooled output and the time ids."""
+    import torch
+
+    if len(texts) == 1:
+        return texts[0](batch["input_ids"].long())[0], None
+    out = texts[0](batch["input_ids"].long(), output_hidden_states=True)
+    out_2 = texts[1](batch["input_ids_2"].long(), output_hidden_states=True)
+    context = torch.cat([out.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+    return context, {"text_embeds": out_2.text_embeds, "time_ids": batch["time_ids"]}
 
 
 def bench_torch(name: str, args, device: str = "cuda") -> dict:
-    """diffusers' train_dreambooth.py step on the same workload: AdamW, noise MSE of the instance half plus the
-    class half, gradients clipped at norm 1."""
+    """diffusers' DreamBooth scripts' step on the same workload: AdamW, noise MSE of the instance half plus the
+    class half, gradients clipped at norm 1. Off CUDA (`--torch_device cpu`) only as a smoke check."""
     import diffusers
     import torch
     import torch.nn.functional as F
 
-    from dreambooth_jax.testing import tiny
-
     feats, dev = features(name), torch.device(device)
     rows = instance_rows(feats, args)
-    text_cfg, unet_cfg, vae_cfg, _ = model_configs(args.tiny)
-    unet, vae, text, params = torch_models(feats, text_cfg, unet_cfg, vae_cfg, dev)
+    models = model_configs(args)
+    unet, vae, texts, params = torch_models(feats, models, dev)
     opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=1e-2)
-    sched = diffusers.DDPMScheduler.from_config(tiny.SD1_SCHEDULER)
-    host = synthetic_batch(text_cfg, vae_cfg, feats["cached"], rows, args.resolution)
+    sched = diffusers.DDPMScheduler.from_config(models["scheduler_config"])
+    host = synthetic_batch(models["text_cfg"], models["vae_cfg"], feats["cached"], rows, args.resolution,
+                           text_2=models.get("text_cfg_2"))
     batch = {k: torch.from_numpy(v[0]).to(dev) for k, v in host.items()}
     nchw = {k: v.permute(0, 3, 1, 2).contiguous() for k, v in batch.items() if v.ndim == 4}
     losses = []
@@ -249,8 +345,8 @@ def bench_torch(name: str, args, device: str = "cuda") -> dict:
             noise = torch.randn_like(latents)
             t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), device=dev)
             with torch.set_grad_enabled(feats["text_encoder"]):
-                context = text(batch["input_ids"].long())[0]
-            pred = unet(sched.add_noise(latents, noise, t), t, context).sample.float()
+                context, added = torch_conditioning(texts, batch)
+            pred = unet(sched.add_noise(latents, noise, t), t, context, added_cond_kwargs=added).sample.float()
         (pred_i, pred_p), (noise_i, noise_p) = pred.chunk(2), noise.chunk(2)
         loss = F.mse_loss(pred_i, noise_i) + F.mse_loss(pred_p, noise_p)
         loss.backward()
@@ -262,9 +358,9 @@ def bench_torch(name: str, args, device: str = "cuda") -> dict:
     cuda = dev.type == "cuda"
     step_s = time_loop(step, torch.cuda.synchronize if cuda else (lambda: None), args.warmup, args.steps)
     opt_bytes = sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    return make_row("diffusers", name, "adamw", args, device=torch.cuda.get_device_name() if cuda else "cpu",
+    return make_row("diffusers", name, "adamw", args, device=torch.cuda.get_device_name() if cuda else dev.type,
                     chips=1, rows=rows, step_s=step_s, peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-                    opt_bytes=opt_bytes, loss=float(losses[-1]))
+                    memory={"optimizer": opt_bytes}, loss=float(losses[-1]))
 
 
 # --- driver ------------------------------------------------------------------------------------------
@@ -277,13 +373,12 @@ def plan(args) -> list[tuple[str, str, str]]:
         features(name)  # fail on a typo before any work
     optimizers = OPTIMIZERS if args.all_optimizers else (args.optimizer,)
     jobs = [("jax", c, o) for c in args.configs for o in optimizers]
-    if not args.no_torch and importlib.util.find_spec("torch") is not None:
+    if not args.no_torch and not args.dry_run and importlib.util.find_spec("torch") is not None:
         import torch
 
-        if torch.cuda.is_available():
-            # No PyTorch LoRA reference (that would need peft's training loop): LoRA rows are ours only.
-            jobs = [("torch", c, "adamw") for c in args.configs
-                    if not features(c)["lora"] and not features(c)["xla"]] + jobs
+        if args.torch_device != "cuda" or torch.cuda.is_available():
+            # `xla` rows are ours only: the same workload as the row without it.
+            jobs = [("torch", c, "adamw") for c in args.configs if not features(c)["xla"]] + jobs
     return jobs
 
 
@@ -305,7 +400,7 @@ def run_in_process(jobs, args) -> list[dict]:
             if impl == "torch":
                 import torch
 
-                rows.append(bench_torch(config, args))
+                rows.append(bench_torch(config, args, args.torch_device))
                 torch.cuda.empty_cache()  # hand the memory back before JAX allocates
             else:
                 pipe = pipe or build_pipeline(args)
@@ -318,31 +413,42 @@ def run_in_process(jobs, args) -> list[dict]:
 
 
 def checks(row: dict, rows: list[dict], args) -> str:
-    """The targets that apply to `row` (ours), each ok / MISS (n/a off SD-1.5 at 512 px, or when unmeasured)."""
+    """The targets that apply to `row` (ours), each ok / MISS (n/a off the model's target resolution, on the tiny
+    model, or when unmeasured: no PyTorch row, a dry run)."""
     if row["impl"] != "dreambooth_jax":
         return ""
     feats = features(row["config"])
     one_plus_one = row["batch_per_device"] == "1+1" and not feats["throughput"]
     ref = next((r for r in rows if r["impl"] == "diffusers" and r["config"] == row["config"] and "error" not in r),
                None)
+    at_least = lambda key, bound: None if row[key] is None else row[key] >= bound  # noqa: E731
+    faster = ref and row["samples_per_s"] and row["samples_per_s"] >= 1.5 * ref["samples_per_s"]
+    peak_gb = lambda gb: row["peak_memory_gib"] and row["peak_memory_gib"] * 2**30 <= gb * 1e9  # noqa: E731
     items = []
-    if feats["cached"] and one_plus_one:
-        items += [(">=25 steps/s", row["steps_per_s"] >= 25),
-                  (">=1.5x torch", ref and row["samples_per_s"] >= 1.5 * ref["samples_per_s"])]
-    if feats["throughput"]:  # the issue's MFU is the analytic one; XLA's where that is unknown
-        mfu = row["mfu_analytic"] or row["mfu_xla"]
-        items.append((">=40% MFU", mfu and mfu >= 0.40))
-    if one_plus_one and not feats["remat"]:
-        items.append(("<=21 GB", row["peak_memory_gib"] and row["peak_memory_gib"] * 2**30 <= 21e9))
-    applies = not args.tiny and args.resolution == 512
+    if args.model == "sd15":
+        if feats["cached"] and one_plus_one:
+            items += [(">=25 steps/s", at_least("steps_per_s", 25)), (">=1.5x torch", faster)]
+        if feats["throughput"]:  # the issue's MFU is the analytic one; XLA's where that is unknown
+            mfu = row["mfu_analytic"] or row["mfu_xla"]
+            items.append((">=40% MFU", mfu and mfu >= 0.40))
+        if one_plus_one and not feats["remat"]:
+            items.append(("<=21 GB", peak_gb(21)))
+    elif feats["cached"] and one_plus_one and not feats["text_encoder"]:  # SDXL: the UNet-only rows
+        if feats["remat"] and not feats["lora"]:
+            items += [(">=5 steps/s", at_least("steps_per_s", 5)), (">=1.5x torch", faster)]
+        if feats["lora"] == 16:
+            items += [(">=8 steps/s", at_least("steps_per_s", 8)), (">=1.5x torch", faster), ("<=24 GB", peak_gb(24))]
+    applies = not args.tiny and args.resolution == UNET_FWD_TFLOP[args.model][1]
     return " ".join(f"{label} {'n/a' if not applies or ok is None else 'ok' if ok else 'MISS'}" for label, ok in items)
 
 
-# (header, row key, format, scale) of the table's numeric columns; 'an.': the analytic UNet count.
+# (header, row key, format, scale) of the table's numeric columns; 'an.': the analytic UNet count; param, opt,
+# frozen, temp: the preflight's per-device bytes (XLA's plan for the device it ran on), 'xla GiB' their total.
 COLUMNS = (("compile s", "compile_s", ".1f", 1), ("step ms", "step_s", ".1f", 1e3),
            ("steps/s", "steps_per_s", ".2f", 1), ("samples/s", "samples_per_s", ".2f", 1),
-           ("peak GiB", "peak_memory_gib", ".2f", 1), ("xla GiB", "xla_memory_gib", ".2f", 1),
-           ("opt GiB", "opt_state_gib", ".3g", 1),
+           ("peak GiB", "peak_memory_gib", ".2f", 1), ("param GiB", "params_gib", ".3g", 1),
+           ("opt GiB", "opt_state_gib", ".3g", 1), ("froz. GiB", "frozen_gib", ".3g", 1),
+           ("temp GiB", "temp_gib", ".3g", 1), ("xla GiB", "xla_memory_gib", ".2f", 1),
            ("TFLOP xla", "xla_tflop_per_step", ".3g", 1), ("TFLOP an.", "analytic_tflop_per_step", ".3g", 1),
            ("MFU% xla", "mfu_xla", ".1f", 100), ("MFU% an.", "mfu_analytic", ".1f", 100))
 
@@ -358,7 +464,9 @@ def print_table(rows: list[dict], args) -> None:
             continue
         cells = ("n/a" if r[key] is None else format(r[key] * scale, spec) for _, key, spec, scale in COLUMNS)
         print(f"{head} {r['batch_per_device']:>6} " + " ".join(f"{c:>9}" for c in cells) + f"  {checks(r, rows, args)}")
-    print(f"\n{TARGETS}")
+    print(f"\n{TARGETS[args.model]}")
+    if args.dry_run:
+        print("dry run: nothing allocated or timed; memory as XLA plans it for the device it compiled for")
     if not args.isolate and any(r.get("device", "cpu") != "cpu" for r in rows):
         print("peak GiB: process-lifetime peaks (--isolate gives each configuration's own)")
 
@@ -371,19 +479,28 @@ def has_accelerator() -> bool:
     return any(n.lower().replace("_", "-").startswith(("jax-cuda", "jax-rocm", "libtpu")) for n in names)
 
 
+def use_cpu_dry_run_flags() -> None:
+    """XLA flags for a dry run compiled by the CPU (set before JAX starts its backend), as tools/bench_memory.py's:
+    the memory-minimising scheduler (the default one favours concurrency and keeps rematerialised activations
+    alive, so remat would show no saving), and no LLVM optimisation (the program never runs; it compiles faster)."""
+    flags = "--xla_backend_optimization_level=0 --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    os.environ["XLA_FLAGS"] = f"{flags} {os.environ.get('XLA_FLAGS', '')}".strip()  # the user's own win
+
+
 def parse_args(argv):
     from dreambooth_jax.kernels.choose import ATTENTION_IMPLS, FUSED_NORM
     from dreambooth_jax.training.optimizers import OPTIMIZERS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="the tiny random model (a CPU smoke run)")
-    p.add_argument("--resolution", type=int, default=None, help="default 512, or 64 with --tiny")
+    p.add_argument("--model", choices=MODELS, default="sd15", help="the model's shapes (random weights)")
+    p.add_argument("--tiny", action="store_true", help="the tiny random model of --model's family (a CPU smoke run)")
+    p.add_argument("--resolution", type=int, default=None, help="default 512 (sd15), 1024 (sdxl), or 64 with --tiny")
     p.add_argument("--batch", type=int, default=1, help="instance rows per device; as many class rows join")
     p.add_argument("--throughput_batch", type=int, default=32, help="samples per device of `throughput`")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--configs", nargs="+", help="rows to run (throughput without remat may not fit in 80 GB)",
-                   default=["base", "text_encoder", "remat", "cached", "cached+xla", "throughput+cached+remat"])
+    p.add_argument("--configs", nargs="+", help="rows to run (default: " + "; ".join(
+        f"{m}: {' '.join(c)}" for m, c in DEFAULT_CONFIGS.items()) + "; throughput without remat may not fit in 80 GB)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--all_optimizers", action="store_true", help="every configuration with every optimizer")
     p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS)
@@ -393,10 +510,14 @@ def parse_args(argv):
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one process per row (default: on with a GPU/TPU)")
     p.add_argument("--no_torch", action="store_true", help="skip diffusers' PyTorch loop")
+    p.add_argument("--dry_run", action="store_true",
+                   help="no weights, no timing: each row's compile time and per-device memory from the preflight")
+    p.add_argument("--torch_device", default="cuda", help=argparse.SUPPRESS)  # e.g. cpu: a smoke check of the loop
     p.add_argument("--json", default=None, help="also write the rows to this file (a JSON list)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # impl:config:optimizer, for --isolate
     args = p.parse_args(argv)
-    args.resolution = args.resolution or (64 if args.tiny else 512)
+    args.resolution = args.resolution or (64 if args.tiny else UNET_FWD_TFLOP[args.model][1])
+    args.configs = args.configs or DEFAULT_CONFIGS[args.model]
     args.isolate = has_accelerator() if args.isolate is None else args.isolate
     return args
 
@@ -404,6 +525,8 @@ def parse_args(argv):
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.dry_run and not has_accelerator():
+        use_cpu_dry_run_flags()
     jobs = [tuple(args.job.split(":"))] if args.job else plan(args)
     if args.isolate and not args.job:
         rows = [row for job in jobs for row in run_isolated(job, argv)]
@@ -415,7 +538,7 @@ def main(argv=None) -> None:
     if args.job:
         return
     for row in rows:
-        print(json.dumps({**row, "resolution": args.resolution, "steps": args.steps}))
+        print(json.dumps({**row, "resolution": args.resolution, "steps": args.steps, "dry_run": args.dry_run}))
     print_table(rows, args)
     if any("error" in r for r in rows):
         sys.exit(1)

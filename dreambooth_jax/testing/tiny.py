@@ -104,29 +104,42 @@ def tiny_configs(vocab_size: int):
 
 
 def random_pipeline(text_cfg, unet_cfg, vae_cfg, tokenizer, scheduler_config: dict, *, seed: int = 0,
-                    dtype="fp32", param_dtype=None):
-    """A `Pipeline` of freshly initialised modules of the given configs (benchmarks, the tiny demo model)."""
+                    dtype="fp32", param_dtype=None, text_cfg_2=None, tokenizer_2=None, weights: str = "device"):
+    """A `Pipeline` of freshly initialised modules of the given configs (benchmarks, the tiny demo model).
+
+    Args:
+      text_cfg_2: an SDXL pipeline's second text encoder (a `CLIPTextModelWithProjection`); its tokenizer is
+        `tokenizer_2` (default `tokenizer`). The UNet's config must then take SDXL's `text_time` conditions.
+      weights: 'device' (initialised) or 'none' (the params are `jax.ShapeDtypeStruct`s: nothing is allocated,
+        as `load_pipeline(..., weights="none")`, for memory preflights of full-size models).
+    """
     from dreambooth_jax.models import clip, unet, vae
     from dreambooth_jax.pipeline import Pipeline, parse_dtype
 
+    if weights not in ("device", "none"):
+        raise ValueError(f"weights={weights!r}: 'device' or 'none'")
     dtype = parse_dtype(dtype)
     kw = dict(dtype=dtype, param_dtype=parse_dtype(param_dtype) or dtype)
-    text_model = clip.CLIPTextModel(text_cfg, **kw)
-    unet_model = unet.UNet2DConditionModel(unet_cfg, **kw)
-    vae_model = vae.AutoencoderKL(vae_cfg, **kw)
-    text_rng, unet_rng, vae_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+    models = {"text_encoder": clip.CLIPTextModel(text_cfg, **kw), "unet": unet.UNet2DConditionModel(unet_cfg, **kw),
+              "vae": vae.AutoencoderKL(vae_cfg, **kw)}
+    ids = lambda cfg: jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)  # noqa: E731
     args, kwargs = unet.dummy_inputs(unet_cfg, seq_len=text_cfg.max_position_embeddings)
     size = 2 ** (len(vae_cfg.block_out_channels) - 1)
     images = jnp.zeros((1, size, size, vae_cfg.in_channels))
-    ids = jnp.zeros((1, text_cfg.max_position_embeddings), jnp.int32)
-    params = {  # jitted init: one compile is much faster than running every op eagerly
-        "text_encoder": jax.jit(text_model.init)(text_rng, ids),
-        "unet": jax.jit(lambda rng: unet_model.init(rng, *args, **kwargs))(unet_rng),
-        "vae": jax.jit(vae_model.init)(vae_rng, images, vae_rng),
-    }
-    return Pipeline(unet=unet_model, vae=vae_model, text_encoder=text_model, tokenizer=tokenizer,
-                    scheduler_config=dict(scheduler_config),
-                    params={name: p["params"] for name, p in params.items()}, source="random")
+    inits = {"text_encoder": lambda rng: models["text_encoder"].init(rng, ids(text_cfg)),
+             "unet": lambda rng: models["unet"].init(rng, *args, **kwargs),
+             "vae": lambda rng: models["vae"].init(rng, images, rng)}
+    if text_cfg_2 is not None:
+        models["text_encoder_2"] = clip.CLIPTextModelWithProjection(text_cfg_2, **kw)
+        inits["text_encoder_2"] = lambda rng: models["text_encoder_2"].init(rng, ids(text_cfg_2))
+    rngs = dict(zip(models, jax.random.split(jax.random.PRNGKey(seed), len(models))))
+    # Jitted init: one compile is much faster than running every op eagerly.
+    init = jax.eval_shape if weights == "none" else lambda f, rng: jax.jit(f)(rng)
+    params = {name: init(inits[name], rngs[name])["params"] for name in models}
+    return Pipeline(unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
+                    scheduler_config=dict(scheduler_config), params=params,
+                    text_encoder_2=models.get("text_encoder_2"),
+                    tokenizer_2=(tokenizer_2 or tokenizer) if text_cfg_2 is not None else None, source="random")
 
 
 def make_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
