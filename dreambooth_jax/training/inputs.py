@@ -2,8 +2,9 @@
 
 `TrainInputs.device_batch(step)` is a pure function of (seed, step): it reads the step's batch plan from
 `DreamBoothData`, decodes and crops this process's rows (or picks their cached VAE latents), tokenizes their
-prompts with the pipeline's tokenizer(s) (or picks precomputed text embeddings), adds SDXL's per-view `time_ids` and places the rows on the devices. The loop calls it from a
-`Prefetcher`, a thread that keeps the next two steps' batches ready.
+prompts with the pipeline's tokenizer(s) (or picks precomputed text embeddings), adds SDXL's per-view `time_ids`
+and places the rows on the devices. The loop calls it from a `Prefetcher`, a thread that keeps the next two
+steps' batches ready.
 """
 
 from __future__ import annotations
