@@ -204,7 +204,7 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
         `load_component`.
     """
     root = hub.resolve(name_or_path, revision=revision, variant=variant, token=token, cache_dir=cache_dir,
-                       weights=weights != "none")
+                       weights=weights != "none", skip=("vae",) if vae else ())
     index = fileio.read_json(os.path.join(root, "model_index.json"))
     class_name = index.get("_class_name")
     if class_name not in _PIPELINE_CLASSES:
@@ -215,12 +215,14 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
     names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if class_name.endswith("XLPipeline") else [])
     modules, params = {}, {}
     folders = {name: os.path.join(root, name) for name in names}
-    if vae:  # its own weights, whatever --variant the pipeline's are read in
-        folders["vae"] = hub.resolve_component(vae, "vae", token=token, cache_dir=cache_dir, weights=weights != "none")
+    variants = dict.fromkeys(names, variant)
+    if vae:  # its own weights: of `variant` where it has that variant, else its plain ones
+        folders["vae"] = hub.resolve_component(vae, "vae", variant=variant, token=token, cache_dir=cache_dir,
+                                               weights=weights != "none")
+        variants["vae"] = variant if discovery.has_variant(folders["vae"], _COMPONENTS["vae"].stem, variant) else None
     for name in names:
-        variant_of = None if name == "vae" and vae else variant
         modules[name], params[name] = load_component(folders[name], name, remat=remat and name == "unet",
-                                                     **{**options, "variant": variant_of})
+                                                     **{**options, "variant": variants[name]})
     sdxl = "text_encoder_2" in modules
     pipe = Pipeline(
         unet=modules["unet"],

@@ -264,3 +264,30 @@ def test_separate_vae_folder_pipeline_and_hub_repository(tiny_pipelines, tmp_pat
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     load_pipeline(tiny_pipelines["sdxl"], vae="madebyollin/sdxl-vae-fp16-fix")
     assert fetched == {"madebyollin/sdxl-vae-fp16-fix": ["config.json", "diffusion_pytorch_model.safetensors"]}
+
+
+def test_separate_vae_from_a_bucket_fetches_only_that_model(tiny_pipelines, tmp_path, monkeypatch):
+    """A bucket pipeline given as the VAE: only its vae/ config and diffusers weights are mirrored; the base
+    pipeline in a bucket then skips its own VAE's weights (a bucket served from a local folder, as in test_scale)."""
+    from etils import epath
+
+    from dreambooth_jax import storage
+
+    bucket = tmp_path / "bucket"
+    monkeypatch.setitem(storage.REMOTE_SCHEMES, "fake", "json")
+    monkeypatch.setattr(storage, "remote_path", lambda uri: epath.Path(bucket / uri.partition("://")[2]))
+    monkeypatch.setenv("DREAMBOOTH_JAX_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_pipelines["sd1"], bucket / "other")
+    (bucket / "other" / "vae" / "sdxl_vae.safetensors").write_bytes(b"another layout, never read")
+    shutil.copytree(tiny_pipelines["sdxl"], bucket / "base")
+    pipe = load_pipeline("fake://base", vae="fake://other")
+    expected = load_pipeline(tiny_pipelines["sd1"]).params["vae"]
+    for a, b in zip(jax.tree.leaves(pipe.params["vae"]), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    mirrored = {os.path.relpath(os.path.join(d, f), tmp_path / "cache") for d, _, fs in os.walk(tmp_path / "cache")
+                for f in fs}
+    other = {m for m in mirrored if "other" in m}
+    assert {os.path.basename(m) for m in other} == {"config.json", "diffusion_pytorch_model.safetensors"}
+    base = {m for m in mirrored if "base" in m}
+    assert any(m.endswith("unet/diffusion_pytorch_model.safetensors") for m in base), base
+    assert not any(m.endswith("vae/diffusion_pytorch_model.safetensors") for m in base), base

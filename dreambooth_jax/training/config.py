@@ -45,8 +45,8 @@ class TrainConfig:
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of the pretrained model")
     variant: str | None = _opt(None, "weight variant to load, e.g. fp16")
     pretrained_vae_model_name_or_path: str | None = _opt(
-        None, "another VAE to train and export with (a model folder or Hub id), e.g. madebyollin/sdxl-vae-fp16-fix "
-              "for SDXL")
+        None, "another VAE to train and export with: a model folder, a pipeline (its vae/), a bucket folder or a Hub "
+              "id, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL")
     # Data
     instance_data_dir: str | None = _opt(None, "folder with the 3-5 photos of the subject (transparent pixels are "
                                                "composited on white; diffusers drops the alpha channel)")
@@ -69,14 +69,14 @@ class TrainConfig:
     random_flip: bool = _opt(False, "random horizontal flips")
     skip_bad_images: bool = _opt(False, "skip unreadable images (with a warning) instead of failing")
     cache_latents: bool = _opt(False, "encode the (center-cropped) images with the VAE once, not every step")
-    pre_compute_text_embeddings: bool = _opt(False, "encode prompts once (frozen text encoder only)")
+    pre_compute_text_embeddings: bool = _opt(False, "encode prompts once (frozen text encoder(s) only)")
     tokenizer_max_length: int | None = _opt(None, "token length (default: the tokenizer's)")
     text_encoder_use_attention_mask: bool = _opt(False, "pass the padding mask to the text encoder")
     # Output
     output_dir: str = _opt("dreambooth-model", "the trained pipeline goes here; checkpoints in checkpoints/")
     seed: int = _opt(0, "seed of data order, noise and initialisation")
     # Training
-    train_text_encoder: bool = _opt(False, "fine-tune the text encoder too")
+    train_text_encoder: bool = _opt(False, "fine-tune the text encoder too (SDXL: both)")
     train_batch_size: int = _opt(1, "instance images per device per step (as many class images are added)")
     max_train_steps: int | None = _opt(None, "steps to train (overrides num_train_epochs)")
     num_train_epochs: int = _opt(1, "epochs over the instance images, when max_train_steps is not set")

@@ -95,9 +95,9 @@ def lora_config(cfg: TrainConfig) -> lora.LoraConfig | None:
 def lora_params(cfg: TrainConfig, params: dict, networks: list[str]) -> tuple[dict, dict]:
     """(trained LoRA factors {'<net>_lora'}, frozen params): every network frozen, kept in the compute dtype.
 
-    They run in it anyway, and nothing exports them from here (the merged export reads the fp32 base from disk):
-    in bf16 that halves their memory, e.g. SDXL's text encoders 3.1 -> 1.5 GiB, as diffusers keeps its frozen
-    networks in `weight_dtype`."""
+    They compute in it anyway (casting a weight to bf16 once or at every use gives the same values), and nothing
+    exports them from here (the merged export reads the fp32 base from disk): in bf16 that halves their memory,
+    e.g. SDXL's text encoders 3.1 -> 1.5 GiB."""
     defaults = {"unet": lora.UNET_TARGETS, "text_encoder": lora.TEXT_ENCODER_TARGETS,
                 "text_encoder_2": lora.TEXT_ENCODER_TARGETS}
     custom = tuple(t.strip() for t in cfg.lora_target_modules.split(",")) if cfg.lora_target_modules else None

@@ -113,6 +113,8 @@ def run(cfg: TrainConfig) -> Run:
                                     keep=cfg.checkpoints_total_limit)
     meta = {"model": cfg.pretrained_model_name_or_path, "seed": cfg.seed, "global_batch": global_batch,
             "optimizer": cfg.optimizer, "use_ema": cfg.use_ema}
+    if cfg.pretrained_vae_model_name_or_path:  # (older checkpoints have no "vae": read as None, the pipeline's own)
+        meta["vae"] = cfg.pretrained_vae_model_name_or_path
     resume = checkpoints.resolve_resume(cfg.resume_from_checkpoint, ckpt.root)
     state = plan.init_state(pipe.params)  # the pipeline's params are donated: the state's arrays replace them
     # The loop freezes the text encoder at the start of step `stop`, after the checkpoint of step `stop` was

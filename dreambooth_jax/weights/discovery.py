@@ -24,6 +24,11 @@ def _variant_of(filename: str) -> str | None:
     return parts[1] if len(parts) > 1 else None
 
 
+def has_variant(folder: str, stem: str, variant: str | None) -> bool:
+    """Whether `folder` holds weight files `stem` of `variant` (e.g. 'diffusion_pytorch_model.fp16.safetensors')."""
+    return variant is not None and any(_variant_of(f) == variant for f in glob.glob(os.path.join(folder, f"{stem}*")))
+
+
 def find_weight_files(folder: str, stem: str, variant: str | None = None) -> list[str]:
     """The safetensors files holding the weights `stem` (`model`/`diffusion_pytorch_model`) in `folder`.
 

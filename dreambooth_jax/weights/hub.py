@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 _CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*")
 _WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # What is read of a pipeline folder in a bucket: every weight file of the components (variants included).
-_BUCKET_WEIGHT_PATTERNS = tuple(f"{d}/*{ext}" for d in _WEIGHT_FOLDERS for ext in (".safetensors", ".json", ".bin"))
+def _bucket_weight_patterns(folders) -> tuple[str, ...]:
+    return tuple(f"{d}/*{ext}" for d in folders for ext in (".safetensors", ".json", ".bin"))
 
 
 def _weight_patterns(files: list[str], variant: str | None, folders=_WEIGHT_FOLDERS) -> list[str]:
@@ -39,9 +40,11 @@ def download_pipeline(
     token: str | bool | None = None,
     cache_dir: str | None = None,
     weights: bool = True,
+    skip: tuple[str, ...] = (),
 ) -> str:
     """Downloads (or finds in the cache) what `load_pipeline` reads; returns the local snapshot folder.
-    `weights=False`: the configs and tokenizers only (a memory preflight reads nothing else).
+    `weights=False`: the configs and tokenizers only (a memory preflight reads nothing else); `skip`: component
+    folders whose weights are not read (e.g. 'vae' when another VAE replaces it).
 
     The token defaults to huggingface_hub's own (`HF_TOKEN` or `huggingface-cli login`). With
     `HF_HUB_OFFLINE=1` the cached snapshot is used.
@@ -49,14 +52,14 @@ def download_pipeline(
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
+    folders = tuple(d for d in _WEIGHT_FOLDERS if d not in skip) if weights else ()
     try:
         files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
         raise
     except Exception as e:  # offline, unreachable: use what the cache holds for these patterns
         log.warning("cannot list %s on the Hub (%s); trying the local cache", repo_id, e)
-        patterns = list(_CONFIG_PATTERNS) + [f"{d}/*{'.' + variant if variant else ''}*.safetensors*"
-                                             for d in _WEIGHT_FOLDERS if weights]
+        patterns = list(_CONFIG_PATTERNS) + [f"{d}/*{'.' + variant if variant else ''}*.safetensors*" for d in folders]
         try:
             return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token,
                                      cache_dir=cache_dir, local_files_only=True)
@@ -68,7 +71,7 @@ def download_pipeline(
     if "model_index.json" not in files:
         raise MissingFileError(f"{repo_id} is not a diffusers pipeline repository (no model_index.json)")
     wanted = [f for f in files if any(fnmatch.fnmatch(f, p) for p in _CONFIG_PATTERNS)]
-    wanted += _weight_patterns(files, variant) if weights else []
+    wanted += _weight_patterns(files, variant, folders)
     log.info("fetching %d files of %s", len(wanted), repo_id)
     return snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token, cache_dir=cache_dir)
 
@@ -108,6 +111,17 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | bo
                                     "local cache. Pass a local model folder instead.") from e
 
 
+def _component_files(files: list[str], folder: str, variant: str | None, weights: bool, source: str) -> list[str]:
+    """The files to fetch of one diffusers model from a listing of its repository or bucket folder: `config.json`
+    and diffusers' weight files, at the root or, for a whole pipeline, in `folder/`. Not other layouts of the same
+    weights, which such repositories often carry too (e.g. sdxl-vae-fp16-fix's LDM-named `sdxl_vae.safetensors`)."""
+    where = "" if "config.json" in files else folder
+    if os.path.join(where, "config.json") not in files:
+        raise MissingFileError(f"{source} holds no diffusers model (no config.json at its root or in {folder}/)")
+    ours = [f for f in files if os.path.basename(f).startswith("diffusion_pytorch_model")]
+    return [os.path.join(where, "config.json")] + (_weight_patterns(ours, variant, (where,)) if weights else [])
+
+
 def download_component(repo_id: str, folder: str, *, revision: str | None = None, variant: str | None = None,
                        token: str | bool | None = None, cache_dir: str | None = None, weights: bool = True) -> str:
     """Downloads (or finds in the cache) one diffusers model: a repository holding it at its root (e.g.
@@ -129,34 +143,34 @@ def download_component(repo_id: str, folder: str, *, revision: str | None = None
         except Exception as cache_error:
             raise MissingFileError(f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in the "
                                    f"local cache ({cache_error}). Pass a local folder instead.") from e
-    where = "" if "config.json" in files else folder
-    if os.path.join(where, "config.json") not in files:
-        raise MissingFileError(f"{repo_id} holds no diffusers model (no config.json at its root or in {folder}/)")
-    # Only diffusers' weight files: such repositories often carry the same weights in other layouts too (e.g.
-    # sdxl-vae-fp16-fix's `sdxl_vae.safetensors`, in the original LDM naming).
-    ours = [f for f in files if os.path.basename(f).startswith("diffusion_pytorch_model")]
-    wanted = [os.path.join(where, "config.json")] + (_weight_patterns(ours, variant, (where,)) if weights else [])
+    wanted = _component_files(files, folder, variant, weights, repo_id)
     return snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token, cache_dir=cache_dir)
 
 
-def resolve_component(name_or_path: str, folder: str, *, weights: bool = True, **kwargs) -> str:
-    """The local folder of one diffusers model (its `config.json` and weights) given as a local folder, a bucket
-    folder or a Hub repository id; a whole pipeline stands for its `folder/` (e.g. 'vae')."""
+def resolve_component(name_or_path: str, folder: str, *, weights: bool = True, variant: str | None = None,
+                      **kwargs) -> str:
+    """The local folder of one diffusers model (its `config.json` and weights, of `variant` where it has that
+    variant) given as a local folder, a bucket folder or a Hub repository id; a whole pipeline stands for its
+    `folder/` (e.g. 'vae')."""
     from dreambooth_jax import storage
 
     if storage.is_remote(name_or_path):
         storage.check(name_or_path, "model")
-        patterns = ("config.json", f"{folder}/config.json")
-        if weights:
-            patterns += ("*.safetensors*", f"{folder}/*.safetensors*")
-        local = storage.Folder(name_or_path).pull(patterns)
+        root = storage.remote_path(name_or_path)
+        if not root.is_dir():
+            raise MissingFileError(f"{name_or_path}: no such folder")
+        below = root / folder
+        files = [p.name for p in root.iterdir()]
+        files += [f"{folder}/{p.name}" for p in below.iterdir()] if below.is_dir() else []
+        wanted = _component_files(files, folder, variant, weights, name_or_path)
+        local = storage.Folder(name_or_path).pull(tuple(wanted))
     elif os.path.isdir(name_or_path):
         local = name_or_path
     elif os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
         raise MissingFileError(f"{name_or_path} is not a model folder (no such folder; Hub ids look like "
                                "'org/name')")
     else:
-        local = download_component(name_or_path, folder, weights=weights, **kwargs)
+        local = download_component(name_or_path, folder, weights=weights, variant=variant, **kwargs)
     if not os.path.isfile(os.path.join(local, "config.json")) and os.path.isdir(os.path.join(local, folder)):
         local = os.path.join(local, folder)
     if not os.path.isfile(os.path.join(local, "config.json")):
@@ -172,8 +186,8 @@ def resolve(name_or_path: str, *, what: str = "pipeline", **kwargs) -> str:
 
     if storage.is_remote(name_or_path):
         storage.check(name_or_path, "model")
-        weights = kwargs.get("weights", True)
-        return storage.Folder(name_or_path).pull(_CONFIG_PATTERNS + (_BUCKET_WEIGHT_PATTERNS if weights else ()))
+        folders = [d for d in _WEIGHT_FOLDERS if d not in kwargs.get("skip", ())] if kwargs.get("weights", True) else []
+        return storage.Folder(name_or_path).pull(_CONFIG_PATTERNS + _bucket_weight_patterns(folders))
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
