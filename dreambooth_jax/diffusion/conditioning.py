@@ -38,9 +38,10 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int | None = None) -
     return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)
 
 
-def text_conditioning(pipe, params, ids, ids_2=None):
-    """The UNet's text conditioning: (context [N, L, D], pooled [N, P] or None); see `combine_encoders`."""
-    out = pipe.text_encoder.apply({"params": params["text_encoder"]}, ids)
+def text_conditioning(pipe, params, ids, ids_2=None, mask=None):
+    """The UNet's text conditioning: (context [N, L, D], pooled [N, P] or None); see `combine_encoders`. `mask`:
+    the first encoder's attention mask (SD 1.x/2.x with --text_encoder_use_attention_mask)."""
+    out = pipe.text_encoder.apply({"params": params["text_encoder"]}, ids, mask)
     out_2 = pipe.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2) if pipe.is_sdxl else None
     return combine_encoders(out, out_2)
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from dreambooth_jax import parallel
-from dreambooth_jax.diffusion.conditioning import combine_encoders, tokenize
+from dreambooth_jax.diffusion.conditioning import text_conditioning, tokenize
 
 log = logging.getLogger("dreambooth_jax.train")
 
@@ -59,10 +59,7 @@ class TrainInputs:
         pipe = self.pipe
 
         def encode(params, tokens, mask):
-            out = pipe.text_encoder.apply({"params": params["text_encoder"]}, tokens["input_ids"], mask)
-            out_2 = (pipe.text_encoder_2.apply({"params": params["text_encoder_2"]}, tokens["input_ids_2"])
-                     if pipe.is_sdxl else None)
-            context, pooled = combine_encoders(out, out_2)
+            context, pooled = text_conditioning(pipe, params, tokens["input_ids"], tokens.get("input_ids_2"), mask)
             return {"context": context, **({"pooled": pooled} if pooled is not None else {})}
 
         out = jax.jit(encode, out_shardings=parallel.replicated(self.mesh))(params, tokens, mask)
