@@ -3,10 +3,14 @@
 Two axes: `data` (examples split, state replicated) and `fsdp` (examples split too; trained state and frozen
 networks sharded, each array along one dimension, gathered by XLA where a layer needs it). Sampling and
 evaluation use a 1-D `data` mesh; training uses (data, fsdp), with fsdp = 1 meaning plain data parallelism.
+A run of several subjects adds a leading `subject` axis: device groups, each training its share of the
+subjects' independent models (their state stacked along a leading subject dimension, split over the groups),
+with (data, fsdp) inside each group.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -15,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dreambooth_jax.errors import UsageError
 
+SUBJECT_AXIS = "subject"
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 # Arrays with fewer elements stay whole on every device under fsdp (biases, norms): sharding them saves
@@ -60,15 +65,31 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(devices, (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def train_mesh(fsdp: int = 1, devices=None) -> Mesh:
+def train_mesh(fsdp: int = 1, devices=None, subject_groups: int | None = None) -> Mesh:
     """A 2-D mesh (`data`, `fsdp`) over `devices` (default: all devices of all processes), `fsdp` devices per
     group. Devices are taken in process order, so an fsdp group spans as few hosts as possible (its all-gathers
-    stay inside a host when fsdp <= the devices per host)."""
+    stay inside a host when fsdp <= the devices per host). With `subject_groups` (a run of several subjects),
+    3-D: (`subject`, `data`, `fsdp`), the devices cut into that many consecutive groups, `fsdp` dividing a group."""
     devices = np.asarray(jax.devices() if devices is None else devices)
-    if fsdp < 1 or devices.size % fsdp:
-        raise UsageError(f"--fsdp {fsdp} does not divide the {devices.size} devices")
-    return Mesh(devices.reshape(devices.size // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS),
-                axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    groups = subject_groups or 1
+    if groups < 1 or devices.size % groups:
+        raise UsageError(f"{groups} subject groups do not divide the {devices.size} devices")
+    per_group = devices.size // groups
+    if fsdp < 1 or per_group % fsdp:
+        where = f"the {per_group} devices of a subject group" if subject_groups else f"the {devices.size} devices"
+        raise UsageError(f"--fsdp {fsdp} does not divide {where}")
+    if subject_groups is None:
+        return Mesh(devices.reshape(per_group // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS),
+                    axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return Mesh(devices.reshape(groups, per_group // fsdp, fsdp), (SUBJECT_AXIS, DATA_AXIS, FSDP_AXIS),
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def subject_groups(num_subjects: int, num_devices: int) -> int:
+    """How many device groups a run of `num_subjects` subjects on `num_devices` devices has: the most that split
+    both evenly (their greatest common divisor), so every group trains as many subjects on as many devices.
+    Each subject's batch spans the devices of its group."""
+    return math.gcd(num_subjects, num_devices)
 
 
 def fsdp_size(mesh: Mesh) -> int:
@@ -76,8 +97,11 @@ def fsdp_size(mesh: Mesh) -> int:
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
-    """Axis `batch_axis` (the examples) split over every mesh axis, the other axes whole."""
-    return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), tuple(mesh.axis_names)))
+    """Axis `batch_axis` (the examples) split over every mesh axis, the other axes whole; on a mesh with a
+    `subject` axis, axis 0 (the subjects) is split over it and the examples over the others."""
+    names = tuple(a for a in mesh.axis_names if a != SUBJECT_AXIS)
+    lead = [SUBJECT_AXIS] if SUBJECT_AXIS in mesh.axis_names else []
+    return NamedSharding(mesh, PartitionSpec(*lead, *([None] * (batch_axis - len(lead))), names))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -108,6 +132,14 @@ def state_shardings(tree, mesh: Mesh):
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), size)), tree)
 
 
+def subject_shardings(tree, mesh: Mesh):
+    """NamedShardings for a tree whose arrays have a leading subject dimension: that split over `subject`, the
+    rest by the fsdp rule."""
+    size = fsdp_size(mesh)
+    return jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(SUBJECT_AXIS,
+                                                                   *fsdp_spec(tuple(np.shape(x))[1:], size))), tree)
+
+
 def per_device_bytes(tree, shardings) -> int:
     """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings` (the largest shard)."""
     total = 0
@@ -117,7 +149,7 @@ def per_device_bytes(tree, shardings) -> int:
 
 
 def put_batch(tree, mesh: Mesh, *, batch_axis: int = 0, process_local: bool = False):
-    """Places a batch of host arrays on the mesh, split over `data` along `batch_axis`.
+    """Places a batch of host arrays on the mesh, split over `data` along `batch_axis` (see `batch_sharding`).
 
     The arrays hold the *whole* batch (the same on every process; each process transfers only the rows of its
     own devices), or with `process_local` only this process's rows (each process built its own share, in

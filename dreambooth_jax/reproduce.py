@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_manual_dir", default=None, help="local copy of the dataset to build from offline")
     p.add_argument("--dino_model", default=DEFAULT_DINO_MODEL, help="DINO ViT: Hub id or local folder (default: %(default)s)")
     p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP model: Hub id or local folder (default: %(default)s)")
+    p.add_argument("--parallel_subjects", type=int, default=None,
+                   help="train this many (subject, seed) runs at once, as one run of several subjects (train "
+                        "--subjects); each run's results are those it gets alone with the same batch per subject "
+                        "(default: as many as the devices and their memory allow, from the memory preflight)")
     p.add_argument("--keep_models", action="store_true",
                    help="keep each trained pipeline (default: deleted once its images are made, to save disk)")
     return p
@@ -61,6 +65,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+    if args.parallel_subjects is not None and args.parallel_subjects < 1:
+        parser.error("--parallel_subjects must be >= 1")
     if not args.seeds or args.num_images_per_prompt < 1 or args.num_inference_steps < 1:
         parser.error("--seeds, --num_images_per_prompt and --num_inference_steps need at least one / >= 1")
     return args, argv[split + 1 :]

@@ -98,3 +98,28 @@ def test_reproduce_with_the_sdxl_lora_preset(setup, tiny_pipelines, capsys):
     settings = json.loads((out / "dog" / "seed0" / "settings.json").read_text())
     assert settings["config"] == "sdxl_lora"
     assert "--use_lora: adding --merge_lora" in capsys.readouterr().err
+
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "dreambooth")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/datasets/dreambooth is not here")
+def test_parallel_subjects_give_the_scores_of_one_at_a_time(setup, capsys):
+    """Four subjects of the paper's dataset (two of one class) trained 4 at a time (one program, `train
+    --subjects`) score as trained one at a time. The weights agree to rtol 1e-5 (test_subjects); the images are
+    8-bit PNGs, so a pixel may round the other way: the scores (cosine similarities) agree to 1e-3."""
+    root, args = setup
+    args = [*args, "--dataset_manual_dir", os.path.abspath(SHARED), "--dataset_dir", str(root / "tfds_shared"),
+            "--subjects", "dog6,dog8,can,cat", "--num_images_per_prompt", "1"]  # (the last of a repeated flag wins)
+    results = {}
+    for k in (4, 1):
+        out = root / f"parallel{k}"
+        reproduce.main([*args, "--output_dir", str(out), "--parallel_subjects", str(k)])
+        results[k] = json.loads((out / "results.json").read_text())
+        assert not (out / "parallel").exists() or not os.listdir(out / "parallel")  # exported runs leave nothing
+    assert "training 4 run(s) 4 at a time" in capsys.readouterr().err
+    assert list(results[4]["subjects"]) == ["dog6", "dog8", "can", "cat"]
+    for name, subject in results[1]["subjects"].items():
+        assert subject["dino"]["n"] == 25
+        for m in ("dino", "clip_i", "clip_t"):
+            assert results[4]["subjects"][name][m]["mean"] == pytest.approx(subject[m]["mean"], abs=1e-3), (name, m)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import xla_flags_with
@@ -16,6 +18,7 @@ from conftest import xla_flags_with
 from dreambooth_jax import images as image_io
 from dreambooth_jax import sample as sample_cli
 from dreambooth_jax.diffusion.generation import generate
+from dreambooth_jax.errors import UsageError
 from dreambooth_jax.pipeline import load_pipeline
 
 # Images in [0, 1] after a whole fp32 denoising loop and VAE decode; measured max abs error ~1e-5 or below.
@@ -99,6 +102,55 @@ def test_same_images_on_one_and_eight_devices(tiny_pipelines, tmp_path):
            "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     np.testing.assert_allclose(np.load(out), here, atol=1e-5)
+
+
+def _perturbed_sets(tree, k: int, seed: int):
+    """`tree` with a leading axis of `k` sets: set 0 is `tree`, the others add seeded noise of 1e-2 of each leaf's
+    std (a small fine-tune's worth: visibly different images, the same network)."""
+    rng = np.random.default_rng(seed)
+
+    def sets(x):
+        x = np.asarray(x)
+        noise = rng.standard_normal((k, *x.shape)).astype(x.dtype) * (1e-2 * x.std())
+        return x + np.concatenate([np.zeros_like(noise[:1]), noise[1:]])
+
+    return jax.tree.map(sets, tree)
+
+
+def test_subject_params_sample_each_set_in_one_program(tiny_pipelines):
+    """K = 3 (unet, text encoder) parameter sets vmapped in one program: set k's images equal a plain call on the
+    pipeline with set k's params; the sets' images differ; bad sets are refused."""
+    pipe = _pipe(tiny_pipelines["sd1"])
+    subject = {"unet": _perturbed_sets(pipe.params["unet"], 3, seed=0),
+               "text_encoder": _perturbed_sets(pipe.params["text_encoder"], 3, seed=1)}
+    kw = dict(num_inference_steps=3, seed=5)
+    out = generate(pipe, PROMPTS, subject_params=subject, **kw)
+    assert out.shape == (3, 2, 64, 64, 3) and out.dtype == np.float32
+
+    def alone(k, nets=("unet", "text_encoder")):
+        params = {**pipe.params, **{net: jax.tree.map(lambda x: x[k], subject[net]) for net in nets}}
+        return generate(dataclasses.replace(pipe, params=params), PROMPTS, **kw)
+
+    # Same maths in fp32, but vmap makes each conv / matmul a batched one whose kernel may sum in another order:
+    # ~eps32 * sqrt(K) relative per layer (K <= 1e3 terms), compounded over 3 UNet calls and the ~60-layer
+    # decoder to ~1e-6 of the [0, 1] range (measured ~2e-6, also on 8 devices). 1e-5 leaves 5x margin, and the
+    # sets' images differ by > 1e-3 (measured ~2e-2), so a set sampled with another set's params fails.
+    tol = 1e-5
+    refs = [alone(k) for k in range(3)]
+    for k in range(3):
+        np.testing.assert_allclose(out[k], refs[k], atol=tol, rtol=0)
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert np.abs(out[a] - out[b]).max() > 1e-3
+    # The text encoder's set counts too (not only the UNet's): set 1 with the shared text encoder differs.
+    assert np.abs(alone(1, nets=("unet",)) - refs[1]).max() > 1e-3
+
+    ragged = {**subject, "text_encoder": jax.tree.map(lambda x: x[:2], subject["text_encoder"])}
+    with pytest.raises(UsageError, match="same leading size"):
+        generate(pipe, PROMPTS, subject_params=ragged, **kw)
+    with pytest.raises(UsageError, match="networks of the pipeline.*'unett'"):
+        generate(pipe, PROMPTS, subject_params={"unett": subject["unet"]}, **kw)
+    with pytest.raises(UsageError, match="leading set axis"):
+        generate(pipe, PROMPTS, subject_params={"unet": pipe.params["unet"]}, **kw)  # no set axis
 
 
 def test_bad_input(tiny_pipelines, caplog):

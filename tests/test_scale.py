@@ -154,7 +154,7 @@ def test_batch_shapes_are_what_the_inputs_build(tiny_pipelines, instance_dir, cl
 
 def test_a_run_too_large_for_the_device_stops_before_placing_anything(tiny_pipelines, instance_dir, tmp_path,
                                                                        monkeypatch):
-    monkeypatch.setattr(preflight, "_device_memory", lambda devices=None: 2**20)  # a 1 MiB device
+    monkeypatch.setattr(preflight, "device_memory", lambda devices=None: 2**20)  # a 1 MiB device
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were placed on the device")

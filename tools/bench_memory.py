@@ -4,6 +4,8 @@ on}. Nothing is allocated and no weight is read, so it runs on a CPU machine wit
 
     python tools/bench_memory.py                                  # SD 1.5 and SD 2.1, 1/8/64 devices
     python tools/bench_memory.py --models sd15 --devices 8 --markdown table.md
+    python tools/bench_memory.py --models sd15 --modes full --remat on --sharding fsdp --devices 2 4 8 \
+      --devices_per_subject 2                                     # K = devices / 2 subjects together (--subjects)
 
 Each device count runs in its own process (XLA's simulated CPU devices are fixed at start-up). Prints a JSON line
 per row and a Markdown table. The numbers are XLA's CPU compiler's: the persistent state (params, optimizer,
@@ -40,20 +42,28 @@ def row_configs(args) -> list[dict]:
     return rows
 
 
-def dry_run(model_dir: str, instance_dir: str, row: dict, fsdp: int, args, devices) -> dict:
-    """One preflight through the trainer's `--dry_run` (in this process)."""
+def dry_run(model_dir: str, instance_dir: str, row: dict, fsdp: int, args, devices, subjects: int = 0) -> dict:
+    """One preflight through the trainer's `--dry_run` (in this process); `subjects` > 0: that many subjects
+    trained together (`--subjects`), `fsdp` then within each subject's device group."""
     from dreambooth_jax.training import trainer
     from dreambooth_jax.training.config import TrainConfig
 
+    subjects_file = None
+    if subjects:
+        subjects_file = os.path.join(instance_dir, f"subjects-{subjects}.json")
+        with open(subjects_file, "w", encoding="utf-8") as f:
+            json.dump([{"name": f"s{k}", "instance_data_dir": instance_dir, "seed": k} for k in range(subjects)], f)
+
     lora = row["mode"].startswith("lora")
     cfg = TrainConfig(
-        pretrained_model_name_or_path=model_dir, instance_data_dir=instance_dir, instance_prompt="a photo of sks dog",
+        pretrained_model_name_or_path=model_dir, instance_prompt="a photo of sks dog",
         with_prior_preservation=True, class_data_dir=os.path.join(instance_dir, "class"), class_prompt="a dog",
         resolution=args.resolution or RESOLUTION[row["model"]], train_batch_size=args.batch,
         mixed_precision="bf16", gradient_checkpointing=row["remat"], optimizer=args.optimizer,
         use_ema=args.ema and not lora, use_lora=lora, rank=int(row["mode"][4:]) if lora else 4,
         attention=args.attention, fsdp=str(fsdp), dry_run=True, max_train_steps=1, output_dir=instance_dir,
-        compilation_cache_dir="none")
+        compilation_cache_dir="none", subjects=subjects_file,
+        instance_data_dir=None if subjects else instance_dir)
     return trainer.dry_run(cfg, devices)
 
 
@@ -68,12 +78,14 @@ def child(args) -> None:
         models = {m: make_config_pipeline(os.path.join(tmp, m), m) for m in args.models}
         instance_dir = os.path.join(tmp, "instance")
         os.makedirs(instance_dir)
+        subjects = n // args.devices_per_subject if args.devices_per_subject else 0
+        group = args.devices_per_subject or n  # the devices one subject's state spans
         for row in row_configs(args):
             fsdps = {1} if "replicated" in args.sharding else set()
-            fsdps |= {n} if "fsdp" in args.sharding else set()
+            fsdps |= {group} if "fsdp" in args.sharding else set()
             for fsdp in sorted(fsdps):
                 try:
-                    report = dry_run(models[row["model"]], instance_dir, row, fsdp, args, devices)
+                    report = dry_run(models[row["model"]], instance_dir, row, fsdp, args, devices, subjects)
                     out = {**row, "devices": n, "fsdp": fsdp, "device_kind": devices[0].device_kind, **report}
                 except Exception as e:  # one failing row should not lose the others
                     out = {**row, "devices": n, "fsdp": fsdp, "error": f"{type(e).__name__}: {e}"}
@@ -95,18 +107,19 @@ def tpu_devices(topology: str):
 
 
 def markdown(rows: list[dict], args) -> str:
-    lines = ["| model | training | remat | devices | mesh (data x fsdp) | params | optimizer | EMA | frozen | "
-             "temp | total (GiB per device) | fits |", "|" + "---|" * 12]
+    lines = ["| model | training | remat | devices | subjects | mesh (subject x data x fsdp) | params | optimizer | "
+             "EMA | frozen | temp | total (GiB per device) | fits |", "|" + "---|" * 13]
     order = lambda r: (r["model"], r["mode"], r["remat"], r["devices"], r["fsdp"])  # noqa: E731
     for r in sorted(rows, key=order):
         head = (f"| {r['model']} | {r['mode']} | {'on' if r['remat'] else 'off'} | {r['devices']} "
-                f"{r.get('device_kind', '')} | ")
+                f"{r.get('device_kind', '')} | {r.get('subjects', 1)} | ")
         if "error" in r:
             lines.append(head + f"error: {r['error'][:80]} |" + " |" * 7)
             continue
         b = r["per_device_bytes"]
         cell = lambda v: "n/a" if v is None else f"{v / GIB:.2f}"  # noqa: E731
-        lines.append(head + f"{r['mesh']['data']} x {r['mesh']['fsdp']} | " + " | ".join(
+        mesh = r["mesh"]
+        lines.append(head + f"{mesh.get('subject', 1)} x {mesh['data']} x {mesh['fsdp']} | " + " | ".join(
             cell(b[k]) for k in ("params", "optimizer", "ema", "frozen", "temp", "total"))
             + f" | {'n/a' if r['fits'] is None else 'yes' if r['fits'] else 'no'} |")
     opt = f"{args.optimizer}{' + EMA (full fine-tune)' if args.ema else ''}"
@@ -126,6 +139,9 @@ def parse_args(argv):
                         "`pip install 'jax[tpu]'`), e.g. v5e:1x1 v5e:2x4 v5e:8x8 v4:2x2x2 v6e:2x4")
     p.add_argument("--topology", default=None, help=argparse.SUPPRESS)  # the child's one
     p.add_argument("--remat", nargs="+", default=["off", "on"], choices=("off", "on"))
+    p.add_argument("--devices_per_subject", type=int, default=None,
+                   help="train devices / N subjects together (--subjects), N devices each; 'fsdp' rows shard each "
+                        "subject's state over its N (default: one subject)")
     p.add_argument("--resolution", type=int, default=None, help="default: each model's native one")
     p.add_argument("--batch", type=int, default=1, help="instance rows per device (as many class rows join)")
     p.add_argument("--optimizer", default="adamw")

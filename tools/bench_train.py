@@ -13,7 +13,9 @@ embedding and `time_ids` condition the UNet), or with `--tiny` the tiny model of
 A configuration is `base` or '+'-joined features: `text_encoder` (trained too; SDXL's both), `remat`, `cached` (VAE
 latents), `throughput` (`--throughput_batch` samples per device instead of `--batch` instance + as many class
 rows), `loraR` (LoRA of rank R instead of full fine-tuning, e.g. `lora4`, `lora16+cached`), `xla` (our kernels
-off: XLA attention and GroupNorm, against the `--attention`/`--fused_norm` of the other rows, default auto).
+off: XLA attention and GroupNorm, against the `--attention`/`--fused_norm` of the other rows, default auto),
+`subjectsK` (K independent subjects trained by one program, `train --subjects`: each subject's batch spans its
+device group, `subject_steps_per_s` counts K per step; e.g. `lora16+cached+subjects8` against `lora16+cached`).
 Weights fp32, compute bf16, a fresh state per row; with `--isolate` (default with a GPU/TPU) a process per row
 too, as the allocator's peak is per process. The PyTorch reference is diffusers' scripts' step (train_dreambooth.py;
 LoRA rows: train_dreambooth_lora[_sdxl].py's peft adapters), for every row but `xla`.
@@ -27,6 +29,7 @@ Prints a JSON line per row, then a table with targets.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.metadata
 import importlib.util
@@ -49,11 +52,13 @@ PEAK_TFLOPS = (("h100 pcie", 756), ("h100", 989), ("h200", 989), ("a100", 312), 
                ("tpu v5e", 197), ("tpu v6 lite", 918), ("tpu v6e", 918), ("tpu v5", 459), ("tpu v4", 275))
 # (TFLOP of one UNet forward per sample, at this many px): the model's native resolution and default.
 UNET_FWD_TFLOP = {"sd15": (0.80, 512), "sdxl": (6.76, 1024)}
-DEFAULT_CONFIGS = {"sd15": ["base", "text_encoder", "remat", "cached", "cached+xla", "throughput+cached+remat"],
+DEFAULT_CONFIGS = {"sd15": ["base", "text_encoder", "remat", "cached", "cached+xla", "throughput+cached+remat",
+                            "lora16+cached", "lora16+cached+subjects8"],
                    "sdxl": ["cached+remat", "lora16+cached", "lora16+cached+remat"]}
 TARGETS = {
     "sd15": ("targets (SD-1.5, 512 px, one H100): cached 1+1 >= 25 steps/s and >= 1.5x PyTorch; "
-             "throughput >= 40% MFU; peak <= 21 GB without remat"),
+             "throughput >= 40% MFU; peak <= 21 GB without remat; lora16+cached+subjects8 >= 2.5x the subject-steps/s "
+             "of lora16+cached"),
     "sdxl": ("targets (SDXL, 1024 px, one H100, cached 1+1): full fine-tune with remat >= 5 steps/s, LoRA r16 "
              ">= 8 steps/s, each >= 1.5x PyTorch; LoRA peak <= 24 GB"),
 }
@@ -63,7 +68,6 @@ def model_configs(args) -> dict:
     """`tiny.random_pipeline`'s keywords for `--model`: its configs, tokenizers and scheduler. Full size from
     `make_config_pipeline.configs` (our presets), or with `--tiny` the tiny model of that family
     (`make_tiny_pipeline`'s)."""
-    import dataclasses
 
     from make_config_pipeline import configs
     from make_tiny_pipeline import _variant_configs
@@ -95,11 +99,14 @@ def model_configs(args) -> dict:
 def features(name: str) -> dict:
     """{'text_encoder': bool, ..., 'lora': rank or 0} of a configuration name ('lora16' = LoRA rank 16)."""
     parts = set() if name == "base" else set(name.split("+"))
-    ranks = [int(p[4:]) for p in parts if p.startswith("lora") and p[4:].isdigit()]
-    if parts - set(FEATURES) - {f"lora{r}" for r in ranks} or len(ranks) > 1:
+    numbered = {prefix: [int(p[len(prefix):]) for p in parts if p.startswith(prefix) and p[len(prefix):].isdigit()]
+                for prefix in ("lora", "subjects")}
+    known = set(FEATURES) | {f"{prefix}{n}" for prefix, ns in numbered.items() for n in ns}
+    if parts - known or any(len(ns) > 1 for ns in numbered.values()) or 0 in numbered["subjects"]:
         raise SystemExit(f"error: unknown configuration {name!r}: 'base' or '+'-joined "
-                         f"{', '.join(FEATURES)}, loraR (R = rank)")
-    return {**{f: f in parts for f in FEATURES}, "lora": ranks[0] if ranks else 0}
+                         f"{', '.join(FEATURES)}, loraR (R = rank), subjectsK (K >= 1 subjects)")
+    return {**{f: f in parts for f in FEATURES}, "lora": numbered["lora"][0] if numbered["lora"] else 0,
+            "subjects": numbered["subjects"][0] if numbered["subjects"] else 0}
 
 
 def instance_rows(feats: dict, args) -> int:
@@ -130,6 +137,13 @@ def synthetic_batch(text, vae, cached: bool, rows: int, resolution: int, seed: i
     return {k: v[None] for k, v in batch.items()}
 
 
+def parallel_groups(feats: dict, chips: int) -> int:
+    """Device groups of a `subjectsK` row (`parallel.subject_groups`); 1 otherwise."""
+    import math
+
+    return math.gcd(feats["subjects"], chips) if feats["subjects"] else 1
+
+
 def time_loop(step, sync, warmup: int, steps: int) -> float:
     """Seconds per step after `warmup` steps; synced only at the ends, so that dispatch overlaps execution
     as in the train loop."""
@@ -149,7 +163,9 @@ def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: 
     params, optimizer, frozen, temp, total; PyTorch's optimizer). MFU from XLA's count (of the per-device program)
     and from the analytic UNet-only count, (3 + remat) x forward per sample ((2 + remat) with LoRA: the frozen
     weights take no weight gradients), scaled with the pixel count (attention grows a bit faster)."""
-    feats, samples = features(name), 2 * rows * chips
+    feats = features(name)
+    subjects = feats["subjects"] or 1  # each subject's batch: `rows` per device of its group
+    samples = 2 * rows * chips // parallel_groups(feats, chips) * subjects
     peak = args.peak_tflops or next((tf for key, tf in PEAK_TFLOPS if key in device.lower()), None)
     tflop, native = UNET_FWD_TFLOP[args.model]
     fwd = None if args.tiny else tflop * (args.resolution / native) ** 2
@@ -160,6 +176,7 @@ def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: 
     return {"impl": impl, "config": name, "optimizer": optimizer, "model": args.model, "device": device,
             "devices": chips, "mesh": mesh, "batch_per_device": f"{rows}+{rows}", "samples_per_step": samples,
             "compile_s": compile_s, "step_s": step_s, "steps_per_s": per_s(1), "samples_per_s": per_s(samples),
+            "subjects": subjects, "subject_steps_per_s": per_s(subjects),
             "peak_memory_gib": gib(peak_bytes), "params_gib": gib(memory.get("params")),
             "opt_state_gib": gib(memory.get("optimizer")), "frozen_gib": gib(memory.get("frozen")),
             "temp_gib": gib(memory.get("temp")), "xla_memory_gib": gib(memory.get("total")),
@@ -184,7 +201,6 @@ def build_pipeline(args):
 
 def with_kernels(pipe, feats: dict, args):
     """The pipeline's modules with the row's kernels: `--attention`/`--fused_norm`, or XLA's ops for `xla` rows."""
-    import dataclasses
 
     attention = "dot_product" if feats["xla"] else args.attention
     fused = "off" if feats["xla"] else args.fused_norm
@@ -220,11 +236,13 @@ def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
     rows = instance_rows(feats, args)
     pipe = with_kernels(pipe, feats, args)
     cfg = train_config(pipe, feats, optimizer, args)
+    subjects = [dataclasses.replace(cfg, seed=k) for k in range(feats["subjects"])] or None
+    global_rows = rows * chips // parallel_groups(feats, chips)  # (each subject's)
     t0 = time.perf_counter()
-    plan = preflight.plan(cfg, pipe, step_spec(cfg, pipe), max_steps=1, global_batch=rows * chips,
-                          fsdp=cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp))
+    plan = preflight.plan(cfg, pipe, step_spec(cfg, pipe), max_steps=1, global_batch=global_rows,
+                          fsdp=cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp), subjects=subjects)
     compile_s = time.perf_counter() - t0
-    step_s, loss, peak_bytes = (None, None, None) if args.dry_run else time_jax(plan, pipe, feats, rows * chips, args)
+    step_s, loss, peak_bytes = (None, None, None) if args.dry_run else time_jax(plan, pipe, feats, global_rows, args)
     # None: XLA refused the program as larger than the device (the preflight's total is None too)
     cost = plan.compiled.cost_analysis() if plan.compiled is not None else None
     flops = [c.get("flops") for c in (cost if isinstance(cost, (list, tuple)) else [cost]) if c]
@@ -243,9 +261,13 @@ def time_jax(plan, pipe, feats: dict, global_rows: int, args) -> tuple[float, fl
 
     state = plan.init_state(plan.place_params(pipe.params))
     text_2 = pipe.text_encoder_2.config if pipe.is_sdxl else None
-    batch = jax.device_put(synthetic_batch(pipe.text_encoder.config, pipe.vae.config, feats["cached"], global_rows,
-                                           args.resolution, text_2=text_2), plan.batch_sharding)
-    rng = jax.device_put(jax.random.PRNGKey(0), jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec()))
+    batch = synthetic_batch(pipe.text_encoder.config, pipe.vae.config, feats["cached"], global_rows, args.resolution,
+                            text_2=text_2)
+    rng = np.asarray(jax.random.PRNGKey(0))
+    if feats["subjects"]:  # each subject its own batch and key (here: the same ones)
+        batch, rng = {k: np.stack([v] * feats["subjects"]) for k, v in batch.items()}, np.stack([rng] * feats["subjects"])
+    batch = jax.device_put(batch, plan.batch_sharding)
+    rng = jax.device_put(rng, jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec()))
     carry = {"state": state}
     del state  # donated by the first step
 
@@ -254,7 +276,7 @@ def time_jax(plan, pipe, feats: dict, global_rows: int, args) -> tuple[float, fl
 
     step_s = time_loop(step, lambda: jax.block_until_ready(carry), args.warmup, args.steps)
     stats = jax.local_devices()[0].memory_stats() or {}
-    return step_s, float(carry["metrics"]["loss"]), stats.get("peak_bytes_in_use")
+    return step_s, float(np.mean(carry["metrics"]["loss"])), stats.get("peak_bytes_in_use")
 
 
 # --- diffusers / PyTorch -------------------------------------------------------------------------------
@@ -377,8 +399,9 @@ def plan(args) -> list[tuple[str, str, str]]:
         import torch
 
         if args.torch_device != "cuda" or torch.cuda.is_available():
-            # `xla` rows are ours only: the same workload as the row without it.
-            jobs = [("torch", c, "adamw") for c in args.configs if not features(c)["xla"]] + jobs
+            # `xla` rows are ours only, and so are `subjectsK` rows (PyTorch trains one subject per process).
+            jobs = [("torch", c, "adamw") for c in args.configs
+                    if not features(c)["xla"] and not features(c)["subjects"]] + jobs
     return jobs
 
 
@@ -425,6 +448,14 @@ def checks(row: dict, rows: list[dict], args) -> str:
     faster = ref and row["samples_per_s"] and row["samples_per_s"] >= 1.5 * ref["samples_per_s"]
     peak_gb = lambda gb: row["peak_memory_gib"] and row["peak_memory_gib"] * 2**30 <= gb * 1e9  # noqa: E731
     items = []
+    if feats["subjects"] > 1:  # against the same configuration with one subject
+        alone = "+".join(p for p in row["config"].split("+") if not p.startswith("subjects")) or "base"
+        one = next((r for r in rows if r["impl"] == "dreambooth_jax" and r["config"] == alone and "error" not in r),
+                   None)
+        gain = one and row["subject_steps_per_s"] and one["subject_steps_per_s"] and (
+            row["subject_steps_per_s"] / one["subject_steps_per_s"])
+        if args.model == "sd15" and feats["lora"] == 16 and feats["subjects"] == 8 and row["devices"] == 1:
+            items.append((">=2.5x K=1", gain and gain >= 2.5))
     if args.model == "sd15":
         if feats["cached"] and one_plus_one:
             items += [(">=25 steps/s", at_least("steps_per_s", 25)), (">=1.5x torch", faster)]
@@ -445,7 +476,8 @@ def checks(row: dict, rows: list[dict], args) -> str:
 # (header, row key, format, scale) of the table's numeric columns; 'an.': the analytic UNet count; param, opt,
 # frozen, temp: the preflight's per-device bytes (XLA's plan for the device it ran on), 'xla GiB' their total.
 COLUMNS = (("compile s", "compile_s", ".1f", 1), ("step ms", "step_s", ".1f", 1e3),
-           ("steps/s", "steps_per_s", ".2f", 1), ("samples/s", "samples_per_s", ".2f", 1),
+           ("steps/s", "steps_per_s", ".2f", 1), ("subj st/s", "subject_steps_per_s", ".2f", 1),
+           ("samples/s", "samples_per_s", ".2f", 1),
            ("peak GiB", "peak_memory_gib", ".2f", 1), ("param GiB", "params_gib", ".3g", 1),
            ("opt GiB", "opt_state_gib", ".3g", 1), ("froz. GiB", "frozen_gib", ".3g", 1),
            ("temp GiB", "temp_gib", ".3g", 1), ("xla GiB", "xla_memory_gib", ".2f", 1),

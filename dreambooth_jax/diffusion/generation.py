@@ -5,6 +5,9 @@
 
 Image `i` of a call starts from the noise of seed `seed + i` (and draws its ancestral noise from it), so an
 image depends on its own seed only: not on the batch it was generated in, nor on the number of devices.
+
+`subject_params` samples K parameter sets (e.g. K DreamBooth subjects trained together) in the same program,
+vmapped over their leading axis: images [K, N, H, W, 3], set k's images as a call with those params would give.
 """
 
 from __future__ import annotations
@@ -81,17 +84,48 @@ def _sample(params, ids, neg_ids, noise, seeds, guidance_scale, guidance_rescale
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def _compiled(pipe, sampler_key: tuple, cfg: bool, mesh):
-    """The jitted sampling program for (scheduler, steps, eta, karras, cfg), cached on the pipeline."""
+def _sample_sets(params, subject, *args, pipe, sampler, cfg: bool):
+    """`_sample`, vmapped over the leading (set) axis of the `subject` networks' params when there are any:
+    images [K, B, H, W, 3]; the other networks (`params`) and the batch are shared by the K sets."""
+    sample = functools.partial(_sample, pipe=pipe, sampler=sampler, cfg=cfg)
+    if not subject:
+        return sample(params, *args)
+    axes = {net: 0 if net in subject else None for net in (*params, *subject)}
+    return jax.vmap(sample, in_axes=(axes, *[None] * len(args)))({**params, **subject}, *args)
+
+
+def _compiled(pipe, sampler_key: tuple, cfg: bool, subject_nets: tuple[str, ...], mesh):
+    """The jitted sampling program for (scheduler, steps, eta, karras, cfg, networks with a set axis), cached on
+    the pipeline. With `subject_nets`, the examples are axis 1 of the [K, B, ...] output."""
     cache = pipe.cache.setdefault("sampling", {})
-    key = (sampler_key, cfg, tuple(d.id for d in mesh.devices.flat))
+    key = (sampler_key, cfg, subject_nets, tuple(d.id for d in mesh.devices.flat))
     if key not in cache:
         name, steps, eta, karras = sampler_key
         sampler = make_sampler(name, pipe.scheduler_config, steps, eta=eta, use_karras_sigmas=karras)
         batch, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-        fn = functools.partial(_sample, pipe=pipe, sampler=sampler, cfg=cfg)
-        cache[key] = jax.jit(fn, in_shardings=(repl, batch, batch, batch, batch, repl, repl), out_shardings=batch)
+        out = parallel.batch_sharding(mesh, batch_axis=1 if subject_nets else 0)
+        fn = functools.partial(_sample_sets, pipe=pipe, sampler=sampler, cfg=cfg)
+        cache[key] = jax.jit(fn, in_shardings=(repl, repl, batch, batch, batch, batch, repl, repl), out_shardings=out)
     return cache[key]
+
+
+def _check_subject_params(pipe, subject_params: dict) -> None:
+    """UsageError unless `subject_params` maps networks of `pipe` to their params with a leading set axis [K] on
+    every leaf, the same K >= 1 for all."""
+    if not subject_params or set(subject_params) - set(pipe.params):
+        raise UsageError(f"subject_params must map networks of the pipeline ({', '.join(sorted(pipe.params))}) to "
+                         f"params with a leading set axis; got {sorted(subject_params) or 'none'}")
+    sizes = set()
+    for net, tree in subject_params.items():
+        leaves, treedef = jax.tree.flatten(tree)
+        ref_leaves, ref_treedef = jax.tree.flatten(pipe.params[net])
+        if treedef != ref_treedef or any(np.ndim(x) != np.ndim(r) + 1 or np.shape(x)[1:] != np.shape(r)
+                                         for x, r in zip(leaves, ref_leaves)):
+            raise UsageError(f"subject_params[{net!r}] must be the pipeline's {net} params with a leading set axis "
+                             "[K] on every leaf (got another tree structure or other leaf shapes)")
+        sizes.update(np.shape(x)[0] for x in leaves)
+    if len(sizes) != 1 or min(sizes) < 1:
+        raise UsageError(f"every leaf of subject_params needs the same leading size K >= 1; got sizes {sorted(sizes)}")
 
 
 def _noise(seeds: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -113,8 +147,8 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
              guidance_scale: float = 7.5, scheduler: str | None = None, seed: int = 0, latents=None,
              height: int | None = None, width: int | None = None, eta: float = 0.0, guidance_rescale: float = 0.0,
              use_karras_sigmas: bool | None = None, batch_size: int | None = None, mesh=None,
-             progress: bool = False) -> np.ndarray:
-    """Generates one image per prompt.
+             progress: bool = False, subject_params: dict | None = None) -> np.ndarray:
+    """Generates one image per prompt (per parameter set, with `subject_params`).
 
     Args:
       pipe: what `dreambooth_jax.load_pipeline` returns.
@@ -127,9 +161,13 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
       guidance_scale: classifier-free guidance; <= 1 turns it off. guidance_rescale: 0 (off) to 1.
       batch_size: images per compiled call (default: all at once); each call is padded to the device count.
       mesh: the device mesh (default: all devices).
+      subject_params: optional {network name of `pipe.params` ('unet', 'text_encoder', ...): its params with a
+        leading axis K on every leaf}: K parameter sets (e.g. K DreamBooth subjects) sampled in one program, the
+        other networks shared. Set k's images are those of `pipe` with its params of each such network replaced
+        by entry k of every leaf, from the same seeds.
 
     Returns:
-      float32 images [N, H, W, 3] in [0, 1].
+      float32 images [N, H, W, 3] in [0, 1]; [K, N, H, W, 3] with `subject_params`.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -155,6 +193,8 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
     latents = np.asarray(latents, np.float32)
     if latents.shape != (n, *shape):
         raise UsageError(f"latents must have shape {(n, *shape)} (N, H/{f}, W/{f}, C); got {latents.shape}")
+    if subject_params is not None:
+        _check_subject_params(pipe, subject_params)
 
     cfg = guidance_scale > 1.0
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if pipe.is_sdxl else [])
@@ -162,8 +202,11 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
     neg_ids = [tokenize(t, negative_prompts)[0] for t in tokenizers] if cfg else [np.zeros_like(i) for i in ids]
     neg_ids.append(np.full(len(prompts), zero_negative))
     mesh = mesh or parallel.data_mesh()
-    fn = _compiled(pipe, (name, num_inference_steps, eta, use_karras_sigmas), cfg, mesh)
-    params = parallel.put_replicated(pipe.params, mesh)  # a no-op when already placed so
+    subject = dict(subject_params or {})
+    fn = _compiled(pipe, (name, num_inference_steps, eta, use_karras_sigmas), cfg, tuple(sorted(subject)), mesh)
+    # Replicated (a no-op for arrays already placed so); the networks with a set axis are not shared.
+    params = parallel.put_replicated({net: p for net, p in pipe.params.items() if net not in subject}, mesh)
+    subject = parallel.put_replicated(subject, mesh)
 
     per_call = batch_size or n
     out = []
@@ -179,7 +222,7 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         pad = lambda a: np.concatenate([a[start:stop], np.repeat(a[stop - 1 : stop], padded - (stop - start), 0)])  # noqa: E731,B023
         args = ([pad(i) for i in ids], [pad(i) for i in neg_ids], pad(latents), pad(seeds))
         with parallel.traced_on(mesh):  # the first call traces
-            images = fn(params, *parallel.put_batch(args, mesh), jnp.float32(guidance_scale),
+            images = fn(params, subject, *parallel.put_batch(args, mesh), jnp.float32(guidance_scale),
                         jnp.float32(guidance_rescale))
-        out.append(parallel.fetch(images)[: stop - start])
-    return np.concatenate(out)
+        out.append(parallel.fetch(images)[..., : stop - start, :, :, :])  # the examples: axis -4, [[K,] B, H, W, 3]
+    return np.concatenate(out, axis=-4)

@@ -48,9 +48,33 @@ class GroupNorm(nn.Module):
         return nn.silu(y) if self.activation == "silu" else y
 
 
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution (stride 1, no padding) as a matmul over channels, with `nn.Conv`'s parameters (kernel
+    [1, 1, in, out], bias [out]) and initialisers.
+
+    Why not `nn.Conv`: XLA's SPMD partitioner (jaxlib 0.10.2) miscomputes a 1x1 convolution whose kernel is
+    batched by `jax.vmap` (several subjects' weights) and split over a mesh axis: results off by O(1) where a
+    3x3 one, or a matmul, is exact. The same product as a matmul is partitioned correctly."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jnp.einsum("...c,cd->...d", x, kernel[0, 0]) + bias
+
+
 def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None, dtype, param_dtype, name: str):
-    """A PyTorch-style `nn.Conv2d` (symmetric padding, default `kernel // 2`) as a Flax `nn.Conv`."""
+    """A PyTorch-style `nn.Conv2d` (symmetric padding, default `kernel // 2`) as a Flax `nn.Conv` (1x1 ones as
+    `PointwiseConv`)."""
     pad = kernel // 2 if padding is None else padding
+    if kernel == 1 and stride == 1 and pad == 0:
+        return PointwiseConv(features, dtype=dtype, param_dtype=param_dtype, name=name)
     return nn.Conv(
         features,
         (kernel, kernel),

@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,7 +58,12 @@ class TrainConfig:
                                                 "offline (default: download it from GitHub)")
     instance_prompt: str | None = _opt(None, "prompt naming the subject, e.g. 'a photo of sks dog'")
     concepts_list: str | None = _opt(None, "JSON file: a list of {instance_data_dir, instance_prompt, "
-                                            "class_data_dir, class_prompt}, several subjects in one run")
+                                            "class_data_dir, class_prompt}, several concepts in one model")
+    subjects: str | None = _opt(None, "JSON file: a list of subjects {name, instance_data_dir, instance_prompt, "
+                                      "class_data_dir, class_prompt[, dataset, seed, validation_prompt]}, each "
+                                      "trained as its own model by one program and exported to output_dir/<name>/ "
+                                      "(or --dataset dreambooth:a,b,c); options not given per subject are the "
+                                      "run's")
     class_data_dir: str | None = _opt(None, "folder of class images (generated there if too few)")
     class_prompt: str | None = _opt(None, "prompt of the subject's class, e.g. 'a photo of dog'")
     with_prior_preservation: bool = _opt(False, "add the prior-preservation loss on class images")
@@ -197,7 +203,7 @@ def load_preset(name_or_path: str) -> dict:
 
 
 _SUBJECT_OPTIONS = ("dataset", "instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt",
-                    "concepts_list", "validation_prompt")
+                    "concepts_list", "subjects", "validation_prompt")
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -209,7 +215,7 @@ def parse_args(argv=None) -> TrainConfig:
         except UsageError as e:
             parser.error(str(e))
         # A subject given on the command line replaces the preset's subject (e.g. tiny_demo's toy photos).
-        if known.dataset:
+        if known.dataset or known.subjects:
             preset = {k: v for k, v in preset.items() if k not in _SUBJECT_OPTIONS}
         elif known.instance_data_dir or known.concepts_list:
             preset.pop("dataset", None)
@@ -244,9 +250,84 @@ def read_concepts(cfg: TrainConfig):
     return concepts
 
 
-def resolve_dataset(cfg: TrainConfig) -> TrainConfig:
+# A subject of --subjects: its name, the concept fields, and what may differ between subjects of one run.
+SUBJECT_KEYS = ("name", "instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt", "dataset", "seed",
+                "validation_prompt")
+# What the subjects of one run share (one model, one step): a subject may restate them, not change them.
+SHARED_KEYS = ("pretrained_model_name_or_path", "resolution")
+_SUBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_RESERVED_NAMES = ("checkpoints", "logs", "class_images", "validation")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject of a run of several: its name (its folder in --output_dir) and its own run's options."""
+
+    name: str
+    cfg: TrainConfig
+
+
+def many_subjects(cfg: TrainConfig) -> bool:
+    """Whether `cfg` trains several subjects, each its own model (--subjects, or --dataset naming several)."""
+    return bool(cfg.subjects) or bool(cfg.dataset and "," in cfg.dataset)
+
+
+def read_subjects(cfg: TrainConfig) -> list[Subject]:
+    """The subjects of --subjects (or of --dataset dreambooth:a,b,c), each with its own TrainConfig: the run's,
+    with the subject's fields, `output_dir/<name>` as its output folder and no --subjects. Checks the file's
+    shape, the names (unique, usable as folder names) and that no subject changes what subjects share."""
+    if cfg.subjects:
+        where = f"--subjects {cfg.subjects}"
+        try:
+            with open(cfg.subjects, encoding="utf-8") as f:
+                items = json.load(f)
+        except OSError as e:
+            raise UsageError(f"{where}: {e.strerror or e}") from e
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: not valid JSON ({e})") from e
+        if not isinstance(items, list) or not items:
+            raise UsageError(f"{where}: expected a non-empty JSON list of subjects")
+    else:
+        from dreambooth_jax.evaluation import dataset as dreambooth_dataset
+
+        where = f"--dataset {cfg.dataset}"
+        prefix = cfg.dataset.partition(":")[0]
+        names = [n.strip() for n in dreambooth_dataset.parse_spec(cfg.dataset).split(",")]
+        items = [{"name": n, "dataset": f"{prefix}:{n}"} for n in names]
+    subjects, seen = [], set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise UsageError(f"{where}: subject {i} is not an object")
+        name = item.get("name")
+        if not isinstance(name, str) or not _SUBJECT_NAME.match(name) or name in _RESERVED_NAMES:
+            raise UsageError(f"{where}: subject {i} needs a \"name\" usable as a folder name (letters, digits, "
+                             f"'.', '_', '-'; not {', '.join(_RESERVED_NAMES)}); got {name!r}")
+        if name in seen:
+            raise UsageError(f"{where}: two subjects are named {name!r}; names must be unique (each is a folder)")
+        seen.add(name)
+        unknown = sorted(set(item) - set(SUBJECT_KEYS) - set(SHARED_KEYS))
+        if unknown:
+            raise UsageError(f"{where}: subject {name!r} has unknown keys {unknown} (known: "
+                             f"{', '.join(SUBJECT_KEYS + SHARED_KEYS)})")
+        for key in SHARED_KEYS:
+            if key in item and item[key] != getattr(cfg, key):
+                raise UsageError(f"{where}: subject {name!r} has {key} {item[key]!r}, the run {getattr(cfg, key)!r}: "
+                                 "the subjects of one run share the model and the resolution; train the others in "
+                                 "another run")
+        seed = item.get("seed", cfg.seed)
+        if not isinstance(seed, int) or seed < 0:
+            raise UsageError(f"{where}: subject {name!r}: seed must be an integer >= 0; got {seed!r}")
+        own = {k: item[k] for k in SUBJECT_KEYS[1:] if k in item}
+        subjects.append(Subject(name, dataclasses.replace(
+            cfg, **{**own, "seed": seed, "dataset": own.get("dataset"), "subjects": None,
+                    "output_dir": os.path.join(cfg.output_dir, name)})))
+    return subjects
+
+
+def resolve_dataset(cfg: TrainConfig, class_root: str | None = None) -> TrainConfig:
     """With --dataset dreambooth:<subject>: the subject's images written to `output_dir/instance_images` and
-    the instance/class options it implies filled in where not given. Builds the dataset on first use."""
+    the instance/class options it implies filled in where not given (class images in
+    `class_root/<class>`, default `output_dir/class_images/<class>`). Builds the dataset on first use."""
     if not cfg.dataset:
         return cfg
     from dreambooth_jax import parallel
@@ -260,7 +341,8 @@ def resolve_dataset(cfg: TrainConfig) -> TrainConfig:
     resolved = dataclasses.replace(
         cfg, instance_data_dir=folder, instance_prompt=cfg.instance_prompt or subject.instance_prompt(),
         class_prompt=cfg.class_prompt or f"a photo of {subject.class_name}",
-        class_data_dir=cfg.class_data_dir or os.path.join(cfg.output_dir, "class_images", subject.class_folder))
+        class_data_dir=cfg.class_data_dir or os.path.join(class_root or os.path.join(cfg.output_dir, "class_images"),
+                                                          subject.class_folder))
     logging.getLogger("dreambooth_jax.train").info(
         "--dataset %s: %d photos of a %s in %s; instance prompt %r, class prompt %r", cfg.dataset,
         len(subject.images), subject.class_name, folder, resolved.instance_prompt, resolved.class_prompt)
@@ -284,11 +366,42 @@ def _dataset_errors(cfg: TrainConfig) -> list[str]:
     return errors
 
 
+def _subjects_errors(cfg: TrainConfig) -> list[str]:
+    """The problems of a run of several subjects: the run's options, then each subject's as its own run."""
+    errors = []
+    if cfg.subjects and cfg.dataset:
+        errors.append("--subjects and --dataset both name the subjects; give one of them (a subject of --subjects "
+                      "may have its own \"dataset\")")
+    if cfg.instance_data_dir or cfg.concepts_list:
+        errors.append("--subjects (or a --dataset of several subjects) replaces --instance_data_dir and "
+                      "--concepts_list: each subject names its own folder")
+    if errors:
+        return errors
+    try:
+        subjects = read_subjects(cfg)
+    except UsageError as e:
+        return [str(e)]
+    from dreambooth_jax.images import count_images
+
+    found = {}
+    for subject in subjects:
+        own = found[subject.name] = validate(subject.cfg)
+        folder = subject.cfg.instance_data_dir
+        if not own and folder and not storage.is_remote(folder) and not count_images(folder):
+            own.append(f"instance_data_dir {folder}: no images")
+    # What every subject has is the run's own problem (e.g. a bad --snr_gamma): said once.
+    common = set.intersection(*(set(own) for own in found.values()))
+    errors += [e for e in found[subjects[0].name] if e in common]
+    return errors + [f"subject {name!r}: {e}" for name, own in found.items() for e in own if e not in common]
+
+
 def validate(cfg: TrainConfig) -> list[str]:
     """Every problem with the options, as messages (empty when fine). Cheap: no model is loaded."""
     errors = []
     if not cfg.pretrained_model_name_or_path:
         errors.append("--pretrained_model_name_or_path is required")
+    if many_subjects(cfg):
+        return errors + _subjects_errors(cfg)
     try:
         concepts = [] if cfg.dataset else read_concepts(cfg)  # --dataset: filled in by `resolve_dataset`
     except (OSError, UsageError) as e:  # OSError: a concepts file that cannot be read

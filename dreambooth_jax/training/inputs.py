@@ -26,8 +26,11 @@ log = logging.getLogger("dreambooth_jax.train")
 class TrainInputs:
     """Batches of a run: `cfg` (a TrainConfig), the pipeline's tokenizer(s) / text encoder(s) / VAE, the data."""
 
-    def __init__(self, cfg, pipe, data, mesh):
+    def __init__(self, cfg, pipe, data, mesh, subject_devices: int | None = None):
+        """`subject_devices`: in a run of several subjects, the devices of this subject's group (its batch spans
+        them; `host_batch` then lays out all its rows, for `SubjectsInputs` to place)."""
         self.cfg, self.pipe, self.data, self.mesh = cfg, pipe, data, mesh
+        self.subject_devices = subject_devices
         self.tokenizers = {"input_ids": pipe.tokenizer, **({"input_ids_2": pipe.tokenizer_2} if pipe.is_sdxl else {})}
         self._token_cache: dict[str, dict[str, np.ndarray]] = {}
         self.context_for = self._precompute_text() if cfg.pre_compute_text_embeddings else None
@@ -92,7 +95,8 @@ class TrainInputs:
                             accum=self.cfg.gradient_accumulation_steps,
                             with_prior=self.cfg.with_prior_preservation, tokenize=self.tokenize,
                             context_for=self.context_for, latent_cache=self.latent_cache,
-                            use_mask=self.cfg.text_encoder_use_attention_mask, time_ids=self.pipe.is_sdxl)
+                            use_mask=self.cfg.text_encoder_use_attention_mask, time_ids=self.pipe.is_sdxl,
+                            devices=self.subject_devices)
 
     def device_batch(self, step: int):
         """Step `step`'s batch on the mesh: [A, B, ...] arrays, the examples (axis 1) split over `data`."""
@@ -100,8 +104,9 @@ class TrainInputs:
 
 
 def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bool, tokenize, context_for=None,
-                 latent_cache=None, use_mask: bool = False, time_ids: bool = False) -> dict:
-    """This process's rows of step `step`'s global batch, as [A, rows, ...] arrays.
+                 latent_cache=None, use_mask: bool = False, time_ids: bool = False, devices: int | None = None) -> dict:
+    """This process's rows of step `step`'s global batch, as [A, rows, ...] arrays; or with `devices` (a subject
+    of a run of several: the devices of its group) all the rows of a batch spread over that many devices.
 
     Micro-batch a of the global batch is [its D*per_device instance rows; as many class rows] whatever the
     number of devices, and `example_id` numbers every example of the step (instances first, then classes),
@@ -110,10 +115,10 @@ def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bo
     `time_ids` (SDXL) each row also gets the size and crop conditioning of the view it holds
     (`DreamBoothData.time_ids`; the centre crop where latents are cached).
     """
-    n_inst = jax.device_count() * per_device  # instance rows per micro-batch
+    n_inst = (devices or jax.device_count()) * per_device  # instance rows per micro-batch
     kinds = ("instance", "class") if with_prior else ("instance",)
-    local = jax.local_device_count() * per_device * len(kinds)
-    lo = jax.process_index() * local
+    local = n_inst * len(kinds) if devices else jax.local_device_count() * per_device * len(kinds)
+    lo = 0 if devices else jax.process_index() * local
     plan = data.batch_plan(step, accum * n_inst)
     rows = []  # (kind, index into the step's plan, example id) of this process's rows
     for a in range(accum):
@@ -143,6 +148,21 @@ def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bo
     out["is_prior"] = np.array([kind == "class" for kind, _, _ in rows])
     out["example_id"] = np.array([e for _, _, e in rows], np.int32)
     return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in out.items()}
+
+
+class SubjectsInputs:
+    """The batches of a run of several subjects: each subject's `TrainInputs` (its own data, prompts, caches)
+    lays out its rows; `device_batch(step)` stacks them [K, A, B, ...] and places them, the subjects split over
+    the mesh's `subject` axis and each one's examples over its group's devices. Every process builds every
+    subject's rows (a handful of images each) and transfers those of its own devices."""
+
+    def __init__(self, subjects: list[TrainInputs], mesh):
+        self.subjects, self.mesh = subjects, mesh
+
+    def device_batch(self, step: int):
+        rows = [s.host_batch(step) for s in self.subjects]
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        return parallel.put_batch(batch, self.mesh, batch_axis=2)
 
 
 class Prefetcher:

@@ -17,6 +17,7 @@ from dreambooth_jax import parallel
 from dreambooth_jax.diffusion.generation import generate
 from dreambooth_jax.errors import DivergedError
 from dreambooth_jax.training import export as export_lib
+from dreambooth_jax.training import state as state_lib
 from dreambooth_jax.training import step as train_step
 
 log = logging.getLogger("dreambooth_jax.train")
@@ -46,6 +47,7 @@ class TrainLoop:
         self.batch_sharding = parallel.batch_sharding(mesh, batch_axis=1)
         self.step = functools.partial(train_step.train_step, spec=spec, schedules=schedules)
         self.compiled = None
+        self.validating = bool(cfg.validation_prompt)
         self.step_count = 0
         self._last_log = time.perf_counter()
         self.summary: dict = {}
@@ -65,7 +67,7 @@ class TrainLoop:
         batch split over the mesh along its example axis, rng and metrics replicated. (The first program comes
         from the preflight; this one serves a changed state, e.g. after the text encoder stops training.)"""
         repl = parallel.replicated(self.mesh)
-        state_sharding = parallel.state_shardings(state, self.mesh)
+        state_sharding = state_lib.shardings(state, self.mesh)
         jitted = jax.jit(self.step, in_shardings=(state_sharding, self.batch_sharding, repl),
                          out_shardings=(state_sharding, repl), donate_argnums=(0,))
         with parallel.traced_on(self.mesh):
@@ -109,7 +111,7 @@ class TrainLoop:
                 bar.update(1)
                 if ckpt.save(state, meta, step=done) and self.cfg.export_at_checkpoints:
                     self.export(state)
-                if self.cfg.validation_prompt and done % self.cfg.validation_steps == 0:
+                if self.validating and done % self.cfg.validation_steps == 0:
                     self.validate(state, done)
                 if watch.should_stop(ckpt.manager, done) and done < self.max_steps:
                     history += self._log(pending)
@@ -120,7 +122,7 @@ class TrainLoop:
                                 "--resume_from_checkpoint latest", done)
                     break
             else:
-                if self.cfg.validation_prompt and self.max_steps % self.cfg.validation_steps and start < self.max_steps:
+                if self.validating and self.max_steps % self.cfg.validation_steps and start < self.max_steps:
                     self.validate(state, self.max_steps)
         finally:
             batches.close()
@@ -171,22 +173,25 @@ class TrainLoop:
             self.output.push("logs")
         return rows
 
-    def validate(self, state, step: int) -> str | None:
-        """Validation images of the current weights: a PNG grid (and TensorBoard image)."""
+    def validate(self, state, step: int, cfg=None) -> str | None:
+        """Validation images of the current weights: a PNG grid (and TensorBoard image) in `cfg.output_dir`
+        (`cfg`: the run's, or in a run of several subjects one subject's, with `state` its own)."""
+        cfg = cfg or self.cfg
         # The state's own arrays (the pipeline's were donated with the first state); EMA ones where kept.
         pipe = dataclasses.replace(self.pipe, params=export_lib.pipeline_params(state, self.spec.lora))
-        images = generate(pipe, [self.cfg.validation_prompt] * self.cfg.num_validation_images,
-                          num_inference_steps=self.cfg.validation_inference_steps, seed=self.cfg.seed)
+        images = generate(pipe, [cfg.validation_prompt] * cfg.num_validation_images,
+                          num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed)
         if not self.is_main:
             return None
-        folder = os.path.join(self.cfg.output_dir, "validation")
+        folder = os.path.join(cfg.output_dir, "validation")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step-{step:06d}.png")
         sheet = image_io.contact_sheet(images)
-        image_io.save_png(sheet, path, {"prompt": self.cfg.validation_prompt, "step": step, "seed": self.cfg.seed})
-        self.output.push(os.path.relpath(path, self.cfg.output_dir))
+        image_io.save_png(sheet, path, {"prompt": cfg.validation_prompt, "step": step, "seed": cfg.seed})
+        where = os.path.relpath(path, self.cfg.output_dir)
+        self.output.push(where)
         if self.writer is not None:
-            self.writer.add_image("validation", sheet, step, dataformats="HWC")
+            self.writer.add_image(os.path.dirname(where).replace(os.sep, "/"), sheet, step, dataformats="HWC")
         log.info("validation images at step %d: %s", step, path)
         return path
 

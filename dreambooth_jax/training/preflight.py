@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -100,7 +101,9 @@ class Plan:
         """The initial train state from placed pipeline params (donated): built by one program whose outputs are
         the state's shardings."""
         init = jax.jit(self.init, out_shardings=self.state_shardings, donate_argnums=(0,))
-        return init(params)
+        with warnings.catch_warnings():  # the state of several subjects stacks the trained networks into new
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")  # arrays (the old are freed)
+            return init(params)
 
 
 def _bytes_of(tree, shardings) -> int:
@@ -111,7 +114,7 @@ def _bytes_of(tree, shardings) -> int:
 HBM_BYTES = {"TPU v5 lite": 16 * 2**30, "TPU v6 lite": 32 * 2**30, "TPU v4": 32 * 2**30, "TPU v5": 95 * 2**30}
 
 
-def _device_memory(devices=None) -> int | None:
+def device_memory(devices=None) -> int | None:
     """Bytes of memory of one device of `devices` (default: this process's first), or None (e.g. CPU)."""
     device = jax.local_devices()[0] if devices is None else np.asarray(devices).flat[0]
     try:
@@ -127,14 +130,20 @@ def _out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
 
 
-def _compile(cfg, pipe, spec, schedules, abstract_state, init, fsdp: int, devices) -> Plan:
-    mesh = parallel.train_mesh(fsdp, devices)
-    shardings = parallel.state_shardings(abstract_state, mesh)
+def _compile(cfg, pipe, spec, schedules, abstract_state, init, fsdp: int, devices, subjects: int = 0) -> Plan:
+    """The plan for one --fsdp; `subjects`: K > 0 for a run of K subjects (state, batch and rng with a leading
+    subject axis, the mesh cut into `parallel.subject_groups` groups)."""
+    groups = parallel.subject_groups(subjects, len(devices)) if subjects else None
+    mesh = parallel.train_mesh(fsdp, devices, groups)
+    shardings = state_lib.shardings(abstract_state, mesh)
     repl = parallel.replicated(mesh)
-    batch_sharding = parallel.batch_sharding(mesh, batch_axis=1)
-    batch = batch_shapes(cfg, pipe, mesh.size)
+    batch_sharding = parallel.batch_sharding(mesh, batch_axis=2 if subjects else 1)
+    batch = batch_shapes(cfg, pipe, mesh.size // (groups or 1))
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     step = functools.partial(train_step.train_step, spec=spec, schedules=schedules)
+    if subjects:
+        batch, rng = jax.tree.map(lambda s: jax.ShapeDtypeStruct((subjects, *s.shape), s.dtype), (batch, rng))
+        step = functools.partial(train_step.subjects_train_step, spec=spec, schedules=schedules)
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, repl), out_shardings=(shardings, repl),
                      donate_argnums=(0,))
     t0 = time.perf_counter()
@@ -167,36 +176,48 @@ def _compile(cfg, pipe, spec, schedules, abstract_state, init, fsdp: int, device
         per_device["temp"] = None
         per_device["total"] = sum(per_device.values()) + _bytes_of(batch, jax.tree.map(lambda _: batch_sharding,
                                                                                            batch))
-    limit = _device_memory(devices)
+    limit = device_memory(devices)
     fits = (False if compiled is None else None if limit is None else bool(per_device["total"] <= FITS * limit))
     report = {"devices": mesh.size, "mesh": {k: int(v) for k, v in mesh.shape.items()},
               "per_device_bytes": per_device, "device_memory_bytes": limit, "fits": fits}
-    param_shardings = parallel.state_shardings(abstract_params(pipe.params), mesh)
+    if subjects:
+        report["subjects"] = subjects
+    param_shardings = parallel.state_shardings(abstract_params(pipe.params), mesh)  # shared by the subjects
     return Plan(mesh, abstract_state, shardings, param_shardings, batch_sharding, compiled, report, init, compile_s)
 
 
-def plan(cfg, pipe, spec, *, max_steps: int, global_batch: int, fsdp: str | int = "auto", devices=None) -> Plan:
+def plan(cfg, pipe, spec, *, max_steps: int, global_batch: int, fsdp: str | int = "auto", devices=None,
+         subjects: list | None = None) -> Plan:
     """Compiles the step for `--fsdp` (an int, or 'auto': 1 when the replicated run fits comfortably, else the
     smallest divisor of the device count that fits) and reports its per-device memory. `pipe.params` may be
-    shapes only (`load_pipeline(..., weights="none")`)."""
+    shapes only (`load_pipeline(..., weights="none")`). `subjects`: the TrainConfigs of a run of several subjects
+    (`global_batch` is then each subject's; --fsdp divides a subject group's devices)."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     params = abstract_params(pipe.params)
-    make = functools.partial(state_lib.make_state, cfg, max_steps=max_steps, global_batch=global_batch)
+    if subjects:
+        make = functools.partial(state_lib.make_subjects_state, subjects, max_steps=max_steps,
+                                 global_batch=global_batch)
+    else:
+        make = functools.partial(state_lib.make_state, cfg, max_steps=max_steps, global_batch=global_batch)
     abstract_state = jax.eval_shape(make, params)
     # Every call makes new optimizer objects (static fields of the state): keep the ones the step compiles with.
     init = lambda p: make(p).replace(txs=abstract_state.txs)  # noqa: E731
     schedules = state_lib.lr_schedules(cfg, abstract_state.params, max_steps, global_batch)
-    compile_for = functools.partial(_compile, cfg, pipe, spec, schedules, abstract_state, init, devices=devices)
+    k = len(subjects) if subjects else 0
+    groups = parallel.subject_groups(k, devices.size) if k else None
+    compile_for = functools.partial(_compile, cfg, pipe, spec, schedules, abstract_state, init, devices=devices,
+                                    subjects=k)
     if fsdp != "auto":
         return compile_for(int(fsdp))
-    limit = _device_memory(devices)
-    divisors = [n for n in range(1, devices.size + 1) if devices.size % n == 0]
+    limit = device_memory(devices)
+    per_group = devices.size // (groups or 1)
+    divisors = [n for n in range(1, per_group + 1) if per_group % n == 0]
     first = compile_for(1)
     total = first.report["per_device_bytes"]["total"]
     if limit is None or (total is not None and total <= FITS_COMFORTABLY * limit):
         return first
     state_bytes = lambda n: parallel.per_device_bytes(  # noqa: E731
-        abstract_state, parallel.state_shardings(abstract_state, parallel.train_mesh(n, devices)))
+        abstract_state, state_lib.shardings(abstract_state, parallel.train_mesh(n, devices, groups)))
     best = first
     for n in divisors[1:]:
         if state_bytes(n) > FITS * limit:

@@ -6,7 +6,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dreambooth_jax import lora
+from dreambooth_jax import lora, parallel
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.training import optimizers as optim
 from dreambooth_jax.training.config import TrainConfig
@@ -51,6 +51,40 @@ class TrainState(flax.struct.PyTreeNode):
         """The weights to export: every part, the EMA ones where there are."""
         return {**self.frozen, **self.params, **(self.ema or {})}
 
+    # --- several subjects (see `step.subjects_train_step`) ----------------------------------------------
+    def per_subject(self) -> dict:
+        """The parts with a leading subject axis in a state of several subjects: everything trained (params,
+        optimizer state, EMA) and the stopped parts of `frozen`."""
+        return {"params": self.params, "opt_state": self.opt_state, "ema": self.ema,
+                "stopped": {k: self.frozen[k] for k in self.stopped}}
+
+    def subject(self, k: int) -> TrainState:
+        """Subject `k`'s own state, as a run of it alone would hold it, from a state of several subjects."""
+        take = lambda tree: jax.tree.map(lambda x: x[k], tree)  # noqa: E731
+        return self.replace(params=take(self.params), opt_state=take(self.opt_state), ema=take(self.ema),
+                            frozen={**self.frozen, **take({p: self.frozen[p] for p in self.stopped})})
+
+
+def stack_subjects(states: list[TrainState]) -> TrainState:
+    """One state of several subjects from each subject's own (same structure and optimizers): their trained
+    parts stacked along a new leading subject axis; the frozen networks (and step) taken from the first, shared."""
+    stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+    first = states[0]
+    return first.replace(params=jax.tree.map(stack, *[s.params for s in states]),
+                         opt_state=jax.tree.map(stack, *[s.opt_state for s in states]),
+                         ema=None if first.ema is None else jax.tree.map(stack, *[s.ema for s in states]))
+
+
+def shardings(state: TrainState, mesh) -> TrainState:
+    """The state's NamedShardings on `mesh`: the fsdp rule (`parallel.state_shardings`); on a mesh with a
+    `subject` axis the per-subject parts (`TrainState.per_subject`) are split over it too."""
+    plain = parallel.state_shardings(state, mesh)
+    if parallel.SUBJECT_AXIS not in mesh.axis_names:
+        return plain
+    split = parallel.subject_shardings(state.per_subject(), mesh)
+    return plain.replace(params=split["params"], opt_state=split["opt_state"], ema=split["ema"],
+                         frozen={**plain.frozen, **split["stopped"]})
+
 
 def trained_networks(cfg: TrainConfig, params: dict) -> list[str]:
     """The networks the run trains: the UNet, and with --train_text_encoder every text encoder (SDXL's two)."""
@@ -66,6 +100,12 @@ def lr_schedules(cfg: TrainConfig, parts, max_steps: int, global_batch: int) -> 
     return {part: optim.lr_schedule(cfg.lr_scheduler, peak[part.removesuffix("_lora")] * scale,
                                     warmup_steps=cfg.lr_warmup_steps, total_steps=max_steps,
                                     num_cycles=cfg.lr_num_cycles, power=cfg.lr_power) for part in parts}
+
+
+def make_subjects_state(cfgs: list[TrainConfig], params: dict, max_steps: int, global_batch: int) -> TrainState:
+    """The initial state of several subjects trained together (`cfgs`: each subject's own run): each subject's
+    `make_state` (its own seed: LoRA factors start as they would alone), stacked (`stack_subjects`)."""
+    return stack_subjects([make_state(c, params, max_steps, global_batch) for c in cfgs])
 
 
 def make_state(cfg: TrainConfig, params: dict, max_steps: int, global_batch: int) -> TrainState:

@@ -213,3 +213,21 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec
         if part in (schedules or {}):
             metrics["lr" if part.startswith("unet") else f"lr_{part}"] = schedules[part](state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+
+def subjects_train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec, schedules=None):
+    """`train_step` of K independent subjects at once (`jax.vmap` over them): their trained params, optimizer
+    states, EMA and stopped (trained, then frozen) parts have a leading subject axis K, the other frozen networks
+    are shared; `batch` has leading axes [K, A, B], `rng` holds K base keys [K, 2] (each subject's own stream).
+    Subject k's result is `train_step` of its own slices. Returns (new state, metrics [K])."""
+    stopped = {k: state.frozen[k] for k in state.stopped}
+    shared = {k: v for k, v in state.frozen.items() if k not in stopped}
+
+    def one(params, opt_state, ema, stopped, batch, rng):
+        alone = state.replace(params=params, opt_state=opt_state, ema=ema, frozen={**shared, **stopped})
+        new, metrics = train_step(alone, batch, rng, spec=spec, schedules=schedules)
+        return new.params, new.opt_state, new.ema, metrics
+
+    params, opt_state, ema, metrics = jax.vmap(one)(state.params, state.opt_state, state.ema, stopped, batch, rng)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
+                         frozen={**shared, **stopped}), metrics

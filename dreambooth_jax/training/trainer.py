@@ -1,7 +1,8 @@
 """A DreamBooth run from a `TrainConfig`: what `python -m dreambooth_jax.train` calls.
 
 One compiled `train_step` runs over a (data, fsdp) mesh of every device of every host: the batch split over
-both axes, the trained state and frozen networks sharded over `fsdp` (see `parallel` and `preflight`).
+both axes, the trained state and frozen networks sharded over `fsdp` (see `parallel` and `preflight`). A run of
+several subjects (--subjects) goes to `subjects.run`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from dreambooth_jax.training import checkpoints, preflight
 from dreambooth_jax.training import state as state_lib
 from dreambooth_jax.training import step as train_step
 from dreambooth_jax.training.class_images import ensure_class_images
-from dreambooth_jax.training.config import TrainConfig, load_preset, read_concepts, resolve_dataset
+from dreambooth_jax.training.config import (
+    TrainConfig,
+    load_preset,
+    many_subjects,
+    read_concepts,
+    resolve_dataset,
+)
 from dreambooth_jax.training.data import DreamBoothData
 from dreambooth_jax.training.inputs import TrainInputs
 from dreambooth_jax.training.loop import TrainLoop
@@ -52,6 +59,10 @@ def run(cfg: TrainConfig) -> Run:
     configure_compilation_cache(cfg.compilation_cache_dir)
     if cfg.dry_run:
         return Run(state=None, output_dir=cfg.output_dir, steps=0, metrics=[], summary={"preflight": dry_run(cfg)})
+    if many_subjects(cfg):
+        from dreambooth_jax.training import subjects
+
+        return subjects.run(cfg)
     fsdp = _fsdp(cfg, jax.devices())  # an --fsdp that does not divide the device count fails before anything else
     output = storage.Folder(cfg.output_dir)
     output.prepare_output()
@@ -143,6 +154,10 @@ def dry_run(cfg: TrainConfig, devices=None) -> dict:
     compile-only devices of a TPU topology), from the model's configs and tokenizers alone: what `--dry_run`
     prints. The data folders are listed, not read."""
     devices = jax.devices() if devices is None else list(devices)
+    if many_subjects(cfg):
+        from dreambooth_jax.training import subjects
+
+        return subjects.dry_run(cfg, devices)
     fsdp = _fsdp(cfg, devices)
     shapes = _model_shapes(cfg)
     concepts = read_concepts(cfg) if not cfg.dataset else []
