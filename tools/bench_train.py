@@ -456,7 +456,7 @@ def checks(row: dict, rows: list[dict], args) -> str:
             row["subject_steps_per_s"] / one["subject_steps_per_s"])
         if args.model == "sd15" and feats["lora"] == 16 and feats["subjects"] == 8 and row["devices"] == 1:
             items.append((">=2.5x K=1", gain and gain >= 2.5))
-    if args.model == "sd15":
+    elif args.model == "sd15":  # (the single-subject targets)
         if feats["cached"] and one_plus_one:
             items += [(">=25 steps/s", at_least("steps_per_s", 25)), (">=1.5x torch", faster)]
         if feats["throughput"]:  # the MFU is the analytic one; XLA's where that is unknown
