@@ -10,7 +10,6 @@ with (data, fsdp) inside each group.
 
 from __future__ import annotations
 
-import math
 import os
 
 import jax
@@ -85,11 +84,27 @@ def train_mesh(fsdp: int = 1, devices=None, subject_groups: int | None = None) -
                 axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def subject_groups(num_subjects: int, num_devices: int) -> int:
-    """How many device groups a run of `num_subjects` subjects on `num_devices` devices has: the most that split
-    both evenly (their greatest common divisor), so every group trains as many subjects on as many devices.
-    Each subject's batch spans the devices of its group."""
-    return math.gcd(num_subjects, num_devices)
+def subject_groups(num_subjects: int, num_devices: int, devices_per_subject: int | None = None) -> int:
+    """How many device groups a run of `num_subjects` subjects on `num_devices` devices has: `num_devices /
+    devices_per_subject` when given; else one group per subject where there are enough devices (the fewest groups
+    that split the devices evenly and hold a subject each, e.g. 30 subjects on 64 chips: 32 groups of 2), else one
+    per device. Each subject's batch spans the devices of its group; `subject_slots` pads the subjects to fill
+    every group alike."""
+    if devices_per_subject is not None:
+        if devices_per_subject < 1 or num_devices % devices_per_subject:
+            raise UsageError(f"--subject_devices {devices_per_subject} does not divide the {num_devices} devices")
+        return num_devices // devices_per_subject
+    if num_subjects >= num_devices:
+        return num_devices
+    return min(g for g in range(num_subjects, num_devices + 1) if num_devices % g == 0)
+
+
+def subject_slots(num_subjects: int, num_devices: int, devices_per_subject: int | None = None) -> int:
+    """The subjects a run trains, padded to a multiple of its groups (`subject_groups`): every group trains as
+    many. The padding slots repeat the last subject; their results are dropped (e.g. 30 subjects on 64 chips: 32
+    slots, 2 of them padding)."""
+    groups = subject_groups(num_subjects, num_devices, devices_per_subject)
+    return -(-num_subjects // groups) * groups
 
 
 def fsdp_size(mesh: Mesh) -> int:

@@ -13,18 +13,24 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec as P
 
+from dreambooth_jax.parallel import SUBJECT_AXIS  # a run of several subjects vmaps its step over this axis
+
 
 def batch_parallel(fn, *args, num_batched: int = 1):
     """`fn(*args)`, with the first `num_batched` args ([B, ...] each) split over every axis of the current mesh
-    and the others whole on every device.
+    (but `subject`) and the others whole on every device.
 
     Falls back to one call on the whole arrays (XLA's choice) without a mesh, on one device, or when B does
     not divide evenly over the mesh (e.g. a batch of 1 on 8 devices), where a split is not possible anyway.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or args[0].shape[0] % mesh.size:
+    axes = tuple(a for a in mesh.axis_names if a != SUBJECT_AXIS) if not mesh.empty else ()
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    if mesh.empty or size == 1 or args[0].shape[0] % size:
         return fn(*args)
-    spec = P(tuple(mesh.axis_names))
+    spec = P(axes)
     # check_vma=False: Pallas outputs carry no varying-axes annotation. The shared weights' in_spec P()
     # makes shard_map's transpose sum their per-device cotangents over the mesh.
     specs = (spec,) * num_batched + (P(),) * (len(args) - num_batched)

@@ -11,6 +11,7 @@ import sys
 import jax
 import pytest
 from conftest import xla_flags_with
+from safetensors.numpy import load_file
 from train_helpers import assert_same_weights, draw_images, exported_weights
 
 from dreambooth_jax import parallel
@@ -72,14 +73,15 @@ def _run_cli(devices: int, runs: list[tuple[list[str], bool]]) -> None:
 
 
 def test_subjects_trained_together_equal_each_alone(tiny_pipelines, subjects, tmp_path):
-    """Full fine-tuning with prior preservation and EMA (stopped by SIGTERM after step 1, resumed), and LoRA of the
-    UNet and text encoder: each subject's export equals its run alone with its seed (rtol 1e-5: only the order of
-    fp32 gradient sums differs, see train_helpers.RTOL)."""
+    """Full fine-tuning with prior preservation and EMA (stopped by SIGTERM after step 1, resumed; the fused
+    GroupNorm kernel, against XLA's norm alone), and LoRA of the UNet and text encoder: each subject's export equals
+    its run alone with its seed (rtol 1e-5: only the order of fp32 sums differs, see train_helpers.RTOL)."""
     path, items = subjects
     base = _base(tiny_pipelines)
     full, lora = tmp_path / "full", tmp_path / "lora"
-    _run_cli(DEVICES, [(["--subjects", path, "--output_dir", str(full), *base, *FULL], True),
-                       (["--subjects", path, "--output_dir", str(full), *base, *FULL,
+    fused = ["--fused_norm", "on"]  # the kernel per device on its share of a subject's batch (interpret mode)
+    _run_cli(DEVICES, [(["--subjects", path, "--output_dir", str(full), *base, *FULL, *fused], True),
+                       (["--subjects", path, "--output_dir", str(full), *base, *FULL, *fused,
                          "--resume_from_checkpoint", "latest"], False),
                        (["--subjects", path, "--output_dir", str(lora), *base, *LORA], False)])
 
@@ -104,8 +106,11 @@ def test_subjects_trained_together_equal_each_alone(tiny_pipelines, subjects, tm
 
 
 def test_subject_groups_and_batch_layout():
+    """One group per subject where there are devices enough (the fewest that split them evenly), padded."""
     assert parallel.subject_groups(4, 8) == 4 and parallel.subject_groups(8, 1) == 1
-    assert parallel.subject_groups(30, 64) == 2 and parallel.subject_groups(16, 8) == 8
+    assert parallel.subject_groups(30, 64) == 32 and parallel.subject_slots(30, 64) == 32  # 2 chips each
+    assert parallel.subject_groups(3, 8) == 4 and parallel.subject_slots(3, 8) == 4
+    assert parallel.subject_groups(16, 8) == 8 and parallel.subject_slots(12, 8) == 16
     mesh = parallel.train_mesh(1, subject_groups=1)
     assert dict(mesh.shape) == {"subject": 1, "data": 1, "fsdp": 1}
     P = jax.sharding.PartitionSpec
@@ -125,6 +130,8 @@ def _write(tmp_path, items) -> str:
     (lambda items: [{**items[0], "resolution": 128}, *items[1:]], "share the model and the resolution"),
     (lambda items: [{**items[0], "pretrained_model_name_or_path": "other"}, *items[1:]], "share the model"),
     (lambda items: [{**items[0], "colour": "red"}, *items[1:]], "unknown keys"),
+    (lambda items: [*items, {**items[0], "name": "TOY0"}], "two subjects are named 'TOY0'"),  # case-insensitive FS
+    (lambda items: [{**items[0], "seed": True}, *items[1:]], "seed must be an integer"),
     (lambda items: [{**items[0], "instance_data_dir": "EMPTY"}, *items[1:]], "no images"),
     (lambda items: [{k: v for k, v in items[0].items() if k != "instance_prompt"}, *items[1:]],
      "instance_prompt is required"),
@@ -157,3 +164,38 @@ def test_subjects_options(tiny_pipelines, subjects, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--subjects", path, "--instance_data_dir", items[0]["instance_data_dir"], *_base(tiny_pipelines)])
     assert "replaces --instance_data_dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one prompt for every subject of the dataset: refused
+        parse_args(["--dataset", "dreambooth:dog6,cat", "--instance_prompt", "a sks dog", *_base(tiny_pipelines)])
+    assert "would name every subject alike" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("sd1", ["--train_text_encoder", "--stop_text_encoder_training", "1",
+             "--gradient_accumulation_steps", "2", "--cache_latents", "--use_ema"]),
+    ("sdxl", ["--use_lora", "--rank", "4", "--pre_compute_text_embeddings", "--merge_lora"]),
+])
+def test_more_options_together_equal_alone(tiny_pipelines, subjects, tmp_path, kind, extra):
+    """On one device (the subjects vmapped, not split): the text encoder stopped mid-run, accumulation, cached
+    latents and EMA (SD 1); SDXL LoRA with precomputed text embeddings and the merged export. Two subjects
+    together export what each exports alone (train_helpers.RTOL)."""
+    from dreambooth_jax.training.trainer import run
+
+    path, items = subjects
+    base = _base(tiny_pipelines)
+    base[base.index("--pretrained_model_name_or_path") + 1] = tiny_pipelines[kind]
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps(items[:2]))
+    run(parse_args(["--subjects", str(two), "--output_dir", str(tmp_path / "together"), *base, *extra]))
+    for item in items[:2]:
+        run(parse_args(["--instance_data_dir", item["instance_data_dir"], "--instance_prompt", item["instance_prompt"],
+                        "--class_data_dir", item["class_data_dir"], "--class_prompt", item["class_prompt"],
+                        "--seed", str(item["seed"]), "--output_dir", str(tmp_path / item["name"]), *base, *extra]))
+        together = tmp_path / "together" / item["name"]
+        assert_same_weights(exported_weights(together), exported_weights(tmp_path / item["name"]))
+        if "--merge_lora" in extra:  # the merged pipelines too
+            for part in ("unet", "text_encoder_2"):
+                a = load_file(os.path.join(together, part, "diffusion_pytorch_model.safetensors" if part == "unet"
+                                           else "model.safetensors"))
+                b = load_file(os.path.join(tmp_path, item["name"], part, "diffusion_pytorch_model.safetensors"
+                                           if part == "unet" else "model.safetensors"))
+                assert_same_weights(a, b)

@@ -138,10 +138,11 @@ def synthetic_batch(text, vae, cached: bool, rows: int, resolution: int, seed: i
 
 
 def parallel_groups(feats: dict, chips: int) -> int:
-    """Device groups of a `subjectsK` row (`parallel.subject_groups`); 1 otherwise."""
-    import math
+    """Device groups of a `subjectsK` row (`parallel.subject_groups`); 1 otherwise. (K: pick one the groups split
+    evenly, `parallel.subject_slots`, or padding slots are timed as subjects.)"""
+    from dreambooth_jax import parallel
 
-    return math.gcd(feats["subjects"], chips) if feats["subjects"] else 1
+    return parallel.subject_groups(feats["subjects"], chips) if feats["subjects"] else 1
 
 
 def time_loop(step, sync, warmup: int, steps: int) -> float:
@@ -229,6 +230,7 @@ def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
     a dry run, the state built sharded from the host weights and timed steps."""
     import jax
 
+    from dreambooth_jax import parallel
     from dreambooth_jax.training import preflight
     from dreambooth_jax.training.trainer import step_spec
 
@@ -236,7 +238,8 @@ def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
     rows = instance_rows(feats, args)
     pipe = with_kernels(pipe, feats, args)
     cfg = train_config(pipe, feats, optimizer, args)
-    subjects = [dataclasses.replace(cfg, seed=k) for k in range(feats["subjects"])] or None
+    slots = parallel.subject_slots(feats["subjects"], chips) if feats["subjects"] else 0
+    subjects = [dataclasses.replace(cfg, seed=k) for k in range(slots)] or None
     global_rows = rows * chips // parallel_groups(feats, chips)  # (each subject's)
     t0 = time.perf_counter()
     plan = preflight.plan(cfg, pipe, step_spec(cfg, pipe), max_steps=1, global_batch=global_rows,
@@ -264,8 +267,9 @@ def time_jax(plan, pipe, feats: dict, global_rows: int, args) -> tuple[float, fl
     batch = synthetic_batch(pipe.text_encoder.config, pipe.vae.config, feats["cached"], global_rows, args.resolution,
                             text_2=text_2)
     rng = np.asarray(jax.random.PRNGKey(0))
-    if feats["subjects"]:  # each subject its own batch and key (here: the same ones)
-        batch, rng = {k: np.stack([v] * feats["subjects"]) for k, v in batch.items()}, np.stack([rng] * feats["subjects"])
+    if feats["subjects"]:  # each subject (slot) its own batch and key (here: the same ones)
+        slots = jax.tree.leaves(plan.abstract_state.params)[0].shape[0]  # the stacked state's leading axis
+        batch, rng = {k: np.stack([v] * slots) for k, v in batch.items()}, np.stack([rng] * slots)
     batch = jax.device_put(batch, plan.batch_sharding)
     rng = jax.device_put(rng, jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec()))
     carry = {"state": state}

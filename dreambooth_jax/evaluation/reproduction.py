@@ -5,8 +5,6 @@ the paper's Table 1. Behind `python -m dreambooth_jax.reproduce`; resumable (see
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -24,7 +22,7 @@ METRICS = evaluation.METRICS
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def _run_flags(args, trainer_out: str) -> list[str]:
+def run_flags(args, trainer_out: str) -> list[str]:
     """The trainer options every run of `args` shares, and resumption where `trainer_out` has checkpoints."""
     out = ["--config", args.config]
     for flag in ("pretrained_model_name_or_path", "max_train_steps", "dataset_dir", "dataset_manual_dir"):
@@ -45,97 +43,18 @@ def train_args(args, trainer_args: list[str], subject, seed: int, model_dir: str
     out = ["--dataset", f"dreambooth:{subject.name}", "--output_dir", model_dir,
            "--class_data_dir", class_folder(args, subject),
            "--instance_prompt", subject.instance_prompt(args.unique_token), "--seed", str(seed)]
-    return _run_flags(args, model_dir) + out + trainer_args
+    return run_flags(args, model_dir) + out + trainer_args
 
 
-def _parse_train_args(argv: list[str]):
-    from dreambooth_jax.training.config import parse_args as parse_train_args
+def parse_train_args(argv: list[str]):
+    """The trainer's config of `argv`; LoRA runs also export the merged pipeline (to sample from)."""
+    from dreambooth_jax.training.config import parse_args
 
-    cfg = parse_train_args(argv)
+    cfg = parse_args(argv)
     if cfg.use_lora and not cfg.merge_lora:  # images are sampled from a full pipeline: export one
         log.info("--use_lora: adding --merge_lora, to sample from the pipeline with the adapters merged in")
         cfg = dataclasses.replace(cfg, merge_lora=True)
     return cfg
-
-
-# --------------------------------------------------------------------------------- several runs together
-def together_args(args, trainer_args: list[str], subjects: list, runs: list[tuple[str, int]],
-                  *, dry_run: bool = False) -> tuple[list[str], str]:
-    """(the trainer command line, its output folder) of `runs` [(subject, seed)] trained together
-    (`train --subjects`): each run is a subject named `<subject>-seed<seed>` with the options `train_args` gives
-    it alone. `subjects`: the dataset's `Subject`s by name. Writes the subjects file (process 0)."""
-    import jax
-
-    from dreambooth_jax import parallel
-    from dreambooth_jax.fileio import write_json
-
-    names = [f"{name}-seed{seed}" for name, seed in runs]
-    folder = os.path.join(args.output_dir, "parallel", hashlib.sha1(" ".join(names).encode()).hexdigest()[:12])
-    items = [{"name": f"{name}-seed{seed}", "dataset": f"dreambooth:{name}", "seed": seed,
-              "instance_prompt": subjects[name].instance_prompt(args.unique_token),
-              "class_data_dir": class_folder(args, subjects[name])} for name, seed in runs]
-    path = os.path.join(folder, "dry_run_subjects.json" if dry_run else "subjects.json")
-    if jax.process_index() == 0:
-        os.makedirs(folder, exist_ok=True)
-        write_json(path, items, sort_keys=False)
-    parallel.barrier(f"subjects file {path}")
-    argv = [*_run_flags(args, folder), "--subjects", path, "--output_dir", folder, *trainer_args]
-    return argv + (["--dry_run"] if dry_run else []), folder
-
-
-def train_together(args, trainer_args: list[str], subjects: list, runs: list[tuple[str, int]]) -> None:
-    """Trains `runs` [(subject, seed)] as one run of several subjects, then moves each export to its run's
-    `model` folder, where `run_one` finds it. Rerunning after an interruption resumes from the checkpoints."""
-    import jax
-
-    from dreambooth_jax import parallel
-    from dreambooth_jax.training.trainer import run
-
-    argv, folder = together_args(args, trainer_args, subjects, runs)
-    log.info("training %d runs together (python -m dreambooth_jax.train %s)", len(runs), " ".join(argv))
-    result = run(_parse_train_args(argv))
-    for name, seed in runs:
-        src = os.path.join(folder, f"{name}-seed{seed}")
-        if not os.path.isfile(os.path.join(src, "model_index.json")):
-            raise UsageError(f"training of {', '.join(f'{n} seed {s}' for n, s in runs)} stopped at step "
-                             f"{result.steps} (preempted?); rerun the same command to resume")
-    if jax.process_index() == 0:
-        for name, seed in runs:
-            dst = os.path.join(args.output_dir, name, f"seed{seed}", "model")
-            shutil.rmtree(dst, ignore_errors=True)
-            os.replace(os.path.join(folder, f"{name}-seed{seed}"), dst)
-        shutil.rmtree(folder)  # the checkpoints: every run of it is exported
-    parallel.barrier(f"moved {folder}")
-
-
-def default_parallel_subjects(args, trainer_args: list[str], subjects: list, runs: list[tuple[str, int]]) -> int:
-    """--parallel_subjects when not given: as many runs as the devices and their memory allow, from the memory
-    preflight of the trainer's --dry_run (no weights loaded). Starts from the most runs that split the devices
-    evenly (one group each), then doubles while the preflight says it fits; halves while it does not."""
-    import jax
-
-    from dreambooth_jax.training import preflight
-    from dreambooth_jax.training.trainer import dry_run
-
-    devices = jax.device_count()
-    if len(runs) <= 1:
-        return 1
-    k = max(d for d in range(1, min(devices, len(runs)) + 1) if devices % d == 0)
-    if preflight.device_memory() is None:  # e.g. CPU: no limit to fit in, no preflight to ask
-        return k
-
-    def fits(k: int):
-        report = dry_run(_parse_train_args(together_args(args, trainer_args, subjects, runs[:k], dry_run=True)[0]))
-        log.info("--parallel_subjects %d: preflight %s", k, json.dumps(report))
-        return report["fits"]
-
-    verdict = fits(k)
-    while verdict is False and k > 1:
-        k //= 2
-        verdict = fits(k)
-    while verdict and 2 * k <= len(runs) and fits(2 * k):
-        k *= 2
-    return k
 
 
 def train_subject(args, trainer_args, subject, seed: int, model_dir: str):
@@ -143,7 +62,7 @@ def train_subject(args, trainer_args, subject, seed: int, model_dir: str):
     from dreambooth_jax.training.trainer import run
 
     argv = train_args(args, trainer_args, subject, seed, model_dir)
-    cfg = _parse_train_args(argv)
+    cfg = parse_train_args(argv)
     if os.path.isfile(os.path.join(model_dir, "model_index.json")):
         log.info("%s seed %d: trained pipeline found in %s", subject.name, seed, model_dir)
         return cfg
@@ -333,6 +252,7 @@ def run(args, trainer_args: list[str]) -> str | None:
     import jax
 
     from dreambooth_jax.evaluation import dataset as dreambooth_dataset
+    from dreambooth_jax.evaluation import parallel_runs
     from dreambooth_jax.evaluation.encoders import Encoders
     from dreambooth_jax.fileio import read_json
     from dreambooth_jax.parallel import maybe_initialize_distributed
@@ -355,14 +275,7 @@ def run(args, trainer_args: list[str]) -> str | None:
     print(f"{len(names)} subject(s) x {len(args.seeds)} seed(s): {len(pending)} run(s) to do", file=sys.stderr)
     # Loaded first (on the host), so that a wrong --dino_model / --clip_model fails before hours of training.
     encoders = Encoders(args.dino_model, args.clip_model) if pending else None
-    untrained = [(n, s) for n, s in pending if not os.path.isfile(os.path.join(run_dir(n, s), "model",
-                                                                              "model_index.json"))]
-    if untrained and args.parallel_subjects != 1:
-        subjects = {n: dreambooth_dataset.load_subject(builder, n) for n in {n for n, _ in untrained}}
-        k = args.parallel_subjects or default_parallel_subjects(args, trainer_args, subjects, untrained)
-        print(f"training {len(untrained)} run(s) {k} at a time", file=sys.stderr)
-        for i in range(0, len(untrained), k) if k > 1 else ():
-            train_together(args, trainer_args, subjects, untrained[i : i + k])
+    together = parallel_runs.Together(args, trainer_args, builder, pending)  # --parallel_subjects
 
     runs, path, t_start = {}, None, time.perf_counter()
     for i, name in enumerate(names):
@@ -375,6 +288,7 @@ def run(args, trainer_args: list[str]) -> str | None:
                 runs.setdefault(name, {})[seed] = read_json(os.path.join(run_dir(name, seed), "metrics.json"))
                 continue
             t0 = time.perf_counter()
+            together.train_group_of(name, seed)  # (its group's models, when they train together and are not yet)
             metrics = runs.setdefault(name, {})[seed] = run_one(args, trainer_args, subject, seed, real, encoders)
             print(f"{tag}: " + ", ".join(f"{evaluation.METRIC_NAMES[m]} {metrics['overall'][m]['mean']:.3f}"
                                          for m in METRICS) + f" ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)

@@ -126,6 +126,10 @@ class TrainConfig:
                              "frozen networks over; must divide the device count, the rest is data parallel. "
                              "'auto': 1 (replication) when that fits comfortably in device memory, else the "
                              "smallest that fits")
+    subject_devices: int | None = _opt(None, "with --subjects: the devices each subject's batch spans (a divisor of "
+                                             "the device count; its global batch is --train_batch_size x these "
+                                             "devices x --gradient_accumulation_steps). Default: one group of "
+                                             "devices per subject where there are enough, else one device each")
     dry_run: bool = _opt(False, "read only the model's configs and tokenizers, compile the step ahead of time and "
                                 "print its per-device memory as one JSON line; then exit")
     compilation_cache_dir: str | None = _opt(None, "XLA's persistent compilation cache, so a second run compiles "
@@ -302,9 +306,10 @@ def read_subjects(cfg: TrainConfig) -> list[Subject]:
         if not isinstance(name, str) or not _SUBJECT_NAME.match(name) or name in _RESERVED_NAMES:
             raise UsageError(f"{where}: subject {i} needs a \"name\" usable as a folder name (letters, digits, "
                              f"'.', '_', '-'; not {', '.join(_RESERVED_NAMES)}); got {name!r}")
-        if name in seen:
-            raise UsageError(f"{where}: two subjects are named {name!r}; names must be unique (each is a folder)")
-        seen.add(name)
+        if name.lower() in seen:  # (case-insensitive file systems)
+            raise UsageError(f"{where}: two subjects are named {name!r}; names must be unique, whatever their case "
+                             "(each is a folder)")
+        seen.add(name.lower())
         unknown = sorted(set(item) - set(SUBJECT_KEYS) - set(SHARED_KEYS))
         if unknown:
             raise UsageError(f"{where}: subject {name!r} has unknown keys {unknown} (known: "
@@ -315,9 +320,11 @@ def read_subjects(cfg: TrainConfig) -> list[Subject]:
                                  "the subjects of one run share the model and the resolution; train the others in "
                                  "another run")
         seed = item.get("seed", cfg.seed)
-        if not isinstance(seed, int) or seed < 0:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise UsageError(f"{where}: subject {name!r}: seed must be an integer >= 0; got {seed!r}")
         own = {k: item[k] for k in SUBJECT_KEYS[1:] if k in item}
+        if "dataset" in own:  # its prompts and class folder come from the dataset's subject, unless it names them
+            own = {"instance_prompt": None, "class_prompt": None, "class_data_dir": None, **own}
         subjects.append(Subject(name, dataclasses.replace(
             cfg, **{**own, "seed": seed, "dataset": own.get("dataset"), "subjects": None,
                     "output_dir": os.path.join(cfg.output_dir, name)})))
@@ -375,6 +382,11 @@ def _subjects_errors(cfg: TrainConfig) -> list[str]:
     if cfg.instance_data_dir or cfg.concepts_list:
         errors.append("--subjects (or a --dataset of several subjects) replaces --instance_data_dir and "
                       "--concepts_list: each subject names its own folder")
+    if cfg.dataset and (cfg.instance_prompt or cfg.class_prompt):
+        errors.append("--dataset of several subjects: --instance_prompt and --class_prompt would name every subject "
+                      "alike; each takes its own from the dataset (or give them per subject with --subjects)")
+    if cfg.subject_devices is not None and cfg.subject_devices < 1:
+        errors.append("--subject_devices must be >= 1")
     if errors:
         return errors
     try:

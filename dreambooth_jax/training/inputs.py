@@ -151,17 +151,27 @@ def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bo
 
 
 class SubjectsInputs:
-    """The batches of a run of several subjects: each subject's `TrainInputs` (its own data, prompts, caches)
-    lays out its rows; `device_batch(step)` stacks them [K, A, B, ...] and places them, the subjects split over
-    the mesh's `subject` axis and each one's examples over its group's devices. Every process builds every
-    subject's rows (a handful of images each) and transfers those of its own devices."""
+    """The batches of a run of several subjects: each subject's `TrainInputs` (its own data, prompts, caches) lays
+    out its rows; `device_batch(step)` stacks them [K, A, B, ...] and places them, the subjects split over the
+    mesh's `subject` axis and each one's examples over its group's devices. A process builds the rows of the
+    subjects its devices train (the others' entries, never read, are zeros). `subjects` may name one object twice
+    (padding slots): its rows are built once."""
 
     def __init__(self, subjects: list[TrainInputs], mesh):
         self.subjects, self.mesh = subjects, mesh
+        per_group = len(subjects) // mesh.shape[parallel.SUBJECT_AXIS]
+        me = jax.process_index()
+        self.mine = [k for k in range(len(subjects))
+                     if any(d.process_index == me for d in mesh.devices[k // per_group].flat)]
 
     def device_batch(self, step: int):
-        rows = [s.host_batch(step) for s in self.subjects]
-        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        built: dict[int, dict] = {}
+        for k in self.mine:
+            if id(self.subjects[k]) not in built:
+                built[id(self.subjects[k])] = self.subjects[k].host_batch(step)
+        first = next(iter(built.values()))
+        rows = [built.get(id(s)) for s in self.subjects]
+        batch = {key: np.stack([np.zeros_like(first[key]) if r is None else r[key] for r in rows]) for key in first}
         return parallel.put_batch(batch, self.mesh, batch_axis=2)
 
 

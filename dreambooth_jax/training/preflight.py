@@ -92,6 +92,7 @@ class Plan:
     report: dict
     init: Any  # pipeline params -> initial TrainState (pure)
     compile_s: float = 0.0
+    subjects: int = 0  # K > 0: a state of K subjects (slots)
 
     def place_params(self, host_params):
         """The pipeline's host (NumPy) params on the mesh, sharded by the fsdp rule."""
@@ -101,8 +102,9 @@ class Plan:
         """The initial train state from placed pipeline params (donated): built by one program whose outputs are
         the state's shardings."""
         init = jax.jit(self.init, out_shardings=self.state_shardings, donate_argnums=(0,))
-        with warnings.catch_warnings():  # the state of several subjects stacks the trained networks into new
-            warnings.filterwarnings("ignore", "Some donated buffers were not usable")  # arrays (the old are freed)
+        with warnings.catch_warnings():
+            if self.subjects:  # their trained networks are stacked into new arrays (the donated ones are freed)
+                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
             return init(params)
 
 
@@ -133,7 +135,7 @@ def _out_of_memory(error: Exception) -> bool:
 def _compile(cfg, pipe, spec, schedules, abstract_state, init, fsdp: int, devices, subjects: int = 0) -> Plan:
     """The plan for one --fsdp; `subjects`: K > 0 for a run of K subjects (state, batch and rng with a leading
     subject axis, the mesh cut into `parallel.subject_groups` groups)."""
-    groups = parallel.subject_groups(subjects, len(devices)) if subjects else None
+    groups = parallel.subject_groups(subjects, len(devices), cfg.subject_devices) if subjects else None
     mesh = parallel.train_mesh(fsdp, devices, groups)
     shardings = state_lib.shardings(abstract_state, mesh)
     repl = parallel.replicated(mesh)
@@ -181,9 +183,10 @@ def _compile(cfg, pipe, spec, schedules, abstract_state, init, fsdp: int, device
     report = {"devices": mesh.size, "mesh": {k: int(v) for k, v in mesh.shape.items()},
               "per_device_bytes": per_device, "device_memory_bytes": limit, "fits": fits}
     if subjects:
-        report["subjects"] = subjects
+        report["subject_slots"] = subjects
     param_shardings = parallel.state_shardings(abstract_params(pipe.params), mesh)  # shared by the subjects
-    return Plan(mesh, abstract_state, shardings, param_shardings, batch_sharding, compiled, report, init, compile_s)
+    return Plan(mesh, abstract_state, shardings, param_shardings, batch_sharding, compiled, report, init, compile_s,
+                subjects)
 
 
 def plan(cfg, pipe, spec, *, max_steps: int, global_batch: int, fsdp: str | int = "auto", devices=None,
@@ -204,7 +207,7 @@ def plan(cfg, pipe, spec, *, max_steps: int, global_batch: int, fsdp: str | int 
     init = lambda p: make(p).replace(txs=abstract_state.txs)  # noqa: E731
     schedules = state_lib.lr_schedules(cfg, abstract_state.params, max_steps, global_batch)
     k = len(subjects) if subjects else 0
-    groups = parallel.subject_groups(k, devices.size) if k else None
+    groups = parallel.subject_groups(k, devices.size, cfg.subject_devices) if k else None
     compile_for = functools.partial(_compile, cfg, pipe, spec, schedules, abstract_state, init, devices=devices,
                                     subjects=k)
     if fsdp != "auto":
@@ -238,11 +241,14 @@ def raise_if_too_large(report: dict, cfg) -> None:
     helps = []
     if not cfg.gradient_checkpointing:
         helps.append("--gradient_checkpointing")
-    if report["mesh"]["fsdp"] < report["devices"]:
-        helps.append("--fsdp N (shard the state over N devices; now "
-                     f"{report['mesh']['fsdp']} of {report['devices']})")
-    elif report["devices"] == 1:
+    group = report["devices"] // report["mesh"].get("subject", 1)  # the devices a (subject's) state may span
+    where = "of a subject group's " if "subject" in report["mesh"] else "of "
+    if report["mesh"]["fsdp"] < group:
+        helps.append(f"--fsdp N (shard the state over N devices; now {report['mesh']['fsdp']} {where}{group})")
+    elif group == 1:
         helps.append("more devices with --fsdp")
+    if "subject_slots" in report:
+        helps.append("fewer subjects per device group (--subject_devices N, or fewer --subjects per run)")
     if not cfg.use_lora:
         helps.append("--use_lora")
     if cfg.optimizer != "adafactor" and not cfg.use_lora:

@@ -59,9 +59,11 @@ class TrainState(flax.struct.PyTreeNode):
                 "stopped": {k: self.frozen[k] for k in self.stopped}}
 
     def subject(self, k: int) -> TrainState:
-        """Subject `k`'s own state, as a run of it alone would hold it, from a state of several subjects."""
-        take = lambda tree: jax.tree.map(lambda x: x[k], tree)  # noqa: E731
-        return self.replace(params=take(self.params), opt_state=take(self.opt_state), ema=take(self.ema),
+        """Subject `k`'s weights from a state of several subjects, as a run of it alone would export them: its
+        params, EMA and stopped parts in host memory (every process whole; gathered one array at a time, so no
+        device holds the subject's state whole), the shared frozen networks as they are; no optimizer state."""
+        take = lambda tree: jax.tree.map(lambda x: parallel.fetch(x[k]), tree)  # noqa: E731
+        return self.replace(params=take(self.params), opt_state={}, ema=take(self.ema),
                             frozen={**self.frozen, **take({p: self.frozen[p] for p in self.stopped})})
 
 

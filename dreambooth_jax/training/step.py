@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dreambooth_jax import parallel
 from dreambooth_jax.diffusion import noise_schedule
 from dreambooth_jax.diffusion.conditioning import combine_encoders
 from dreambooth_jax.models.vae import sample_latents
@@ -228,6 +229,11 @@ def subjects_train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec:
         new, metrics = train_step(alone, batch, rng, spec=spec, schedules=schedules)
         return new.params, new.opt_state, new.ema, metrics
 
-    params, opt_state, ema, metrics = jax.vmap(one)(state.params, state.opt_state, state.ema, stopped, batch, rng)
+    # Traced on a mesh with a `subject` axis, the vmapped axis is split over it: kernels that run per device on
+    # their share of the batch (`kernels.batch_parallel`) then see one subject's batch.
+    mesh = jax.sharding.get_abstract_mesh()
+    axis = parallel.SUBJECT_AXIS if not mesh.empty and parallel.SUBJECT_AXIS in mesh.axis_names else None
+    params, opt_state, ema, metrics = jax.vmap(one, spmd_axis_name=axis)(state.params, state.opt_state, state.ema,
+                                                                         stopped, batch, rng)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                          frozen={**shared, **stopped}), metrics

@@ -7,14 +7,15 @@ loss log, and is exported to `output_dir/<name>/` exactly as a run of it alone w
 `subject` axis (device groups; data and fsdp inside each); the frozen networks (VAE, frozen text encoders, the
 LoRA base) are shared. `step.subjects_train_step` is the ordinary step, vmapped over the subjects.
 
-Subject k's batch spans the devices of its group (`parallel.subject_groups`): its global batch is
---train_batch_size x those devices x --gradient_accumulation_steps, and with the same global batch and seed its
-result is that of a run of it alone (up to the order of floating-point sums).
+Subject k's batch spans the devices of its group (`parallel.subject_groups`: one group per subject where there
+are enough devices): its global batch is --train_batch_size x those devices x --gradient_accumulation_steps, and
+with the same global batch and seed its result is that of a run of it alone (up to the order of floating-point
+sums). Where the subjects do not fill the groups evenly, padding slots repeat the last subject
+(`parallel.subject_slots`); their results are dropped.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -26,14 +27,11 @@ import numpy as np
 
 from dreambooth_jax import parallel, storage
 from dreambooth_jax.errors import DivergedError, UsageError
-from dreambooth_jax.pipeline import load_pipeline
-from dreambooth_jax.training import checkpoints, preflight
 from dreambooth_jax.training import export as export_lib
+from dreambooth_jax.training import preflight, trainer
 from dreambooth_jax.training import state as state_lib
 from dreambooth_jax.training import step as train_step
-from dreambooth_jax.training.class_images import ensure_class_images
 from dreambooth_jax.training.config import TrainConfig, read_concepts, read_subjects, resolve_dataset
-from dreambooth_jax.training.data import DreamBoothData
 from dreambooth_jax.training.inputs import SubjectsInputs, TrainInputs
 from dreambooth_jax.training.loop import TrainLoop
 
@@ -41,140 +39,103 @@ log = logging.getLogger("dreambooth_jax.train")
 
 
 def _max_steps(subjects, global_batch: int, count) -> int:
-    """The step count every subject trains: each one's own (`trainer._max_steps`); they must agree."""
-    from dreambooth_jax.training.trainer import _max_steps as steps_of
-
-    steps = {s.name: steps_of(s.cfg, global_batch, *count(s)) for s in subjects}
+    """The step count every subject trains: each one's own (`trainer.count_steps` of `count(subject)`: its
+    instance and class images); they must agree."""
+    steps = {s.name: trainer.count_steps(s.cfg, global_batch, *count(s)) for s in subjects}
     if len(set(steps.values())) > 1:
         raise UsageError(f"the subjects would train different step counts ({steps}: --num_train_epochs over "
                          "different numbers of images); give --max_train_steps")
     return next(iter(steps.values()))
 
 
+def _layout(cfg: TrainConfig, subjects: list, devices) -> tuple[list, int, int]:
+    """(the subjects padded to fill the device groups, the groups, the devices per group); an --fsdp that does not
+    divide a group's devices fails here."""
+    n = len(devices)
+    slots = subjects + subjects[-1:] * (parallel.subject_slots(len(subjects), n, cfg.subject_devices) - len(subjects))
+    groups = parallel.subject_groups(len(slots), n, cfg.subject_devices)
+    if cfg.fsdp != "auto":
+        parallel.train_mesh(int(cfg.fsdp), devices, groups)
+    return slots, groups, n // groups
+
+
 def dry_run(cfg: TrainConfig, devices=None) -> dict:
     """`trainer.dry_run` of a run of several subjects: the memory preflight of the K-subject step."""
-    from dreambooth_jax.training import trainer
-
     devices = jax.devices() if devices is None else list(devices)
     subjects = read_subjects(cfg)
-    groups = parallel.subject_groups(len(subjects), len(devices))
-    fsdp = trainer._fsdp(cfg, devices[: len(devices) // groups])
-    shapes = trainer._model_shapes(cfg)
-    global_batch = cfg.train_batch_size * (len(devices) // groups) * cfg.gradient_accumulation_steps
+    slots, _, per_group = _layout(cfg, subjects, devices)
+    shapes = trainer.model_shapes(cfg)
+    global_batch = cfg.train_batch_size * per_group * cfg.gradient_accumulation_steps
 
     def count(s):
         concepts = read_concepts(s.cfg) if not s.cfg.dataset else []
         n = sum(storage.Folder(c.instance_data_dir).count_images() for c in concepts) or 1
-        return n, trainer._expected_class_images(s.cfg, concepts)
+        return n, trainer.expected_class_images(s.cfg, concepts)
 
     max_steps = _max_steps(subjects, global_batch, count)
+    fsdp = cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp)
     plan = preflight.plan(cfg, shapes, trainer.step_spec(cfg, shapes), max_steps=max_steps,
-                          global_batch=global_batch, fsdp=fsdp, devices=devices, subjects=[s.cfg for s in subjects])
-    return plan.report
+                          global_batch=global_batch, fsdp=fsdp, devices=devices, subjects=[s.cfg for s in slots])
+    return {**plan.report, "subjects": len(subjects)}
 
 
 def run(cfg: TrainConfig):
-    """Trains the subjects of `cfg` together (see the module docstring); returns a `trainer.Run` whose
-    `summary["subjects"]` names them. The order of things is `trainer.run`'s."""
-    from dreambooth_jax.training import trainer
-
+    """Trains the subjects of `cfg` together (see the module docstring) through `trainer.run`'s stages; returns a
+    `trainer.Run` whose `summary["subjects"]` names them."""
     devices = jax.devices()
-    output = storage.Folder(cfg.output_dir)
-    output.prepare_output()
-    cfg = dataclasses.replace(cfg, output_dir=output.local)
     subjects = read_subjects(cfg)
+    slots, groups, per_group = _layout(cfg, subjects, devices)  # bad --fsdp / --subject_devices: before anything
+    cfg, output = trainer.prepare_output(cfg)
+    subjects = [dataclasses.replace(s, cfg=dataclasses.replace(s.cfg, output_dir=os.path.join(cfg.output_dir,
+                                                                                              s.name)))
+                for s in subjects]
     names = [s.name for s in subjects]
-    groups = parallel.subject_groups(len(subjects), len(devices))
-    per_group = len(devices) // groups
-    fsdp = trainer._fsdp(cfg, devices[:per_group])  # checked against a group's devices
-    if cfg.cache_latents and not cfg.center_crop:
-        log.warning("--cache_latents encodes center crops once: random crops are off (flips still apply)")
-
-    shapes = trainer._model_shapes(cfg)
-    class_root = os.path.join(cfg.output_dir, "class_images")  # --dataset subjects of one class share a folder
+    shapes = trainer.model_shapes(cfg)
+    # --dataset subjects get their class folders under --class_data_dir (default output_dir/class_images), one per
+    # class: subjects of one class share it.
+    class_root = cfg.class_data_dir or os.path.join(cfg.output_dir, "class_images")
     subjects = [dataclasses.replace(s, cfg=resolve_dataset(s.cfg, class_root)) for s in subjects]
     given = {s.name: read_concepts(s.cfg) for s in subjects}
-    datas = []
-    for s in subjects:
-        concepts = [dataclasses.replace(c, instance_data_dir=storage.Folder(c.instance_data_dir).pull(),
-                                        class_data_dir=c.class_data_dir and storage.Folder(c.class_data_dir).local)
-                    for c in given[s.name]]
-        datas.append(DreamBoothData(concepts, resolution=cfg.resolution, center_crop=cfg.center_crop,
-                                    random_flip=cfg.random_flip, skip_bad_images=cfg.skip_bad_images,
-                                    seed=s.cfg.seed))
+    datas = [trainer.read_data(s.cfg, given[s.name]) for s in subjects]
     global_batch = cfg.train_batch_size * per_group * cfg.gradient_accumulation_steps  # each subject's
-    expected = {s.name: trainer._expected_class_images(s.cfg, given[s.name]) for s in subjects}
+    expected = {s.name: trainer.expected_class_images(s.cfg, given[s.name]) for s in subjects}
     instances = {s.name: d.num_instance_images for s, d in zip(subjects, datas)}
     max_steps = _max_steps(subjects, global_batch, lambda s: (instances[s.name], expected[s.name]))
     spec = trainer.step_spec(cfg, shapes)
-    cfgs = [s.cfg for s in subjects]
-    log.info("%d subjects (%s) in %d device group(s) of %d device(s)", len(subjects), ", ".join(names), groups,
-             per_group)
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        planned = pool.submit(preflight.plan, cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch,
-                              fsdp=fsdp, subjects=cfgs)
-        host = load_pipeline(cfg.pretrained_model_name_or_path, weights="host", **trainer._pipeline_options(cfg))
-        plan = planned.result()
-    report = plan.report
-    log.info("preflight: %s", json.dumps(report))
-    preflight.raise_if_too_large(report, cfg)
-    mesh = plan.mesh
-    pipe = dataclasses.replace(host, params=plan.place_params(host.params))
-    del host
+    cfgs = [s.cfg for s in subjects] + [subjects[-1].cfg] * (len(slots) - len(subjects))
+    padding = f" and {len(slots) - len(subjects)} padding slot(s)" if len(slots) > len(subjects) else ""
+    log.info("%d subjects (%s)%s in %d device group(s) of %d device(s)", len(subjects), ", ".join(names), padding,
+             groups, per_group)
+    fsdp = cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp)
+    plan, pipe = trainer.plan_and_load(cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch, fsdp=fsdp,
+                                       subjects=cfgs)
 
     if cfg.with_prior_preservation:
-        folders = {(c.class_data_dir, c.class_prompt) for s in subjects for c in given[s.name]}
-        for folder, prompt in sorted(folders):  # a folder shared by subjects: filled once
-            ensure_class_images(pipe, folder, prompt, cfg.num_class_images, batch_size_per_device=cfg.sample_batch_size,
-                                num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed)
+        folders = {}  # (folder, prompt) -> the seed of the first subject naming it: as that subject alone fills it
+        for s in subjects:
+            for c in given[s.name]:
+                folders.setdefault((c.class_data_dir, c.class_prompt), s.cfg.seed)
+        trainer.fill_class_images(cfg, pipe, folders)
         for data in datas:
             data.add_class_images()
-        counted = _max_steps(subjects, global_batch, lambda s: (instances[s.name], datas[names.index(s.name)]
-                                                                .num_class_images))
+        classes = {s.name: d.num_class_images for s, d in zip(subjects, datas)}
+        counted = _max_steps(subjects, global_batch, lambda s: (instances[s.name], classes[s.name]))
         if counted != max_steps:  # fewer readable class images than expected: the schedule's length changes
             max_steps = counted
             plan = preflight.plan(cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch,
-                                  fsdp=report["mesh"]["fsdp"], subjects=cfgs)
-    if jax.process_index() == 0:
-        summary, warning = trainer.recipe_report(cfg, per_group, global_batch, max_steps,
-                                                 min(instances.values()))
-        log.info("each subject: %s", summary)
-        if warning:
-            log.warning("%s", warning)
+                                  fsdp=plan.report["mesh"]["fsdp"], subjects=cfgs)
+    trainer.log_recipe(cfg, per_group, global_batch, max_steps, min(instances.values()), prefix="each subject: ")
 
-    inputs = SubjectsInputs([TrainInputs(s.cfg, pipe, d, mesh, subject_devices=per_group)
-                             for s, d in zip(subjects, datas)], mesh)
+    inputs = [TrainInputs(s.cfg, pipe, d, plan.mesh, subject_devices=per_group) for s, d in zip(subjects, datas)]
+    inputs = SubjectsInputs(inputs + inputs[-1:] * (len(slots) - len(subjects)), plan.mesh)
     schedules = state_lib.lr_schedules(cfg, plan.abstract_state.params, max_steps, global_batch)
-    loop = SubjectsLoop(cfg, subjects, pipe, mesh, spec, schedules, inputs, max_steps, global_batch, output)
-    loop.compiled = plan.compiled
-    loop.summary.update(preflight=report, compile_s=plan.compile_s, subjects=names)
-    ckpt = checkpoints.Checkpointer(output.join("checkpoints"), every=cfg.checkpointing_steps,
-                                    keep=cfg.checkpoints_total_limit)
-    meta = {"model": cfg.pretrained_model_name_or_path, "subjects": names, "seeds": [c.seed for c in cfgs],
-            "global_batch": global_batch, "optimizer": cfg.optimizer, "use_ema": cfg.use_ema}
-    if cfg.pretrained_vae_model_name_or_path:
-        meta["vae"] = cfg.pretrained_vae_model_name_or_path
-    resume = checkpoints.resolve_resume(cfg.resume_from_checkpoint, ckpt.root)
-    state = plan.init_state(pipe.params)
-    stop = cfg.stop_text_encoder_training
-    if resume is not None and stop is not None and resume[1] > stop:
-        state, loop.compiled = state.freeze(*cfg.text_encoder_parts), None
-    if resume is not None:
-        root, step = resume
-        source = ckpt if root == ckpt.root else checkpoints.Checkpointer(root, every=cfg.checkpointing_steps)
-        state, _ = source.restore(state, step, expected_meta=meta)
-        log.info("resumed from %s/%d", root, step)
-    try:
-        state, metrics = loop.train(state, ckpt, meta)
-    finally:
-        ckpt.close()
-    if loop.step_count >= max_steps:
-        loop.export(state)
-        parallel.barrier("export")
-    loop.finish()
-    return trainer.Run(state=state, output_dir=output.uri, steps=loop.step_count, metrics=metrics,
-                       summary=loop.summary)
+    loop = SubjectsLoop(cfg, subjects, [c.seed for c in cfgs], pipe, plan.mesh, spec, schedules, inputs, max_steps,
+                        global_batch, output)
+    loop.summary["subjects"] = names
+    meta = {"model": cfg.pretrained_model_name_or_path, "subjects": names, "subject_slots": len(slots),
+            "seeds": [s.cfg.seed for s in subjects], "global_batch": global_batch, "optimizer": cfg.optimizer,
+            "use_ema": cfg.use_ema}
+    return trainer.train_and_export(cfg, plan, pipe, loop, meta, output)
 
 
 class SubjectsLoop(TrainLoop):
@@ -182,11 +143,12 @@ class SubjectsLoop(TrainLoop):
     (`<name>/logs/metrics.jsonl`; the run's own log holds the means over the subjects), validation images
     and export."""
 
-    def __init__(self, cfg, subjects, pipe, mesh, spec, schedules, inputs, max_steps, global_batch, output):
+    def __init__(self, cfg, subjects, seeds, pipe, mesh, spec, schedules, inputs, max_steps, global_batch, output):
+        """`subjects`: the run's; `seeds`: those of every slot of the state and batches (the subjects', then the
+        padding slots', which repeat the last subject)."""
         super().__init__(cfg, pipe, mesh, spec, schedules, inputs, max_steps, global_batch * len(subjects), output)
         self.subjects = subjects
-        keys = np.stack([np.asarray(jax.random.key_data(jax.random.PRNGKey(s.cfg.seed))) for s in subjects])
-        self.rng = parallel.put_replicated(keys, mesh)
+        self.rng = parallel.put_replicated(np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed in seeds]), mesh)
         self.batch_sharding = parallel.batch_sharding(mesh, batch_axis=2)
         self.step = functools.partial(train_step.subjects_train_step, spec=spec, schedules=schedules)
         self.validating = any(s.cfg.validation_prompt for s in subjects)
@@ -205,9 +167,10 @@ class SubjectsLoop(TrainLoop):
                    for step, m, waited in pending]
         for step, metrics, _ in fetched:
             bad = [s.name for k, s in enumerate(self.subjects) if not np.isfinite(metrics["loss"][k])]
-            if bad:
-                raise DivergedError(f"loss is not finite at step {step} for subject(s) {', '.join(bad)}; stopping "
-                                    "(lower the learning rate, or check their data)")
+            if bad:  # one program trains them all: the run stops (its last checkpoint holds every subject)
+                raise DivergedError(f"loss is not finite at step {step} for subject(s) {', '.join(bad)}; stopping the "
+                                    "run of every subject (lower the learning rate, or check their data; or train "
+                                    "the others without them)")
             if self.is_main:
                 for k, s in enumerate(self.subjects):
                     row = {"step": step, **{name: float(v[k]) for name, v in metrics.items()}}
@@ -216,13 +179,16 @@ class SubjectsLoop(TrainLoop):
             for f in self.logs.values():
                 f.flush()
             self.output.push(*[f"{s.name}/logs" for s in self.subjects])
-        return super()._log([(step, {k: v.mean() for k, v in m.items()}, waited) for step, m, waited in fetched])
+        k = len(self.subjects)  # (not the padding slots)
+        return super()._log([(step, {key: v[:k].mean() for key, v in m.items()}, waited)
+                             for step, m, waited in fetched])
 
     def export(self, state) -> None:
         """Each subject's result in `output_dir/<name>/`, as a run of it alone writes it."""
+        base = export_lib.merge_base(self.cfg) if self.cfg.use_lora and self.cfg.merge_lora else None  # once
         for k, s in enumerate(self.subjects):
             written = export_lib.export(s.cfg, self.pipe, state.subject(k), self.spec.lora, step=self.step_count,
-                                        write=self.is_main)
+                                        write=self.is_main, base=base)
             if self.is_main:
                 last = "model_index.json" if "model_index.json" in written else None
                 self.output.push(*[f"{s.name}/{w}" for w in written], last=last and f"{s.name}/{last}")

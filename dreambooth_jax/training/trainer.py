@@ -54,7 +54,8 @@ class Run:
 def run(cfg: TrainConfig) -> Run:
     """Trains as `cfg` says: options -> model configs -> compiled step and its memory preflight (while the weights
     load) -> class images -> data -> loop (checkpoints, validation, logs) -> export. Usable from Python (tests,
-    notebooks). With `cfg.dry_run`, stops after the preflight: `Run.summary["preflight"]` holds its report."""
+    notebooks). With `cfg.dry_run`, stops after the preflight: `Run.summary["preflight"]` holds its report. A run
+    of several subjects goes to `subjects.run`, which shares the stages below."""
     maybe_initialize_distributed()
     configure_compilation_cache(cfg.compilation_cache_dir)
     if cfg.dry_run:
@@ -64,68 +65,96 @@ def run(cfg: TrainConfig) -> Run:
 
         return subjects.run(cfg)
     fsdp = _fsdp(cfg, jax.devices())  # an --fsdp that does not divide the device count fails before anything else
-    output = storage.Folder(cfg.output_dir)
-    output.prepare_output()
-    # From here on everything is written to the output folder's local twin (the folder itself when local) and
-    # pushed where it is remote; checkpoints go to `output` directly.
-    cfg = dataclasses.replace(cfg, output_dir=output.local)
-    if cfg.cache_latents and not cfg.center_crop:
-        log.warning("--cache_latents encodes center crops once: random crops are off (flips still apply)")
-
-    shapes = _model_shapes(cfg)
+    cfg, output = prepare_output(cfg)
+    shapes = model_shapes(cfg)
     cfg = resolve_dataset(cfg)
     given = read_concepts(cfg)  # as the user named the folders (remote ones are mirrored locally)
-    concepts = [dataclasses.replace(c, instance_data_dir=storage.Folder(c.instance_data_dir).pull(),
-                                    class_data_dir=c.class_data_dir and storage.Folder(c.class_data_dir).local)
-                for c in given]
-    data = DreamBoothData(concepts, resolution=cfg.resolution, center_crop=cfg.center_crop,  # reads the instance
-                          random_flip=cfg.random_flip, skip_bad_images=cfg.skip_bad_images,  # images: bad ones
-                          seed=cfg.seed)                                                      # fail before the model
+    data = read_data(cfg, given)  # reads the instance images: bad ones fail before the model
     num_instances = data.num_instance_images
     global_batch = cfg.train_batch_size * jax.device_count() * cfg.gradient_accumulation_steps  # instance rows
-    max_steps = _max_steps(cfg, global_batch, num_instances, _expected_class_images(cfg, given))
+    max_steps = count_steps(cfg, global_batch, num_instances, expected_class_images(cfg, given))
     spec = step_spec(cfg, shapes)
-
-    # The step compiles (and its memory is known) while the weights are read into host memory.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        planned = pool.submit(preflight.plan, cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch,
-                              fsdp=fsdp)
-        host = load_pipeline(cfg.pretrained_model_name_or_path, weights="host", **_pipeline_options(cfg))
-        plan = planned.result()
-    report = plan.report
-    log.info("preflight: %s", json.dumps(report))
-    preflight.raise_if_too_large(report, cfg)
-    mesh = plan.mesh
-    pipe = dataclasses.replace(host, params=plan.place_params(host.params))
-    del host
+    plan, pipe = plan_and_load(cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch, fsdp=fsdp)
 
     if cfg.with_prior_preservation:
-        for c in {(c.class_data_dir, c.class_prompt) for c in given}:  # a folder shared by concepts: once
-            ensure_class_images(pipe, *c, cfg.num_class_images, batch_size_per_device=cfg.sample_batch_size,
-                                num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed)
+        fill_class_images(cfg, pipe, {(c.class_data_dir, c.class_prompt): cfg.seed for c in given})
         data.add_class_images()
-        if _max_steps(cfg, global_batch, num_instances, data.num_class_images) != max_steps:
+        if count_steps(cfg, global_batch, num_instances, data.num_class_images) != max_steps:
             # Fewer readable class images than expected (skipped bad ones): the schedule's length changes.
-            max_steps = _max_steps(cfg, global_batch, num_instances, data.num_class_images)
+            max_steps = count_steps(cfg, global_batch, num_instances, data.num_class_images)
             plan = preflight.plan(cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch,
-                                  fsdp=report["mesh"]["fsdp"])
+                                  fsdp=plan.report["mesh"]["fsdp"])
+    log_recipe(cfg, jax.device_count(), global_batch, max_steps, num_instances)
+
+    inputs = TrainInputs(cfg, pipe, data, plan.mesh)  # caches (latents, text) use the pipeline's params: before init
+    schedules = state_lib.lr_schedules(cfg, plan.abstract_state.params, max_steps, global_batch)
+    loop = TrainLoop(cfg, pipe, plan.mesh, spec, schedules, inputs, max_steps, global_batch, output)
+    meta = {"model": cfg.pretrained_model_name_or_path, "seed": cfg.seed, "global_batch": global_batch,
+            "optimizer": cfg.optimizer, "use_ema": cfg.use_ema}
+    return train_and_export(cfg, plan, pipe, loop, meta, output)
+
+
+def prepare_output(cfg: TrainConfig) -> tuple[TrainConfig, storage.Folder]:
+    """(`cfg` writing to the output folder's local twin, the output `storage.Folder`): from here on everything is
+    written to the local twin (the folder itself when local) and pushed where it is remote; checkpoints go to the
+    folder directly."""
+    output = storage.Folder(cfg.output_dir)
+    output.prepare_output()
+    if cfg.cache_latents and not cfg.center_crop:
+        log.warning("--cache_latents encodes center crops once: random crops are off (flips still apply)")
+    return dataclasses.replace(cfg, output_dir=output.local), output
+
+
+def read_data(cfg: TrainConfig, concepts) -> DreamBoothData:
+    """The training set of `concepts` (remote folders mirrored locally first), seeded by `cfg.seed`."""
+    local = [dataclasses.replace(c, instance_data_dir=storage.Folder(c.instance_data_dir).pull(),
+                                 class_data_dir=c.class_data_dir and storage.Folder(c.class_data_dir).local)
+             for c in concepts]
+    return DreamBoothData(local, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                          skip_bad_images=cfg.skip_bad_images, seed=cfg.seed)
+
+
+def plan_and_load(cfg: TrainConfig, shapes, spec, *, max_steps: int, global_batch: int, fsdp,
+                  subjects=None) -> tuple[preflight.Plan, object]:
+    """(the preflight's plan, the pipeline with its weights on the mesh): the step compiles (and its memory is
+    known) while the weights are read into host memory; a run that will not fit stops before they are placed."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        planned = pool.submit(preflight.plan, cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch,
+                              fsdp=fsdp, subjects=subjects)
+        host = load_pipeline(cfg.pretrained_model_name_or_path, weights="host", **_pipeline_options(cfg))
+        plan = planned.result()
+    log.info("preflight: %s", json.dumps(plan.report))
+    preflight.raise_if_too_large(plan.report, cfg)
+    return plan, dataclasses.replace(host, params=plan.place_params(host.params))
+
+
+def fill_class_images(cfg: TrainConfig, pipe, folders: dict) -> None:
+    """Generates the missing class images of each (folder, prompt) of `folders`, drawn from its seed: a folder
+    shared by concepts (or subjects) is filled once."""
+    for (folder, prompt), seed in sorted(folders.items()):
+        ensure_class_images(pipe, folder, prompt, cfg.num_class_images, batch_size_per_device=cfg.sample_batch_size,
+                            num_inference_steps=cfg.validation_inference_steps, seed=seed)
+
+
+def log_recipe(cfg: TrainConfig, devices: int, global_batch: int, max_steps: int, num_instances: int,
+               prefix: str = "") -> None:
+    """`recipe_report`, logged by process 0."""
     if jax.process_index() == 0:
-        summary, warning = recipe_report(cfg, jax.device_count(), global_batch, max_steps, num_instances)
-        log.info("%s", summary)
+        summary, warning = recipe_report(cfg, devices, global_batch, max_steps, num_instances)
+        log.info("%s%s", prefix, summary)
         if warning:
             log.warning("%s", warning)
 
-    inputs = TrainInputs(cfg, pipe, data, mesh)  # caches (latents, text) use the pipeline's params: before init
-    schedules = state_lib.lr_schedules(cfg, plan.abstract_state.params, max_steps, global_batch)
-    loop = TrainLoop(cfg, pipe, mesh, spec, schedules, inputs, max_steps, global_batch, output)
+
+def train_and_export(cfg: TrainConfig, plan, pipe, loop, meta: dict, output) -> Run:
+    """The initial state (resumed from a checkpoint where asked; `meta` is checked against the checkpoint's), the
+    loop, and the export once every step is done."""
     loop.compiled = plan.compiled
-    loop.summary.update(preflight=report, compile_s=plan.compile_s)
+    loop.summary.update(preflight=plan.report, compile_s=plan.compile_s)
     ckpt = checkpoints.Checkpointer(output.join("checkpoints"), every=cfg.checkpointing_steps,
                                     keep=cfg.checkpoints_total_limit)
-    meta = {"model": cfg.pretrained_model_name_or_path, "seed": cfg.seed, "global_batch": global_batch,
-            "optimizer": cfg.optimizer, "use_ema": cfg.use_ema}
     if cfg.pretrained_vae_model_name_or_path:  # (older checkpoints have no "vae": read as None, the pipeline's own)
-        meta["vae"] = cfg.pretrained_vae_model_name_or_path
+        meta = {**meta, "vae": cfg.pretrained_vae_model_name_or_path}
     resume = checkpoints.resolve_resume(cfg.resume_from_checkpoint, ckpt.root)
     state = plan.init_state(pipe.params)  # the pipeline's params are donated: the state's arrays replace them
     # The loop freezes the text encoder at the start of step `stop`, after the checkpoint of step `stop` was
@@ -142,7 +171,7 @@ def run(cfg: TrainConfig) -> Run:
         state, metrics = loop.train(state, ckpt, meta)
     finally:
         ckpt.close()
-    if loop.step_count >= max_steps:
+    if loop.step_count >= loop.max_steps:
         loop.export(state)
         parallel.barrier("export")  # the others wait until process 0 has written the pipeline
     loop.finish()
@@ -159,11 +188,11 @@ def dry_run(cfg: TrainConfig, devices=None) -> dict:
 
         return subjects.dry_run(cfg, devices)
     fsdp = _fsdp(cfg, devices)
-    shapes = _model_shapes(cfg)
+    shapes = model_shapes(cfg)
     concepts = read_concepts(cfg) if not cfg.dataset else []
     num_instances = sum(storage.Folder(c.instance_data_dir).count_images() for c in concepts) or 1
     global_batch = cfg.train_batch_size * len(devices) * cfg.gradient_accumulation_steps
-    max_steps = _max_steps(cfg, global_batch, num_instances, _expected_class_images(cfg, concepts))
+    max_steps = count_steps(cfg, global_batch, num_instances, expected_class_images(cfg, concepts))
     plan = preflight.plan(cfg, shapes, step_spec(cfg, shapes), max_steps=max_steps, global_batch=global_batch,
                           fsdp=fsdp, devices=devices)
     return plan.report
@@ -177,7 +206,7 @@ def _fsdp(cfg: TrainConfig, devices) -> str | int:
     return int(cfg.fsdp)
 
 
-def _model_shapes(cfg: TrainConfig):
+def model_shapes(cfg: TrainConfig):
     """The pipeline's modules, tokenizers and parameter shapes, from its configs (no weight is read); options the
     model cannot take are refused here, before any weight is loaded."""
     shapes = load_pipeline(cfg.pretrained_model_name_or_path, weights="none", **_pipeline_options(cfg))
@@ -206,7 +235,7 @@ def step_spec(cfg: TrainConfig, pipe) -> train_step.StepSpec:
     )
 
 
-def _expected_class_images(cfg: TrainConfig, concepts) -> int:
+def expected_class_images(cfg: TrainConfig, concepts) -> int:
     """Class images the run will read once the missing ones are generated (each concept reads its folder)."""
     if not cfg.with_prior_preservation:
         return 0
@@ -217,7 +246,8 @@ def _expected_class_images(cfg: TrainConfig, concepts) -> int:
     return sum(max(have(c.class_data_dir), cfg.num_class_images) for c in concepts if c.class_data_dir)
 
 
-def _max_steps(cfg: TrainConfig, global_batch: int, num_instances: int, num_classes: int) -> int:
+def count_steps(cfg: TrainConfig, global_batch: int, num_instances: int, num_classes: int) -> int:
+    """The run's optimizer steps: --max_train_steps, else --num_train_epochs over the larger image set."""
     return cfg.max_train_steps or cfg.num_train_epochs * math.ceil(max(num_instances, num_classes) / global_batch)
 
 
