@@ -29,9 +29,11 @@ def main(argv=None) -> None:
         return
     if jax.process_index() == 0:
         s = result.summary
+        where = (f"{len(s['subjects'])} subjects' results in {result.output_dir}/<name>" if "subjects" in s
+                 else f"pipeline in {result.output_dir}")
         print(f"done: {result.steps} steps in {time.perf_counter() - t0:.0f}s "
               f"(compile {s.get('compile_s', 0):.1f}s, {s.get('samples_per_s', 0):.2f} samples/s, "
-              f"peak memory {s.get('peak_memory', 'n/a')}); pipeline in {result.output_dir}", file=sys.stderr)
+              f"peak memory {s.get('peak_memory', 'n/a')}); {where}", file=sys.stderr)
 
 
 if __name__ == "__main__":
