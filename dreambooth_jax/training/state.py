@@ -64,7 +64,7 @@ class TrainState(flax.struct.PyTreeNode):
         device holds the subject's state whole), the shared frozen networks as they are; no optimizer state."""
         take = lambda tree: jax.tree.map(lambda x: parallel.fetch(x[k]), tree)  # noqa: E731
         return self.replace(params=take(self.params), opt_state={}, ema=take(self.ema),
-                            frozen={**self.frozen, **take({p: self.frozen[p] for p in self.stopped})})
+                            frozen={**self.frozen, **take(self.per_subject()["stopped"])})
 
 
 def stack_subjects(states: list[TrainState]) -> TrainState:

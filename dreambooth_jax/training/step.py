@@ -221,7 +221,7 @@ def subjects_train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec:
     states, EMA and stopped (trained, then frozen) parts have a leading subject axis K, the other frozen networks
     are shared; `batch` has leading axes [K, A, B], `rng` holds K base keys [K, 2] (each subject's own stream).
     Subject k's result is `train_step` of its own slices. Returns (new state, metrics [K])."""
-    stopped = {k: state.frozen[k] for k in state.stopped}
+    stopped = state.per_subject()["stopped"]
     shared = {k: v for k, v in state.frozen.items() if k not in stopped}
 
     def one(params, opt_state, ema, stopped, batch, rng):

@@ -48,15 +48,20 @@ def _max_steps(subjects, global_batch: int, count) -> int:
     return next(iter(steps.values()))
 
 
-def _layout(cfg: TrainConfig, subjects: list, devices) -> tuple[list, int, int]:
-    """(the subjects padded to fill the device groups, the groups, the devices per group); an --fsdp that does not
-    divide a group's devices fails here."""
+def _layout(cfg: TrainConfig, subjects: list, devices) -> tuple[int, int, int]:
+    """(the slots: the subjects padded to fill the device groups, the groups, the devices per group); an --fsdp
+    that does not divide a group's devices fails here."""
     n = len(devices)
-    slots = subjects + subjects[-1:] * (parallel.subject_slots(len(subjects), n, cfg.subject_devices) - len(subjects))
-    groups = parallel.subject_groups(len(slots), n, cfg.subject_devices)
+    slots = parallel.subject_slots(len(subjects), n, cfg.subject_devices)
+    groups = parallel.subject_groups(slots, n, cfg.subject_devices)
     if cfg.fsdp != "auto":
         parallel.train_mesh(int(cfg.fsdp), devices, groups)
     return slots, groups, n // groups
+
+
+def _pad(items: list, slots: int) -> list:
+    """`items` (one per subject), then the last repeated for the padding slots."""
+    return items + items[-1:] * (slots - len(items))
 
 
 def dry_run(cfg: TrainConfig, devices=None) -> dict:
@@ -75,7 +80,8 @@ def dry_run(cfg: TrainConfig, devices=None) -> dict:
     max_steps = _max_steps(subjects, global_batch, count)
     fsdp = cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp)
     plan = preflight.plan(cfg, shapes, trainer.step_spec(cfg, shapes), max_steps=max_steps,
-                          global_batch=global_batch, fsdp=fsdp, devices=devices, subjects=[s.cfg for s in slots])
+                          global_batch=global_batch, fsdp=fsdp, devices=devices,
+                          subjects=_pad([s.cfg for s in subjects], slots))
     return {**plan.report, "subjects": len(subjects)}
 
 
@@ -102,8 +108,8 @@ def run(cfg: TrainConfig):
     instances = {s.name: d.num_instance_images for s, d in zip(subjects, datas)}
     max_steps = _max_steps(subjects, global_batch, lambda s: (instances[s.name], expected[s.name]))
     spec = trainer.step_spec(cfg, shapes)
-    cfgs = [s.cfg for s in subjects] + [subjects[-1].cfg] * (len(slots) - len(subjects))
-    padding = f" and {len(slots) - len(subjects)} padding slot(s)" if len(slots) > len(subjects) else ""
+    cfgs = _pad([s.cfg for s in subjects], slots)
+    padding = f" and {slots - len(subjects)} padding slot(s)" if slots > len(subjects) else ""
     log.info("%d subjects (%s)%s in %d device group(s) of %d device(s)", len(subjects), ", ".join(names), padding,
              groups, per_group)
     fsdp = cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp)
@@ -127,12 +133,12 @@ def run(cfg: TrainConfig):
     trainer.log_recipe(cfg, per_group, global_batch, max_steps, min(instances.values()), prefix="each subject: ")
 
     inputs = [TrainInputs(s.cfg, pipe, d, plan.mesh, subject_devices=per_group) for s, d in zip(subjects, datas)]
-    inputs = SubjectsInputs(inputs + inputs[-1:] * (len(slots) - len(subjects)), plan.mesh)
+    inputs = SubjectsInputs(_pad(inputs, slots), plan.mesh)
     schedules = state_lib.lr_schedules(cfg, plan.abstract_state.params, max_steps, global_batch)
     loop = SubjectsLoop(cfg, subjects, [c.seed for c in cfgs], pipe, plan.mesh, spec, schedules, inputs, max_steps,
                         global_batch, output)
     loop.summary["subjects"] = names
-    meta = {"model": cfg.pretrained_model_name_or_path, "subjects": names, "subject_slots": len(slots),
+    meta = {"model": cfg.pretrained_model_name_or_path, "subjects": names, "subject_slots": slots,
             "seeds": [s.cfg.seed for s in subjects], "global_batch": global_batch, "optimizer": cfg.optimizer,
             "use_ema": cfg.use_ema}
     return trainer.train_and_export(cfg, plan, pipe, loop, meta, output)
