@@ -23,7 +23,7 @@ from dreambooth_jax.errors import UsageError
 from dreambooth_jax.kernels.choose import ATTENTION_IMPLS, FUSED_NORM
 from dreambooth_jax.training.optimizers import LR_SCHEDULERS, OPTIMIZERS
 
-# The presets: `configs/` at the repository root, installed as the package `dreambooth_jax.configs`.
+# The presets: the package data `dreambooth_jax.configs` (dreambooth_jax/configs/*.json).
 CONFIGS_DIR = os.path.dirname(importlib.import_module("dreambooth_jax.configs").__file__)
 
 
