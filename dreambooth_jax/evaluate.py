@@ -78,7 +78,7 @@ def read_real(args) -> tuple[list, str]:
 
     if args.real_images:
         return [read_image(p) for p in list_images(args.real_images)], args.real_images
-    from dreambooth_jax.evaluation import dataset as dreambooth_dataset
+    from dreambooth_jax.datasets import dreambooth as dreambooth_dataset
 
     subject = dreambooth_dataset.load_spec(args.dataset, args.dataset_dir, args.dataset_manual_dir)
     return subject.decoded_images(), args.dataset

@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     args, trainer_args = parse_args(argv)
     setup_logging()
     t0 = time.perf_counter()
-    from dreambooth_jax.evaluation import reproduction
+    from dreambooth_jax.paper import reproduction
 
     path = reproduction.run(args, trainer_args)
     if path is not None:

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "diffusers does, where an explicit '' is encoded)")
     p.add_argument("--num_images", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance (<= 1: off)")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance (<= 1: off; default: the model family's, as diffusers: SD 7.5, "
+                        "SDXL 5.0)")
     p.add_argument("--guidance_rescale", type=float, default=0.0, help="guidance rescale, 0 to 1")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="sampler (default: the pipeline's own scheduler)")
@@ -83,6 +85,7 @@ def main(argv=None) -> None:
                          attention_impl=args.attention, fused_norm=args.fused_norm, lora=args.lora,
                          lora_scale=args.lora_scale)
     scheduler = args.scheduler or scheduler_name_for(pipe.scheduler_config)
+    guidance_scale = pipe.family.guidance_scale if args.guidance_scale is None else args.guidance_scale
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {jax.device_count()} device(s) "
           f"({jax.devices()[0].platform}); scheduler {scheduler}, {args.steps} steps", file=sys.stderr)
 
@@ -90,13 +93,13 @@ def main(argv=None) -> None:
     batch_size = args.batch_size or 4 * jax.device_count()
     t0 = time.perf_counter()
     out = generate(pipe, all_prompts, negative_prompts=args.negative_prompt, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, scheduler=scheduler,
+                   guidance_scale=guidance_scale, guidance_rescale=args.guidance_rescale, scheduler=scheduler,
                    seed=args.seed, height=args.height, width=args.width, eta=args.eta,
                    use_karras_sigmas=True if args.karras_sigmas else None, batch_size=batch_size, progress=True)
     elapsed = time.perf_counter() - t0
 
     settings = {"negative_prompt": args.negative_prompt, "steps": args.steps, "scheduler": scheduler,
-                "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale, "eta": args.eta,
+                "guidance_scale": guidance_scale, "guidance_rescale": args.guidance_rescale, "eta": args.eta,
                 "model": args.model, "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
                 "dtype": args.dtype}
     first, last, grid = image_io.write_images(args.output_dir, all_prompts, out, seed=args.seed, settings=settings,

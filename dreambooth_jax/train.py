@@ -10,24 +10,22 @@ import json
 import sys
 import time
 
-import jax
-
+from dreambooth_jax import parallel
 from dreambooth_jax.cli import setup_logging
 from dreambooth_jax.training.config import parse_args
+from dreambooth_jax.training.trainer import run
 
 
 def main(argv=None) -> None:
-    from dreambooth_jax.training.trainer import run
-
     cfg = parse_args(argv)
     setup_logging()
     t0 = time.perf_counter()
     result = run(cfg)
     if cfg.dry_run:
-        if jax.process_index() == 0:
+        if parallel.is_main_process():
             print(json.dumps(result.summary["preflight"]), flush=True)  # the last line of stdout: for tools
         return
-    if jax.process_index() == 0:
+    if parallel.is_main_process():
         s = result.summary
         where = (f"{len(s['subjects'])} subjects' results in {result.output_dir}/<name>" if "subjects" in s
                  else f"pipeline in {result.output_dir}")

@@ -326,7 +326,7 @@ def test_sdxl_time_ids_are_what_diffusers_computes_for_the_same_view(tmp_path, c
             paths = data.instance_paths if kind == "instance" else data.class_paths
             for index, crop, flip in zip(plan[f"{kind}_indices"], plan[f"{kind}_crops"], plan[f"{kind}_flips"]):
                 index, crop, flip = int(index), tuple(int(c) for c in crop), bool(flip)
-                ids = data.time_ids(kind, index, crop, flip)
+                ids = data.geometry(kind, index, crop, flip)
                 with Image.open(paths[index]) as im:
                     im = im.transpose(Image.Transpose.ROTATE_270) if paths[index].endswith(".jpg") else im
                     assert tuple(ids[:2]) == (im.height, im.width)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from dreambooth_jax.evaluation import dataset as dreambooth_dataset
+from dreambooth_jax.datasets import dreambooth as dreambooth_dataset
 from dreambooth_jax.testing import tiny
-from dreambooth_jax.training.config import TrainConfig, resolve_dataset, validate
+from dreambooth_jax.training.concepts import resolve_dataset
+from dreambooth_jax.training.config import TrainConfig, validate
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "dreambooth")
 SUBJECTS = {"dog": "dog", "teapot": "teapot", "bear_plushie": "stuffed animal"}
@@ -155,3 +158,12 @@ def test_shared_copy_builds_all_30_subjects(tmp_path):
     assert dog6.class_name == "dog" and dog6.live and len(dog6.prompts()) == 25 and len(dog6.images) == 5
     can = dreambooth_dataset.load_subject(builder, "can")
     assert not can.live and can.prompts()[-1] == "a cube shaped sks can"
+
+
+def test_the_trainer_imports_without_tfds():
+    """TFDS is heavy and only `--dataset` needs it: importing the trainer does not load it."""
+    code = ("import sys, dreambooth_jax.training.config, dreambooth_jax.training.trainer\n"
+            "print('tensorflow_datasets' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-1] == "False", "importing the trainer loads tensorflow_datasets"

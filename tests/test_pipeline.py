@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file as reference_load_file
 
+from dreambooth_jax import families
 from dreambooth_jax.pipeline import load_component, load_pipeline, save_pipeline
 from dreambooth_jax.weights import discovery as checkpoint_files
 from dreambooth_jax.weights import hub, safetensors_io
@@ -99,7 +100,7 @@ def test_load_dtype_options(tiny_pipelines):
     assert pipe.params["unet"]["conv_in"]["kernel"].dtype == jnp.float32
     pipe = load_pipeline(tiny_pipelines["sd1"], dtype="bf16")
     assert pipe.params["vae"]["encoder"]["conv_in"]["kernel"].dtype == jnp.bfloat16
-    assert pipe.vae_scale_factor == 8 and not pipe.is_sdxl
+    assert pipe.vae_scale_factor == 8 and pipe.family is families.SD
     with pytest.raises(ValueError, match="unknown dtype"):
         load_pipeline(tiny_pipelines["sd1"], dtype="int4")
 
@@ -215,10 +216,10 @@ def test_hub_file_selection_fetches_only_what_is_read():
              "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
              "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
              "text_encoder/pytorch_model.bin", "safety_checker/model.safetensors"]
-    assert hub._weight_patterns(files, None) == ["unet/diffusion_pytorch_model.safetensors",
+    assert hub._weight_patterns(files, None, families.weight_folders()) == ["unet/diffusion_pytorch_model.safetensors",
                                                  "vae/diffusion_pytorch_model.safetensors",
                                                  "text_encoder/model.safetensors"]
-    assert hub._weight_patterns(files, "fp16") == ["unet/diffusion_pytorch_model.fp16.safetensors",
+    assert hub._weight_patterns(files, "fp16", families.weight_folders()) == ["unet/diffusion_pytorch_model.fp16.safetensors",
                                                    "vae/diffusion_pytorch_model.fp16.safetensors",
                                                    "text_encoder/model.fp16.safetensors"]
 

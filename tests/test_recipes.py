@@ -38,7 +38,7 @@ def test_text_encoder_stops_training_and_resumes_across_the_stop(tiny_pipelines,
 
 
 def test_two_concepts_draw_from_both(tiny_pipelines, tmp_path):
-    from dreambooth_jax.training.config import read_concepts
+    from dreambooth_jax.training.concepts import read_concepts
     from dreambooth_jax.training.data import DreamBoothData
 
     concepts = [

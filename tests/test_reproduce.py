@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dreambooth_jax import reproduce
-from dreambooth_jax.evaluation import reproduction
+from dreambooth_jax.paper import reproduction
 from dreambooth_jax.testing import tiny
 
 

@@ -15,7 +15,8 @@ from safetensors.numpy import load_file
 from train_helpers import assert_same_weights, draw_images, exported_weights
 
 from dreambooth_jax import parallel
-from dreambooth_jax.training.config import parse_args, read_subjects
+from dreambooth_jax.training.concepts import read_subjects
+from dreambooth_jax.training.config import parse_args
 
 # Each subject's batch spans its device group: 4 subjects on 8 devices -> groups of 2, so a subject alone is
 # trained on 2 devices for the same global batch (2 instance + 2 class images per step).

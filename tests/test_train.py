@@ -23,7 +23,6 @@ from train_helpers import (
     train_cfg,
 )
 
-from dreambooth_jax.diffusion import noise_schedule
 from dreambooth_jax.pipeline import load_pipeline
 from dreambooth_jax.training import step as train_step
 from dreambooth_jax.training.config import parse_args
@@ -43,10 +42,7 @@ def test_loss_equals_pytorch_reference(tiny_pipelines, kind, prior):
 
     path = tiny_pipelines[kind]
     pipe = load_pipeline(path)
-    sched_cfg = noise_schedule.ScheduleConfig.from_diffusers_config(pipe.scheduler_config, class_name="DDPMScheduler")
-    spec = train_step.StepSpec(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                               alphas_cumprod=noise_schedule.alphas_cumprod(sched_cfg),
-                               prediction_type=sched_cfg.prediction_type, prior_loss_weight=0.7)
+    spec = train_step.StepSpec.of(pipe, prior_loss_weight=0.7)
     frozen = pipe.params  # nothing trained: per_example_loss reads every part from `frozen`
     rng = np.random.default_rng(0)
     b = 4
@@ -246,12 +242,12 @@ def test_bad_inputs_clear_errors_and_no_partial_export(tiny_pipelines, instance_
     with pytest.raises(OSError, match="output_dir"):
         run(train_cfg(tiny_pipelines, instance_dir, blocker / "out"))
     # A failure while exporting leaves no pipeline (and no temporary folder) behind.
-    from dreambooth_jax import pipeline
+    from dreambooth_jax.families import components
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pipeline, "save_component", functools.partial(fail))
+    monkeypatch.setattr(components, "save_component", functools.partial(fail))
     out = tmp_path / "o4"
     with pytest.raises(OSError, match="disk full"):
         run(train_cfg(tiny_pipelines, instance_dir, out, max_train_steps=1))

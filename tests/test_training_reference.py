@@ -148,7 +148,7 @@ def test_text_encoder_attention_mask_with_a_bang_padding_tokenizer(tiny_pipeline
     from torch_reference import OurInputs
 
     prompts = [prompt, "a photo of toy"]  # and one without '!', whose first pad must be masked too
-    tokens = OurInputs(cfg).inputs.tokenize(prompts)
+    tokens = OurInputs(cfg).inputs.tokens_of(prompts)
     ids, mask = tokens["input_ids"], tokens["attention_mask"]
     expected = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True)
     np.testing.assert_array_equal(mask, expected.attention_mask)

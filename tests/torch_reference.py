@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from dreambooth_jax import parallel
-from dreambooth_jax.diffusion import noise_schedule
 from dreambooth_jax.pipeline import load_pipeline
 from dreambooth_jax.training import step as train_step
-from dreambooth_jax.training.config import TrainConfig, read_concepts
+from dreambooth_jax.training.concepts import read_concepts
+from dreambooth_jax.training.config import TrainConfig
 from dreambooth_jax.training.data import DreamBoothData
 from dreambooth_jax.training.inputs import TrainInputs
 
@@ -54,12 +54,7 @@ class OurInputs:
             data.add_class_images()
         self.concepts = read_concepts(cfg)
         self.inputs = TrainInputs(cfg, self.pipe, data, parallel.data_mesh())
-        sched = noise_schedule.ScheduleConfig.from_diffusers_config(self.pipe.scheduler_config,
-                                                                    class_name="DDPMScheduler")
-        self.spec = train_step.StepSpec(unet=self.pipe.unet, vae=self.pipe.vae, text_encoder=self.pipe.text_encoder,
-                                        text_encoder_2=self.pipe.text_encoder_2,
-                                        alphas_cumprod=noise_schedule.alphas_cumprod(sched),
-                                        noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0)
+        self.spec = train_step.StepSpec.of(self.pipe, noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0)
 
     def step(self, step: int) -> StepInputs:
         batch = jax.tree.map(lambda x: x[0], self.inputs.host_batch(step))  # the one micro-batch

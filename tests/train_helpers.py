@@ -10,7 +10,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 from safetensors.numpy import load_file
 
-from dreambooth_jax.diffusion import noise_schedule
 from dreambooth_jax.pipeline import load_pipeline
 from dreambooth_jax.training import step as train_step
 from dreambooth_jax.training.config import TrainConfig
@@ -78,9 +77,7 @@ def fixed_eval_loss(path, params, instance_dir):
     from dreambooth_jax.training.data import Concept, DreamBoothData
 
     pipe = load_pipeline(path)
-    sched_cfg = noise_schedule.ScheduleConfig.from_diffusers_config(pipe.scheduler_config, class_name="DDPMScheduler")
-    spec = train_step.StepSpec(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                               alphas_cumprod=noise_schedule.alphas_cumprod(sched_cfg))
+    spec = train_step.StepSpec.of(pipe)
     data = DreamBoothData([Concept(instance_dir, PROMPT)], resolution=64, center_crop=True)
     images = np.stack([data.fixed_view("instance", i) for i in range(4)] * 4)
     mean, _ = pipe.vae.apply({"params": pipe.params["vae"]}, images, method=pipe.vae.encode)

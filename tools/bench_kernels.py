@@ -141,7 +141,7 @@ def bench_norm(shape, groups, eps, activation, dtype, repeats, device_kind) -> d
 
 def bench_attention(b, t, s, heads, head_dim, dtype, repeats, device_kind, implementation: str = "auto") -> dict:
     import jax
-    from bench_train import PEAK_TFLOPS
+    from bench_train_common import PEAK_TFLOPS
 
     from dreambooth_jax.kernels import choose
     from dreambooth_jax.models.attention import dot_product_attention

@@ -28,6 +28,7 @@ def sd15_configs():
 
 
 def build_pipeline(args):
+    from dreambooth_jax import families
     from dreambooth_jax.pipeline import load_pipeline
     from dreambooth_jax.testing import tiny
 
@@ -39,7 +40,8 @@ def build_pipeline(args):
     else:
         tokenizer.model_max_length = 77
         configs = sd15_configs()
-    return tiny.random_pipeline(*configs, tokenizer, tiny.SD1_SCHEDULER, dtype=args.dtype)
+    return tiny.random_pipeline(families.SD, tiny.sd_configs(*configs), {"tokenizer": tokenizer}, tiny.SD1_SCHEDULER,
+                                dtype=args.dtype)
 
 
 def peak_memory_gib() -> float | None:

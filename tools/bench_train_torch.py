@@ -3,7 +3,7 @@ train_dreambooth_lora[_sdxl].py's peft adapters) on the same synthetic workload 
 
 from __future__ import annotations
 
-from bench_train import features, instance_rows, make_row, model_configs, synthetic_batch, time_loop
+from bench_train_common import features, instance_rows, make_row, model_configs, synthetic_batch, time_loop
 
 
 def torch_models(feats: dict, models: dict, dev):

@@ -12,7 +12,14 @@ from dreambooth_jax.diffusion.noise_schedule import (
     alphas_cumprod,
     spaced_timesteps,
 )
-from dreambooth_jax.diffusion.sampler_base import Sampler, _at, _f32, _f32_tables, _noise, _x0_eps
+from dreambooth_jax.diffusion.sampler_base import (
+    Sampler,
+    as_f32,
+    f32_tables,
+    step_noise,
+    value_at,
+    x0_and_eps,
+)
 from dreambooth_jax.errors import UnsupportedError, UsageError
 
 
@@ -31,21 +38,21 @@ class DDPMSampler(Sampler):
     std: np.ndarray  # s, 0 where no noise is added
 
     def step(self, state, i, model_output, sample, rng=None, *, noise=None):
-        x, m = _f32(sample), _f32(model_output)
-        x0, eps = _x0_eps(self.prediction_type, x, m, _at(self.sqrt_a, i), _at(self.sqrt_b, i))
+        x, m = as_f32(sample), as_f32(model_output)
+        x0, eps = x0_and_eps(self.prediction_type, x, m, value_at(self.sqrt_a, i), value_at(self.sqrt_b, i))
         if self.config.clip_sample:
             x0 = jnp.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
-        prev = _at(self.coef_x0, i) * x0
+        prev = value_at(self.coef_x0, i) * x0
         if self.name == "ddpm":
-            prev = prev + _at(self.coef_xt, i) * x + _at(self.std, i) * _noise(rng, noise, sample)
+            prev = prev + value_at(self.coef_xt, i) * x + value_at(self.std, i) * step_noise(rng, noise, sample)
         else:
-            prev = prev + _at(self.coef_eps, i) * eps
+            prev = prev + value_at(self.coef_eps, i) * eps
             if float(np.max(self.std)) > 0:  # eta > 0
-                prev = prev + _at(self.std, i) * _noise(rng, noise, sample)
+                prev = prev + value_at(self.std, i) * step_noise(rng, noise, sample)
         return prev.astype(sample.dtype), state
 
 
-def _ddpm(cfg: ScheduleConfig, n: int, eta: float) -> DDPMSampler:
+def ddpm_sampler(cfg: ScheduleConfig, n: int, eta: float) -> DDPMSampler:
     ac = alphas_cumprod(cfg)
     ts = spaced_timesteps(cfg, n).astype(np.int64)
     prev = np.append(ts[1:], -1)  # DDPM steps to the next timestep of the grid
@@ -59,12 +66,12 @@ def _ddpm(cfg: ScheduleConfig, n: int, eta: float) -> DDPMSampler:
     else:
         raise UnsupportedError(f"DDPM variance_type={cfg.variance_type!r} is not implemented")
     return DDPMSampler(
-        "ddpm", cfg, ts.astype(np.float32), 1.0, *_f32_tables(
+        "ddpm", cfg, ts.astype(np.float32), 1.0, *f32_tables(
             np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(a_prev) * beta / (1 - a_t),
             np.sqrt(a_t / a_prev) * (1 - a_prev) / (1 - a_t), np.zeros(len(ts)), np.where(ts > 0, std, 0.0)))
 
 
-def _ddim(cfg: ScheduleConfig, n: int, eta: float) -> DDPMSampler:
+def ddim_sampler(cfg: ScheduleConfig, n: int, eta: float) -> DDPMSampler:
     ac = alphas_cumprod(cfg)
     ts = spaced_timesteps(cfg, n).astype(np.int64)
     # diffusers steps back by T // n whatever the spacing ("linspace"/"trailing" grids need not agree).
@@ -73,7 +80,7 @@ def _ddim(cfg: ScheduleConfig, n: int, eta: float) -> DDPMSampler:
     a_t, a_prev = ac[ts], np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
     std = eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
     return DDPMSampler(
-        "ddim", cfg, ts.astype(np.float32), 1.0, *_f32_tables(
+        "ddim", cfg, ts.astype(np.float32), 1.0, *f32_tables(
             np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(a_prev), np.zeros(len(ts)),
             np.sqrt(np.maximum(1 - a_prev - std**2, 0.0)), std))
 
@@ -102,15 +109,15 @@ class PNDMSampler(Sampler):
         return {"ets": jnp.zeros((3,) + sample.shape, jnp.float32), "cur_sample": z, "acc": z}
 
     def step(self, state, i, model_output, sample, rng=None, *, noise=None):
-        x, m = _f32(sample), _f32(model_output)
-        ets, w, u = state["ets"], _at(self.weights, i), _at(self.acc_weights, i)
-        cur = jnp.where(_at(self.store_sample, i), x, state["cur_sample"])
-        base = jnp.where(_at(self.use_stored, i), cur, x)
+        x, m = as_f32(sample), as_f32(model_output)
+        ets, w, u = state["ets"], value_at(self.weights, i), value_at(self.acc_weights, i)
+        cur = jnp.where(value_at(self.store_sample, i), x, state["cur_sample"])
+        base = jnp.where(value_at(self.use_stored, i), cur, x)
         eps = w[0] * ets[0] + w[1] * ets[1] + w[2] * ets[2] + w[3] * m + w[4] * state["acc"]
         if self.prediction_type == "v_prediction":
-            eps = _at(self.sqrt_a, i) * eps + _at(self.sqrt_b, i) * base
-        prev = _at(self.coef_x, i) * base - _at(self.coef_eps, i) * eps
-        new_ets = jnp.where(_at(self.push, i), jnp.concatenate([ets[1:], m[None]]), ets)
+            eps = value_at(self.sqrt_a, i) * eps + value_at(self.sqrt_b, i) * base
+        prev = value_at(self.coef_x, i) * base - value_at(self.coef_eps, i) * eps
+        new_ets = jnp.where(value_at(self.push, i), jnp.concatenate([ets[1:], m[None]]), ets)
         acc = u[0] * state["acc"] + u[1] * m
         return prev.astype(sample.dtype), {"ets": new_ets, "cur_sample": cur, "acc": acc}
 
@@ -150,7 +157,7 @@ def _pndm_calls(cfg: ScheduleConfig, n: int) -> list[tuple]:
     return calls
 
 
-def _pndm(cfg: ScheduleConfig, n: int, eta: float) -> PNDMSampler:
+def pndm_sampler(cfg: ScheduleConfig, n: int, eta: float) -> PNDMSampler:
     if cfg.prediction_type == "sample":
         raise UsageError("PNDM supports prediction_type 'epsilon' or 'v_prediction' (as diffusers)")
     ac = alphas_cumprod(cfg)
@@ -159,6 +166,6 @@ def _pndm(cfg: ScheduleConfig, n: int, eta: float) -> PNDMSampler:
     t, t_from, t_to, w, u, push, store, use = (np.array(col) for col in zip(*calls))
     a_t, a_prev = ac[t_from], np.where(t_to >= 0, ac[np.maximum(t_to, 0)], final)
     denom = a_t * np.sqrt(1 - a_prev) + np.sqrt(a_t * (1 - a_t) * a_prev)
-    return PNDMSampler("pndm", cfg, t.astype(np.float32), 1.0, *_f32_tables(w, u), push, store, use,
-                       *_f32_tables(np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(a_prev / a_t),
+    return PNDMSampler("pndm", cfg, t.astype(np.float32), 1.0, *f32_tables(w, u), push, store, use,
+                       *f32_tables(np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(a_prev / a_t),
                                     (a_prev - a_t) / denom))

@@ -1,11 +1,11 @@
-"""Text conditioning of the UNet: tokenization (ids and attention mask) and the text encoders' outputs."""
+"""Tokenization of prompts: token ids and attention masks, with a warning naming truncated text. (What the
+text encoders make of them is each model family's own: `families`.)"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -36,22 +36,3 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int | None = None) -
         if len(truncated) > 3:
             log.warning("... and %d more prompts truncated to %d tokens", len(truncated) - 3, max_length)
     return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)
-
-
-def text_conditioning(pipe, params, ids, ids_2=None, mask=None):
-    """The UNet's text conditioning: (context [N, L, D], pooled [N, P] or None); see `combine_encoders`. `mask`:
-    the first encoder's attention mask (SD 1.x/2.x with --text_encoder_use_attention_mask)."""
-    out = pipe.text_encoder.apply({"params": params["text_encoder"]}, ids, mask)
-    out_2 = pipe.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2) if pipe.is_sdxl else None
-    return combine_encoders(out, out_2)
-
-
-def combine_encoders(out, out_2=None):
-    """(context, pooled) from the text encoders' outputs. SD 1.x/2.x (`out_2` None): the encoder's last hidden
-    state, no pooled embedding. SDXL: both encoders' penultimate hidden states concatenated on the feature axis,
-    and the second encoder's projected pooled output, as diffusers' pipelines and training scripts compute them."""
-    if out_2 is None:
-        return out.last_hidden_state, None
-    context = jnp.concatenate([out.hidden_states[-2], out_2.hidden_states[-2].astype(out.hidden_states[-2].dtype)],
-                              axis=-1)
-    return context, out_2.text_embeds

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreambooth_jax import parallel
-from dreambooth_jax.diffusion.conditioning import text_conditioning, tokenize
 from dreambooth_jax.diffusion.samplers import SCHEDULER_NAMES, make_sampler, scheduler_name_for
 from dreambooth_jax.errors import UsageError
 
@@ -42,22 +41,30 @@ def rescale_guidance(noise_cfg, noise_cond, guidance_rescale):
     return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
 
 
-def _sample(params, ids, neg_ids, noise, seeds, guidance_scale, guidance_rescale, *, pipe, sampler, cfg: bool):
+def full_view(height: int, width: int, n: int) -> np.ndarray:
+    """The geometry of `n` generated pictures [n, 6] (as a family's `view_inputs` takes it): their own size,
+    uncropped."""
+    return np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (n, 1))
+
+
+def _runner(pipe, params):
+    """run(component, *args, **kwargs): the pipeline's module `component` applied with its params."""
+    return lambda name, *args, **kwargs: pipe.modules[name].apply({"params": params[name]}, *args, **kwargs)
+
+
+def _sample(params, tokens, neg_tokens, empty, noise, seeds, guidance_scale, guidance_rescale, *, pipe, sampler,
+            cfg: bool):
     """The compiled program: conditioning -> denoising scan -> decode. Batch-sharded inputs, images out."""
-    context, pooled = text_conditioning(pipe, params, ids[0], ids[1] if pipe.is_sdxl else None)
+    family, run = pipe.family, _runner(pipe, params)
+    cond = family.encode(run, tokens)
     if cfg:
-        neg_context, neg_pooled = text_conditioning(pipe, params, neg_ids[0], neg_ids[1] if pipe.is_sdxl else None)
-        if pipe.is_sdxl and pipe.model_index.get("force_zeros_for_empty_prompt", True):
-            empty = neg_ids[2][:, None, None]  # no negative prompt was given: zeros, as diffusers does
-            neg_context = jnp.where(empty, 0.0, neg_context)
-            neg_pooled = jnp.where(empty[:, :, 0], 0.0, neg_pooled)
-        context = _interleave(neg_context, context)
-        pooled = _interleave(neg_pooled, pooled) if pooled is not None else None
-    added = {}
-    if pipe.is_sdxl:
-        h, w = noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor
-        time_ids = jnp.tile(jnp.array([[h, w, 0, 0, h, w]], jnp.float32), (context.shape[0], 1))
-        added = dict(text_embeds=pooled, time_ids=time_ids)
+        negative = family.negative(family.encode(run, neg_tokens), empty, pipe.model_index)
+        cond = jax.tree.map(_interleave, negative, cond)
+    rows = len(noise) * (2 if cfg else 1)
+    h, w = noise.shape[1] * pipe.vae_scale_factor, noise.shape[2] * pipe.vae_scale_factor
+    inputs = jax.tree.map(jnp.asarray, family.view_inputs(full_view(h, w, rows)))
+    if family.guidance == "embedded":
+        inputs["guidance"] = jnp.full((rows,), guidance_scale, jnp.float32)
     step_keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 1))(seeds)
     timesteps = jnp.asarray(sampler.timesteps)
     latents = noise.astype(jnp.float32) * sampler.init_noise_sigma
@@ -65,15 +72,15 @@ def _sample(params, ids, neg_ids, noise, seeds, guidance_scale, guidance_rescale
 
     def body(carry, i):
         latents, state = carry
-        x = sampler.scale_model_input(latents, i).astype(pipe.unet.dtype)
+        x = sampler.scale_model_input(latents, i).astype(pipe.denoiser.dtype)
         if cfg:
             x = _interleave(x, x)
-        out = pipe.unet.apply({"params": params["unet"]}, x, timesteps[i], context, **added).astype(jnp.float32)
+        out = family.denoise(run, x, timesteps[i], cond, inputs).astype(jnp.float32)
         if cfg:
             out = out.reshape(-1, 2, *out.shape[1:])
-            uncond, cond = out[:, 0], out[:, 1]
-            out = uncond + guidance_scale * (cond - uncond)
-            out = jnp.where(guidance_rescale > 0, rescale_guidance(out, cond, guidance_rescale), out)
+            uncond_out, cond_out = out[:, 0], out[:, 1]
+            out = uncond_out + guidance_scale * (cond_out - uncond_out)
+            out = jnp.where(guidance_rescale > 0, rescale_guidance(out, cond_out, guidance_rescale), out)
         keys = jax.vmap(jax.random.fold_in, (0, None))(step_keys, i)
         latents, state = jax.vmap(sampler.step, (0, None, 0, 0, 0))(state, i, out, latents, keys)
         return (latents, state), None
@@ -105,7 +112,8 @@ def _compiled(pipe, sampler_key: tuple, cfg: bool, subject_nets: tuple[str, ...]
         batch, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
         out = parallel.batch_sharding(mesh, batch_axis=1 if subject_nets else 0)
         fn = functools.partial(_sample_sets, pipe=pipe, sampler=sampler, cfg=cfg)
-        cache[key] = jax.jit(fn, in_shardings=(repl, repl, batch, batch, batch, batch, repl, repl), out_shardings=out)
+        cache[key] = jax.jit(fn, in_shardings=(repl, repl, batch, batch, batch, batch, batch, repl, repl),
+                             out_shardings=out)
     return cache[key]
 
 
@@ -135,7 +143,7 @@ def _noise(seeds: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def _check_size(pipe, height, width) -> tuple[int, int]:
     f = pipe.vae_scale_factor
-    default = (pipe.unet.config.sample_size or 64) * f
+    default = pipe.family.sample_size(pipe)
     height, width = height or default, width or default
     if height % f or width % f or height <= 0 or width <= 0:
         raise UsageError(f"height and width must be positive multiples of {f} (the VAE's downscaling factor); "
@@ -144,7 +152,7 @@ def _check_size(pipe, height, width) -> tuple[int, int]:
 
 
 def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inference_steps: int = 50,
-             guidance_scale: float = 7.5, scheduler: str | None = None, seed: int = 0, latents=None,
+             guidance_scale: float | None = None, scheduler: str | None = None, seed: int = 0, latents=None,
              height: int | None = None, width: int | None = None, eta: float = 0.0, guidance_rescale: float = 0.0,
              use_karras_sigmas: bool | None = None, batch_size: int | None = None, mesh=None,
              progress: bool = False, subject_params: dict | None = None) -> np.ndarray:
@@ -158,7 +166,8 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
       scheduler: a name of `SCHEDULER_NAMES` (default: the pipeline's own scheduler).
       seed: image i starts from the noise of seed `seed + i`.
       latents: optional starting noise [N, H/8, W/8, C] (unscaled, as diffusers' `latents=` in NHWC).
-      guidance_scale: classifier-free guidance; <= 1 turns it off. guidance_rescale: 0 (off) to 1.
+      guidance_scale: classifier-free guidance; <= 1 turns it off; None: the family's default, as diffusers' pipeline
+        of the family (SD 7.5, SDXL 5.0). guidance_rescale: 0 (off) to 1.
       batch_size: images per compiled call (default: all at once); each call is padded to the device count.
       mesh: the device mesh (default: all devices).
       subject_params: optional {network name of `pipe.params` ('unet', 'text_encoder', ...): its params with a
@@ -174,8 +183,8 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
     prompts = list(prompts)
     if not prompts:
         raise UsageError("no prompts given")
-    # SDXL pipelines zero the negative conditioning when no negative prompt is given (None) and the pipeline's
-    # `force_zeros_for_empty_prompt` is set, as diffusers does; an explicit "" is encoded like any prompt.
+    # Some families zero the negative conditioning when no negative prompt is given (None; SDXL where the
+    # pipeline's `force_zeros_for_empty_prompt` is set, as diffusers does); an explicit "" is encoded as any prompt.
     zero_negative = negative_prompts is None
     if negative_prompts is None or isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts or ""] * len(prompts)
@@ -186,7 +195,7 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
     height, width = _check_size(pipe, height, width)
     f, n = pipe.vae_scale_factor, len(prompts)
-    shape = (height // f, width // f, pipe.unet.config.in_channels)
+    shape = (height // f, width // f, pipe.vae.config.latent_channels)
     seeds = np.arange(seed, seed + n, dtype=np.int64).astype(np.uint32)
     if latents is None:
         latents = _noise(seeds, shape)
@@ -196,11 +205,12 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
     if subject_params is not None:
         _check_subject_params(pipe, subject_params)
 
-    cfg = guidance_scale > 1.0
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if pipe.is_sdxl else [])
-    ids = [tokenize(t, prompts)[0] for t in tokenizers]
-    neg_ids = [tokenize(t, negative_prompts)[0] for t in tokenizers] if cfg else [np.zeros_like(i) for i in ids]
-    neg_ids.append(np.full(len(prompts), zero_negative))
+    guidance_scale = pipe.family.guidance_scale if guidance_scale is None else guidance_scale
+    cfg = pipe.family.guidance == "classifier_free" and guidance_scale > 1.0
+    tokens = pipe.family.tokenize(pipe.tokenizers, prompts)
+    neg_tokens = (pipe.family.tokenize(pipe.tokenizers, negative_prompts) if cfg
+                  else {k: np.zeros_like(v) for k, v in tokens.items()})
+    empty = np.full(len(prompts), zero_negative)
     mesh = mesh or parallel.data_mesh()
     subject = dict(subject_params or {})
     fn = _compiled(pipe, (name, num_inference_steps, eta, use_karras_sigmas), cfg, tuple(sorted(subject)), mesh)
@@ -220,7 +230,8 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         padded = parallel.pad_to_multiple(stop - start, mesh.size)
         # Pad with copies of the last example (dropped afterwards) so every device gets the same share.
         pad = lambda a: np.concatenate([a[start:stop], np.repeat(a[stop - 1 : stop], padded - (stop - start), 0)])  # noqa: E731,B023
-        args = ([pad(i) for i in ids], [pad(i) for i in neg_ids], pad(latents), pad(seeds))
+        args = ({k: pad(v) for k, v in tokens.items()}, {k: pad(v) for k, v in neg_tokens.items()}, pad(empty),
+                pad(latents), pad(seeds))
         with parallel.traced_on(mesh):  # the first call traces
             images = fn(params, subject, *parallel.put_batch(args, mesh), jnp.float32(guidance_scale),
                         jnp.float32(guidance_rescale))

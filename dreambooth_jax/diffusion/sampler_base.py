@@ -16,24 +16,24 @@ from dreambooth_jax.diffusion.noise_schedule import (
 )
 
 
-def _at(table: np.ndarray, i):
+def value_at(table: np.ndarray, i):
     """table[i] as a float32 (or bool) scalar; i may be traced."""
     return jnp.asarray(table)[i]
 
 
-def _f32(x):
+def as_f32(x):
     return jnp.asarray(x).astype(jnp.float32)
 
 
-def _noise(rng, noise, sample):
+def step_noise(rng, noise, sample):
     if noise is not None:
-        return _f32(noise)
+        return as_f32(noise)
     if rng is None:
         raise ValueError("this sampler is stochastic: pass `rng` (or `noise`) to step()")
     return jax.random.normal(rng, sample.shape, sample.dtype).astype(jnp.float32)
 
 
-def _x0_eps(prediction_type: str, x, m, sqrt_a, sqrt_b):
+def x0_and_eps(prediction_type: str, x, m, sqrt_a, sqrt_b):
     """(x̂_0, ε̂) from the network output m, with x_t = sqrt(ᾱ) x_0 + sqrt(1-ᾱ) ε."""
     if prediction_type == "epsilon":
         return (x - sqrt_b * m) / sqrt_a, m
@@ -73,5 +73,5 @@ class Sampler(abc.ABC):
         N(0, I) draw from `rng` of the stochastic samplers (to match a reference's noise)."""
 
 
-def _f32_tables(*tables):
+def f32_tables(*tables):
     return tuple(np.asarray(t, np.float64).astype(np.float32) for t in tables)

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from dreambooth_jax.diffusion.alpha_samplers import _ddim, _ddpm, _pndm
+from dreambooth_jax.diffusion.alpha_samplers import ddim_sampler, ddpm_sampler, pndm_sampler
 from dreambooth_jax.diffusion.noise_schedule import ScheduleConfig
 from dreambooth_jax.diffusion.sampler_base import Sampler
-from dreambooth_jax.diffusion.sigma_samplers import _dpm, _euler
+from dreambooth_jax.diffusion.sigma_samplers import dpm_solver_sampler, euler_sampler
 from dreambooth_jax.errors import UsageError
 
 SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "ddpm")
@@ -44,8 +44,8 @@ def scheduler_name_for(config_dict: dict) -> str:
     return _NAME_FOR[cls]
 
 
-_BUILDERS = {"ddpm": _ddpm, "ddim": _ddim, "pndm": _pndm, "euler": _euler, "dpmpp_2m": _dpm,
-             "euler_a": lambda cfg, n, eta: _euler(cfg, n, eta, ancestral=True)}
+_BUILDERS = {"ddpm": ddpm_sampler, "ddim": ddim_sampler, "pndm": pndm_sampler, "euler": euler_sampler, "dpmpp_2m": dpm_solver_sampler,
+             "euler_a": lambda cfg, n, eta: euler_sampler(cfg, n, eta, ancestral=True)}
 
 
 def make_sampler(name: str, config_dict: dict, num_inference_steps: int, *, eta: float = 0.0,

@@ -18,7 +18,7 @@ from dreambooth_jax.diffusion.noise_schedule import (
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
-from dreambooth_jax.diffusion.sampler_base import Sampler, _at, _f32, _f32_tables, _noise
+from dreambooth_jax.diffusion.sampler_base import Sampler, as_f32, f32_tables, step_noise, value_at
 from dreambooth_jax.errors import UnsupportedError, UsageError
 
 
@@ -64,23 +64,23 @@ class EulerSampler(Sampler):
     sigma_up: np.ndarray  # 0 for the deterministic sampler
 
     def scale_model_input(self, sample, i):
-        return (_f32(sample) / _at(self.in_scale, i)).astype(sample.dtype)
+        return (as_f32(sample) / value_at(self.in_scale, i)).astype(sample.dtype)
 
     def step(self, state, i, model_output, sample, rng=None, *, noise=None):
-        x, m, sigma = _f32(sample), _f32(model_output), _at(self.sigmas, i)
+        x, m, sigma = as_f32(sample), as_f32(model_output), value_at(self.sigmas, i)
         if self.prediction_type == "epsilon":
             x0 = x - sigma * m
         elif self.prediction_type == "v_prediction":
-            x0 = m * _at(self.c_out, i) + x * _at(self.c_skip, i)
+            x0 = m * value_at(self.c_out, i) + x * value_at(self.c_skip, i)
         else:
             x0 = m
-        prev = x + (x - x0) / sigma * _at(self.dt, i)
+        prev = x + (x - x0) / sigma * value_at(self.dt, i)
         if self.name == "euler_a":
-            prev = prev + _noise(rng, noise, sample) * _at(self.sigma_up, i)
+            prev = prev + step_noise(rng, noise, sample) * value_at(self.sigma_up, i)
         return prev.astype(sample.dtype), state
 
 
-def _euler(cfg: ScheduleConfig, n: int, eta: float, ancestral: bool = False) -> EulerSampler:
+def euler_sampler(cfg: ScheduleConfig, n: int, eta: float, ancestral: bool = False) -> EulerSampler:
     if ancestral and cfg.prediction_type == "sample":
         raise UnsupportedError("euler_a with prediction_type 'sample' (not implemented in diffusers)")
     _, full, log_sigmas = _sigma_schedule(cfg)
@@ -107,7 +107,7 @@ def _euler(cfg: ScheduleConfig, n: int, eta: float, ancestral: bool = False) -> 
     else:
         up, dt = np.zeros(n), sigmas[1 : n + 1] - sigmas[:n]  # float32 subtraction, as diffusers
     return EulerSampler("euler_a" if ancestral else "euler", cfg, ts.astype(np.float32), init, sigmas,
-                        *_f32_tables(np.sqrt(s_from**2 + 1), -s_from / np.sqrt(s_from**2 + 1),
+                        *f32_tables(np.sqrt(s_from**2 + 1), -s_from / np.sqrt(s_from**2 + 1),
                                      1 / (s_from**2 + 1), dt, up))
 
 
@@ -128,15 +128,15 @@ class DPMSolverSampler(Sampler):
         return (z, z)  # (D_{i-1}, D_{i-2})
 
     def step(self, state, i, model_output, sample, rng=None, *, noise=None):
-        x, m = _f32(sample), _f32(model_output)
-        a, s, p = _at(self.alpha, i), _at(self.sigma_t, i), self.prediction_type
+        x, m = as_f32(sample), as_f32(model_output)
+        a, s, p = value_at(self.alpha, i), value_at(self.sigma_t, i), self.prediction_type
         if self.config.algorithm_type == "dpmsolver++":
             d = {"epsilon": lambda: (x - s * m) / a, "v_prediction": lambda: a * x - s * m,
                  "sample": lambda: m}[p]()
         else:
             d = {"epsilon": lambda: m, "v_prediction": lambda: a * m + s * x,
                  "sample": lambda: (x - a * m) / s}[p]()
-        c = _at(self.coefs, i)
+        c = value_at(self.coefs, i)
         prev = c[0] * x + c[1] * d + c[2] * state[0] + c[3] * state[1]
         return prev.astype(sample.dtype), (d, state[0])
 
@@ -193,7 +193,7 @@ def _dpm_coefs(cfg: ScheduleConfig, sigmas: np.ndarray) -> np.ndarray:
     return coefs
 
 
-def _dpm(cfg: ScheduleConfig, n: int, eta: float) -> DPMSolverSampler:
+def dpm_solver_sampler(cfg: ScheduleConfig, n: int, eta: float) -> DPMSolverSampler:
     if cfg.algorithm_type not in ("dpmsolver++", "dpmsolver") or cfg.solver_type not in ("midpoint", "heun"):
         raise UnsupportedError(f"DPM-Solver algorithm_type={cfg.algorithm_type!r}, solver_type="
                                   f"{cfg.solver_type!r} (have: dpmsolver++/dpmsolver, midpoint/heun)")
@@ -214,5 +214,5 @@ def _dpm(cfg: ScheduleConfig, n: int, eta: float) -> DPMSolverSampler:
     sigmas = np.append(sig, _final_sigma(cfg, full)).astype(np.float32)
     s = sigmas[:-1].astype(np.float64)
     return DPMSolverSampler("dpmpp_2m", cfg, ts.astype(np.int64).astype(np.float32), 1.0, sigmas,
-                            *_f32_tables(1 / np.sqrt(s**2 + 1), s / np.sqrt(s**2 + 1),
+                            *f32_tables(1 / np.sqrt(s**2 + 1), s / np.sqrt(s**2 + 1),
                                          _dpm_coefs(cfg, sigmas)))

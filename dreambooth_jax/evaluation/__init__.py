@@ -1,2 +1,2 @@
-"""The DreamBooth paper's evaluation: the TFDS `dreambooth` dataset, the encoders and their preprocessing, the
-metrics (DINO, CLIP-I, CLIP-T), and the reproduction driver behind `python -m dreambooth_jax.reproduce`."""
+"""The DreamBooth paper's evaluation: the metrics (DINO, CLIP-I, CLIP-T), their encoders and the encoders'
+preprocessing. The dataset is in `dreambooth_jax.datasets`, the paper's protocol in `dreambooth_jax.paper`."""

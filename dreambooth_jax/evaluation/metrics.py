@@ -16,14 +16,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from dreambooth_jax.errors import UsageError
-
-if TYPE_CHECKING:
-    from dreambooth_jax.evaluation.encoders import Encoders
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +36,16 @@ PAPER_TABLE_1 = {
     "DreamBooth (Stable Diffusion)": (0.668, 0.803, 0.305),
     "Textual Inversion (Stable Diffusion)": (0.569, 0.780, 0.255),
 }
+
+
+class Embedder(Protocol):
+    """What `evaluate` needs of its encoders: an `encoders.Encoders` (not imported: it imports ours)."""
+
+    models: dict[str, str]  # {'dino': id, 'clip': id}
+
+    def embed(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def clip_texts(self, prompts: Sequence[str]) -> np.ndarray: ...
 
 
 # ------------------------------------------------------------------------------------------------ the scores
@@ -103,7 +110,7 @@ class Evaluation:
         return {**self.info, **self.summary, "real_images": self.real, "images": images}
 
 
-def evaluate(encoders: Encoders, generated: Sequence[np.ndarray], prompts: Sequence[str],
+def evaluate(encoders: Embedder, generated: Sequence[np.ndarray], prompts: Sequence[str],
              real: Sequence[np.ndarray], *, files: Sequence[str] | None = None, unique_token: str | None = None,
              info: dict | None = None) -> Evaluation:
     """DINO / CLIP-I / CLIP-T of `generated` images (uint8 HWC) made from `prompts`, against `real`."""

@@ -6,7 +6,6 @@
 """
 
 from dreambooth_jax.lora.formats import (
-    COMPONENTS,
     KOHYA_WEIGHT_NAME,
     WEIGHT_NAME,
     apply_file,
@@ -26,6 +25,6 @@ from dreambooth_jax.lora.transform import (
     target_paths,
 )
 
-__all__ = ["COMPONENTS", "KOHYA_WEIGHT_NAME", "TEXT_ENCODER_TARGETS", "UNET_TARGETS", "WEIGHT_NAME", "LoraConfig",
+__all__ = ["KOHYA_WEIGHT_NAME", "TEXT_ENCODER_TARGETS", "UNET_TARGETS", "WEIGHT_NAME", "LoraConfig",
            "apply", "apply_file", "check", "init_lora", "load_file", "merge", "resolve_file", "save_diffusers",
            "save_kohya", "target_paths"]

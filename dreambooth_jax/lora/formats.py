@@ -27,14 +27,16 @@ from dreambooth_jax.errors import MissingFileError, UsageError
 from dreambooth_jax.lora.transform import LoraConfig, flax_key, merge, torch_name
 from dreambooth_jax.weights import convert, safetensors_io
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# The components a LoRA file may adapt, named as diffusers names pipeline folders: the denoiser, and text
+# encoders `text_encoder`, then `text_encoder_<n>` for n = 2, 3, ... (CLIP models, whose modules sit under `text_model.`).
+_COMPONENT_RE = re.compile(r"^(unet|transformer|text_encoder(_[2-9])?)$")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name; `load_lora_weights(folder)` looks for it
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 _META_KEY = "dreambooth_jax_lora"  # our LoraConfig, so that our own files load back exactly
 _DIFFUSERS_META_KEY = "lora_adapter_metadata"  # diffusers >= 0.34: per-component PEFT LoraConfig kwargs
 _TEXT_PREFIX = "text_model."  # transformers' CLIP submodule; diffusers strips it when the model lacks it
-_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-_KOHYA_SDXL_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+_KOHYA_DENOISER = "lora_unet_"  # kohya's name for the denoiser, UNet or not
+_KOHYA_TEXT_RE = re.compile(r"^lora_te(\d?)_")
 # Splitting a kohya name back into Flax module names: list items (`down_blocks_0`), then the names that
 # contain '_' themselves, then any run without '_'. Covers every Dense of our UNet and CLIP (tested).
 _KNOWN_NAMES = ("mid_block", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "to_q", "to_k", "to_v",
@@ -98,10 +100,34 @@ def _ldm_key(match: re.Match, unet_config, source: str, tensor: str) -> str:
     return "/".join([ours, *_NAME_RE.findall(inner or "")])
 
 
+def _is_text_encoder(component: str) -> bool:
+    return component.startswith("text_encoder")
+
+
+def _check_component(component: str, source: str = "") -> None:
+    if not _COMPONENT_RE.match(component):
+        raise UsageError(f"{source}{': ' if source else ''}unknown LoRA component {component!r}; expected the "
+                         "denoiser ('unet', 'transformer') or a text encoder ('text_encoder', 'text_encoder_<n>')")
+
+
+def _text_encoder_name(i: int) -> str:
+    """diffusers' folder name of a pipeline's text encoder number i (1-based)."""
+    return "text_encoder" if i == 1 else f"text_encoder_{i}"
+
+
+def _kohya_prefix(component: str, loras: dict) -> str:
+    """kohya's prefix: `lora_unet_` for the denoiser; `lora_te_` for the text encoder of a one-encoder model,
+    `lora_te1_`, `lora_te2_` ... where the file adapts a second encoder (as sd-scripts names SDXL's)."""
+    if not _is_text_encoder(component):
+        return _KOHYA_DENOISER
+    several = any(_is_text_encoder(c) and c != "text_encoder" for c in loras)
+    number = 1 if component == "text_encoder" else int(component.rsplit("_", 1)[1])
+    return f"lora_te{number}_" if several else "lora_te_"
+
+
 def _module_names(component: str, key: str) -> str:
-    if component not in COMPONENTS:
-        raise UsageError(f"unknown LoRA component {component!r}; expected one of {COMPONENTS}")
-    return ("" if component == "unet" else _TEXT_PREFIX) + torch_name(key)
+    _check_component(component)
+    return (_TEXT_PREFIX if _is_text_encoder(component) else "") + torch_name(key)
 
 
 def _torch_layout(x) -> np.ndarray:
@@ -154,12 +180,11 @@ def save_kohya(path: str, loras: dict, config: LoraConfig) -> str:
     these diffusers names too, which diffusers and ComfyUI read), `lora_te_text_model_...` (SDXL:
     `lora_te1_`/`lora_te2_`), each with lora_down [rank, in], lora_up [out, rank] and a scalar alpha.
     """
-    prefixes = _KOHYA_SDXL_PREFIXES if "text_encoder_2" in loras else _KOHYA_PREFIXES
     alpha = np.asarray(config.rank if config.alpha is None else config.alpha, np.float32)
     tensors = {}
     for component, tree in loras.items():
         for key, ab in tree.items():
-            name = prefixes[component] + _module_names(component, key).replace(".", "_")
+            name = _kohya_prefix(component, loras) + _module_names(component, key).replace(".", "_")
             tensors[f"{name}.lora_down.weight"] = _torch_layout(ab["A"])
             tensors[f"{name}.lora_up.weight"] = _torch_layout(ab["B"])
             tensors[f"{name}.alpha"] = alpha
@@ -182,8 +207,7 @@ def _parse_diffusers(state: dict, meta: dict, source: str) -> dict:
                                  "Linear factors are supported)")
             continue
         component, name = m.groups()
-        if component not in COMPONENTS:
-            raise UsageError(f"{source}: tensor {k!r} belongs to no known component {COMPONENTS}")
+        _check_component(component, f"{source}: tensor {k!r}")
         b = state.get(f"{component}.{name}.lora_B.weight")
         if b is None:
             raise UsageError(f"{source}: {k!r} has no matching lora_B")
@@ -196,19 +220,20 @@ def _parse_diffusers(state: dict, meta: dict, source: str) -> dict:
 def _parse_kohya(state: dict, source: str, unet_config) -> dict:
     """{(component, flax key): (A, B, scale)} of a kohya-layout file (scale = alpha / rank, 1 without alpha).
     LDM-named UNet modules (kohya's SDXL files) need `unet_config`."""
-    prefix_of = {**{v: k for k, v in _KOHYA_PREFIXES.items()}, "lora_te1_": "text_encoder"}
     out = {}
     for k in state:
         name, _, leaf = k.partition(".")
         if leaf in ("lora_up.weight", "alpha"):
             continue
-        prefix = next((p for p in sorted(prefix_of, key=len, reverse=True) if name.startswith(p)), None)
-        if leaf != "lora_down.weight" or prefix is None or state[k].ndim != 2:
+        text = _KOHYA_TEXT_RE.match(name)
+        if leaf != "lora_down.weight" or not (text or name.startswith(_KOHYA_DENOISER)) or state[k].ndim != 2:
             raise UsageError(f"{source}: unsupported LoRA tensor {k!r} {tuple(state[k].shape)} (only Linear "
                              "lora_down/lora_up/alpha are supported)")
-        component, rest = prefix_of[prefix], name[len(prefix):]
-        if component != "unet":
+        if text:
+            component, rest = _text_encoder_name(int(text.group(1) or 1)), name[text.end():]
             rest = rest.removeprefix(_TEXT_PREFIX.replace(".", "_"))
+        else:
+            component, rest = "unet", name[len(_KOHYA_DENOISER):]
         if f"{name}.lora_up.weight" not in state:
             raise UsageError(f"{source}: {k!r} has no matching lora_up")
         a, b = state[k].T, state[f"{name}.lora_up.weight"].T
@@ -269,7 +294,7 @@ def load_file(path: str, unet_config=None) -> tuple[dict, LoraConfig]:
 
 def apply_file(pipe, path: str, scale: float = 1.0):
     """A copy of `pipe` with the LoRA file merged into its params (`scale` multiplies the LoRA update)."""
-    loras, config = load_file(path, pipe.unet.config)
+    loras, config = load_file(path, pipe.denoiser.config)
     params = dict(pipe.params)
     for component, tree in loras.items():
         if component not in params:

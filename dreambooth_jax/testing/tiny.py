@@ -103,51 +103,65 @@ def tiny_configs(vocab_size: int):
     return text, unet_cfg, vae_cfg
 
 
-def random_pipeline(text_cfg, unet_cfg, vae_cfg, tokenizer, scheduler_config: dict, *, seed: int = 0,
-                    dtype="fp32", param_dtype=None, text_cfg_2=None, tokenizer_2=None, weights: str = "device"):
-    """A `Pipeline` of freshly initialised modules of the given configs (benchmarks, the tiny demo model).
+def random_pipeline(family, configs: dict, tokenizers: dict, scheduler_config: dict, *, seed: int = 0,
+                    dtype="fp32", param_dtype=None, weights: str = "device"):
+    """A `Pipeline` of `family` (e.g. `families.SD`) of freshly initialised modules (benchmarks, the tiny demo
+    model).
 
     Args:
-      text_cfg_2: an SDXL pipeline's second text encoder (a `CLIPTextModelWithProjection`); its tokenizer is
-        `tokenizer_2` (default `tokenizer`). The UNet's config must then take SDXL's `text_time` conditions.
+      configs: {component folder: its config dataclass} for every component of the family, in the order their
+        init keys are drawn (split from `seed`).
+      tokenizers: {tokenizer folder: tokenizer} for every tokenizer of the family.
       weights: 'device' (initialised) or 'none' (the params are `jax.ShapeDtypeStruct`s: nothing is allocated,
         as `load_pipeline(..., weights="none")`, for memory preflights of full-size models).
     """
-    from dreambooth_jax.models import clip, unet, vae
+    from dreambooth_jax.families import components
+    from dreambooth_jax.models import unet
     from dreambooth_jax.pipeline import Pipeline, parse_dtype
 
     if weights not in ("device", "none"):
         raise ValueError(f"weights={weights!r}: 'device' or 'none'")
+    if set(configs) != set(family.components) or set(tokenizers) != set(family.tokenizers):
+        raise ValueError(f"a {family.name} pipeline needs configs of {sorted(family.components)} and tokenizers "
+                         f"{sorted(family.tokenizers)}; got {sorted(configs)} and {sorted(tokenizers)}")
     dtype = parse_dtype(dtype)
     kw = dict(dtype=dtype, param_dtype=parse_dtype(param_dtype) or dtype)
-    models = {"text_encoder": clip.CLIPTextModel(text_cfg, **kw), "unet": unet.UNet2DConditionModel(unet_cfg, **kw),
-              "vae": vae.AutoencoderKL(vae_cfg, **kw)}
-    ids = lambda cfg: jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)  # noqa: E731
-    args, kwargs = unet.dummy_inputs(unet_cfg, seq_len=text_cfg.max_position_embeddings)
-    size = 2 ** (len(vae_cfg.block_out_channels) - 1)
-    images = jnp.zeros((1, size, size, vae_cfg.in_channels))
-    inits = {"text_encoder": lambda rng: models["text_encoder"].init(rng, ids(text_cfg)),
-             "unet": lambda rng: models["unet"].init(rng, *args, **kwargs),
-             "vae": lambda rng: models["vae"].init(rng, images, rng)}
-    if text_cfg_2 is not None:
-        models["text_encoder_2"] = clip.CLIPTextModelWithProjection(text_cfg_2, **kw)
-        inits["text_encoder_2"] = lambda rng: models["text_encoder_2"].init(rng, ids(text_cfg_2))
+    models = {name: components.module_for(family.components[name], cfg, **kw) for name, cfg in configs.items()}
+    text_len = configs[family.text_encoders[0]].max_position_embeddings
+
+    def init_fn(name):
+        kind, cfg, model = family.components[name], configs[name], models[name]
+        if kind == "unet":
+            args, kwargs = unet.dummy_inputs(cfg, seq_len=text_len)
+            return lambda rng: model.init(rng, *args, **kwargs)
+        if kind == "vae":
+            size = 2 ** (len(cfg.block_out_channels) - 1)
+            return lambda rng: model.init(rng, jnp.zeros((1, size, size, cfg.in_channels)), rng)
+        return lambda rng: model.init(rng, jnp.zeros((1, cfg.max_position_embeddings), jnp.int32))
+
     rngs = dict(zip(models, jax.random.split(jax.random.PRNGKey(seed), len(models))))
     # Jitted init: one compile is much faster than running every op eagerly.
     init = jax.eval_shape if weights == "none" else lambda f, rng: jax.jit(f)(rng)
-    params = {name: init(inits[name], rngs[name])["params"] for name in models}
-    return Pipeline(unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
-                    scheduler_config=dict(scheduler_config), params=params,
-                    text_encoder_2=models.get("text_encoder_2"),
-                    tokenizer_2=(tokenizer_2 or tokenizer) if text_cfg_2 is not None else None, source="random")
+    params = {name: init(init_fn(name), rngs[name])["params"] for name in models}
+    modules = {name: models[name] for name in family.components}  # in the family's order
+    return Pipeline(family=family, modules=modules, tokenizers={n: tokenizers[n] for n in family.tokenizers},
+                    scheduler_config=dict(scheduler_config), params={n: params[n] for n in family.components},
+                    source="random")
+
+
+def sd_configs(text_cfg, unet_cfg, vae_cfg) -> dict:
+    """`random_pipeline`'s configs of an SD 1.x/2.x pipeline, in the init-key order of the demo's model."""
+    return {"text_encoder": text_cfg, "unet": unet_cfg, "vae": vae_cfg}
 
 
 def make_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
     """Builds the tiny random SD-1-style pipeline and saves it to `out_dir` (diffusers layout)."""
+    from dreambooth_jax.families import SD
     from dreambooth_jax.pipeline import save_pipeline
 
     tokenizer = make_tokenizer()
-    pipe = random_pipeline(*tiny_configs(len(tokenizer)), tokenizer, SD1_SCHEDULER, seed=seed)
+    pipe = random_pipeline(SD, sd_configs(*tiny_configs(len(tokenizer))), {"tokenizer": tokenizer}, SD1_SCHEDULER,
+                           seed=seed)
     return save_pipeline(pipe, out_dir)
 
 

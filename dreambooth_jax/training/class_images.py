@@ -42,7 +42,7 @@ def ensure_class_images(pipe, uri: str, prompt: str, num_images: int, *, batch_s
 
     remote = storage.Folder(uri)
     folder = remote.pull(required=False)
-    if jax.process_index() == 0 or remote.remote:
+    if parallel.is_main_process() or remote.remote:
         os.makedirs(folder, exist_ok=True)
     parallel.barrier(f"class folder {uri}")
     have = count_images(folder)
@@ -54,7 +54,7 @@ def ensure_class_images(pipe, uri: str, prompt: str, num_images: int, *, batch_s
     per_call = batch_size_per_device * jax.device_count()
     first = _next_number(folder)
     bar = None
-    if progress and jax.process_index() == 0:
+    if progress and parallel.is_main_process():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=missing, desc="class images", unit="img")

@@ -310,9 +310,9 @@ class DreamBoothData:
         [R, R, 3] in [-1, 1], e.g. for caching latents."""
         return self.view(kind, index, self.centered_crop(kind, index), flip)
 
-    def time_ids(self, kind: str, index: int, crop: tuple[int, int], flip: bool) -> np.ndarray:
-        """SDXL's size and crop conditioning of one view: float32 [6] = (original height, original width,
-        crop top, crop left, R, R), as diffusers' `train_dreambooth_lora_sdxl.py` computes it, in pixels.
+    def geometry(self, kind: str, index: int, crop: tuple[int, int], flip: bool) -> np.ndarray:
+        """Where one view comes from: float32 [6] = (original height, original width, crop top, crop left, R, R)
+        in pixels; SDXL's size and crop conditioning, as diffusers' `train_dreambooth_lora_sdxl.py` computes it.
 
         The original size is the image file's own (each class image its own; diffusers reuses the instance
         image's). diffusers flips before cropping, so its crop corner is in the flipped image's frame: we crop

@@ -17,10 +17,9 @@ log = logging.getLogger("dreambooth_jax.train")
 def pipeline_params(state, lora_config: lora.LoraConfig | None) -> dict:
     """Every network's weights as the pipeline needs them: EMA where kept, LoRA factors merged in."""
     params = dict(state.export_params())
-    for net in ("unet", "text_encoder", "text_encoder_2"):
-        factors = params.pop(f"{net}_lora", None)
-        if factors is not None:
-            params[net] = lora.merge(params[net], factors, lora_config)
+    for part in [k for k in params if k.endswith("_lora")]:
+        net = part.removesuffix("_lora")
+        params[net] = lora.merge(params[net], params.pop(part), lora_config)
     return params
 
 
@@ -63,8 +62,6 @@ def merge_base(cfg) -> dict:
 
 
 def pipeline_files(pipe) -> list[str]:
-    """The names a saved pipeline consists of in its folder (model_index.json: the one saying it is complete)."""
-    names = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    if pipe.is_sdxl:
-        names += ["text_encoder_2", "tokenizer_2"]
-    return [*names, "model_index.json"]
+    """The names a saved pipeline consists of in its folder (model_index.json last: the one saying it is
+    complete)."""
+    return list(pipe.family.files)

@@ -2,8 +2,8 @@
 
 `TrainInputs.device_batch(step)` is a pure function of (seed, step): it reads the step's batch plan from
 `DreamBoothData`, decodes and crops this process's rows (or picks their cached VAE latents), tokenizes their
-prompts with the pipeline's tokenizer(s) (or picks precomputed text embeddings), adds SDXL's per-view `time_ids`
-and places the rows on the devices. The loop calls it from a `Prefetcher`, a thread that keeps the next two
+prompts with the pipeline's tokenizer(s) (or picks precomputed text embeddings), adds the per-example inputs the
+model family builds from each view's geometry (SDXL's size and crop ids) and places the rows on the devices. The loop calls it from a `Prefetcher`, a thread that keeps the next two
 steps' batches ready.
 """
 
@@ -18,7 +18,6 @@ import jax
 import numpy as np
 
 from dreambooth_jax import parallel
-from dreambooth_jax.diffusion.conditioning import text_conditioning, tokenize
 
 log = logging.getLogger("dreambooth_jax.train")
 
@@ -31,41 +30,34 @@ class TrainInputs:
         them; `host_batch` then lays out all its rows, for `SubjectsInputs` to place)."""
         self.cfg, self.pipe, self.data, self.mesh = cfg, pipe, data, mesh
         self.subject_devices = subject_devices
-        self.tokenizers = {"input_ids": pipe.tokenizer, **({"input_ids_2": pipe.tokenizer_2} if pipe.is_sdxl else {})}
         self._token_cache: dict[str, dict[str, np.ndarray]] = {}
         self.context_for = self._precompute_text() if cfg.pre_compute_text_embeddings else None
         self.latent_cache = self._precompute_latents() if cfg.cache_latents else None
 
-    def tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        """{"input_ids", "attention_mask"[, "input_ids_2" (SDXL's second tokenizer)]}: [N, length] int32 arrays of
-        `prompts`, each tokenizer with its own padding; each distinct prompt tokenized once per run."""
+    def tokens_of(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """The family's token arrays of `prompts` ({"input_ids", "attention_mask", ...}: [N, length] int32, each
+        tokenizer with its own padding); each distinct prompt tokenized once per run."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._token_cache))
         if new:
-            tokens = {}
-            for key, tokenizer in self.tokenizers.items():
-                ids, mask = tokenize(tokenizer, new, self.cfg.tokenizer_max_length)
-                tokens[key] = ids
-                if key == "input_ids":
-                    tokens["attention_mask"] = mask
+            tokens = self.pipe.family.tokenize(self.pipe.tokenizers, new, self.cfg.tokenizer_max_length)
             self._token_cache.update({p: {k: v[i] for k, v in tokens.items()} for i, p in enumerate(new)})
         return {k: np.stack([self._token_cache[p][k] for p in prompts]) for k in self._token_cache[prompts[0]]}
 
     def _precompute_text(self) -> dict[str, dict[str, np.ndarray]]:
         """{prompt: {"context"[, "pooled"]}} of every prompt the data holds."""
         prompts = sorted(self.data.prompts())
-        tokens = self.tokenize(prompts)
-        mask = tokens["attention_mask"] if self.cfg.text_encoder_use_attention_mask else None
+        tokens = self.tokens_of(prompts)
         # The encoders whole on every device for this (they may be fsdp-sharded): the output is then replicated,
         # readable on every host.
-        parts = ("text_encoder", "text_encoder_2") if self.pipe.is_sdxl else ("text_encoder",)
-        params = parallel.put_replicated({k: self.pipe.params[k] for k in parts}, self.mesh)
-        pipe = self.pipe
+        family, modules = self.pipe.family, self.pipe.modules
+        params = parallel.put_replicated({k: self.pipe.params[k] for k in family.text_encoders}, self.mesh)
+        use_mask = self.cfg.text_encoder_use_attention_mask
 
-        def encode(params, tokens, mask):
-            context, pooled = text_conditioning(pipe, params, tokens["input_ids"], tokens.get("input_ids_2"), mask)
-            return {"context": context, **({"pooled": pooled} if pooled is not None else {})}
+        def encode(params, tokens):
+            run = lambda name, *args: modules[name].apply({"params": params[name]}, *args)  # noqa: E731
+            return family.encode(run, tokens, use_mask)
 
-        out = jax.jit(encode, out_shardings=parallel.replicated(self.mesh))(params, tokens, mask)
+        out = jax.jit(encode, out_shardings=parallel.replicated(self.mesh))(params, tokens)
         out = {k: np.asarray(v, np.float32) for k, v in out.items()}
         return {p: {k: v[i] for k, v in out.items()} for i, p in enumerate(prompts)}
 
@@ -93,27 +85,27 @@ class TrainInputs:
         """This process's rows of step `step`, laid out [A, rows, ...]; see `layout_batch`."""
         return layout_batch(self.data, step, per_device=self.cfg.train_batch_size,
                             accum=self.cfg.gradient_accumulation_steps,
-                            with_prior=self.cfg.with_prior_preservation, tokenize=self.tokenize,
+                            with_prior=self.cfg.with_prior_preservation, tokens_of=self.tokens_of,
                             context_for=self.context_for, latent_cache=self.latent_cache,
-                            use_mask=self.cfg.text_encoder_use_attention_mask, time_ids=self.pipe.is_sdxl,
-                            devices=self.subject_devices)
+                            use_mask=self.cfg.text_encoder_use_attention_mask,
+                            view_inputs=self.pipe.family.view_inputs, devices=self.subject_devices)
 
     def device_batch(self, step: int):
         """Step `step`'s batch on the mesh: [A, B, ...] arrays, the examples (axis 1) split over `data`."""
         return parallel.put_batch(self.host_batch(step), self.mesh, batch_axis=1, process_local=True)
 
 
-def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bool, tokenize, context_for=None,
-                 latent_cache=None, use_mask: bool = False, time_ids: bool = False, devices: int | None = None) -> dict:
+def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bool, tokens_of, context_for=None,
+                 latent_cache=None, use_mask: bool = False, view_inputs=None, devices: int | None = None) -> dict:
     """This process's rows of step `step`'s global batch, as [A, rows, ...] arrays; or with `devices` (a subject
     of a run of several: the devices of its group) all the rows of a batch spread over that many devices.
 
     Micro-batch a of the global batch is [its D*per_device instance rows; as many class rows] whatever the
     number of devices, and `example_id` numbers every example of the step (instances first, then classes),
     so the noise each example gets, and hence the step's result, is the same for any device count and any
-    split into accumulated micro-batches. Each process decodes only the rows its own devices hold. With
-    `time_ids` (SDXL) each row also gets the size and crop conditioning of the view it holds
-    (`DreamBoothData.time_ids`; the centre crop where latents are cached).
+    split into accumulated micro-batches. Each process decodes only the rows its own devices hold.
+    `view_inputs` (the model family's) makes per-row inputs from the geometry of the view each row holds
+    (`DreamBoothData.geometry`; the centre crop where latents are cached), e.g. SDXL's size and crop ids.
     """
     n_inst = (devices or jax.device_count()) * per_device  # instance rows per micro-batch
     kinds = ("instance", "class") if with_prior else ("instance",)
@@ -141,10 +133,10 @@ def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bo
     if context_for is not None:
         out.update({key: np.stack([context_for[p][key] for p in prompts]) for key in context_for[prompts[0]]})
     else:
-        tokens = tokenize(prompts)
+        tokens = tokens_of(prompts)
         out.update({k: v for k, v in tokens.items() if k != "attention_mask" or use_mask})
-    if time_ids:
-        out["time_ids"] = np.stack([data.time_ids(*view) for view in views])
+    if view_inputs is not None:
+        out.update(view_inputs(np.stack([data.geometry(*view) for view in views])))
     out["is_prior"] = np.array([kind == "class" for kind, _, _ in rows])
     out["example_id"] = np.array([e for _, _, e in rows], np.int32)
     return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in out.items()}

@@ -42,7 +42,7 @@ class TrainLoop:
         self.cfg, self.pipe, self.mesh, self.inputs, self.spec = cfg, pipe, mesh, inputs, spec
         self.output = output
         self.max_steps, self.global_batch = max_steps, global_batch
-        self.is_main = jax.process_index() == 0
+        self.is_main = parallel.is_main_process()
         self.rng = parallel.put_replicated(jax.random.PRNGKey(cfg.seed), mesh)
         self.batch_sharding = parallel.batch_sharding(mesh, batch_axis=1)
         self.step = functools.partial(train_step.train_step, spec=spec, schedules=schedules)
@@ -88,7 +88,7 @@ class TrainLoop:
         t_loop = None
         try:
             for step in range(start, self.max_steps):
-                parts = [p for p in self.cfg.text_encoder_parts if p in state.params]
+                parts = [p for p in state_lib.text_encoder_parts(self.cfg, self.pipe.family) if p in state.params]
                 if step == self.cfg.stop_text_encoder_training and parts:
                     state, self.compiled = state.freeze(*parts), None  # a step without them
                     log.info("text encoder%s frozen from step %d on", "s" if len(parts) > 1 else "", step)

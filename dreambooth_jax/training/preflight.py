@@ -47,35 +47,38 @@ def abstract_params(params) -> Any:
 
 def batch_shapes(cfg, pipe, num_devices: int) -> dict:
     """The global batch of one step as `jax.ShapeDtypeStruct`s [A, rows, ...], exactly as
-    `inputs.layout_batch` builds it (a test holds the two together)."""
+    `inputs.layout_batch` builds it (a test holds the two together). What the family adds (its token arrays, its
+    text conditioning, its per-view inputs) is traced from the family's own functions on one example."""
     accum = cfg.gradient_accumulation_steps
     rows = num_devices * cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
-    s = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct((accum, rows, *shape), dtype)  # noqa: E731
+    family = pipe.family
+
+    def batched(tree) -> dict:
+        return {k: jax.ShapeDtypeStruct((accum, rows, *np.shape(v)[1:]), v.dtype) for k, v in tree.items()}
+
     out = {}
     if cfg.cache_latents:
-        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        latent = (cfg.resolution // f, cfg.resolution // f, pipe.vae.config.latent_channels)
-        out["latent_mean"] = s(*latent)
-        out["latent_logvar"] = s(*latent)
+        f = pipe.vae_scale_factor
+        latent = (1, cfg.resolution // f, cfg.resolution // f, pipe.vae.config.latent_channels)
+        out.update(batched({"latent_mean": jax.ShapeDtypeStruct(latent, jnp.float32),
+                            "latent_logvar": jax.ShapeDtypeStruct(latent, jnp.float32)}))
     else:
-        out["images"] = s(cfg.resolution, cfg.resolution, 3)
-    length = lambda tokenizer: cfg.tokenizer_max_length or tokenizer.model_max_length  # noqa: E731
+        out.update(batched({"images": jax.ShapeDtypeStruct((1, cfg.resolution, cfg.resolution, 3), jnp.float32)}))
+    tokens = family.tokenize(pipe.tokenizers, [""], cfg.tokenizer_max_length)
     if cfg.pre_compute_text_embeddings:
-        width = pipe.text_encoder.config.hidden_size
-        if pipe.is_sdxl:
-            width += pipe.text_encoder_2.config.hidden_size
-            out["pooled"] = s(pipe.text_encoder_2.config.projection_dim)
-        out["context"] = s(length(pipe.tokenizer), width)
+        def encode(params, tokens):
+            run = lambda name, *args: pipe.modules[name].apply({"params": params[name]}, *args)  # noqa: E731
+            return family.encode(run, tokens, cfg.text_encoder_use_attention_mask)
+
+        text = {k: pipe.params[k] for k in family.text_encoders}
+        cond = jax.eval_shape(encode, text, tokens)  # the cache holds float32 copies
+        out.update(batched({k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in cond.items()}))
     else:
-        out["input_ids"] = s(length(pipe.tokenizer), dtype=jnp.int32)
-        if cfg.text_encoder_use_attention_mask:
-            out["attention_mask"] = s(length(pipe.tokenizer), dtype=jnp.int32)
-        if pipe.is_sdxl:
-            out["input_ids_2"] = s(length(pipe.tokenizer_2), dtype=jnp.int32)
-    if pipe.is_sdxl:
-        out["time_ids"] = s(6)
-    out["is_prior"] = s(dtype=jnp.bool_)
-    out["example_id"] = s(dtype=jnp.int32)
+        out.update(batched({k: v for k, v in tokens.items()
+                            if k != "attention_mask" or cfg.text_encoder_use_attention_mask}))
+    out.update(batched(family.view_inputs(np.zeros((1, 6), np.float32))))
+    out["is_prior"] = jax.ShapeDtypeStruct((accum, rows), jnp.bool_)
+    out["example_id"] = jax.ShapeDtypeStruct((accum, rows), jnp.int32)
     return out
 
 
@@ -198,14 +201,15 @@ def plan(cfg, pipe, spec, *, max_steps: int, global_batch: int, fsdp: str | int 
     devices = np.asarray(jax.devices() if devices is None else devices)
     params = abstract_params(pipe.params)
     if subjects:
-        make = functools.partial(state_lib.make_subjects_state, subjects, max_steps=max_steps,
+        make = functools.partial(state_lib.make_subjects_state, subjects, pipe.family, max_steps=max_steps,
                                  global_batch=global_batch)
     else:
-        make = functools.partial(state_lib.make_state, cfg, max_steps=max_steps, global_batch=global_batch)
+        make = functools.partial(state_lib.make_state, cfg, pipe.family, max_steps=max_steps,
+                                 global_batch=global_batch)
     abstract_state = jax.eval_shape(make, params)
     # Every call makes new optimizer objects (static fields of the state): keep the ones the step compiles with.
     init = lambda p: make(p).replace(txs=abstract_state.txs)  # noqa: E731
-    schedules = state_lib.lr_schedules(cfg, abstract_state.params, max_steps, global_batch)
+    schedules = state_lib.lr_schedules(cfg, pipe.family, abstract_state.params, max_steps, global_batch)
     k = len(subjects) if subjects else 0
     groups = parallel.subject_groups(k, devices.size, cfg.subject_devices) if k else None
     compile_for = functools.partial(_compile, cfg, pipe, spec, schedules, abstract_state, init, devices=devices,

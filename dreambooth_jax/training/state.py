@@ -88,42 +88,49 @@ def shardings(state: TrainState, mesh) -> TrainState:
                          frozen={**plain.frozen, **split["stopped"]})
 
 
-def trained_networks(cfg: TrainConfig, params: dict) -> list[str]:
-    """The networks the run trains: the UNet, and with --train_text_encoder every text encoder (SDXL's two)."""
-    encoders = [k for k in ("text_encoder", "text_encoder_2") if k in params] if cfg.train_text_encoder else []
-    return ["unet", *encoders]
+def trained_networks(cfg: TrainConfig, family) -> list[str]:
+    """The networks the run trains: the denoiser, and with --train_text_encoder every text encoder (SDXL's two)."""
+    return [family.denoiser, *(family.text_encoders if cfg.train_text_encoder else ())]
 
 
-def lr_schedules(cfg: TrainConfig, parts, max_steps: int, global_batch: int) -> dict:
+def text_encoder_parts(cfg: TrainConfig, family) -> tuple[str, ...]:
+    """The trained parts that --stop_text_encoder_training freezes: every text encoder's (or its LoRA's)."""
+    suffix = "_lora" if cfg.use_lora else ""
+    return tuple(f"{name}{suffix}" for name in family.text_encoders)
+
+
+def lr_schedules(cfg: TrainConfig, family, parts, max_steps: int, global_batch: int) -> dict:
     """{trained part: its learning-rate schedule} (the text encoders' parts take --text_encoder_lr)."""
     scale = global_batch if cfg.scale_lr else 1
     text_lr = cfg.text_encoder_lr or cfg.learning_rate
-    peak = {"unet": cfg.learning_rate, "text_encoder": text_lr, "text_encoder_2": text_lr}
-    return {part: optim.lr_schedule(cfg.lr_scheduler, peak[part.removesuffix("_lora")] * scale,
+    peak = {name: text_lr for name in family.text_encoders}
+    return {part: optim.lr_schedule(cfg.lr_scheduler,
+                                    peak.get(part.removesuffix("_lora"), cfg.learning_rate) * scale,
                                     warmup_steps=cfg.lr_warmup_steps, total_steps=max_steps,
                                     num_cycles=cfg.lr_num_cycles, power=cfg.lr_power) for part in parts}
 
 
-def make_subjects_state(cfgs: list[TrainConfig], params: dict, max_steps: int, global_batch: int) -> TrainState:
+def make_subjects_state(cfgs: list[TrainConfig], family, params: dict, max_steps: int,
+                        global_batch: int) -> TrainState:
     """The initial state of several subjects trained together (`cfgs`: each subject's own run): each subject's
     `make_state` (its own seed: LoRA factors start as they would alone), stacked (`stack_subjects`)."""
-    return stack_subjects([make_state(c, params, max_steps, global_batch) for c in cfgs])
+    return stack_subjects([make_state(c, family, params, max_steps, global_batch) for c in cfgs])
 
 
-def make_state(cfg: TrainConfig, params: dict, max_steps: int, global_batch: int) -> TrainState:
-    """The initial train state from the pipeline's params {'unet', 'vae', 'text_encoder'[, 'text_encoder_2']}.
+def make_state(cfg: TrainConfig, family, params: dict, max_steps: int, global_batch: int) -> TrainState:
+    """The initial train state of a pipeline of `family` from its params {component: params}.
 
     Pure: the trainer traces it with `jax.eval_shape` (the memory preflight, before any weight is read) and runs
     it under `jax.jit` with the state's shardings as outputs, so the optimizer state and EMA are created in
     place, sharded, and nothing is built whole on one device first.
     """
-    networks = trained_networks(cfg, params)
+    networks = trained_networks(cfg, family)
     if cfg.use_lora:
-        trained, frozen = lora_params(cfg, params, networks)
+        trained, frozen = lora_params(cfg, family, params, networks)
     else:
         trained = {k: v for k, v in params.items() if k in networks}
         frozen = {k: v for k, v in params.items() if k not in networks}
-    schedules = lr_schedules(cfg, trained, max_steps, global_batch)
+    schedules = lr_schedules(cfg, family, trained, max_steps, global_batch)
     txs = {part: optim.make_optimizer(cfg.optimizer, schedules[part], b1=cfg.adam_beta1, b2=cfg.adam_beta2,
                                       eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay) for part in trained}
     return TrainState.create(trained, frozen, txs, ema=cfg.use_ema)
@@ -134,20 +141,18 @@ def lora_config(cfg: TrainConfig) -> lora.LoraConfig | None:
     return lora.LoraConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout) if cfg.use_lora else None
 
 
-def lora_params(cfg: TrainConfig, params: dict, networks: list[str]) -> tuple[dict, dict]:
+def lora_params(cfg: TrainConfig, family, params: dict, networks: list[str]) -> tuple[dict, dict]:
     """(trained LoRA factors {'<net>_lora'}, frozen params): every network frozen, kept in the compute dtype.
 
     They compute in it anyway (casting a weight to bf16 once or at every use gives the same values), and nothing
     exports them from here (the merged export reads the fp32 base from disk): in bf16 that halves their memory,
     e.g. SDXL's text encoders 3.1 -> 1.5 GiB."""
-    defaults = {"unet": lora.UNET_TARGETS, "text_encoder": lora.TEXT_ENCODER_TARGETS,
-                "text_encoder_2": lora.TEXT_ENCODER_TARGETS}
     custom = tuple(t.strip() for t in cfg.lora_target_modules.split(",")) if cfg.lora_target_modules else None
     rngs = dict(zip(networks, jax.random.split(jax.random.PRNGKey(cfg.seed), len(networks))))
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bf16" else jnp.float32
     trained, frozen = {}, jax.tree.map(lambda x: x.astype(dtype), params)
     for net in networks:
-        targets = defaults[net] if custom is None else [t for t in custom if _matches(params[net], t)]
+        targets = family.lora_targets[net] if custom is None else [t for t in custom if _matches(params[net], t)]
         if not targets:
             continue  # none of the custom names is in this network
         trained[f"{net}_lora"] = lora.init_lora(params[net], targets, lora_config(cfg), rngs[net])

@@ -1,12 +1,10 @@
 """The DreamBooth train step: one pure function `(state, batch, rng) -> (state, metrics)`.
 
 Loss (Ruiz et al. 2023, eq. 2): E w(t) ||x̂(z_t, t, c) - target||² on the instance examples plus
-`prior_loss_weight` x the same on the class (prior-preservation) examples, where z_t ~ q(z_t | z_0) and the
-target is ε, v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) z_0, or z_0 per the scheduler's `prediction_type`, and c the
-text conditioning (SDXL: both encoders' and the pooled embedding, plus each example's `time_ids`); w(t) = 1, or
-the Min-SNR-γ weight (Hang et al. 2023) per example, for the target's own loss: min(SNR, γ) / SNR (ε),
-min(SNR, γ) / (SNR + 1) (v), min(SNR, γ) (z_0). Instance and class examples travel in one batch (one forward
-pass), told apart by `batch["is_prior"]`.
+`prior_loss_weight` x the same on the class (prior-preservation) examples. The objective (`spec.objective`,
+`diffusion.objectives`) says how z_t is drawn, what the target is and the weights w(t); the model family
+(`spec.family`) how the text conditioning c is computed and the denoiser called. Instance and class examples
+travel in one batch (one forward pass), told apart by `batch["is_prior"]`.
 
 The batch has a leading micro-batch axis [A, B, ...]: gradient accumulation is a `lax.scan` inside the
 compiled step. `batch["example_id"]` numbers the step's examples; each draws its noise from it. Static parts
@@ -16,68 +14,71 @@ compiled step. `batch["example_id"]` numbers the step's examples; each draws its
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from dreambooth_jax import parallel
-from dreambooth_jax.diffusion import noise_schedule
-from dreambooth_jax.diffusion.conditioning import combine_encoders
+from dreambooth_jax import lora, parallel
 from dreambooth_jax.models.vae import sample_latents
 from dreambooth_jax.training.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StepSpec:
-    """The static parts of the step."""
+    """The static parts of the step: the model family, its modules (weights not needed), the objective."""
 
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    alphas_cumprod: np.ndarray  # float64 [T] (cast to float32 in the step)
-    prediction_type: str = "epsilon"
+    family: Any  # families.Family
+    modules: Mapping[str, Any]  # component folder -> Flax module
+    objective: Any  # diffusion.objectives (what is predicted, at which timesteps, with which weights)
     prior_loss_weight: float = 1.0
     use_attention_mask: bool = False
-    snr_gamma: float | None = None  # Min-SNR weighting
     noise_offset: float = 0.0  # offset noise strength (0: off)
     max_grad_norm: float = 1.0  # clip the global norm of all trained parts' gradients (0: off)
     ema_decay: float = 0.9999
     lora: Any = None  # lora.LoraConfig when training LoRA factors (params '<part>_lora')
-    text_encoder_2: Any = None  # SDXL's second (projected) text encoder
+    inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the family's constant denoiser inputs
 
-    @property
-    def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+    @classmethod
+    def of(cls, pipe, *, snr_gamma: float | None = None, run_options: Mapping | None = None,
+           **options) -> StepSpec:
+        """The spec of a pipeline: its modules, its family's objective (from its scheduler config) and constant
+        denoiser inputs (from the run's options, `run_options`)."""
+        objective = pipe.family.objective(pipe.scheduler_config, snr_gamma)
+        inputs = pipe.family.train_inputs(run_options or {})
+        return cls(family=pipe.family, modules=dict(pipe.modules), objective=objective, inputs=inputs, **options)
 
 
 def apply_part(spec: StepSpec, part: str, params, frozen, *args, dropout_rng=None, **kwargs):
-    """Runs `part` ('unet', 'text_encoder' or 'text_encoder_2') with its trained params, its frozen ones, or
-    (LoRA) its frozen base plus the trained `<part>_lora` factors."""
-    module = getattr(spec, part)
+    """Runs component `part` with its trained params, its frozen ones, or (LoRA) its frozen base plus the trained
+    `<part>_lora` factors."""
+    module = spec.modules[part]
     factors = params.get(f"{part}_lora", frozen.get(f"{part}_lora"))  # frozen ones: stopped text-encoder LoRA
     if factors is not None:
-        from dreambooth_jax import lora
-
         return lora.apply(module, frozen[part], factors, spec.lora, *args, dropout_rng=dropout_rng, **kwargs)
     out = module.apply({"params": params[part] if part in params else frozen[part]}, *args, **kwargs)
     return out if part in params else jax.tree.map(jax.lax.stop_gradient, out)
 
 
-def text_conditioning(spec: StepSpec, params, frozen, batch, dropout_rng=None):
-    """(context [B, L, D], pooled [B, P] or None) of the batch's prompts: precomputed, or from the text
-    encoder(s) (`conditioning.combine_encoders`)."""
+def runner(spec: StepSpec, params, frozen, dropout_rng=None):
+    """run(component, *args, **kwargs) for the family's functions: `apply_part` with the component's own LoRA
+    dropout key (the denoiser's, the first text encoder's, then `fold_in(that, i + 1)` for encoder i > 0)."""
+    text_rng, denoiser_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    rngs = {spec.family.denoiser: denoiser_rng}
+    for i, name in enumerate(spec.family.text_encoders):
+        rngs[name] = text_rng if i == 0 or text_rng is None else jax.random.fold_in(text_rng, i + 1)
+    return lambda part, *args, **kwargs: apply_part(spec, part, params, frozen, *args, dropout_rng=rngs.get(part),
+                                                    **kwargs)
+
+
+def conditioning(spec: StepSpec, run, batch) -> dict:
+    """The denoiser's text conditioning {"context"[, "pooled"]} of the batch's prompts: precomputed, or from the
+    text encoder(s) (`Family.encode`)."""
     if "context" in batch:  # precomputed text embeddings
-        return batch["context"], batch.get("pooled")
-    mask = batch.get("attention_mask") if spec.use_attention_mask else None
-    out = apply_part(spec, "text_encoder", params, frozen, batch["input_ids"], mask, dropout_rng=dropout_rng)
-    out_2 = None
-    if spec.is_sdxl:  # SDXL's pipelines pass no attention mask
-        rng_2 = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 2)
-        out_2 = apply_part(spec, "text_encoder_2", params, frozen, batch["input_ids_2"], dropout_rng=rng_2)
-    return combine_encoders(out, out_2)
+        return {k: batch[k] for k in ("context", "pooled") if k in batch}
+    return spec.family.encode(run, batch, spec.use_attention_mask)
 
 
 def _normal(keys, shape):
@@ -87,41 +88,28 @@ def _normal(keys, shape):
 
 def clean_latents(spec: StepSpec, frozen, batch, keys):
     """z_0 = scaling * sample from q(z | x): from cached (mean, logvar) or by encoding the images."""
+    vae = spec.modules[spec.family.vae]
     if "latent_mean" in batch:
         mean, logvar = batch["latent_mean"], batch["latent_logvar"]
     else:
-        mean, logvar = spec.vae.apply({"params": frozen["vae"]}, batch["images"], method=spec.vae.encode)
+        mean, logvar = vae.apply({"params": frozen[spec.family.vae]}, batch["images"], method=vae.encode)
     z = jax.vmap(sample_latents)(mean, logvar, keys)  # one draw per example, from its own key
-    return jax.lax.stop_gradient(spec.vae.scale_latents(z))
-
-
-def loss_weights(spec: StepSpec, timesteps):
-    """Per-example loss weights [B]: 1, or Min-SNR-γ (see `noise_schedule.min_snr_weights`)."""
-    if spec.snr_gamma is None:
-        return jnp.ones(timesteps.shape, jnp.float32)
-    snr = noise_schedule.snr(jnp.asarray(spec.alphas_cumprod, jnp.float32), timesteps)
-    return noise_schedule.min_snr_weights(snr, spec.snr_gamma, spec.prediction_type)
+    return jax.lax.stop_gradient(vae.scale_latents(z))
 
 
 def per_example_loss(spec: StepSpec, params, frozen, batch, latents, noise, timesteps, dropout_rng=None):
-    """Per-example weighted MSE [B] (float32) of the UNet's prediction, for given z_0, noise and timesteps.
+    """Per-example weighted MSE [B] (float32) of the denoiser's prediction, for given z_0, noise and timesteps.
 
     `dropout_rng` drives LoRA dropout only (the networks themselves have none)."""
-    ac = jnp.asarray(spec.alphas_cumprod, jnp.float32)
-    noisy = noise_schedule.add_noise(ac, latents, noise, timesteps)
-    te_rng, unet_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-    context, pooled = text_conditioning(spec, params, frozen, batch, te_rng)
-    added = dict(text_embeds=pooled, time_ids=batch["time_ids"]) if spec.is_sdxl else {}
-    pred = apply_part(spec, "unet", params, frozen, noisy.astype(spec.unet.dtype), timesteps, context,
-                      dropout_rng=unet_rng, **added)
-    if spec.prediction_type == "epsilon":
-        target = noise
-    elif spec.prediction_type == "v_prediction":
-        target = noise_schedule.get_velocity(ac, latents, noise, timesteps)
-    else:  # "sample"
-        target = latents
+    objective = spec.objective
+    noisy = objective.noisy(latents, noise, timesteps)
+    run = runner(spec, params, frozen, dropout_rng)
+    cond = conditioning(spec, run, batch)
+    denoiser = spec.modules[spec.family.denoiser]
+    pred = spec.family.denoise(run, noisy.astype(denoiser.dtype), timesteps, cond, {**spec.inputs, **batch})
+    target = objective.target(latents, noise, timesteps)
     mse = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
-    return mse * loss_weights(spec, timesteps)
+    return mse * objective.weights(timesteps)
 
 
 def combine_losses(mse, is_prior, prior_loss_weight: float):
@@ -144,7 +132,7 @@ def draw_example_inputs(spec: StepSpec, frozen, batch, rng) -> dict:
     latents = clean_latents(spec, frozen, batch, keys[:, 0])
     shape = latents.shape[1:]
     offset = _normal(keys[:, 2], (1, 1, shape[-1])) if spec.noise_offset else jnp.zeros((len(keys), 1, 1, shape[-1]))
-    timesteps = jax.vmap(lambda k: jax.random.randint(k, (), 0, len(spec.alphas_cumprod)))(keys[:, 3])
+    timesteps = spec.objective.timesteps(keys[:, 3])
     return {"latents": latents, "noise": _normal(keys[:, 1], shape), "offset": offset, "timesteps": timesteps,
             "keys": keys}
 

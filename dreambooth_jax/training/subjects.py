@@ -25,123 +25,40 @@ import os
 import jax
 import numpy as np
 
-from dreambooth_jax import parallel, storage
-from dreambooth_jax.errors import DivergedError, UsageError
+from dreambooth_jax import parallel
+from dreambooth_jax.errors import DivergedError
 from dreambooth_jax.training import export as export_lib
-from dreambooth_jax.training import preflight, trainer
-from dreambooth_jax.training import state as state_lib
 from dreambooth_jax.training import step as train_step
-from dreambooth_jax.training.config import TrainConfig, read_concepts, read_subjects, resolve_dataset
-from dreambooth_jax.training.inputs import SubjectsInputs, TrainInputs
+from dreambooth_jax.training.concepts import Subject, resolve_dataset
+from dreambooth_jax.training.config import TrainConfig
 from dreambooth_jax.training.loop import TrainLoop
 
 log = logging.getLogger("dreambooth_jax.train")
 
 
-def _max_steps(subjects, global_batch: int, count) -> int:
-    """The step count every subject trains: each one's own (`trainer.count_steps` of `count(subject)`: its
-    instance and class images); they must agree."""
-    steps = {s.name: trainer.count_steps(s.cfg, global_batch, *count(s)) for s in subjects}
-    if len(set(steps.values())) > 1:
-        raise UsageError(f"the subjects would train different step counts ({steps}: --num_train_epochs over "
-                         "different numbers of images); give --max_train_steps")
-    return next(iter(steps.values()))
-
-
-def _layout(cfg: TrainConfig, subjects: list, devices) -> tuple[int, int, int]:
-    """(the slots: the subjects padded to fill the device groups, the groups, the devices per group); an --fsdp
-    that does not divide a group's devices fails here."""
-    n = len(devices)
-    slots = parallel.subject_slots(len(subjects), n, cfg.subject_devices)
-    groups = parallel.subject_groups(slots, n, cfg.subject_devices)
-    if cfg.fsdp != "auto":
-        parallel.train_mesh(int(cfg.fsdp), devices, groups)
-    return slots, groups, n // groups
-
-
-def _pad(items: list, slots: int) -> list:
-    """`items` (one per subject), then the last repeated for the padding slots."""
-    return items + items[-1:] * (slots - len(items))
-
-
-def dry_run(cfg: TrainConfig, devices=None) -> dict:
-    """`trainer.dry_run` of a run of several subjects: the memory preflight of the K-subject step."""
-    devices = jax.devices() if devices is None else list(devices)
-    subjects = read_subjects(cfg)
-    slots, _, per_group = _layout(cfg, subjects, devices)
-    shapes = trainer.model_shapes(cfg)
-    global_batch = cfg.train_batch_size * per_group * cfg.gradient_accumulation_steps
-
-    def count(s):
-        concepts = read_concepts(s.cfg) if not s.cfg.dataset else []
-        n = sum(storage.Folder(c.instance_data_dir).count_images() for c in concepts) or 1
-        return n, trainer.expected_class_images(s.cfg, concepts)
-
-    max_steps = _max_steps(subjects, global_batch, count)
-    fsdp = cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp)
-    plan = preflight.plan(cfg, shapes, trainer.step_spec(cfg, shapes), max_steps=max_steps,
-                          global_batch=global_batch, fsdp=fsdp, devices=devices,
-                          subjects=_pad([s.cfg for s in subjects], slots))
-    return {**plan.report, "subjects": len(subjects)}
-
-
-def run(cfg: TrainConfig):
-    """Trains the subjects of `cfg` together (see the module docstring) through `trainer.run`'s stages; returns a
-    `trainer.Run` whose `summary["subjects"]` names them."""
-    devices = jax.devices()
-    subjects = read_subjects(cfg)
-    slots, groups, per_group = _layout(cfg, subjects, devices)  # bad --fsdp / --subject_devices: before anything
-    cfg, output = trainer.prepare_output(cfg)
-    subjects = [dataclasses.replace(s, cfg=dataclasses.replace(s.cfg, output_dir=os.path.join(cfg.output_dir,
-                                                                                              s.name)))
-                for s in subjects]
-    names = [s.name for s in subjects]
-    shapes = trainer.model_shapes(cfg)
-    # --dataset subjects get their class folders under --class_data_dir (default output_dir/class_images), one per
-    # class: subjects of one class share it.
+def resolve(cfg: TrainConfig, subjects: list[Subject]) -> list[Subject]:
+    """The subjects of a run writing to `cfg.output_dir` (its local twin): each one's output folder
+    `output_dir/<name>`, and --dataset subjects' images and class folders (under --class_data_dir, default
+    `output_dir/class_images`, one per class: subjects of one class share it)."""
     class_root = cfg.class_data_dir or os.path.join(cfg.output_dir, "class_images")
-    subjects = [dataclasses.replace(s, cfg=resolve_dataset(s.cfg, class_root)) for s in subjects]
-    given = {s.name: read_concepts(s.cfg) for s in subjects}
-    datas = [trainer.read_data(s.cfg, given[s.name]) for s in subjects]
-    global_batch = cfg.train_batch_size * per_group * cfg.gradient_accumulation_steps  # each subject's
-    expected = {s.name: trainer.expected_class_images(s.cfg, given[s.name]) for s in subjects}
-    instances = {s.name: d.num_instance_images for s, d in zip(subjects, datas)}
-    max_steps = _max_steps(subjects, global_batch, lambda s: (instances[s.name], expected[s.name]))
-    spec = trainer.step_spec(cfg, shapes)
-    cfgs = _pad([s.cfg for s in subjects], slots)
-    padding = f" and {slots - len(subjects)} padding slot(s)" if slots > len(subjects) else ""
-    log.info("%d subjects (%s)%s in %d device group(s) of %d device(s)", len(subjects), ", ".join(names), padding,
-             groups, per_group)
-    fsdp = cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp)
-    plan, pipe = trainer.plan_and_load(cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch, fsdp=fsdp,
-                                       subjects=cfgs)
+    out = []
+    for s in subjects:
+        own = dataclasses.replace(s.cfg, output_dir=os.path.join(cfg.output_dir, s.name))
+        out.append(dataclasses.replace(s, cfg=resolve_dataset(own, class_root)))
+    return out
 
-    if cfg.with_prior_preservation:
-        folders = {}  # (folder, prompt) -> the seed of the first subject naming it: as that subject alone fills it
-        for s in subjects:
-            for c in given[s.name]:
-                folders.setdefault((c.class_data_dir, c.class_prompt), s.cfg.seed)
-        trainer.fill_class_images(cfg, pipe, folders)
-        for data in datas:
-            data.add_class_images()
-        classes = {s.name: d.num_class_images for s, d in zip(subjects, datas)}
-        counted = _max_steps(subjects, global_batch, lambda s: (instances[s.name], classes[s.name]))
-        if counted != max_steps:  # fewer readable class images than expected: the schedule's length changes
-            max_steps = counted
-            plan = preflight.plan(cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch,
-                                  fsdp=plan.report["mesh"]["fsdp"], subjects=cfgs)
-    trainer.log_recipe(cfg, per_group, global_batch, max_steps, min(instances.values()), prefix="each subject: ")
 
-    inputs = [TrainInputs(s.cfg, pipe, d, plan.mesh, subject_devices=per_group) for s, d in zip(subjects, datas)]
-    inputs = SubjectsInputs(_pad(inputs, slots), plan.mesh)
-    schedules = state_lib.lr_schedules(cfg, plan.abstract_state.params, max_steps, global_batch)
-    loop = SubjectsLoop(cfg, subjects, [c.seed for c in cfgs], pipe, plan.mesh, spec, schedules, inputs, max_steps,
-                        global_batch, output)
-    loop.summary["subjects"] = names
-    meta = {"model": cfg.pretrained_model_name_or_path, "subjects": names, "subject_slots": slots,
-            "seeds": [s.cfg.seed for s in subjects], "global_batch": global_batch, "optimizer": cfg.optimizer,
-            "use_ema": cfg.use_ema}
-    return trainer.train_and_export(cfg, plan, pipe, loop, meta, output)
+def log_layout(subjects: list[Subject], layout) -> None:
+    padding = f" and {layout.slots - len(subjects)} padding slot(s)" if layout.slots > len(subjects) else ""
+    log.info("%d subjects (%s)%s in %d device group(s) of %d device(s)", len(subjects),
+             ", ".join(s.name for s in subjects), padding, layout.groups, layout.per_subject)
+
+
+def checkpoint_meta(meta: dict, subjects: list[Subject], layout) -> dict:
+    """What a checkpoint of several subjects records beside the run's own (a resume with other subjects, or
+    another layout of them, is refused): their names, slots and seeds instead of the run's one seed."""
+    return {"model": meta["model"], "subjects": [s.name for s in subjects], "subject_slots": layout.slots,
+            "seeds": [s.cfg.seed for s in subjects], **{k: meta[k] for k in ("global_batch", "optimizer", "use_ema")}}
 
 
 class SubjectsLoop(TrainLoop):

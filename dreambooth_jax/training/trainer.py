@@ -2,7 +2,7 @@
 
 One compiled `train_step` runs over a (data, fsdp) mesh of every device of every host: the batch split over
 both axes, the trained state and frozen networks sharded over `fsdp` (see `parallel` and `preflight`). A run of
-several subjects (--subjects) goes to `subjects.run`.
+several subjects (--subjects) adds a `subject` axis (`subjects`) and goes through the same stages.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 import jax
 
 from dreambooth_jax import parallel, storage
-from dreambooth_jax.diffusion import noise_schedule
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.images import count_images
 from dreambooth_jax.parallel import maybe_initialize_distributed
@@ -25,16 +24,18 @@ from dreambooth_jax.pipeline import load_pipeline
 from dreambooth_jax.training import checkpoints, preflight
 from dreambooth_jax.training import state as state_lib
 from dreambooth_jax.training import step as train_step
+from dreambooth_jax.training import subjects as subjects_lib
 from dreambooth_jax.training.class_images import ensure_class_images
-from dreambooth_jax.training.config import (
-    TrainConfig,
-    load_preset,
+from dreambooth_jax.training.concepts import (
+    Subject,
     many_subjects,
     read_concepts,
+    read_subjects,
     resolve_dataset,
 )
+from dreambooth_jax.training.config import TrainConfig, load_preset
 from dreambooth_jax.training.data import DreamBoothData
-from dreambooth_jax.training.inputs import TrainInputs
+from dreambooth_jax.training.inputs import SubjectsInputs, TrainInputs
 from dreambooth_jax.training.loop import TrainLoop
 
 log = logging.getLogger("dreambooth_jax.train")
@@ -51,47 +52,110 @@ class Run:
     summary: dict
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a run's subjects train, resolved once from the options and the devices: a run of one subject spans
+    every device; a run of several puts each in a device group (`parallel.subject_groups`), padded with slots that
+    repeat the last subject where they do not fill the groups (`parallel.subject_slots`)."""
+
+    slots: int  # subject slots of the state (0: one subject, no subject axis)
+    groups: int | None  # device groups (None: one subject)
+    per_subject: int  # devices each subject's batch spans
+    fsdp: str | int  # 'auto' or the fsdp size inside each group
+
+    def global_batch(self, cfg: TrainConfig) -> int:
+        """Instance rows per step of each subject: per device x its devices x accumulated micro-batches."""
+        return cfg.train_batch_size * self.per_subject * cfg.gradient_accumulation_steps
+
+    def pad(self, items: list) -> list:
+        """`items` (one per subject), then the last repeated for the padding slots."""
+        return items + items[-1:] * (self.slots - len(items)) if self.slots else items
+
+
+def layout(cfg: TrainConfig, devices, num_subjects: int | None = None) -> Layout:
+    """The run's `Layout` on `devices` (`num_subjects` None: one subject); an --fsdp that does not divide the
+    devices of a group, or a bad --subject_devices, fails here, before anything is read."""
+    n = len(devices)
+    slots = groups = None
+    if num_subjects is not None:
+        slots = parallel.subject_slots(num_subjects, n, cfg.subject_devices)
+        groups = parallel.subject_groups(slots, n, cfg.subject_devices)
+    fsdp = "auto" if cfg.fsdp == "auto" else int(cfg.fsdp)
+    if fsdp != "auto":
+        parallel.train_mesh(fsdp, devices, groups)
+    return Layout(slots or 0, groups, n // (groups or 1), fsdp)
+
+
 def run(cfg: TrainConfig) -> Run:
-    """Trains as `cfg` says: options -> model configs -> compiled step and its memory preflight (while the weights
-    load) -> class images -> data -> loop (checkpoints, validation, logs) -> export. Usable from Python (tests,
-    notebooks). With `cfg.dry_run`, stops after the preflight: `Run.summary["preflight"]` holds its report. A run
-    of several subjects goes to `subjects.run`, which shares the stages below."""
+    """Trains as `cfg` says, one stage after the other: the layout -> the output folder -> the model's configs ->
+    the subjects' data -> the compiled step and its memory preflight (while the weights load) -> class images ->
+    the loop (checkpoints, validation, logs) -> export. A run of one subject and a run of several
+    (`--subjects`, `subjects.SubjectsLoop`) go through the same stages. Usable from Python (tests, notebooks).
+    With `cfg.dry_run`, stops after the preflight: `Run.summary["preflight"]` holds its report."""
     maybe_initialize_distributed()
     configure_compilation_cache(cfg.compilation_cache_dir)
     if cfg.dry_run:
         return Run(state=None, output_dir=cfg.output_dir, steps=0, metrics=[], summary={"preflight": dry_run(cfg)})
-    if many_subjects(cfg):
-        from dreambooth_jax.training import subjects
-
-        return subjects.run(cfg)
-    fsdp = _fsdp(cfg, jax.devices())  # an --fsdp that does not divide the device count fails before anything else
+    many = many_subjects(cfg)
+    named = read_subjects(cfg) if many else None
+    where = layout(cfg, jax.devices(), len(named) if many else None)  # bad --fsdp: before anything else
     cfg, output = prepare_output(cfg)
     shapes = model_shapes(cfg)
-    cfg = resolve_dataset(cfg)
-    given = read_concepts(cfg)  # as the user named the folders (remote ones are mirrored locally)
-    data = read_data(cfg, given)  # reads the instance images: bad ones fail before the model
-    num_instances = data.num_instance_images
-    global_batch = cfg.train_batch_size * jax.device_count() * cfg.gradient_accumulation_steps  # instance rows
-    max_steps = count_steps(cfg, global_batch, num_instances, expected_class_images(cfg, given))
+    subjects = subjects_lib.resolve(cfg, named) if many else [Subject("", resolve_dataset(cfg))]
+    given = {s.name: read_concepts(s.cfg) for s in subjects}  # as the user named the folders
+    datas = [read_data(s.cfg, given[s.name]) for s in subjects]  # reads the instance images: bad ones fail here
+    global_batch = where.global_batch(cfg)
+    instances = {s.name: d.num_instance_images for s, d in zip(subjects, datas)}
+    expected = {s.name: expected_class_images(s.cfg, given[s.name]) for s in subjects}
+    max_steps = _max_steps(subjects, global_batch, lambda s: (instances[s.name], expected[s.name]))
     spec = step_spec(cfg, shapes)
-    plan, pipe = plan_and_load(cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch, fsdp=fsdp)
+    slots = where.pad([s.cfg for s in subjects]) if many else None
+    if many:
+        subjects_lib.log_layout(subjects, where)
+    plan, pipe = plan_and_load(cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch, fsdp=where.fsdp,
+                               subjects=slots)
 
     if cfg.with_prior_preservation:
-        fill_class_images(cfg, pipe, {(c.class_data_dir, c.class_prompt): cfg.seed for c in given})
-        data.add_class_images()
-        if count_steps(cfg, global_batch, num_instances, data.num_class_images) != max_steps:
-            # Fewer readable class images than expected (skipped bad ones): the schedule's length changes.
-            max_steps = count_steps(cfg, global_batch, num_instances, data.num_class_images)
+        folders = {}  # (folder, prompt) -> the seed of the first subject naming it: as that subject alone fills it
+        for s in subjects:
+            for c in given[s.name]:
+                folders.setdefault((c.class_data_dir, c.class_prompt), s.cfg.seed)
+        fill_class_images(cfg, pipe, folders)
+        for data in datas:
+            data.add_class_images()
+        classes = {s.name: d.num_class_images for s, d in zip(subjects, datas)}
+        counted = _max_steps(subjects, global_batch, lambda s: (instances[s.name], classes[s.name]))
+        if counted != max_steps:  # fewer readable class images than expected: the schedule's length changes
+            max_steps = counted
             plan = preflight.plan(cfg, shapes, spec, max_steps=max_steps, global_batch=global_batch,
-                                  fsdp=plan.report["mesh"]["fsdp"])
-    log_recipe(cfg, jax.device_count(), global_batch, max_steps, num_instances)
+                                  fsdp=plan.report["mesh"]["fsdp"], subjects=slots)
+    log_recipe(cfg, where.per_subject, global_batch, max_steps, min(instances.values()),
+               prefix="each subject: " if many else "")
 
-    inputs = TrainInputs(cfg, pipe, data, plan.mesh)  # caches (latents, text) use the pipeline's params: before init
-    schedules = state_lib.lr_schedules(cfg, plan.abstract_state.params, max_steps, global_batch)
-    loop = TrainLoop(cfg, pipe, plan.mesh, spec, schedules, inputs, max_steps, global_batch, output)
+    # The inputs' caches (latents, text) use the pipeline's params: made before the state takes them.
+    inputs = [TrainInputs(s.cfg, pipe, d, plan.mesh, subject_devices=where.per_subject if many else None)
+              for s, d in zip(subjects, datas)]
+    schedules = state_lib.lr_schedules(cfg, pipe.family, plan.abstract_state.params, max_steps, global_batch)
     meta = {"model": cfg.pretrained_model_name_or_path, "seed": cfg.seed, "global_batch": global_batch,
             "optimizer": cfg.optimizer, "use_ema": cfg.use_ema}
+    if many:
+        loop = subjects_lib.SubjectsLoop(cfg, subjects, [c.seed for c in slots], pipe, plan.mesh, spec, schedules,
+                                         SubjectsInputs(where.pad(inputs), plan.mesh), max_steps, global_batch,
+                                         output)
+        meta = subjects_lib.checkpoint_meta(meta, subjects, where)
+    else:
+        loop = TrainLoop(cfg, pipe, plan.mesh, spec, schedules, inputs[0], max_steps, global_batch, output)
     return train_and_export(cfg, plan, pipe, loop, meta, output)
+
+
+def _max_steps(subjects, global_batch: int, count) -> int:
+    """The step count every subject trains: each one's own (`count_steps` of `count(subject)`: its instance and
+    class images); they must agree."""
+    steps = {s.name: count_steps(s.cfg, global_batch, *count(s)) for s in subjects}
+    if len(set(steps.values())) > 1:
+        raise UsageError(f"the subjects would train different step counts ({steps}: --num_train_epochs over "
+                         "different numbers of images); give --max_train_steps")
+    return next(iter(steps.values()))
 
 
 def prepare_output(cfg: TrainConfig) -> tuple[TrainConfig, storage.Folder]:
@@ -139,7 +203,7 @@ def fill_class_images(cfg: TrainConfig, pipe, folders: dict) -> None:
 def log_recipe(cfg: TrainConfig, devices: int, global_batch: int, max_steps: int, num_instances: int,
                prefix: str = "") -> None:
     """`recipe_report`, logged by process 0."""
-    if jax.process_index() == 0:
+    if parallel.is_main_process():
         summary, warning = recipe_report(cfg, devices, global_batch, max_steps, num_instances)
         log.info("%s%s", prefix, summary)
         if warning:
@@ -161,7 +225,7 @@ def train_and_export(cfg: TrainConfig, plan, pipe, loop, meta: dict, output) -> 
     # written: only later checkpoints were saved without it.
     stop = cfg.stop_text_encoder_training
     if resume is not None and stop is not None and resume[1] > stop:
-        state, loop.compiled = state.freeze(*cfg.text_encoder_parts), None
+        state, loop.compiled = state.freeze(*state_lib.text_encoder_parts(cfg, pipe.family)), None
     if resume is not None:
         root, step = resume
         source = ckpt if root == ckpt.root else checkpoints.Checkpointer(root, every=cfg.checkpointing_steps)
@@ -183,36 +247,28 @@ def dry_run(cfg: TrainConfig, devices=None) -> dict:
     compile-only devices of a TPU topology), from the model's configs and tokenizers alone: what `--dry_run`
     prints. The data folders are listed, not read."""
     devices = jax.devices() if devices is None else list(devices)
-    if many_subjects(cfg):
-        from dreambooth_jax.training import subjects
-
-        return subjects.dry_run(cfg, devices)
-    fsdp = _fsdp(cfg, devices)
+    many = many_subjects(cfg)
+    subjects = read_subjects(cfg) if many else [Subject("", cfg)]
+    where = layout(cfg, devices, len(subjects) if many else None)
     shapes = model_shapes(cfg)
-    concepts = read_concepts(cfg) if not cfg.dataset else []
-    num_instances = sum(storage.Folder(c.instance_data_dir).count_images() for c in concepts) or 1
-    global_batch = cfg.train_batch_size * len(devices) * cfg.gradient_accumulation_steps
-    max_steps = count_steps(cfg, global_batch, num_instances, expected_class_images(cfg, concepts))
-    plan = preflight.plan(cfg, shapes, step_spec(cfg, shapes), max_steps=max_steps, global_batch=global_batch,
-                          fsdp=fsdp, devices=devices)
-    return plan.report
+    global_batch = where.global_batch(cfg)
 
+    def count(s):
+        concepts = read_concepts(s.cfg) if not s.cfg.dataset else []
+        n = sum(storage.Folder(c.instance_data_dir).count_images() for c in concepts) or 1
+        return n, expected_class_images(s.cfg, concepts)
 
-def _fsdp(cfg: TrainConfig, devices) -> str | int:
-    """--fsdp as 'auto' or an int, checked against the device count."""
-    if cfg.fsdp == "auto":
-        return "auto"
-    parallel.train_mesh(int(cfg.fsdp), devices)
-    return int(cfg.fsdp)
+    plan = preflight.plan(cfg, shapes, step_spec(cfg, shapes), max_steps=_max_steps(subjects, global_batch, count),
+                          global_batch=global_batch, fsdp=where.fsdp, devices=devices,
+                          subjects=where.pad([s.cfg for s in subjects]) if many else None)
+    return {**plan.report, "subjects": len(subjects)} if many else plan.report
 
 
 def model_shapes(cfg: TrainConfig):
     """The pipeline's modules, tokenizers and parameter shapes, from its configs (no weight is read); options the
     model cannot take are refused here, before any weight is loaded."""
     shapes = load_pipeline(cfg.pretrained_model_name_or_path, weights="none", **_pipeline_options(cfg))
-    if shapes.is_sdxl and cfg.text_encoder_use_attention_mask:
-        raise UsageError("--text_encoder_use_attention_mask: SDXL's text encoders take no attention mask (its "
-                         "pipelines and diffusers' SDXL scripts pass none)")
+    shapes.family.check_options(dataclasses.asdict(cfg))
     return shapes
 
 
@@ -223,15 +279,12 @@ def _pipeline_options(cfg: TrainConfig) -> dict:
 
 
 def step_spec(cfg: TrainConfig, pipe) -> train_step.StepSpec:
-    """The static parts of the step: the pipeline's modules (weights not needed), schedule, loss options."""
-    schedule_cfg = noise_schedule.ScheduleConfig.from_diffusers_config(pipe.scheduler_config,
-                                                                       class_name="DDPMScheduler")
-    return train_step.StepSpec(
-        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
-        alphas_cumprod=noise_schedule.alphas_cumprod(schedule_cfg), prediction_type=schedule_cfg.prediction_type,
-        prior_loss_weight=cfg.prior_loss_weight, use_attention_mask=cfg.text_encoder_use_attention_mask,
-        snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0,
-        max_grad_norm=cfg.max_grad_norm, ema_decay=cfg.ema_decay, lora=state_lib.lora_config(cfg),
+    """The static parts of the step: the pipeline's family and modules (weights not needed), objective, options."""
+    return train_step.StepSpec.of(
+        pipe, snr_gamma=cfg.snr_gamma, run_options=dataclasses.asdict(cfg), prior_loss_weight=cfg.prior_loss_weight,
+        use_attention_mask=cfg.text_encoder_use_attention_mask,
+        noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0, max_grad_norm=cfg.max_grad_norm,
+        ema_decay=cfg.ema_decay, lora=state_lib.lora_config(cfg),
     )
 
 

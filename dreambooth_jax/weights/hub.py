@@ -12,13 +12,12 @@ from dreambooth_jax.errors import MissingFileError
 log = logging.getLogger(__name__)
 
 _CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*")
-_WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # What is read of a pipeline folder in a bucket: every weight file of the components (variants included).
 def _bucket_weight_patterns(folders) -> tuple[str, ...]:
     return tuple(f"{d}/*{ext}" for d in folders for ext in (".safetensors", ".json", ".bin"))
 
 
-def _weight_patterns(files: list[str], variant: str | None, folders=_WEIGHT_FOLDERS) -> list[str]:
+def _weight_patterns(files: list[str], variant: str | None, folders) -> list[str]:
     """The safetensors files (and shard indexes) of each component folder ('': the repository's root), of
     `variant` when it has one."""
     chosen = []
@@ -40,11 +39,13 @@ def download_pipeline(
     token: str | bool | None = None,
     cache_dir: str | None = None,
     weights: bool = True,
+    folders: tuple[str, ...] = (),
     skip: tuple[str, ...] = (),
 ) -> str:
     """Downloads (or finds in the cache) what `load_pipeline` reads; returns the local snapshot folder.
-    `weights=False`: the configs and tokenizers only (a memory preflight reads nothing else); `skip`: component
-    folders whose weights are not read (e.g. 'vae' when another VAE replaces it).
+    `folders`: the component folders whose weights are read; `weights=False`: the configs and tokenizers only (a
+    memory preflight reads nothing else); `skip`: folders whose weights are not read (e.g. 'vae' when another VAE
+    replaces it).
 
     The token defaults to huggingface_hub's own (`HF_TOKEN` or `huggingface-cli login`). With
     `HF_HUB_OFFLINE=1` the cached snapshot is used.
@@ -52,7 +53,7 @@ def download_pipeline(
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    folders = tuple(d for d in _WEIGHT_FOLDERS if d not in skip) if weights else ()
+    folders = tuple(d for d in folders if d not in skip) if weights else ()
     try:
         files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
@@ -186,7 +187,7 @@ def resolve(name_or_path: str, *, what: str = "pipeline", **kwargs) -> str:
 
     if storage.is_remote(name_or_path):
         storage.check(name_or_path, "model")
-        folders = [d for d in _WEIGHT_FOLDERS if d not in kwargs.get("skip", ())] if kwargs.get("weights", True) else []
+        folders = [d for d in kwargs.get("folders", ()) if d not in kwargs.get("skip", ())] if kwargs.get("weights", True) else []
         return storage.Folder(name_or_path).pull(_CONFIG_PATTERNS + _bucket_weight_patterns(folders))
     if os.path.isdir(name_or_path):
         return name_or_path

@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 from dreambooth_jax.errors import UsageError
-from dreambooth_jax.evaluation import reproduction
+from dreambooth_jax.paper import trainer_flags
 
 log = logging.getLogger("dreambooth_jax.reproduce")
 
@@ -45,7 +45,7 @@ class Together:
         import jax
 
         from dreambooth_jax import parallel
-        from dreambooth_jax.evaluation import dataset as dreambooth_dataset
+        from dreambooth_jax.datasets import dreambooth as dreambooth_dataset
 
         self.args, self.trainer_args = args, trainer_args
         self.group_of: dict[tuple[str, int], tuple[list, int]] = {}  # run -> (its group's runs, devices per run)
@@ -88,14 +88,14 @@ class Together:
     def _subjects_file(self, runs, path: str) -> None:
         items = [{"name": _name(r), "dataset": f"dreambooth:{r[0]}", "seed": r[1],
                   "instance_prompt": self.subjects[r[0]].instance_prompt(self.args.unique_token),
-                  "class_data_dir": reproduction.class_folder(self.args, self.subjects[r[0]])} for r in runs]
+                  "class_data_dir": trainer_flags.class_folder(self.args, self.subjects[r[0]])} for r in runs]
         with open(path, "w", encoding="utf-8") as f:
             json.dump(items, f, indent=1)
 
     def _argv(self, runs, folder: str, subjects_file: str, per_run: int | None) -> list[str]:
         extra = ["--subject_devices", str(per_run)] if per_run else []
-        return [*reproduction.run_flags(self.args, folder), "--subjects", subjects_file, "--output_dir", folder,
-                *extra, *self.trainer_args]
+        return [*trainer_flags.run_flags(self.args, folder), "--subjects", subjects_file,
+                "--output_dir", folder, *extra, *self.trainer_args]
 
     def _default_k(self, runs) -> int:
         """--parallel_subjects when not given: as many runs as the devices and their memory allow, from the memory
@@ -115,7 +115,7 @@ class Together:
             with tempfile.TemporaryDirectory() as tmp:
                 self._subjects_file(runs[:k], os.path.join(tmp, "subjects.json"))
                 argv = self._argv(runs[:k], tmp, os.path.join(tmp, "subjects.json"), None)
-                report = dry_run(reproduction.parse_train_args([*argv, "--dry_run"]))
+                report = dry_run(trainer_flags.parse_train_args([*argv, "--dry_run"]))
             log.info("--parallel_subjects %d: preflight %s", k, json.dumps(report))
             return report["fits"]
 
@@ -148,7 +148,7 @@ class Together:
         parallel.barrier(f"group {folder}")
         argv = self._argv(runs, folder, subjects_file, per_run)
         log.info("training %d runs together (python -m dreambooth_jax.train %s)", len(runs), " ".join(argv))
-        result = run(reproduction.parse_train_args(argv))
+        result = run(trainer_flags.parse_train_args(argv))
         missing = [r for r in runs if not os.path.isfile(os.path.join(folder, _name(r), "model_index.json"))]
         if missing:
             raise UsageError(f"training of {', '.join(_name(r) for r in runs)} stopped at step {result.steps} "

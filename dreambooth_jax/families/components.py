@@ -1,0 +1,167 @@
+"""The kinds of component folder a pipeline holds, and how each is built, loaded and saved.
+
+A kind is what a folder stores, whatever family uses it: `unet`, `vae`, `clip_text` (transformers'
+`CLIPTextModel`), `clip_text_projection` (`CLIPTextModelWithProjection`). A family names its folders and their
+kinds; `load_component` / `save_component` read and write one folder as diffusers / transformers do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+
+from dreambooth_jax import fileio
+from dreambooth_jax.errors import UsageError
+from dreambooth_jax.kernels import choose
+from dreambooth_jax.models import clip, unet, vae
+from dreambooth_jax.weights import convert, discovery, safetensors_io
+
+_DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16,
+           "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
+WEIGHTS = ("device", "host", "none")
+
+
+def parse_dtype(dtype) -> Any:
+    """'bf16' / 'fp16' / 'fp32' (or a dtype) -> a NumPy/JAX dtype; None stays None."""
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    if dtype not in _DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """How one kind of component folder is stored: weight file stem, key prefixes, the class named in configs."""
+
+    stem: str
+    library: str
+    class_name: str
+    load_prefix: str | None = None  # stripped on load when present
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.library == "transformers"
+
+
+KINDS = {
+    "unet": Kind("diffusion_pytorch_model", "diffusers", "UNet2DConditionModel"),
+    "vae": Kind("diffusion_pytorch_model", "diffusers", "AutoencoderKL"),
+    "clip_text": Kind("model", "transformers", "CLIPTextModel", "text_model."),
+    "clip_text_projection": Kind("model", "transformers", "CLIPTextModelWithProjection", "text_model."),
+}
+
+
+def _text_save_prefix(with_projection: bool) -> str:
+    # transformers 5 writes `CLIPTextModel` keys without `text_model.` (it is the base-model prefix) but keeps
+    # it for `CLIPTextModelWithProjection`; transformers 4 writes it for both. Write what the installed one
+    # writes, so that the files are exactly what it would have saved.
+    return "" if int(transformers.__version__.split(".")[0]) >= 5 and not with_projection else "text_model."
+
+
+def _check_kind(kind: str) -> Kind:
+    if kind not in KINDS:
+        raise UsageError(f"unknown component kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return KINDS[kind]
+
+
+def module_for(kind: str, cfg, **options):
+    """The Flax module of `kind` for its config dataclass; `options` it has no use for (remat in a VAE, the fused
+    norm in CLIP) are dropped."""
+    _check_kind(kind)
+    if kind == "unet":
+        return unet.UNet2DConditionModel(cfg, **options)
+    options.pop("remat", None)
+    if kind == "vae":
+        return vae.AutoencoderKL(cfg, **options)
+    options.pop("fused_norm", None)  # no GroupNorm in CLIP
+    cls = clip.CLIPTextModelWithProjection if kind == "clip_text_projection" else clip.CLIPTextModel
+    return cls(cfg, **options)
+
+
+def build_module(kind: str, config_dict: dict, source: str, **options):
+    """(module, abstract params) of a component of `kind` from its config dict."""
+    _check_kind(kind)
+    try:
+        if kind == "unet":
+            cfg = unet.UNetConfig.from_diffusers_config(config_dict)
+            return module_for(kind, cfg, **options), unet.abstract_params(cfg)
+        if kind == "vae":
+            cfg = vae.VAEConfig.from_diffusers_config(config_dict)
+            return module_for(kind, cfg, **options), vae.abstract_params(cfg)
+        cfg = clip.CLIPTextConfig.from_diffusers_config(config_dict)
+        if "WithProjection" in str(config_dict.get("architectures")):
+            kind = "clip_text_projection"
+        with_projection = kind == "clip_text_projection"
+        return module_for(kind, cfg, **options), clip.abstract_params(cfg, with_projection=with_projection)
+    except UsageError as e:
+        raise type(e)(f"{source}: {e}") from e
+
+
+def load_component(folder: str, kind: str, *, dtype=jnp.float32, param_dtype=None, variant=None,
+                   attention_impl: str = "auto", remat: bool = False, fused_norm: str | bool = "auto",
+                   weights: str = "device"):
+    """Loads one component folder of `kind` -> (module, params).
+
+    Args:
+      folder: the component folder (holding `config.json` and the safetensors).
+      kind: a key of `KINDS`.
+      dtype: compute dtype of the module.
+      attention_impl, fused_norm: which kernels the module runs, see `load_pipeline`.
+      param_dtype: dtype of the returned params (default: `dtype`); every float dtype round-trips exactly
+        through float32.
+      weights: where the params go: 'device' (JAX arrays on the default device), 'host' (NumPy arrays, for the
+        caller to place, e.g. sharded), 'none' (`jax.ShapeDtypeStruct`s from the config alone; the weight files
+        are not read).
+    """
+    if weights not in WEIGHTS:
+        raise UsageError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
+    spec = _check_kind(kind)
+    dtype = parse_dtype(dtype)
+    param_dtype = parse_dtype(param_dtype) or dtype
+    config_path = os.path.join(folder, "config.json")
+    config_dict = fileio.read_json(config_path)
+    options = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=choose.check_attention(attention_impl),
+                   remat=remat, fused_norm=choose.check_fused_norm(fused_norm))
+    module, abstract = build_module(kind, config_dict, config_path, **options)
+    if weights == "none":
+        return module, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), abstract)
+    state, source = discovery.load_state_dict(discovery.find_weight_files(folder, spec.stem, variant))
+    state = convert.normalize_state_dict(state, strip_prefix=spec.load_prefix)
+    params = convert.state_dict_to_params(state, abstract, dtype=param_dtype, source=source,
+                                          ignore=clip.IGNORED_KEYS)
+    return module, params if weights == "host" else jax.tree.map(jnp.asarray, params)
+
+
+def kind_of(module) -> str:
+    """The kind of a built module (what `save_component` writes it as)."""
+    if isinstance(module, unet.UNet2DConditionModel):
+        return "unet"
+    if isinstance(module, vae.AutoencoderKL):
+        return "vae"
+    return "clip_text_projection" if isinstance(module, clip.CLIPTextModelWithProjection) else "clip_text"
+
+
+def save_component(folder: str, module, params, *, dtype=None) -> None:
+    """Writes `config.json` + the safetensors file of one component, as diffusers/transformers name them."""
+    kind = kind_of(module)
+    spec = KINDS[kind]
+    os.makedirs(folder, exist_ok=True)
+    if spec.is_text_encoder:
+        with_projection = kind == "clip_text_projection"
+        config = module.config.to_diffusers_config(with_projection=with_projection)
+        prefix = _text_save_prefix(with_projection)
+    else:
+        config = module.config.to_diffusers_config()
+        prefix = ""
+    state = convert.params_to_state_dict(jax.device_get(params), dtype=parse_dtype(dtype))
+    # The prefix belongs to the `text_model` submodule only, not to the projection beside it.
+    state = {k if k.startswith("text_projection.") else prefix + k: v for k, v in state.items()}
+    safetensors_io.save_file(state, os.path.join(folder, f"{spec.stem}.safetensors"), {"format": "pt"})
+    fileio.write_json(os.path.join(folder, "config.json"), config)
