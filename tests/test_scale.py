@@ -136,6 +136,7 @@ def test_batch_shapes_are_what_the_inputs_build(tiny_pipelines, instance_dir, cl
     from dreambooth_jax.pipeline import load_pipeline
     from dreambooth_jax.training.data import Concept, DreamBoothData
     from dreambooth_jax.training.inputs import TrainInputs
+    from dreambooth_jax.training.specs import BatchSpec
 
     pipes = {kind: load_pipeline(tiny_pipelines[kind]) for kind in ("sd1", "sdxl")}
     base = train_cfg(tiny_pipelines, instance_dir, "unused", with_prior_preservation=True, class_data_dir=class_dir,
@@ -146,8 +147,8 @@ def test_batch_shapes_are_what_the_inputs_build(tiny_pipelines, instance_dir, cl
         cfg, pipe = dataclasses.replace(base, **options), pipes[kind]
         data = DreamBoothData([Concept(instance_dir, PROMPT, class_dir, "a photo of toy")], resolution=64,
                               with_prior_preservation=cfg.with_prior_preservation)
-        batch = TrainInputs(cfg, pipe, data, parallel.data_mesh()).host_batch(0)
-        expected = preflight.batch_shapes(cfg, pipe, jax.device_count())
+        batch = TrainInputs(BatchSpec.of(cfg), pipe, data, parallel.data_mesh()).host_batch(0)
+        expected = preflight.batch_shapes(BatchSpec.of(cfg), pipe, jax.device_count())
         assert {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()} == \
             {k: (v.shape, np.dtype(v.dtype)) for k, v in expected.items()}, (kind, options)
 

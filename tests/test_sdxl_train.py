@@ -101,6 +101,7 @@ def test_sdxl_cached_latents_and_embeddings_give_the_uncached_loss(tiny_pipeline
     from dreambooth_jax.training import step as train_step
     from dreambooth_jax.training.data import Concept, DreamBoothData
     from dreambooth_jax.training.inputs import TrainInputs
+    from dreambooth_jax.training.specs import BatchSpec
     from dreambooth_jax.training.trainer import step_spec
 
     pipe = load_pipeline(tiny_pipelines["sdxl"])
@@ -113,7 +114,7 @@ def test_sdxl_cached_latents_and_embeddings_give_the_uncached_loss(tiny_pipeline
     losses = []
     for options in ({}, {"cache_latents": True, "pre_compute_text_embeddings": True}):
         run_cfg = dataclasses.replace(cfg, **options)
-        batch = TrainInputs(run_cfg, pipe, data, parallel.data_mesh()).host_batch(1)
+        batch = TrainInputs(BatchSpec.of(run_cfg), pipe, data, parallel.data_mesh()).host_batch(1)
         batch = jax.tree.map(lambda x: x[0], batch)  # the one micro-batch
         assert ("pooled" in batch) == bool(options) and batch["time_ids"].shape == (6, 6)
         loss, _ = train_step.micro_batch_loss({}, pipe.params, batch, jax.random.PRNGKey(0), spec=spec)

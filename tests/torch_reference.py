@@ -25,6 +25,7 @@ from dreambooth_jax.training.concepts import read_concepts
 from dreambooth_jax.training.config import TrainConfig
 from dreambooth_jax.training.data import DreamBoothData
 from dreambooth_jax.training.inputs import TrainInputs
+from dreambooth_jax.training.specs import BatchSpec
 
 
 def _nchw(x) -> torch.Tensor:
@@ -53,7 +54,7 @@ class OurInputs:
         if cfg.with_prior_preservation:
             data.add_class_images()
         self.concepts = read_concepts(cfg)
-        self.inputs = TrainInputs(cfg, self.pipe, data, parallel.data_mesh())
+        self.inputs = TrainInputs(BatchSpec.of(cfg), self.pipe, data, parallel.data_mesh())
         self.spec = train_step.StepSpec.of(self.pipe, noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0)
 
     def step(self, step: int) -> StepInputs:

@@ -110,6 +110,7 @@ def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
 
     from dreambooth_jax import parallel
     from dreambooth_jax.training import preflight
+    from dreambooth_jax.training.specs import BatchSpec, StateSpec
     from dreambooth_jax.training.trainer import step_spec
 
     feats, chips = features(name), jax.device_count()
@@ -117,11 +118,11 @@ def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
     pipe = with_kernels(pipe, feats, args)
     cfg = train_config(pipe, feats, optimizer, args)
     slots = parallel.subject_slots(feats["subjects"], chips) if feats["subjects"] else 0
-    subjects = [dataclasses.replace(cfg, seed=k) for k in range(slots)] or None
+    states = [StateSpec.of(dataclasses.replace(cfg, seed=k)) for k in range(slots)] or StateSpec.of(cfg)
     global_rows = rows * chips // parallel_groups(feats, chips)  # (each subject's)
     t0 = time.perf_counter()
-    plan = preflight.plan(cfg, pipe, step_spec(cfg, pipe), max_steps=1, global_batch=global_rows,
-                          fsdp=cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp), subjects=subjects)
+    plan = preflight.plan(pipe, step_spec(cfg, pipe), states, BatchSpec.of(cfg), max_steps=1,
+                          global_batch=global_rows, fsdp=cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp))
     compile_s = time.perf_counter() - t0
     step_s, loss, peak_bytes = (None, None, None) if args.dry_run else time_jax(plan, pipe, feats, global_rows, args)
     # None: XLA refused the program as larger than the device (the preflight's total is None too)

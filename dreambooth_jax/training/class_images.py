@@ -85,3 +85,13 @@ def ensure_class_images(pipe, uri: str, prompt: str, num_images: int, *, batch_s
             raise UsageError(f"{uri}: a host sees {fewest} class images of {num_images}; on several hosts "
                              "--class_data_dir must be a folder they share")
     return missing
+
+
+def expected_class_images(concepts, num_images: int) -> int:
+    """Class images a run will read once the missing ones are generated: each concept's folder holds at least
+    `num_images` (a folder is listed, not read; a bucket folder is listed, not downloaded)."""
+    def have(uri: str) -> int:
+        folder = storage.Folder(uri)
+        return folder.count_images() if folder.remote else count_images(uri)
+
+    return sum(max(have(c.class_data_dir), num_images) for c in concepts if c.class_data_dir)

@@ -138,3 +138,15 @@ def resolve_dataset(cfg, class_root: str | None = None):
         "--dataset %s: %d photos of a %s in %s; instance prompt %r, class prompt %r", cfg.dataset,
         len(subject.images), subject.class_name, folder, resolved.instance_prompt, resolved.class_prompt)
     return resolved
+
+
+def resolve_subjects(subjects: list[Subject], output_dir: str, class_data_dir: str | None) -> list[Subject]:
+    """The subjects of a run writing to `output_dir` (its local twin): each one's output folder
+    `output_dir/<name>`, and --dataset subjects' images and class folders (under `class_data_dir`, default
+    `output_dir/class_images`, one per class: subjects of one class share it)."""
+    class_root = class_data_dir or os.path.join(output_dir, "class_images")
+    out = []
+    for s in subjects:
+        own = dataclasses.replace(s.cfg, output_dir=os.path.join(output_dir, s.name))
+        out.append(dataclasses.replace(s, cfg=resolve_dataset(own, class_root)))
+    return out

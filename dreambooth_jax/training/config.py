@@ -355,3 +355,30 @@ def validate(cfg: TrainConfig) -> list[str]:
         except ImportError:
             errors.append("--report_to tensorboard needs tensorboardX (pip install tensorboardX)")
     return errors
+
+
+def recipe_report(cfg: TrainConfig, devices: int, global_batch: int, max_steps: int,
+                  num_instances: int) -> tuple[str, str | None]:
+    """What the run will do, in numbers (logged at the start): the global batch, the epochs over the instance
+    images and the effective learning rate; and a warning when the device count changes a preset's recipe
+    (`--train_batch_size` is per device, so a preset tuned on one device takes a larger global batch on many
+    at the same learning rate and step count). Returns (summary, warning or None)."""
+    prior = " (+ as many class images)" if cfg.with_prior_preservation else ""
+    lr = cfg.learning_rate * (global_batch if cfg.scale_lr else 1)
+    scaled = f" (--scale_lr: {cfg.learning_rate:g} x {global_batch})" if cfg.scale_lr else ""
+    summary = (f"global batch {global_batch} instance images{prior} per step = {devices} device(s) x "
+               f"{cfg.train_batch_size} per device x {cfg.gradient_accumulation_steps} accumulated; {max_steps} "
+               f"steps = {max_steps * global_batch / num_instances:.1f} epochs over {num_instances} instance "
+               f"images; learning rate {lr:g}{scaled}")
+    warning = None
+    if cfg.config:
+        preset = load_preset(cfg.config)
+        tuned = preset.get("train_batch_size", 1) * preset.get("gradient_accumulation_steps", 1)
+        if global_batch != tuned and cfg.train_batch_size == preset.get("train_batch_size", 1):
+            warning = (
+                f"the {cfg.config!r} preset's recipe is a global batch of {tuned} at learning rate "
+                f"{preset.get('learning_rate', cfg.learning_rate):g} for {preset.get('max_train_steps', max_steps)} "
+                f"steps; on {devices} devices this run takes {global_batch} instance images per step "
+                f"({global_batch / tuned:g}x the recipe) at the same learning rate and step count. To keep the "
+                f"recipe, run on fewer devices; or adapt it: fewer --max_train_steps, another --learning_rate")
+    return summary, warning

@@ -10,6 +10,7 @@ import jax
 
 from dreambooth_jax import lora, parallel
 from dreambooth_jax.pipeline import export_pipeline, load_pipeline
+from dreambooth_jax.training.specs import ExportSpec
 
 log = logging.getLogger("dreambooth_jax.train")
 
@@ -23,15 +24,15 @@ def pipeline_params(state, lora_config: lora.LoraConfig | None) -> dict:
     return params
 
 
-def export(cfg, pipe, state, lora_config: lora.LoraConfig | None, *, step: int, write: bool = True,
-           base: dict | None = None) -> list[str]:
-    """Writes the result of `state` (at step `step`) to `cfg.output_dir`: the diffusers pipeline, or with LoRA the
-    adapter files and, with `cfg.merge_lora`, the pipeline with them merged in (into `base`, default
-    `merge_base(cfg)`). Every process calls it (sharded weights are gathered to the host, leaf by leaf, by all
-    processes together); only `write` ones write. Returns the names written in `cfg.output_dir` (files and
+def export(spec: ExportSpec, pipe, state, lora_config: lora.LoraConfig | None, *, step: int,
+           write: bool = True, base: dict | None = None) -> list[str]:
+    """Writes the result of `state` (at step `step`) to `spec.output_dir`: the diffusers pipeline, or with LoRA
+    the adapter files and, with `spec.merge_lora`, the pipeline with them merged in (into `base`, default
+    `merge_base(spec)`). Every process calls it (sharded weights are gathered to the host, leaf by leaf, by all
+    processes together); only `write` ones write. Returns the names written in `spec.output_dir` (files and
     folders)."""
-    out = cfg.output_dir
-    if not cfg.use_lora:
+    out = spec.output_dir
+    if not spec.use_lora:
         params = parallel.host_copy(pipeline_params(state, lora_config))
         if not write:
             return []
@@ -46,8 +47,8 @@ def export(cfg, pipe, state, lora_config: lora.LoraConfig | None, *, step: int, 
     lora.save_kohya(os.path.join(out, lora.KOHYA_WEIGHT_NAME), loras, lora_config)
     log.info("exported the LoRA of step %d to %s (diffusers and kohya formats)", step, out)
     written = [lora.WEIGHT_NAME, lora.KOHYA_WEIGHT_NAME]
-    if cfg.merge_lora:
-        base = base or merge_base(cfg)
+    if spec.merge_lora:
+        base = base or merge_base(spec)
         merged = {**base, **{net: lora.merge(base[net], f, lora_config) for net, f in loras.items()}}
         export_pipeline(pipe, out, params=jax.device_get(merged))
         log.info("exported the pipeline with the LoRA merged in to %s", out)
@@ -55,10 +56,11 @@ def export(cfg, pipe, state, lora_config: lora.LoraConfig | None, *, step: int, 
     return written
 
 
-def merge_base(cfg) -> dict:
-    """What --merge_lora merges into: the fp32 base weights from disk, not the compute-dtype copy trained against."""
-    return load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant,
-                         vae=cfg.pretrained_vae_model_name_or_path, weights="host").params
+def merge_base(spec: ExportSpec) -> dict:
+    """What --merge_lora merges into: the fp32 base weights from disk, not the compute-dtype copy trained
+    against."""
+    return load_pipeline(spec.pretrained_model_name_or_path, revision=spec.revision, variant=spec.variant,
+                         vae=spec.pretrained_vae_model_name_or_path, weights="host").params
 
 
 def pipeline_files(pipe) -> list[str]:

@@ -18,28 +18,30 @@ import jax
 import numpy as np
 
 from dreambooth_jax import parallel
+from dreambooth_jax.training.specs import BatchSpec
 
 log = logging.getLogger("dreambooth_jax.train")
 
 
 class TrainInputs:
-    """Batches of a run: `cfg` (a TrainConfig), the pipeline's tokenizer(s) / text encoder(s) / VAE, the data."""
+    """Batches of a run as `spec` (a `BatchSpec`) says, from the data and the pipeline's tokenizer(s), text
+    encoder(s) and VAE."""
 
-    def __init__(self, cfg, pipe, data, mesh, subject_devices: int | None = None):
+    def __init__(self, spec: BatchSpec, pipe, data, mesh, subject_devices: int | None = None):
         """`subject_devices`: in a run of several subjects, the devices of this subject's group (its batch spans
         them; `host_batch` then lays out all its rows, for `SubjectsInputs` to place)."""
-        self.cfg, self.pipe, self.data, self.mesh = cfg, pipe, data, mesh
+        self.spec, self.pipe, self.data, self.mesh = spec, pipe, data, mesh
         self.subject_devices = subject_devices
         self._token_cache: dict[str, dict[str, np.ndarray]] = {}
-        self.context_for = self._precompute_text() if cfg.pre_compute_text_embeddings else None
-        self.latent_cache = self._precompute_latents() if cfg.cache_latents else None
+        self.context_for = self._precompute_text() if spec.pre_compute_text_embeddings else None
+        self.latent_cache = self._precompute_latents() if spec.cache_latents else None
 
     def tokens_of(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """The family's token arrays of `prompts` ({"input_ids", "attention_mask", ...}: [N, length] int32, each
         tokenizer with its own padding); each distinct prompt tokenized once per run."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._token_cache))
         if new:
-            tokens = self.pipe.family.tokenize(self.pipe.tokenizers, new, self.cfg.tokenizer_max_length)
+            tokens = self.pipe.family.tokenize(self.pipe.tokenizers, new, self.spec.tokenizer_max_length)
             self._token_cache.update({p: {k: v[i] for k, v in tokens.items()} for i, p in enumerate(new)})
         return {k: np.stack([self._token_cache[p][k] for p in prompts]) for k in self._token_cache[prompts[0]]}
 
@@ -51,7 +53,7 @@ class TrainInputs:
         # readable on every host.
         family, modules = self.pipe.family, self.pipe.modules
         params = parallel.put_replicated({k: self.pipe.params[k] for k in family.text_encoders}, self.mesh)
-        use_mask = self.cfg.text_encoder_use_attention_mask
+        use_mask = self.spec.text_encoder_use_attention_mask
 
         def encode(params, tokens):
             run = lambda name, *args: modules[name].apply({"params": params[name]}, *args)  # noqa: E731
@@ -68,7 +70,7 @@ class TrainInputs:
                          out_shardings=parallel.replicated(self.mesh))
         cache = {}
         kinds = {"instance": self.data.num_instance_images}
-        if self.cfg.with_prior_preservation:
+        if self.spec.with_prior_preservation:
             kinds["class"] = self.data.num_class_images
         for kind, n in kinds.items():
             means, logvars = [], []
@@ -83,11 +85,11 @@ class TrainInputs:
 
     def host_batch(self, step: int) -> dict:
         """This process's rows of step `step`, laid out [A, rows, ...]; see `layout_batch`."""
-        return layout_batch(self.data, step, per_device=self.cfg.train_batch_size,
-                            accum=self.cfg.gradient_accumulation_steps,
-                            with_prior=self.cfg.with_prior_preservation, tokens_of=self.tokens_of,
-                            context_for=self.context_for, latent_cache=self.latent_cache,
-                            use_mask=self.cfg.text_encoder_use_attention_mask,
+        spec = self.spec
+        return layout_batch(self.data, step, per_device=spec.train_batch_size,
+                            accum=spec.gradient_accumulation_steps, with_prior=spec.with_prior_preservation,
+                            tokens_of=self.tokens_of, context_for=self.context_for, latent_cache=self.latent_cache,
+                            use_mask=spec.text_encoder_use_attention_mask,
                             view_inputs=self.pipe.family.view_inputs, devices=self.subject_devices)
 
     def device_batch(self, step: int):

@@ -7,10 +7,12 @@ import functools
 import json
 import logging
 import os
+import resource
 import time
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from dreambooth_jax import images as image_io
 from dreambooth_jax import parallel
@@ -19,6 +21,9 @@ from dreambooth_jax.errors import DivergedError
 from dreambooth_jax.training import export as export_lib
 from dreambooth_jax.training import state as state_lib
 from dreambooth_jax.training import step as train_step
+from dreambooth_jax.training.checkpoints import PreemptionWatch
+from dreambooth_jax.training.inputs import Prefetcher
+from dreambooth_jax.training.specs import LoopSpec
 
 log = logging.getLogger("dreambooth_jax.train")
 
@@ -27,8 +32,6 @@ def _peak_memory() -> str:
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     if peak is None:
-        import resource
-
         return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB host RSS"
     return f"{peak / 2**30:.2f} GiB per device"
 
@@ -36,30 +39,32 @@ def _peak_memory() -> str:
 class TrainLoop:
     """Owns the compiled step and everything the loop writes (process 0 only)."""
 
-    def __init__(self, cfg, pipe, mesh, spec, schedules: dict, inputs, max_steps: int, global_batch: int, output):
-        """`output`: the `storage.Folder` of --output_dir (`cfg.output_dir` is its local twin); what the loop
-        writes there is pushed to it."""
-        self.cfg, self.pipe, self.mesh, self.inputs, self.spec = cfg, pipe, mesh, inputs, spec
+    def __init__(self, spec: LoopSpec, pipe, mesh, step_spec, schedules: dict, inputs, max_steps: int,
+                 global_batch: int, output):
+        """`step_spec`: the step's `StepSpec`; `output`: the `storage.Folder` of --output_dir (`spec.output_dir` is
+        its local twin); what the loop writes there is pushed to it."""
+        self.spec, self.pipe, self.mesh, self.inputs, self.step_spec = spec, pipe, mesh, inputs, step_spec
         self.output = output
         self.max_steps, self.global_batch = max_steps, global_batch
+        self.rows_per_step = global_batch * (2 if spec.with_prior_preservation else 1)
         self.is_main = parallel.is_main_process()
-        self.rng = parallel.put_replicated(jax.random.PRNGKey(cfg.seed), mesh)
+        self.rng = parallel.put_replicated(jax.random.PRNGKey(spec.seed), mesh)
         self.batch_sharding = parallel.batch_sharding(mesh, batch_axis=1)
-        self.step = functools.partial(train_step.train_step, spec=spec, schedules=schedules)
+        self.step = functools.partial(train_step.train_step, spec=step_spec, schedules=schedules)
         self.compiled = None
-        self.validating = bool(cfg.validation_prompt)
+        self.validating = bool(spec.validation_prompt)
         self.step_count = 0
         self._last_log = time.perf_counter()
         self.summary: dict = {}
         self.writer = None
         if self.is_main:
             output.pull(("logs/*",), required=False)  # a resumed run appends to the logs so far
-            os.makedirs(os.path.join(cfg.output_dir, "logs"), exist_ok=True)
-            self.jsonl = open(os.path.join(cfg.output_dir, "logs", "metrics.jsonl"), "a", encoding="utf-8")
-            if cfg.report_to == "tensorboard":
-                from tensorboardX import SummaryWriter
+            os.makedirs(os.path.join(spec.output_dir, "logs"), exist_ok=True)
+            self.jsonl = open(os.path.join(spec.output_dir, "logs", "metrics.jsonl"), "a", encoding="utf-8")
+            if spec.report_to == "tensorboard":
+                from tensorboardX import SummaryWriter  # optional: only --report_to tensorboard needs it
 
-                self.writer = SummaryWriter(os.path.join(cfg.output_dir, "logs"))
+                self.writer = SummaryWriter(os.path.join(spec.output_dir, "logs"))
 
     # --- the loop -------------------------------------------------------------------------------------
     def compile(self, state, batch):
@@ -74,11 +79,6 @@ class TrainLoop:
             return jitted.lower(state, batch, self.rng).compile()
 
     def train(self, state, ckpt, meta: dict):
-        from tqdm.auto import tqdm
-
-        from dreambooth_jax.training.checkpoints import PreemptionWatch
-        from dreambooth_jax.training.inputs import Prefetcher
-
         # The step counter lives on the host from here on: reading `state.step` would wait for the device.
         start = self.step_count = int(state.step)
         watch = PreemptionWatch()
@@ -88,8 +88,8 @@ class TrainLoop:
         t_loop = None
         try:
             for step in range(start, self.max_steps):
-                parts = [p for p in state_lib.text_encoder_parts(self.cfg, self.pipe.family) if p in state.params]
-                if step == self.cfg.stop_text_encoder_training and parts:
+                parts = state_lib.text_encoder_parts(state.params, self.pipe.family)
+                if step == self.spec.stop_text_encoder_training and parts:
                     state, self.compiled = state.freeze(*parts), None  # a step without them
                     log.info("text encoder%s frozen from step %d on", "s" if len(parts) > 1 else "", step)
                 batch, waited = batches.next()
@@ -104,14 +104,14 @@ class TrainLoop:
                 if step == start:
                     jax.block_until_ready(state)
                     t_loop = self._last_log = time.perf_counter()  # throughput: steps after the first
-                if len(pending) >= 10 or done == self.max_steps or done % self.cfg.checkpointing_steps == 0:
+                if len(pending) >= 10 or done == self.max_steps or done % self.spec.checkpointing_steps == 0:
                     history += self._log(pending)
                     pending = []
                     bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
                 bar.update(1)
-                if ckpt.save(state, meta, step=done) and self.cfg.export_at_checkpoints:
+                if ckpt.save(state, meta, step=done) and self.spec.export_at_checkpoints:
                     self.export(state)
-                if self.validating and done % self.cfg.validation_steps == 0:
+                if self.validating and done % self.spec.validation_steps == 0:
                     self.validate(state, done)
                 if watch.should_stop(ckpt.manager, done) and done < self.max_steps:
                     history += self._log(pending)
@@ -122,7 +122,7 @@ class TrainLoop:
                                 "--resume_from_checkpoint latest", done)
                     break
             else:
-                if self.validating and self.max_steps % self.cfg.validation_steps and start < self.max_steps:
+                if self.validating and self.max_steps % self.spec.validation_steps and start < self.max_steps:
                     self.validate(state, self.max_steps)
         finally:
             batches.close()
@@ -132,8 +132,8 @@ class TrainLoop:
         steps_timed = self.step_count - start - 1
         if t_loop is not None and steps_timed > 0:
             elapsed = time.perf_counter() - t_loop
-            per_step = self.global_batch * (2 if self.cfg.with_prior_preservation else 1)
-            self.summary.update(steps_per_s=steps_timed / elapsed, samples_per_s=steps_timed * per_step / elapsed)
+            self.summary.update(steps_per_s=steps_timed / elapsed,
+                                samples_per_s=steps_timed * self.rows_per_step / elapsed)
         if history:
             self.summary["input_wait_s"] = sum(row["input_wait_s"] for row in history)
         self.summary["peak_memory"] = _peak_memory()
@@ -143,8 +143,8 @@ class TrainLoop:
 
     def export(self, state) -> None:
         """The result of `state` in --output_dir (see `export.export`): every process gathers, process 0 writes."""
-        written = export_lib.export(self.cfg, self.pipe, state, self.spec.lora, step=self.step_count,
-                                    write=self.is_main)
+        written = export_lib.export(self.spec.export, self.pipe, state, self.step_spec.lora,
+                                    step=self.step_count, write=self.is_main)
         if self.is_main:
             self.output.push(*written, last="model_index.json" if "model_index.json" in written else None)
 
@@ -153,8 +153,7 @@ class TrainLoop:
         now = time.perf_counter()
         interval = now - self._last_log
         self._last_log = now
-        per_step = self.global_batch * (2 if self.cfg.with_prior_preservation else 1)
-        rate = per_step * len(pending) / interval if interval > 0 else float("nan")
+        rate = self.rows_per_step * len(pending) / interval if interval > 0 else float("nan")
         for step, metrics, waited in pending:
             row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()},
                    "samples_per_s": rate, "input_wait_s": waited}
@@ -173,22 +172,22 @@ class TrainLoop:
             self.output.push("logs")
         return rows
 
-    def validate(self, state, step: int, cfg=None) -> str | None:
-        """Validation images of the current weights: a PNG grid (and TensorBoard image) in `cfg.output_dir`
-        (`cfg`: the run's, or in a run of several subjects one subject's, with `state` its own)."""
-        cfg = cfg or self.cfg
+    def validate(self, state, step: int, spec: LoopSpec | None = None) -> str | None:
+        """Validation images of the current weights: a PNG grid (and TensorBoard image) in `spec.output_dir`
+        (`spec`: the run's, or in a run of several subjects one subject's, with `state` its own)."""
+        spec = spec or self.spec
         # The state's own arrays (the pipeline's were donated with the first state); EMA ones where kept.
-        pipe = dataclasses.replace(self.pipe, params=export_lib.pipeline_params(state, self.spec.lora))
-        images = generate(pipe, [cfg.validation_prompt] * cfg.num_validation_images,
-                          num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed)
+        pipe = dataclasses.replace(self.pipe, params=export_lib.pipeline_params(state, self.step_spec.lora))
+        images = generate(pipe, [spec.validation_prompt] * spec.num_validation_images,
+                          num_inference_steps=spec.validation_inference_steps, seed=spec.seed)
         if not self.is_main:
             return None
-        folder = os.path.join(cfg.output_dir, "validation")
+        folder = os.path.join(spec.output_dir, "validation")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step-{step:06d}.png")
         sheet = image_io.contact_sheet(images)
-        image_io.save_png(sheet, path, {"prompt": cfg.validation_prompt, "step": step, "seed": cfg.seed})
-        where = os.path.relpath(path, self.cfg.output_dir)
+        image_io.save_png(sheet, path, {"prompt": spec.validation_prompt, "step": step, "seed": spec.seed})
+        where = os.path.relpath(path, self.spec.output_dir)
         self.output.push(where)
         if self.writer is not None:
             self.writer.add_image(os.path.dirname(where).replace(os.sep, "/"), sheet, step, dataformats="HWC")

@@ -5,7 +5,7 @@ from its configs), sharded by the fsdp rule (`parallel.state_shardings`), and th
 with explicit shardings. XLA's `memory_analysis()` of that executable gives the per-device temporaries; the
 persistent state's per-device bytes follow from the shardings. The executable is the one the run then uses.
 
-    plan = preflight.plan(cfg, pipe, spec, max_steps=1000, global_batch=8, fsdp="auto")
+    plan = preflight.plan(pipe, step_spec, StateSpec.of(cfg), BatchSpec.of(cfg), max_steps=1000, global_batch=8)
     plan.report  # {"devices": 8, "mesh": {"data": 1, "fsdp": 8}, "per_device_bytes": {...}, "fits": true, ...}
 """
 
@@ -27,6 +27,7 @@ from dreambooth_jax.errors import UsageError
 from dreambooth_jax.kernels import choose
 from dreambooth_jax.training import state as state_lib
 from dreambooth_jax.training import step as train_step
+from dreambooth_jax.training.specs import BatchSpec, StateSpec
 
 log = logging.getLogger("dreambooth_jax.train")
 
@@ -45,37 +46,37 @@ def abstract_params(params) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
 
 
-def batch_shapes(cfg, pipe, num_devices: int) -> dict:
+def batch_shapes(spec: BatchSpec, pipe, num_devices: int) -> dict:
     """The global batch of one step as `jax.ShapeDtypeStruct`s [A, rows, ...], exactly as
     `inputs.layout_batch` builds it (a test holds the two together). What the family adds (its token arrays, its
     text conditioning, its per-view inputs) is traced from the family's own functions on one example."""
-    accum = cfg.gradient_accumulation_steps
-    rows = num_devices * cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
+    accum = spec.gradient_accumulation_steps
+    rows = num_devices * spec.train_batch_size * spec.rows_per_example
     family = pipe.family
 
     def batched(tree) -> dict:
         return {k: jax.ShapeDtypeStruct((accum, rows, *np.shape(v)[1:]), v.dtype) for k, v in tree.items()}
 
     out = {}
-    if cfg.cache_latents:
+    if spec.cache_latents:
         f = pipe.vae_scale_factor
-        latent = (1, cfg.resolution // f, cfg.resolution // f, pipe.vae.config.latent_channels)
+        latent = (1, spec.resolution // f, spec.resolution // f, pipe.vae.config.latent_channels)
         out.update(batched({"latent_mean": jax.ShapeDtypeStruct(latent, jnp.float32),
                             "latent_logvar": jax.ShapeDtypeStruct(latent, jnp.float32)}))
     else:
-        out.update(batched({"images": jax.ShapeDtypeStruct((1, cfg.resolution, cfg.resolution, 3), jnp.float32)}))
-    tokens = family.tokenize(pipe.tokenizers, [""], cfg.tokenizer_max_length)
-    if cfg.pre_compute_text_embeddings:
+        out.update(batched({"images": jax.ShapeDtypeStruct((1, spec.resolution, spec.resolution, 3), jnp.float32)}))
+    tokens = family.tokenize(pipe.tokenizers, [""], spec.tokenizer_max_length)
+    if spec.pre_compute_text_embeddings:
         def encode(params, tokens):
             run = lambda name, *args: pipe.modules[name].apply({"params": params[name]}, *args)  # noqa: E731
-            return family.encode(run, tokens, cfg.text_encoder_use_attention_mask)
+            return family.encode(run, tokens, spec.text_encoder_use_attention_mask)
 
         text = {k: pipe.params[k] for k in family.text_encoders}
         cond = jax.eval_shape(encode, text, tokens)  # the cache holds float32 copies
         out.update(batched({k: jax.ShapeDtypeStruct(v.shape, jnp.float32) for k, v in cond.items()}))
     else:
         out.update(batched({k: v for k, v in tokens.items()
-                            if k != "attention_mask" or cfg.text_encoder_use_attention_mask}))
+                            if k != "attention_mask" or spec.text_encoder_use_attention_mask}))
     out.update(batched(family.view_inputs(np.zeros((1, 6), np.float32))))
     out["is_prior"] = jax.ShapeDtypeStruct((accum, rows), jnp.bool_)
     out["example_id"] = jax.ShapeDtypeStruct((accum, rows), jnp.int32)
@@ -135,15 +136,15 @@ def _out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
 
 
-def _compile(cfg, pipe, spec, schedules, abstract_state, init, fsdp: int, devices, subjects: int = 0) -> Plan:
+def _compile(pipe, spec, schedules, abstract_state, init, batch_spec: BatchSpec, fsdp: int, devices,
+             subjects: int = 0, groups: int | None = None) -> Plan:
     """The plan for one --fsdp; `subjects`: K > 0 for a run of K subjects (state, batch and rng with a leading
-    subject axis, the mesh cut into `parallel.subject_groups` groups)."""
-    groups = parallel.subject_groups(subjects, len(devices), cfg.subject_devices) if subjects else None
+    subject axis, the mesh cut into `groups` device groups)."""
     mesh = parallel.train_mesh(fsdp, devices, groups)
     shardings = state_lib.shardings(abstract_state, mesh)
     repl = parallel.replicated(mesh)
     batch_sharding = parallel.batch_sharding(mesh, batch_axis=2 if subjects else 1)
-    batch = batch_shapes(cfg, pipe, mesh.size // (groups or 1))
+    batch = batch_shapes(batch_spec, pipe, mesh.size // (groups or 1))
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     step = functools.partial(train_step.train_step, spec=spec, schedules=schedules)
     if subjects:
@@ -192,28 +193,31 @@ def _compile(cfg, pipe, spec, schedules, abstract_state, init, fsdp: int, device
                 subjects)
 
 
-def plan(cfg, pipe, spec, *, max_steps: int, global_batch: int, fsdp: str | int = "auto", devices=None,
-         subjects: list | None = None) -> Plan:
-    """Compiles the step for `--fsdp` (an int, or 'auto': 1 when the replicated run fits comfortably, else the
-    smallest divisor of the device count that fits) and reports its per-device memory. `pipe.params` may be
-    shapes only (`load_pipeline(..., weights="none")`). `subjects`: the TrainConfigs of a run of several subjects
-    (`global_batch` is then each subject's; --fsdp divides a subject group's devices)."""
+def plan(pipe, spec, state: StateSpec | list[StateSpec], batch: BatchSpec, *, max_steps: int, global_batch: int,
+         fsdp: str | int = "auto", devices=None, subject_devices: int | None = None) -> Plan:
+    """Compiles the step (`spec`: its `StepSpec`) for `--fsdp` (an int, or 'auto': 1 when the replicated run fits
+    comfortably, else the smallest divisor of the device count that fits) and reports its per-device memory.
+    `pipe.params` may be shapes only (`load_pipeline(..., weights="none")`). `state`: the initial state's spec,
+    or a list of them (one per subject slot) for a run of several subjects, whose `global_batch` is then each
+    subject's and whose groups of `subject_devices` devices (`parallel.subject_groups`) --fsdp divides."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     params = abstract_params(pipe.params)
+    subjects = state if isinstance(state, list) else None
     if subjects:
         make = functools.partial(state_lib.make_subjects_state, subjects, pipe.family, max_steps=max_steps,
                                  global_batch=global_batch)
     else:
-        make = functools.partial(state_lib.make_state, cfg, pipe.family, max_steps=max_steps,
+        make = functools.partial(state_lib.make_state, state, pipe.family, max_steps=max_steps,
                                  global_batch=global_batch)
     abstract_state = jax.eval_shape(make, params)
     # Every call makes new optimizer objects (static fields of the state): keep the ones the step compiles with.
     init = lambda p: make(p).replace(txs=abstract_state.txs)  # noqa: E731
-    schedules = state_lib.lr_schedules(cfg, pipe.family, abstract_state.params, max_steps, global_batch)
+    schedules = state_lib.lr_schedules(subjects[0] if subjects else state, pipe.family, abstract_state.params,
+                                       max_steps, global_batch)
     k = len(subjects) if subjects else 0
-    groups = parallel.subject_groups(k, devices.size, cfg.subject_devices) if k else None
-    compile_for = functools.partial(_compile, cfg, pipe, spec, schedules, abstract_state, init, devices=devices,
-                                    subjects=k)
+    groups = parallel.subject_groups(k, devices.size, subject_devices) if k else None
+    compile_for = functools.partial(_compile, pipe, spec, schedules, abstract_state, init, batch,
+                                    devices=devices, subjects=k, groups=groups)
     if fsdp != "auto":
         return compile_for(int(fsdp))
     limit = device_memory(devices)
@@ -236,14 +240,15 @@ def plan(cfg, pipe, spec, *, max_steps: int, global_batch: int, fsdp: str | int 
     return best
 
 
-def raise_if_too_large(report: dict, cfg) -> None:
-    """Stops a run that will not fit, before anything is allocated, naming what would help."""
+def raise_if_too_large(report: dict, state: StateSpec, batch: BatchSpec, *, gradient_checkpointing: bool) -> None:
+    """Stops a run that will not fit, before anything is allocated, naming what would help (the options of the
+    run's `state`, `batch` and --gradient_checkpointing that would lower its memory)."""
     if report["fits"] is not False:
         return
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     parts = ", ".join(f"{k} {gib(v)}" for k, v in report["per_device_bytes"].items() if v is not None and k != "total")
     helps = []
-    if not cfg.gradient_checkpointing:
+    if not gradient_checkpointing:
         helps.append("--gradient_checkpointing")
     group = report["devices"] // report["mesh"].get("subject", 1)  # the devices a (subject's) state may span
     where = "of a subject group's " if "subject" in report["mesh"] else "of "
@@ -253,13 +258,13 @@ def raise_if_too_large(report: dict, cfg) -> None:
         helps.append("more devices with --fsdp")
     if "subject_slots" in report:
         helps.append("fewer subjects per device group (--subject_devices N, or fewer --subjects per run)")
-    if not cfg.use_lora:
+    if state.lora is None:
         helps.append("--use_lora")
-    if cfg.optimizer != "adafactor" and not cfg.use_lora:
+    if state.optimizer != "adafactor" and state.lora is None:
         helps.append("--optimizer adafactor")
-    if cfg.train_batch_size > 1:
+    if batch.train_batch_size > 1:
         helps.append("a smaller --train_batch_size (with --gradient_accumulation_steps for the same batch)")
-    if not cfg.cache_latents:
+    if not batch.cache_latents:
         helps.append("--cache_latents")
     total = report["per_device_bytes"]["total"]
     need = "more than a device has" if total is None else f"{gib(total)} per device"  # None: XLA refused it

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from dreambooth_jax import lora, parallel
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.training import optimizers as optim
-from dreambooth_jax.training.config import TrainConfig
+from dreambooth_jax.training.specs import StateSpec
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -88,77 +88,73 @@ def shardings(state: TrainState, mesh) -> TrainState:
                          frozen={**plain.frozen, **split["stopped"]})
 
 
-def trained_networks(cfg: TrainConfig, family) -> list[str]:
+def trained_networks(spec: StateSpec, family) -> list[str]:
     """The networks the run trains: the denoiser, and with --train_text_encoder every text encoder (SDXL's two)."""
-    return [family.denoiser, *(family.text_encoders if cfg.train_text_encoder else ())]
+    return [family.denoiser, *(family.text_encoders if spec.train_text_encoder else ())]
 
 
-def text_encoder_parts(cfg: TrainConfig, family) -> tuple[str, ...]:
-    """The trained parts that --stop_text_encoder_training freezes: every text encoder's (or its LoRA's)."""
-    suffix = "_lora" if cfg.use_lora else ""
-    return tuple(f"{name}{suffix}" for name in family.text_encoders)
+def text_encoder_parts(params: dict, family) -> tuple[str, ...]:
+    """The trained parts of `params` that --stop_text_encoder_training freezes: the text encoders' (or their
+    LoRAs')."""
+    return tuple(part for part in params if part.removesuffix("_lora") in family.text_encoders)
 
 
-def lr_schedules(cfg: TrainConfig, family, parts, max_steps: int, global_batch: int) -> dict:
+def lr_schedules(spec: StateSpec, family, parts, max_steps: int, global_batch: int) -> dict:
     """{trained part: its learning-rate schedule} (the text encoders' parts take --text_encoder_lr)."""
-    scale = global_batch if cfg.scale_lr else 1
-    text_lr = cfg.text_encoder_lr or cfg.learning_rate
+    scale = global_batch if spec.scale_lr else 1
+    text_lr = spec.text_encoder_lr or spec.learning_rate
     peak = {name: text_lr for name in family.text_encoders}
-    return {part: optim.lr_schedule(cfg.lr_scheduler,
-                                    peak.get(part.removesuffix("_lora"), cfg.learning_rate) * scale,
-                                    warmup_steps=cfg.lr_warmup_steps, total_steps=max_steps,
-                                    num_cycles=cfg.lr_num_cycles, power=cfg.lr_power) for part in parts}
+    return {part: optim.lr_schedule(spec.lr_scheduler,
+                                    peak.get(part.removesuffix("_lora"), spec.learning_rate) * scale,
+                                    warmup_steps=spec.lr_warmup_steps, total_steps=max_steps,
+                                    num_cycles=spec.lr_num_cycles, power=spec.lr_power) for part in parts}
 
 
-def make_subjects_state(cfgs: list[TrainConfig], family, params: dict, max_steps: int,
+def make_subjects_state(specs: list[StateSpec], family, params: dict, max_steps: int,
                         global_batch: int) -> TrainState:
-    """The initial state of several subjects trained together (`cfgs`: each subject's own run): each subject's
+    """The initial state of several subjects trained together (`specs`: each subject's own): each subject's
     `make_state` (its own seed: LoRA factors start as they would alone), stacked (`stack_subjects`)."""
-    return stack_subjects([make_state(c, family, params, max_steps, global_batch) for c in cfgs])
+    return stack_subjects([make_state(s, family, params, max_steps, global_batch) for s in specs])
 
 
-def make_state(cfg: TrainConfig, family, params: dict, max_steps: int, global_batch: int) -> TrainState:
+def make_state(spec: StateSpec, family, params: dict, max_steps: int, global_batch: int) -> TrainState:
     """The initial train state of a pipeline of `family` from its params {component: params}.
 
     Pure: the trainer traces it with `jax.eval_shape` (the memory preflight, before any weight is read) and runs
     it under `jax.jit` with the state's shardings as outputs, so the optimizer state and EMA are created in
     place, sharded, and nothing is built whole on one device first.
     """
-    networks = trained_networks(cfg, family)
-    if cfg.use_lora:
-        trained, frozen = lora_params(cfg, family, params, networks)
+    networks = trained_networks(spec, family)
+    if spec.lora is not None:
+        trained, frozen = lora_params(spec, family, params, networks)
     else:
         trained = {k: v for k, v in params.items() if k in networks}
         frozen = {k: v for k, v in params.items() if k not in networks}
-    schedules = lr_schedules(cfg, family, trained, max_steps, global_batch)
-    txs = {part: optim.make_optimizer(cfg.optimizer, schedules[part], b1=cfg.adam_beta1, b2=cfg.adam_beta2,
-                                      eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay) for part in trained}
-    return TrainState.create(trained, frozen, txs, ema=cfg.use_ema)
+    schedules = lr_schedules(spec, family, trained, max_steps, global_batch)
+    txs = {part: optim.make_optimizer(spec.optimizer, schedules[part], b1=spec.adam_beta1, b2=spec.adam_beta2,
+                                      eps=spec.adam_epsilon, weight_decay=spec.adam_weight_decay)
+           for part in trained}
+    return TrainState.create(trained, frozen, txs, ema=spec.use_ema)
 
 
-def lora_config(cfg: TrainConfig) -> lora.LoraConfig | None:
-    """The run's LoRA settings (None without --use_lora)."""
-    return lora.LoraConfig(rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout) if cfg.use_lora else None
-
-
-def lora_params(cfg: TrainConfig, family, params: dict, networks: list[str]) -> tuple[dict, dict]:
+def lora_params(spec: StateSpec, family, params: dict, networks: list[str]) -> tuple[dict, dict]:
     """(trained LoRA factors {'<net>_lora'}, frozen params): every network frozen, kept in the compute dtype.
 
     They compute in it anyway (casting a weight to bf16 once or at every use gives the same values), and nothing
     exports them from here (the merged export reads the fp32 base from disk): in bf16 that halves their memory,
     e.g. SDXL's text encoders 3.1 -> 1.5 GiB."""
-    custom = tuple(t.strip() for t in cfg.lora_target_modules.split(",")) if cfg.lora_target_modules else None
-    rngs = dict(zip(networks, jax.random.split(jax.random.PRNGKey(cfg.seed), len(networks))))
-    dtype = jnp.bfloat16 if cfg.compute_dtype == "bf16" else jnp.float32
+    names = spec.lora_target_modules
+    custom = tuple(t.strip() for t in names.split(",")) if names else None
+    rngs = dict(zip(networks, jax.random.split(jax.random.PRNGKey(spec.seed), len(networks))))
+    dtype = jnp.bfloat16 if spec.compute_dtype == "bf16" else jnp.float32
     trained, frozen = {}, jax.tree.map(lambda x: x.astype(dtype), params)
     for net in networks:
         targets = family.lora_targets[net] if custom is None else [t for t in custom if _matches(params[net], t)]
         if not targets:
             continue  # none of the custom names is in this network
-        trained[f"{net}_lora"] = lora.init_lora(params[net], targets, lora_config(cfg), rngs[net])
+        trained[f"{net}_lora"] = lora.init_lora(params[net], targets, spec.lora, rngs[net])
     if not trained:
-        raise UsageError(f"--lora_target_modules {cfg.lora_target_modules}: no such module in the "
-                         f"{' or '.join(networks)}")
+        raise UsageError(f"--lora_target_modules {names}: no such module in the {' or '.join(networks)}")
     return trained, frozen
 
 

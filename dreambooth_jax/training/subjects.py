@@ -16,7 +16,6 @@ sums). Where the subjects do not fill the groups evenly, padding slots repeat th
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -29,23 +28,11 @@ from dreambooth_jax import parallel
 from dreambooth_jax.errors import DivergedError
 from dreambooth_jax.training import export as export_lib
 from dreambooth_jax.training import step as train_step
-from dreambooth_jax.training.concepts import Subject, resolve_dataset
-from dreambooth_jax.training.config import TrainConfig
+from dreambooth_jax.training.concepts import Subject
 from dreambooth_jax.training.loop import TrainLoop
+from dreambooth_jax.training.specs import LoopSpec
 
 log = logging.getLogger("dreambooth_jax.train")
-
-
-def resolve(cfg: TrainConfig, subjects: list[Subject]) -> list[Subject]:
-    """The subjects of a run writing to `cfg.output_dir` (its local twin): each one's output folder
-    `output_dir/<name>`, and --dataset subjects' images and class folders (under --class_data_dir, default
-    `output_dir/class_images`, one per class: subjects of one class share it)."""
-    class_root = cfg.class_data_dir or os.path.join(cfg.output_dir, "class_images")
-    out = []
-    for s in subjects:
-        own = dataclasses.replace(s.cfg, output_dir=os.path.join(cfg.output_dir, s.name))
-        out.append(dataclasses.replace(s, cfg=resolve_dataset(own, class_root)))
-    return out
 
 
 def log_layout(subjects: list[Subject], layout) -> None:
@@ -54,11 +41,12 @@ def log_layout(subjects: list[Subject], layout) -> None:
              ", ".join(s.name for s in subjects), padding, layout.groups, layout.per_subject)
 
 
-def checkpoint_meta(meta: dict, subjects: list[Subject], layout) -> dict:
+def checkpoint_meta(meta: dict, subjects: dict[str, LoopSpec], layout) -> dict:
     """What a checkpoint of several subjects records beside the run's own (a resume with other subjects, or
     another layout of them, is refused): their names, slots and seeds instead of the run's one seed."""
-    return {"model": meta["model"], "subjects": [s.name for s in subjects], "subject_slots": layout.slots,
-            "seeds": [s.cfg.seed for s in subjects], **{k: meta[k] for k in ("global_batch", "optimizer", "use_ema")}}
+    return {"model": meta["model"], "subjects": list(subjects), "subject_slots": layout.slots,
+            "seeds": [s.seed for s in subjects.values()],
+            **{k: meta[k] for k in ("global_batch", "optimizer", "use_ema")}}
 
 
 class SubjectsLoop(TrainLoop):
@@ -66,22 +54,23 @@ class SubjectsLoop(TrainLoop):
     (`<name>/logs/metrics.jsonl`; the run's own log holds the means over the subjects), validation images
     and export."""
 
-    def __init__(self, cfg, subjects, seeds, pipe, mesh, spec, schedules, inputs, max_steps, global_batch, output):
-        """`subjects`: the run's; `seeds`: those of every slot of the state and batches (the subjects', then the
-        padding slots', which repeat the last subject)."""
-        super().__init__(cfg, pipe, mesh, spec, schedules, inputs, max_steps, global_batch * len(subjects), output)
+    def __init__(self, spec: LoopSpec, subjects: dict[str, LoopSpec], seeds, pipe, mesh, step_spec, schedules,
+                 inputs, max_steps, global_batch, output):
+        """`spec`: the run's; `subjects`: {name: its own spec} of the run's subjects; `seeds`: those of every slot
+        of the state and batches (the subjects', then the padding slots', which repeat the last subject)."""
+        super().__init__(spec, pipe, mesh, step_spec, schedules, inputs, max_steps, global_batch * len(subjects),
+                         output)
         self.subjects = subjects
         self.rng = parallel.put_replicated(np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed in seeds]), mesh)
         self.batch_sharding = parallel.batch_sharding(mesh, batch_axis=2)
-        self.step = functools.partial(train_step.subjects_train_step, spec=spec, schedules=schedules)
-        self.validating = any(s.cfg.validation_prompt for s in subjects)
+        self.step = functools.partial(train_step.subjects_train_step, spec=step_spec, schedules=schedules)
+        self.validating = any(s.validation_prompt for s in subjects.values())
         self.logs = {}
         if self.is_main:
-            output.pull(tuple(f"{s.name}/logs/*" for s in subjects), required=False)  # a resumed run appends
-            for s in subjects:
-                os.makedirs(os.path.join(s.cfg.output_dir, "logs"), exist_ok=True)
-                self.logs[s.name] = open(os.path.join(s.cfg.output_dir, "logs", "metrics.jsonl"), "a",
-                                         encoding="utf-8")
+            output.pull(tuple(f"{name}/logs/*" for name in subjects), required=False)  # a resumed run appends
+            for name, s in subjects.items():
+                os.makedirs(os.path.join(s.output_dir, "logs"), exist_ok=True)
+                self.logs[name] = open(os.path.join(s.output_dir, "logs", "metrics.jsonl"), "a", encoding="utf-8")
 
     def _log(self, pending) -> list[dict]:
         """Each subject's rows to its own log; the run's rows (returned, and in the run's log) hold the means
@@ -89,38 +78,39 @@ class SubjectsLoop(TrainLoop):
         fetched = [(step, {k: np.asarray(v, np.float64) for k, v in jax.device_get(m).items()}, waited)
                    for step, m, waited in pending]
         for step, metrics, _ in fetched:
-            bad = [s.name for k, s in enumerate(self.subjects) if not np.isfinite(metrics["loss"][k])]
+            bad = [name for k, name in enumerate(self.subjects) if not np.isfinite(metrics["loss"][k])]
             if bad:  # one program trains them all: the run stops (its last checkpoint holds every subject)
                 raise DivergedError(f"loss is not finite at step {step} for subject(s) {', '.join(bad)}; stopping the "
                                     "run of every subject (lower the learning rate, or check their data; or train "
                                     "the others without them)")
             if self.is_main:
-                for k, s in enumerate(self.subjects):
-                    row = {"step": step, **{name: float(v[k]) for name, v in metrics.items()}}
-                    self.logs[s.name].write(json.dumps(row) + "\n")
+                for k, name in enumerate(self.subjects):
+                    row = {"step": step, **{key: float(v[k]) for key, v in metrics.items()}}
+                    self.logs[name].write(json.dumps(row) + "\n")
         if self.is_main:
             for f in self.logs.values():
                 f.flush()
-            self.output.push(*[f"{s.name}/logs" for s in self.subjects])
+            self.output.push(*[f"{name}/logs" for name in self.subjects])
         k = len(self.subjects)  # (not the padding slots)
         return super()._log([(step, {key: v[:k].mean() for key, v in m.items()}, waited)
                              for step, m, waited in fetched])
 
     def export(self, state) -> None:
         """Each subject's result in `output_dir/<name>/`, as a run of it alone writes it."""
-        base = export_lib.merge_base(self.cfg) if self.cfg.use_lora and self.cfg.merge_lora else None  # once
-        for k, s in enumerate(self.subjects):
-            written = export_lib.export(s.cfg, self.pipe, state.subject(k), self.spec.lora, step=self.step_count,
-                                        write=self.is_main, base=base)
+        run = self.spec.export
+        base = export_lib.merge_base(run) if run.use_lora and run.merge_lora else None  # once
+        for k, (name, s) in enumerate(self.subjects.items()):
+            written = export_lib.export(s.export, self.pipe, state.subject(k), self.step_spec.lora,
+                                        step=self.step_count, write=self.is_main, base=base)
             if self.is_main:
                 last = "model_index.json" if "model_index.json" in written else None
-                self.output.push(*[f"{s.name}/{w}" for w in written], last=last and f"{s.name}/{last}")
+                self.output.push(*[f"{name}/{w}" for w in written], last=last and f"{name}/{last}")
 
-    def validate(self, state, step: int, cfg=None) -> None:
+    def validate(self, state, step: int, spec: LoopSpec | None = None) -> None:
         """Each subject's validation images (those with a validation prompt), into `<name>/validation/`."""
-        for k, s in enumerate(self.subjects):
-            if s.cfg.validation_prompt:
-                super().validate(state.subject(k), step, s.cfg)
+        for k, s in enumerate(self.subjects.values()):
+            if s.validation_prompt:
+                super().validate(state.subject(k), step, s)
 
     def finish(self) -> None:
         super().finish()
