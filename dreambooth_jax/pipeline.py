@@ -23,18 +23,13 @@ from dreambooth_jax.families.components import WEIGHTS, parse_dtype
 from dreambooth_jax.weights import discovery, hub
 
 __all__ = ["WEIGHTS", "Pipeline", "export_pipeline", "load_component", "load_pipeline", "parse_dtype",
-           "save_component", "save_pipeline"]
+           "save_pipeline"]
 
 
 def load_component(folder: str, name: str, **options):
     """Loads one component folder named as in a pipeline (`unet`, `vae`, `text_encoder`, ...)
-    -> (module, params); options as `families.components.load_component`."""
-    return components.load_component(folder, families.kind_of_folder(name), **options)
-
-
-def save_component(folder: str, name: str, module, params, *, dtype=None) -> None:
-    """Writes `config.json` + the safetensors file of one component, as diffusers/transformers name them."""
-    components.save_component(folder, module, params, dtype=dtype)
+    -> (module, params); options as `families.components.load_folder`."""
+    return components.load_folder(folder, families.kind_of_folder(name), **options)
 
 
 @dataclasses.dataclass
@@ -122,7 +117,7 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
         variants[family.vae] = variant if discovery.has_variant(folders[family.vae], stem, variant) else None
     modules, params = {}, {}
     for name, kind in family.components.items():
-        modules[name], params[name] = components.load_component(
+        modules[name], params[name] = components.load_folder(
             folders[name], kind, remat=remat and name == family.denoiser, variant=variants[name], **options)
     pipe = Pipeline(
         family=family,
@@ -150,7 +145,7 @@ def save_pipeline(pipe: Pipeline, out_dir: str, *, dtype=None, params: dict | No
     params = pipe.params if params is None else params
     os.makedirs(out_dir, exist_ok=True)
     for name, module in pipe.modules.items():
-        components.save_component(os.path.join(out_dir, name), module, params[name], dtype=dtype)
+        components.save_folder(os.path.join(out_dir, name), module, params[name], dtype=dtype)
     for name, tok in pipe.tokenizers.items():
         tok.save_pretrained(os.path.join(out_dir, name))
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)

@@ -38,7 +38,7 @@ def is_remote(path) -> bool:
     return scheme(path) is not None
 
 
-def check(path, flag: str) -> None:
+def check_backend(path, flag: str) -> None:
     """Raises one clear error for a path no backend serves: an unknown scheme, or a known one whose fsspec
     package is not installed."""
     kind = scheme(path)
@@ -159,7 +159,7 @@ class Folder:
     def prepare_output(self, flag: str = "--output_dir") -> None:
         """Creates the folder (remote: checks it can be written, with a probe file) or fails with one clear
         error before anything else happens."""
-        check(self.uri, flag)
+        check_backend(self.uri, flag)
         try:
             os.makedirs(self.local, exist_ok=True)
         except OSError as e:

@@ -14,7 +14,7 @@ from conftest import run_processes, xla_flags_with
 
 from dreambooth_jax import evaluate as evaluate_cli
 from dreambooth_jax import images
-from dreambooth_jax.diffusion.conditioning import tokenize
+from dreambooth_jax.diffusion.conditioning import tokenize_with_mask
 from dreambooth_jax.evaluation import encoders as encoders_lib
 from dreambooth_jax.evaluation import metrics as evaluation
 from dreambooth_jax.evaluation import preprocessing
@@ -49,7 +49,7 @@ def test_tiny_encoders_written_without_torch_load_in_transformers(encoder_dirs):
     model, params = encoders_lib.load_vit(dino_dir)
     vmodel, vparams, tmodel, tparams = encoders_lib.load_clip_model(clip_dir)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(clip_dir)
-    ids, _ = tokenize(tokenizer, ["a photo of a dog"])
+    ids, _ = tokenize_with_mask(tokenizer, ["a photo of a dog"])
     with torch.no_grad():
         vit = transformers.ViTModel.from_pretrained(dino_dir, add_pooling_layer=False).eval()
         ref = transformers.CLIPModel.from_pretrained(clip_dir).eval()
@@ -80,7 +80,7 @@ def test_scores_equal_numpy_from_the_same_embeddings(encoders, encoder_dirs):
                                                                          encoders.dino_preprocessing)).cls)
     clip = np.asarray(vmodel.apply({"params": vparams}, preprocessing.preprocess([generated, *real],
                                                                           encoders.clip_preprocessing)).image_embeds)
-    text = np.asarray(tmodel.apply({"params": tparams}, tokenize(encoders.tokenizer, ["a dog in the snow"])[0])
+    text = np.asarray(tmodel.apply({"params": tparams}, tokenize_with_mask(encoders.tokenizer, ["a dog in the snow"])[0])
                       .text_embeds)[0]
 
     def cos(a, b):

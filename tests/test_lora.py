@@ -252,7 +252,7 @@ def test_round_trips_are_exact(loras, tmp_path, alpha):
     config = lora.LoraConfig(rank=4, alpha=alpha, dropout=0.1)
     for path in (lora.save_diffusers(str(tmp_path), loras, config),
                  lora.save_kohya(str(tmp_path), loras, config)):
-        back, back_config = lora.load_file(path)
+        back, back_config = lora.load_lora_file(path)
         assert back_config == config
         assert jax.tree.structure(back) == jax.tree.structure(loras)
         for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(loras)):
@@ -262,7 +262,7 @@ def test_round_trips_are_exact(loras, tmp_path, alpha):
                 np.testing.assert_array_max_ulp(a, np.asarray(b), maxulp=1)
             else:
                 assert np.array_equal(a, b)
-    assert lora.load_file(str(tmp_path))[1] == config  # a folder: its pytorch_lora_weights.safetensors
+    assert lora.load_lora_file(str(tmp_path))[1] == config  # a folder: its pytorch_lora_weights.safetensors
 
 
 def test_kohya_names_of_every_dense_layer_of_sdxl_round_trip(tiny_pipelines, tmp_path):
@@ -277,7 +277,7 @@ def test_kohya_names_of_every_dense_layer_of_sdxl_round_trip(tiny_pipelines, tmp
     assert any(k.endswith("ff/net_0/proj") for k in loras["unet"]) and "text_projection" in loras["text_encoder_2"]
     path = lora.save_kohya(str(tmp_path), loras, lora.LoraConfig(rank=2))
     assert any(k.startswith("lora_te2_text_model_") for k in reference_load_file(path))
-    back, _ = lora.load_file(path)
+    back, _ = lora.load_lora_file(path)
     assert {c: sorted(t) for c, t in back.items()} == {c: sorted(t) for c, t in loras.items()}
     lora.apply_file(pipe, path)  # every name resolves to a layer of the model
 
@@ -296,9 +296,9 @@ def test_errors(sd1, tiny_pipelines, loras, files, tmp_path):
     with pytest.raises(ValueError, match=r"unet: LoRA layer 'down_blocks\.0\..*another architecture"):
         load_pipeline(tiny_pipelines["sdxl"], lora=files["diffusers"])
     with pytest.raises(ValueError, match="not a LoRA file"):
-        lora.load_file(f"{tiny_pipelines['sd1']}/unet/diffusion_pytorch_model.safetensors")
+        lora.load_lora_file(f"{tiny_pipelines['sd1']}/unet/diffusion_pytorch_model.safetensors")
     with pytest.raises(FileNotFoundError):
-        lora.load_file(str(tmp_path))
+        lora.load_lora_file(str(tmp_path))
 
 
 # kohya's SDXL names (LDM/SGM UNet) of the tiny SDXL UNet -> (component, PyTorch module), written out by hand from
@@ -392,7 +392,7 @@ def test_kohya_sdxl_ldm_names_of_the_full_size_unet(tmp_path):
                  "up_blocks_1/attentions_2/transformer_blocks_0/attn2/to_out_0",
              "output_blocks_8_0_emb_layers_1": "up_blocks_2/resnets_2/time_emb_proj"}
     file = _write_kohya(tmp_path / "ldm.safetensors", {f"lora_unet_{n}": (8, 8) for n in names})
-    loras, _ = lora.load_file(file, config)
+    loras, _ = lora.load_lora_file(file, config)
     assert sorted(loras["unet"]) == sorted(names.values())
 
 
@@ -401,7 +401,7 @@ def test_kohya_sdxl_ldm_name_errors(tiny_pipelines, tmp_path):
     file = _write_kohya(tmp_path / "ldm.safetensors", {"lora_unet_middle_block_1_proj_in": (32, 32)})
     with pytest.raises(UsageError, match=r"'lora_unet_middle_block_1_proj_in.*LDM/SGM UNet names.*needs the UNet "
                                          r"config.*unet_config="):
-        lora.load_file(file)
+        lora.load_lora_file(file)
     # The tiny SDXL's first down block has no attention (and 2 is its downsampler): input_blocks_1_1 maps nowhere.
     bad = _write_kohya(tmp_path / "bad.safetensors", {"lora_unet_input_blocks_1_1_proj_in": (16, 16)})
     with pytest.raises(UsageError, match=r"input_blocks_1_1_proj_in.*no LDM block 'input_blocks_1_1' "

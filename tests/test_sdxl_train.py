@@ -78,8 +78,8 @@ def test_sdxl_kohya_export_round_trips(tiny_pipelines, sdxl_lora_run):
     prefixes = {k.split("_text_model")[0].split("_down_blocks")[0].split("_up_blocks")[0].split("_mid_block")[0]
                 for k in read_safetensors(kohya_path)}
     assert prefixes == {"lora_unet", "lora_te1", "lora_te2"}
-    kohya, kohya_cfg = lora.load_file(kohya_path)
-    diffusers_layout, cfg = lora.load_file(os.path.join(out, lora.WEIGHT_NAME))
+    kohya, kohya_cfg = lora.load_lora_file(kohya_path)
+    diffusers_layout, cfg = lora.load_lora_file(os.path.join(out, lora.WEIGHT_NAME))
     assert kohya_cfg == cfg and kohya.keys() == diffusers_layout.keys() == {"unet", "text_encoder", "text_encoder_2"}
     for a, b in zip(jax.tree.leaves(kohya), jax.tree.leaves(diffusers_layout)):
         np.testing.assert_array_equal(a, b)

@@ -247,7 +247,7 @@ def test_bad_inputs_clear_errors_and_no_partial_export(tiny_pipelines, instance_
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(components, "save_component", functools.partial(fail))
+    monkeypatch.setattr(components, "save_folder", functools.partial(fail))
     out = tmp_path / "o4"
     with pytest.raises(OSError, match="disk full"):
         run(train_cfg(tiny_pipelines, instance_dir, out, max_train_steps=1))

@@ -11,7 +11,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def tokenize(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_with_mask(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, attention mask), int32 [N, max_length] each: padded to `max_length` (default: the tokenizer's
     `model_max_length`) and truncated, with a warning naming the dropped text.
 

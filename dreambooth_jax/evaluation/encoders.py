@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreambooth_jax import fileio, parallel
-from dreambooth_jax.diffusion.conditioning import tokenize
+from dreambooth_jax.diffusion.conditioning import tokenize_with_mask
 from dreambooth_jax.evaluation import preprocessing
 from dreambooth_jax.evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from dreambooth_jax.models import clip, vision
@@ -163,7 +163,7 @@ class Encoders:
         return self._run("clip_image", preprocessing.preprocess(images, self.clip_preprocessing))
 
     def clip_texts(self, prompts: Sequence[str]) -> np.ndarray:
-        return self._run("clip_text", tokenize(self.tokenizer, prompts)[0])
+        return self._run("clip_text", tokenize_with_mask(self.tokenizer, prompts)[0])
 
     def embed(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         return {"dino": self.dino(images), "clip": self.clip_images(images)}

@@ -2,7 +2,7 @@
 
 A kind is what a folder stores, whatever family uses it: `unet`, `vae`, `clip_text` (transformers'
 `CLIPTextModel`), `clip_text_projection` (`CLIPTextModelWithProjection`). A family names its folders and their
-kinds; `load_component` / `save_component` read and write one folder as diffusers / transformers do.
+kinds; `load_folder` / `save_folder` read and write one folder as diffusers / transformers do.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def build_module(kind: str, config_dict: dict, source: str, **options):
         raise type(e)(f"{source}: {e}") from e
 
 
-def load_component(folder: str, kind: str, *, dtype=jnp.float32, param_dtype=None, variant=None,
-                   attention_impl: str = "auto", remat: bool = False, fused_norm: str | bool = "auto",
-                   weights: str = "device"):
+def load_folder(folder: str, kind: str, *, dtype=jnp.float32, param_dtype=None, variant=None,
+                attention_impl: str = "auto", remat: bool = False, fused_norm: str | bool = "auto",
+                weights: str = "device"):
     """Loads one component folder of `kind` -> (module, params).
 
     Args:
@@ -140,7 +140,7 @@ def load_component(folder: str, kind: str, *, dtype=jnp.float32, param_dtype=Non
 
 
 def kind_of(module) -> str:
-    """The kind of a built module (what `save_component` writes it as)."""
+    """The kind of a built module (what `save_folder` writes it as)."""
     if isinstance(module, unet.UNet2DConditionModel):
         return "unet"
     if isinstance(module, vae.AutoencoderKL):
@@ -148,7 +148,7 @@ def kind_of(module) -> str:
     return "clip_text_projection" if isinstance(module, clip.CLIPTextModelWithProjection) else "clip_text"
 
 
-def save_component(folder: str, module, params, *, dtype=None) -> None:
+def save_folder(folder: str, module, params, *, dtype=None) -> None:
     """Writes `config.json` + the safetensors file of one component, as diffusers/transformers name them."""
     kind = kind_of(module)
     spec = KINDS[kind]

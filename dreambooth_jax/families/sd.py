@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dreambooth_jax.diffusion.conditioning import tokenize as tokenize_prompts
+from dreambooth_jax.diffusion.conditioning import tokenize_with_mask
 from dreambooth_jax.families.base import Family
 from dreambooth_jax.lora.transform import TEXT_ENCODER_TARGETS, UNET_TARGETS
 
 
 def tokenize(tokenizers: dict, prompts, max_length: int | None = None) -> dict:
-    """{"input_ids", "attention_mask"}: [N, length] int32 (see `conditioning.tokenize`)."""
-    ids, mask = tokenize_prompts(tokenizers["tokenizer"], prompts, max_length)
+    """{"input_ids", "attention_mask"}: [N, length] int32 (see `conditioning.tokenize_with_mask`)."""
+    ids, mask = tokenize_with_mask(tokenizers["tokenizer"], prompts, max_length)
     return {"input_ids": ids, "attention_mask": mask}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from dreambooth_jax.diffusion.conditioning import tokenize as tokenize_prompts
+from dreambooth_jax.diffusion.conditioning import tokenize_with_mask
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.families.base import Family
 from dreambooth_jax.lora.transform import TEXT_ENCODER_TARGETS, UNET_TARGETS
@@ -18,8 +18,8 @@ from dreambooth_jax.lora.transform import TEXT_ENCODER_TARGETS, UNET_TARGETS
 def tokenize(tokenizers: dict, prompts, max_length: int | None = None) -> dict:
     """{"input_ids", "attention_mask", "input_ids_2"}: each tokenizer with its own padding (the second pads with
     `!`); the mask is the first tokenizer's (SDXL's encoders take none; kept for the batch's layout)."""
-    ids, mask = tokenize_prompts(tokenizers["tokenizer"], prompts, max_length)
-    ids_2, _ = tokenize_prompts(tokenizers["tokenizer_2"], prompts, max_length)
+    ids, mask = tokenize_with_mask(tokenizers["tokenizer"], prompts, max_length)
+    ids_2, _ = tokenize_with_mask(tokenizers["tokenizer_2"], prompts, max_length)
     return {"input_ids": ids, "attention_mask": mask, "input_ids_2": ids_2}
 
 

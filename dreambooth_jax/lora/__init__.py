@@ -9,7 +9,7 @@ from dreambooth_jax.lora.formats import (
     KOHYA_WEIGHT_NAME,
     WEIGHT_NAME,
     apply_file,
-    load_file,
+    load_lora_file,
     resolve_file,
     save_diffusers,
     save_kohya,
@@ -26,5 +26,5 @@ from dreambooth_jax.lora.transform import (
 )
 
 __all__ = ["KOHYA_WEIGHT_NAME", "TEXT_ENCODER_TARGETS", "UNET_TARGETS", "WEIGHT_NAME", "LoraConfig",
-           "apply", "apply_file", "check", "init_lora", "load_file", "merge", "resolve_file", "save_diffusers",
+           "apply", "apply_file", "check", "init_lora", "load_lora_file", "merge", "resolve_file", "save_diffusers",
            "save_kohya", "target_paths"]

@@ -1,13 +1,13 @@
 """LoRA files: the diffusers/PEFT and kohya-ss layouts, read and written with NumPy (no torch).
 
     save_diffusers("out/", {"unet": lora_params}, config)   # StableDiffusionPipeline.load_lora_weights("out/")
-    loras, config = load_file("out/")                        # either layout
+    loras, config = load_lora_file("out/")                   # either layout
     pipe = load_pipeline(base, lora="out/")                  # merged: W + scale * A @ B
 
 diffusers/PEFT: `unet.<module>.lora_A.weight` [rank, in], `.lora_B.weight` [out, rank]. kohya-ss / A1111 /
 ComfyUI: `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`. Both are read
-back exactly by `load_file`. kohya's SDXL files name the UNet's modules as the original (LDM/SGM) UNet does
-(`lora_unet_input_blocks_4_1_...`, `middle_block_1_...`, `output_blocks_0_1_...`); `load_file` reads those too,
+back exactly by `load_lora_file`. kohya's SDXL files name the UNet's modules as the original (LDM/SGM) UNet does
+(`lora_unet_input_blocks_4_1_...`, `middle_block_1_...`, `output_blocks_0_1_...`); `load_lora_file` reads those too,
 given the UNet config that says which diffusers block each numbered LDM block is (`apply_file` passes it).
 """
 
@@ -88,7 +88,7 @@ def _ldm_key(match: re.Match, unet_config, source: str, tensor: str) -> str:
     """Our flax key of an LDM-named kohya UNet module (`match` of `_LDM_RE` on the name after 'lora_unet_')."""
     if unet_config is None:
         raise UsageError(f"{source}: {tensor!r} has the LDM/SGM UNet names of kohya's SDXL LoRAs; mapping them to "
-                         "diffusers' modules needs the UNet config: load_file(path, unet_config=pipe.unet.config) "
+                         "diffusers' modules needs the UNet config: load_lora_file(path, unet_config=pipe.unet.config) "
                          "(apply_file and load_pipeline(lora=...) pass it)")
     block, inner = match.groups()
     ours = _ldm_unet_blocks(unet_config).get(block)
@@ -152,7 +152,7 @@ def save_diffusers(path: str, loras: dict, config: LoraConfig) -> str:
     'text_encoder.text_model.<module>...' (diffusers drops 'text_model.' for transformers-5 models that lack
     it). config.scale is baked into lora_B, so the file is exact under diffusers' default alpha = rank in any
     version; the PEFT adapter metadata (diffusers >= 0.34) says so too (r = lora_alpha). Our LoraConfig is kept
-    in the metadata so `load_file` un-bakes B: exact when config.scale is a power of two (alpha = rank,
+    in the metadata so `load_lora_file` un-bakes B: exact when config.scale is a power of two (alpha = rank,
     2 * rank, ...), else within an ulp of float32.
     """
     tensors, meta = {}, {}
@@ -257,7 +257,7 @@ def resolve_file(path: str) -> str:
     return path
 
 
-def load_file(path: str, unet_config=None) -> tuple[dict, LoraConfig]:
+def load_lora_file(path: str, unet_config=None) -> tuple[dict, LoraConfig]:
     """Reads a diffusers- or kohya-layout LoRA file -> ({component: LoRA tree}, LoraConfig).
 
     Our own files come back exactly (their LoraConfig is in the metadata; see `save_diffusers` for the one
@@ -294,7 +294,7 @@ def load_file(path: str, unet_config=None) -> tuple[dict, LoraConfig]:
 
 def apply_file(pipe, path: str, scale: float = 1.0):
     """A copy of `pipe` with the LoRA file merged into its params (`scale` multiplies the LoRA update)."""
-    loras, config = load_file(path, pipe.denoiser.config)
+    loras, config = load_lora_file(path, pipe.denoiser.config)
     params = dict(pipe.params)
     for component, tree in loras.items():
         if component not in params:

@@ -22,7 +22,7 @@ from dreambooth_jax.models.attention import dot_product_attention
 # it). Pass as `convert.state_dict_to_params(..., ignore=IGNORED_KEYS)`.
 IGNORED_KEYS = (r"(^|\.)embeddings\.position_ids$",)
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch's exact erf GELU
 }
@@ -46,8 +46,8 @@ class CLIPTextConfig:
     pad_token_id: int | None = 1
 
     def __post_init__(self):
-        if self.hidden_act not in _ACTIVATIONS:
-            raise UsageError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise UsageError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise UsageError(
                 f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}"
@@ -148,7 +148,7 @@ class CLIPMLP(nn.Module):
     def __call__(self, x):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.Dense(cfg.intermediate_size, **kw, name="fc1")(x)
-        h = _ACTIVATIONS[cfg.hidden_act](h.astype(jnp.float32)).astype(self.dtype)
+        h = ACTIVATIONS[cfg.hidden_act](h.astype(jnp.float32)).astype(self.dtype)
         return nn.Dense(cfg.hidden_size, **kw, name="fc2")(h)
 
 

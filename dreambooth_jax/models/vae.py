@@ -108,7 +108,7 @@ class MidBlockAttention(Attention):
         return y + x.astype(y.dtype)  # rescale_output_factor is 1 in the VAE
 
 
-class MidBlock(nn.Module):
+class VAEMidBlock(nn.Module):
     """`UNetMidBlock2D` without time embedding: resnet, (attention, resnet) x 1."""
 
     channels: int
@@ -175,8 +175,8 @@ class Encoder(nn.Module):
         for i, c in enumerate(channels):
             x = ResnetStack2D(c, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < n - 1 else None,
                               self.fused_norm, **kw, name=f"down_blocks_{i}")(x)
-        x = MidBlock(channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, self.attention_impl,
-                     self.fused_norm, **kw, name="mid_block")(x)
+        x = VAEMidBlock(channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, self.attention_impl,
+                        self.fused_norm, **kw, name="mid_block")(x)
         x = GroupNorm(cfg.norm_num_groups, _EPS, "silu", self.fused_norm, **kw, name="conv_norm_out")(x)
         return conv(2 * cfg.latent_channels, 3, **kw, name="conv_out")(x)
 
@@ -195,8 +195,8 @@ class Decoder(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels, n = tuple(reversed(cfg.block_out_channels)), len(cfg.block_out_channels)
         x = conv(channels[0], 3, **kw, name="conv_in")(z.astype(self.dtype))
-        x = MidBlock(channels[0], cfg.norm_num_groups, cfg.mid_block_add_attention, self.attention_impl,
-                     self.fused_norm, **kw, name="mid_block")(x)
+        x = VAEMidBlock(channels[0], cfg.norm_num_groups, cfg.mid_block_add_attention, self.attention_impl,
+                        self.fused_norm, **kw, name="mid_block")(x)
         for i, c in enumerate(channels):
             x = ResnetStack2D(c, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < n - 1 else None,
                               self.fused_norm, **kw, name=f"up_blocks_{i}")(x)

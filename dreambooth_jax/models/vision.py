@@ -199,8 +199,8 @@ class CLIPVisionConfig:
     projection_dim: int = 512
 
     def __post_init__(self):
-        if self.hidden_act not in clip._ACTIVATIONS:
-            raise UsageError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(clip._ACTIVATIONS)}")
+        if self.hidden_act not in clip.ACTIVATIONS:
+            raise UsageError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(clip.ACTIVATIONS)}")
 
     @classmethod
     def from_diffusers_config(cls, d: dict) -> CLIPVisionConfig:

@@ -85,7 +85,7 @@ def subject_sheet(real: list, generated: np.ndarray, columns: int, thumb: int = 
 
 
 # ------------------------------------------------------------------------------------------------ results
-def summarize(runs: dict) -> dict:
+def summarize_runs(runs: dict) -> dict:
     """Per subject (all its runs' images pooled) and averaged over subjects (std across subjects)."""
     subjects = {}
     for name, by_seed in runs.items():
@@ -101,7 +101,7 @@ def summarize(runs: dict) -> dict:
             "paper_table_1": {k: dict(zip(METRICS, v)) for k, v in evaluation.PAPER_TABLE_1.items()}}
 
 
-def markdown(results: dict, settings: dict) -> str:
+def report_markdown(results: dict, settings: dict) -> str:
     cell = evaluation.format_stats
     names = " / ".join(evaluation.METRIC_NAMES[m] for m in METRICS)
     lines = ["# DreamBooth paper reproduction", "",
@@ -126,11 +126,11 @@ def markdown(results: dict, settings: dict) -> str:
 def write_results(output_dir: str, runs: dict, settings: dict) -> str:
     from dreambooth_jax.fileio import write_json
 
-    results = summarize(runs)
+    results = summarize_runs(runs)
     write_json(os.path.join(output_dir, "results.json"), {"settings": settings, **results}, sort_keys=False)
     path = os.path.join(output_dir, "results.md")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(markdown(results, settings))
+        f.write(report_markdown(results, settings))
     os.replace(path + ".tmp", path)
     return path
 

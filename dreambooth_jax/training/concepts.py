@@ -49,7 +49,7 @@ _RESERVED_NAMES = ("checkpoints", "logs", "class_images", "validation")
 
 
 @dataclass(frozen=True)
-class Subject:
+class SubjectRun:
     """One subject of a run of several: its name (its folder in --output_dir) and its own run's options."""
 
     name: str
@@ -61,7 +61,7 @@ def many_subjects(cfg) -> bool:
     return bool(cfg.subjects) or bool(cfg.dataset and "," in cfg.dataset)
 
 
-def read_subjects(cfg) -> list[Subject]:
+def read_subjects(cfg) -> list[SubjectRun]:
     """The subjects of --subjects (or of --dataset dreambooth:a,b,c), each with its own TrainConfig: the run's,
     with the subject's fields, `output_dir/<name>` as its output folder and no --subjects. Checks the file's
     shape, the names (unique, usable as folder names) and that no subject changes what subjects share."""
@@ -110,7 +110,7 @@ def read_subjects(cfg) -> list[Subject]:
         own = {k: item[k] for k in SUBJECT_KEYS[1:] if k in item}
         if "dataset" in own:  # its prompts and class folder come from the dataset's subject, unless it names them
             own = {"instance_prompt": None, "class_prompt": None, "class_data_dir": None, **own}
-        subjects.append(Subject(name, dataclasses.replace(
+        subjects.append(SubjectRun(name, dataclasses.replace(
             cfg, **{**own, "seed": seed, "dataset": own.get("dataset"), "subjects": None,
                     "output_dir": os.path.join(cfg.output_dir, name)})))
     return subjects
@@ -140,7 +140,7 @@ def resolve_dataset(cfg, class_root: str | None = None):
     return resolved
 
 
-def resolve_subjects(subjects: list[Subject], output_dir: str, class_data_dir: str | None) -> list[Subject]:
+def resolve_subjects(subjects: list[SubjectRun], output_dir: str, class_data_dir: str | None) -> list[SubjectRun]:
     """The subjects of a run writing to `output_dir` (its local twin): each one's output folder
     `output_dir/<name>`, and --dataset subjects' images and class folders (under `class_data_dir`, default
     `output_dir/class_images`, one per class: subjects of one class share it)."""

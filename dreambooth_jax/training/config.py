@@ -292,7 +292,7 @@ def validate(cfg: TrainConfig) -> list[str]:
                        cfg.pretrained_model_name_or_path), ("--resume_from_checkpoint", cfg.resume_from_checkpoint),
                        ("--pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path)):
         try:
-            storage.check(path or "", flag)
+            storage.check_backend(path or "", flag)
         except UsageError as e:
             errors.append(str(e))
     for i, c in enumerate(concepts):
@@ -300,7 +300,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         flag = (lambda name: name) if cfg.concepts_list else (lambda name: f"--{name}")  # noqa: E731
         for name in ("instance_data_dir", "class_data_dir"):
             try:
-                storage.check(getattr(c, name) or "", f"{where}{flag(name)}")
+                storage.check_backend(getattr(c, name) or "", f"{where}{flag(name)}")
             except UsageError as e:
                 errors.append(str(e))
         if not c.instance_data_dir:

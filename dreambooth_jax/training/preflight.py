@@ -41,7 +41,7 @@ class OutOfMemoryError(UsageError, MemoryError):
     """The run would not fit in device memory (known before anything is allocated)."""
 
 
-def abstract_params(params) -> Any:
+def shape_structs(params) -> Any:
     """`jax.ShapeDtypeStruct`s of a param tree (arrays or structs)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
 
@@ -188,7 +188,7 @@ def _compile(pipe, spec, schedules, abstract_state, init, batch_spec: BatchSpec,
               "per_device_bytes": per_device, "device_memory_bytes": limit, "fits": fits}
     if subjects:
         report["subject_slots"] = subjects
-    param_shardings = parallel.state_shardings(abstract_params(pipe.params), mesh)  # shared by the subjects
+    param_shardings = parallel.state_shardings(shape_structs(pipe.params), mesh)  # shared by the subjects
     return Plan(mesh, abstract_state, shardings, param_shardings, batch_sharding, compiled, report, init, compile_s,
                 subjects)
 
@@ -201,7 +201,7 @@ def plan(pipe, spec, state: StateSpec | list[StateSpec], batch: BatchSpec, *, ma
     or a list of them (one per subject slot) for a run of several subjects, whose `global_batch` is then each
     subject's and whose groups of `subject_devices` devices (`parallel.subject_groups`) --fsdp divides."""
     devices = np.asarray(jax.devices() if devices is None else devices)
-    params = abstract_params(pipe.params)
+    params = shape_structs(pipe.params)
     subjects = state if isinstance(state, list) else None
     if subjects:
         make = functools.partial(state_lib.make_subjects_state, subjects, pipe.family, max_steps=max_steps,

@@ -28,14 +28,14 @@ from dreambooth_jax import parallel
 from dreambooth_jax.errors import DivergedError
 from dreambooth_jax.training import export as export_lib
 from dreambooth_jax.training import step as train_step
-from dreambooth_jax.training.concepts import Subject
+from dreambooth_jax.training.concepts import SubjectRun
 from dreambooth_jax.training.loop import TrainLoop
 from dreambooth_jax.training.specs import LoopSpec
 
 log = logging.getLogger("dreambooth_jax.train")
 
 
-def log_layout(subjects: list[Subject], layout) -> None:
+def log_layout(subjects: list[SubjectRun], layout) -> None:
     padding = f" and {layout.slots - len(subjects)} padding slot(s)" if layout.slots > len(subjects) else ""
     log.info("%d subjects (%s)%s in %d device group(s) of %d device(s)", len(subjects),
              ", ".join(s.name for s in subjects), padding, layout.groups, layout.per_subject)

@@ -24,7 +24,7 @@ from dreambooth_jax.training import step as train_step
 from dreambooth_jax.training import subjects as subjects_lib
 from dreambooth_jax.training.class_images import ensure_class_images, expected_class_images
 from dreambooth_jax.training.concepts import (
-    Subject,
+    SubjectRun,
     many_subjects,
     read_concepts,
     read_subjects,
@@ -109,7 +109,7 @@ class _Part:
     class_images: ClassImagesSpec | None
 
 
-def _part(subject: Subject) -> _Part:
+def _part(subject: SubjectRun) -> _Part:
     """The specs of `subject` (its `TrainConfig`, resolved) and its training set; reads the instance images: bad
     ones fail here."""
     cfg = subject.cfg
@@ -145,7 +145,7 @@ def run(cfg: TrainConfig) -> Run:
     if many:
         subjects = resolve_subjects(named, cfg.output_dir, cfg.class_data_dir)
     else:
-        subjects = [Subject("", resolve_dataset(cfg))]
+        subjects = [SubjectRun("", resolve_dataset(cfg))]
     parts = [_part(s) for s in subjects]
     global_batch = where.global_batch(batch)
     expected = [_expected_class_images(p) for p in parts]
@@ -288,7 +288,7 @@ def dry_run(cfg: TrainConfig, devices=None) -> dict:
     prints. The data folders are listed, not read."""
     devices = jax.devices() if devices is None else list(devices)
     many = many_subjects(cfg)
-    subjects = read_subjects(cfg) if many else [Subject("", cfg)]
+    subjects = read_subjects(cfg) if many else [SubjectRun("", cfg)]
     where = layout(devices, len(subjects) if many else None, fsdp=cfg.fsdp, subject_devices=cfg.subject_devices)
     batch = BatchSpec.of(cfg)
     shapes = model_shapes(ModelSpec.of(cfg), dataclasses.asdict(cfg))

@@ -156,7 +156,7 @@ def resolve_component(name_or_path: str, folder: str, *, weights: bool = True, v
     from dreambooth_jax import storage
 
     if storage.is_remote(name_or_path):
-        storage.check(name_or_path, "model")
+        storage.check_backend(name_or_path, "model")
         root = storage.remote_path(name_or_path)
         if not root.is_dir():
             raise MissingFileError(f"{name_or_path}: no such folder")
@@ -186,7 +186,7 @@ def resolve(name_or_path: str, *, what: str = "pipeline", **kwargs) -> str:
     from dreambooth_jax import storage
 
     if storage.is_remote(name_or_path):
-        storage.check(name_or_path, "model")
+        storage.check_backend(name_or_path, "model")
         folders = [d for d in kwargs.get("folders", ()) if d not in kwargs.get("skip", ())] if kwargs.get("weights", True) else []
         return storage.Folder(name_or_path).pull(_CONFIG_PATTERNS + _bucket_weight_patterns(folders))
     if os.path.isdir(name_or_path):
