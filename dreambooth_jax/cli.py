@@ -24,8 +24,8 @@ def run(main: Callable[[], None]) -> None:
 
 def setup_logging() -> None:
     """INFO logs on stderr with times; the chatter of absl (Orbax, TFDS) and JAX's backend probing hidden.
-    `force`: a library imported earlier (absl, through Orbax) may have installed a root handler already, which would
-    turn this call into a no-op and leave the level at WARNING."""
+    `force`: a library imported earlier (absl, through Orbax) may have installed a root handler already, which
+    would turn this call into a no-op and leave the level at WARNING."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
     for noisy in ("absl", "jax"):

@@ -62,8 +62,9 @@ def main(argv=None) -> None:
         print(f"[1/4] using the tiny pipeline in {model}")
     instance = make_instance_photos(os.path.join(out, "instance"))
 
-    train_args = ["--config", "tiny_demo", "--pretrained_model_name_or_path", model, "--instance_data_dir", instance,
-                  "--class_data_dir", os.path.join(out, "class"), "--output_dir", os.path.join(out, "model")]
+    train_args = ["--config", "tiny_demo", "--pretrained_model_name_or_path", model, "--instance_data_dir",
+                  instance, "--class_data_dir", os.path.join(out, "class"), "--output_dir", os.path.join(out,
+                                                                                                         "model")]
     if args.max_train_steps:
         train_args += ["--max_train_steps", str(args.max_train_steps)]
     cfg = parse_args(train_args)
@@ -80,7 +81,8 @@ def main(argv=None) -> None:
     samples = generate(trained, ["a photo of sks toy on the beach", "a photo of sks toy in the snow"],
                        num_inference_steps=10, seed=0)
     sheet = os.path.join(out, "samples.png")
-    image_io.save_png(image_io.contact_sheet(samples), sheet, {"prompts": "sks toy on the beach / in the snow"})
+    image_io.save_png(image_io.contact_sheet(samples), sheet,
+                      {"prompts": "sks toy on the beach / in the snow"})
     print(f"[3/4] sampled 2 images from the trained pipeline: {sheet}")
 
     expected = jax.device_get(result.state.export_params())

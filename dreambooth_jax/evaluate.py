@@ -22,19 +22,25 @@ from dreambooth_jax.evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_M
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dreambooth_jax.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--images", required=True, help="folder of generated PNGs (with prompts.jsonl or metadata)")
+    p.add_argument("--images", required=True,
+                   help="folder of generated PNGs (with prompts.jsonl or metadata)")
     real = p.add_mutually_exclusive_group(required=True)
     real.add_argument("--real_images", help="folder of the subject's real photos")
-    real.add_argument("--dataset", help="the real photos of a DreamBooth dataset subject, e.g. dreambooth:dog6")
-    p.add_argument("--dataset_dir", default=None, help="TFDS data_dir of --dataset (default: ~/tensorflow_datasets)")
+    real.add_argument("--dataset",
+                      help="the real photos of a DreamBooth dataset subject, e.g. dreambooth:dog6")
+    p.add_argument("--dataset_dir", default=None,
+                   help="TFDS data_dir of --dataset (default: ~/tensorflow_datasets)")
     p.add_argument("--dataset_manual_dir", default=None,
                    help="local copy of the DreamBooth dataset to build --dataset from offline")
-    p.add_argument("--dino_model", default=DEFAULT_DINO_MODEL, help="DINO ViT: Hub id or local folder (default: %(default)s)")
-    p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP model: Hub id or local folder (default: %(default)s)")
+    p.add_argument("--dino_model", default=DEFAULT_DINO_MODEL,
+                   help="DINO ViT: Hub id or local folder (default: %(default)s)")
+    p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL,
+                   help="CLIP model: Hub id or local folder (default: %(default)s)")
     p.add_argument("--unique_token", default="sks",
                    help="removed from the prompts CLIP-T compares with; '' keeps them as generated "
                         "(default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=None, help="images per compiled call (default 16 per device)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images per compiled call (default 16 per device)")
     p.add_argument("--output", default=None, help="JSON file to write (default: IMAGES/metrics.json)")
     return p
 
@@ -56,7 +62,8 @@ def read_generated(folder: str) -> tuple[list[str], list[str]]:
                     row = json.loads(line)
                     entries[row["file"]] = row["prompt"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UsageError(f"{jsonl}:{n}: expected a JSON object with 'file' and 'prompt' ({e})") from e
+                    raise UsageError(f"{jsonl}:{n}: expected a JSON object with 'file' and 'prompt' "
+                                     f"({e})") from e
         missing = [name for name in entries if not os.path.isfile(os.path.join(folder, name))]
         if missing:
             raise MissingFileError(f"{jsonl} lists {len(missing)} missing image(s), e.g. {missing[0]}")
@@ -66,8 +73,8 @@ def read_generated(folder: str) -> tuple[list[str], list[str]]:
                                                   .get("prompt")):
                 entries[name] = prompt
     if not entries:
-        raise UsageError(f"--images {folder}: no generated images with a prompt (no prompts.jsonl, and no PNG "
-                         "with a 'prompt' in its metadata)")
+        raise UsageError(f"--images {folder}: no generated images with a prompt (no prompts.jsonl, and no "
+                         "PNG with a 'prompt' in its metadata)")
     names = sorted(entries)
     return [os.path.join(folder, n) for n in names], [entries[n] for n in names]
 
@@ -100,14 +107,15 @@ def main(argv=None) -> None:
     from dreambooth_jax.images import read_image
 
     generated = [read_image(f) for f in files]
-    print(f"scoring {len(generated)} generated image(s) ({len(set(prompts))} prompt(s)) against {len(real)} real "
-          f"image(s) of {real_source}", file=sys.stderr)
+    print(f"scoring {len(generated)} generated image(s) ({len(set(prompts))} prompt(s)) against {len(real)} "
+          f"real image(s) of {real_source}", file=sys.stderr)
     from dreambooth_jax.evaluation.encoders import Encoders
 
     encoders = Encoders(args.dino_model, args.clip_model, batch_size=args.batch_size)
-    result = evaluation.evaluate(encoders, generated, prompts, real, files=[os.path.basename(f) for f in files],
-                                 unique_token=args.unique_token or None,
-                                 info={"images_dir": args.images, "real_source": real_source})
+    result = evaluation.evaluate(encoders, generated, prompts, real,
+                                 files=[os.path.basename(f) for f in files],
+                                 unique_token=args.unique_token or None, info={"images_dir": args.images,
+                                                                               "real_source": real_source})
     output = args.output or os.path.join(args.images, "metrics.json")
     table = evaluation.markdown_table(result)
     if jax.process_index() == 0:

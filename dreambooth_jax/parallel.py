@@ -27,15 +27,16 @@ FSDP_MIN_ELEMENTS = 4096
 
 
 def maybe_initialize_distributed() -> None:
-    """`jax.distributed.initialize()` on multi-process runs; every entry point calls it before anything touches
-    a device. Multi-process means: `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES` and
+    """`jax.distributed.initialize()` on multi-process runs; every entry point calls it before anything
+    touches a device. Multi-process means: `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES` and
     `JAX_PROCESS_ID` where JAX cannot detect them), or a TPU pod slice, or a SLURM / Open MPI job of several
     tasks (JAX detects the rest)."""
     env = os.environ
     if jax.distributed.is_initialized():
         return
     if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+        kwargs = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id",
+                                                                                       "JAX_PROCESS_ID"))
                   if env.get(v)}
         jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], **kwargs)
     elif ("," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("SLURM_NTASKS", "1")) > 1
@@ -66,16 +67,18 @@ def data_mesh(devices=None) -> Mesh:
 
 def train_mesh(fsdp: int = 1, devices=None, subject_groups: int | None = None) -> Mesh:
     """A 2-D mesh (`data`, `fsdp`) over `devices` (default: all devices of all processes), `fsdp` devices per
-    group. Devices are taken in process order, so an fsdp group spans as few hosts as possible (its all-gathers
-    stay inside a host when fsdp <= the devices per host). With `subject_groups` (a run of several subjects),
-    3-D: (`subject`, `data`, `fsdp`), the devices cut into that many consecutive groups, `fsdp` dividing a group."""
+    group. Devices are taken in process order, so an fsdp group spans as few hosts as possible (its
+    all-gathers stay inside a host when fsdp <= the devices per host). With `subject_groups` (a run of several
+    subjects), 3-D: (`subject`, `data`, `fsdp`), the devices cut into that many consecutive groups, `fsdp`
+    dividing a group."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     groups = subject_groups or 1
     if groups < 1 or devices.size % groups:
         raise UsageError(f"{groups} subject groups do not divide the {devices.size} devices")
     per_group = devices.size // groups
     if fsdp < 1 or per_group % fsdp:
-        where = f"the {per_group} devices of a subject group" if subject_groups else f"the {devices.size} devices"
+        where = (f"the {per_group} devices of a subject group" if subject_groups
+                 else f"the {devices.size} devices")
         raise UsageError(f"--fsdp {fsdp} does not divide {where}")
     if subject_groups is None:
         return Mesh(devices.reshape(per_group // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS),
@@ -86,13 +89,14 @@ def train_mesh(fsdp: int = 1, devices=None, subject_groups: int | None = None) -
 
 def subject_groups(num_subjects: int, num_devices: int, devices_per_subject: int | None = None) -> int:
     """How many device groups a run of `num_subjects` subjects on `num_devices` devices has: `num_devices /
-    devices_per_subject` when given; else one group per subject where there are enough devices (the fewest groups
-    that split the devices evenly and hold a subject each, e.g. 30 subjects on 64 chips: 32 groups of 2), else one
-    per device. Each subject's batch spans the devices of its group; `subject_slots` pads the subjects to fill
-    every group alike."""
+    devices_per_subject` when given; else one group per subject where there are enough devices (the fewest
+    groups that split the devices evenly and hold a subject each, e.g. 30 subjects on 64 chips: 32 groups of
+    2), else one per device. Each subject's batch spans the devices of its group; `subject_slots` pads the
+    subjects to fill every group alike."""
     if devices_per_subject is not None:
         if devices_per_subject < 1 or num_devices % devices_per_subject:
-            raise UsageError(f"--subject_devices {devices_per_subject} does not divide the {num_devices} devices")
+            raise UsageError(f"--subject_devices {devices_per_subject} does not divide the {num_devices} "
+                             "devices")
         return num_devices // devices_per_subject
     if num_subjects >= num_devices:
         return num_devices
@@ -101,8 +105,8 @@ def subject_groups(num_subjects: int, num_devices: int, devices_per_subject: int
 
 def subject_slots(num_subjects: int, num_devices: int, devices_per_subject: int | None = None) -> int:
     """The subjects a run trains, padded to a multiple of its groups (`subject_groups`): every group trains as
-    many. The padding slots repeat the last subject; their results are dropped (e.g. 30 subjects on 64 chips: 32
-    slots, 2 of them padding)."""
+    many. The padding slots repeat the last subject; their results are dropped (e.g. 30 subjects on 64 chips:
+    32 slots, 2 of them padding)."""
     groups = subject_groups(num_subjects, num_devices, devices_per_subject)
     return -(-num_subjects // groups) * groups
 
@@ -124,14 +128,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def traced_on(mesh: Mesh):
-    """Context for tracing a program that runs on `mesh`: Pallas kernels (`kernels.batch_parallel`) read the mesh
-    from it to run on each device's share of the batch, which XLA cannot split for them."""
+    """Context for tracing a program that runs on `mesh`: Pallas kernels (`kernels.batch_parallel`) read the
+    mesh from it to run on each device's share of the batch, which XLA cannot split for them."""
     return jax.set_mesh(mesh)
 
 
 def fsdp_spec(shape: tuple[int, ...], size: int) -> PartitionSpec:
-    """The rule for state under fsdp: an array is split over `fsdp` along its largest dimension divisible by the
-    axis size (the first such, on ties); arrays under FSDP_MIN_ELEMENTS or with no such dimension stay whole."""
+    """The rule for state under fsdp: an array is split over `fsdp` along its largest dimension divisible by
+    the axis size (the first such, on ties); arrays under FSDP_MIN_ELEMENTS or with no such dimension stay
+    whole."""
     if size <= 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_ELEMENTS:
         return PartitionSpec()
     candidates = [i for i, d in enumerate(shape) if d % size == 0]
@@ -152,11 +157,13 @@ def subject_shardings(tree, mesh: Mesh):
     rest by the fsdp rule."""
     size = fsdp_size(mesh)
     return jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(SUBJECT_AXIS,
-                                                                   *fsdp_spec(tuple(np.shape(x))[1:], size))), tree)
+                                                                   *fsdp_spec(tuple(np.shape(x))[1:], size))),
+                        tree)
 
 
 def per_device_bytes(tree, shardings) -> int:
-    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings` (the largest shard)."""
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) under `shardings` (the largest
+    shard)."""
     total = 0
     for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
         total += int(np.prod(s.shard_shape(tuple(np.shape(x))), dtype=np.int64)) * np.dtype(x.dtype).itemsize
@@ -175,7 +182,8 @@ def put_batch(tree, mesh: Mesh, *, batch_axis: int = 0, process_local: bool = Fa
         return jax.device_put(tree, sharding)
     if process_local:
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                                               lambda idx: np.asarray(x)[idx]),
                         tree)
 
 
@@ -194,7 +202,8 @@ def put_replicated(tree, mesh: Mesh):
     repl = replicated(mesh)
     leaves, treedef = jax.tree.flatten(tree)
     ndims = [np.ndim(x) for x in leaves]
-    placed = [isinstance(x, jax.Array) and x.sharding.is_equivalent_to(repl, n) for x, n in zip(leaves, ndims)]
+    placed = [isinstance(x, jax.Array) and x.sharding.is_equivalent_to(repl, n) for x, n in zip(leaves,
+                                                                                                ndims)]
     regather = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not placed[i]]
     out = list(leaves)
     if regather:

@@ -48,7 +48,8 @@ class Pipeline:
     params: dict
     model_index: dict = dataclasses.field(default_factory=dict)
     source: str = ""
-    # Compiled programs (e.g. the sampler's, per scheduler and step count), so a second call does not recompile.
+    # Compiled programs (e.g. the sampler's, per scheduler and step count), so a second call does not
+    # recompile.
     cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def __getattr__(self, name: str):
@@ -97,13 +98,14 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
       lora: a LoRA file (diffusers or kohya layout) or a folder with `pytorch_lora_weights.safetensors`,
         merged into the params (`dreambooth_jax.lora.apply_file`); lora_scale multiplies its update.
       vae: another VAE instead of the pipeline's own: a model folder, a pipeline folder (its `vae/`), a bucket
-        folder or a Hub id (e.g. 'madebyollin/sdxl-vae-fp16-fix', SDXL's VAE fine-tuned not to overflow in fp16);
-        saved with the pipeline by `save_pipeline`.
+        folder or a Hub id (e.g. 'madebyollin/sdxl-vae-fp16-fix', SDXL's VAE fine-tuned not to overflow in
+        fp16); saved with the pipeline by `save_pipeline`.
       weights: 'device', 'host' or 'none' (configs and tokenizers only: the params are shapes); see
         `load_component`.
     """
     root = hub.resolve(name_or_path, revision=revision, variant=variant, token=token, cache_dir=cache_dir,
-                       weights=weights != "none", folders=families.weight_folders(), skip=("vae",) if vae else ())
+                       weights=weights != "none", folders=families.weight_folders(),
+                       skip=("vae",) if vae else ())
     index = fileio.read_json(os.path.join(root, "model_index.json"))
     family = families.for_class_name(index.get("_class_name"), f"{root}/model_index.json")
     options = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, fused_norm=fused_norm,

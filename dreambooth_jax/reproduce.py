@@ -25,34 +25,47 @@ from dreambooth_jax.evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_M
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dreambooth_jax.reproduce", description=__doc__.splitlines()[0],
-                                epilog="Options after `--` go to the trainer (python -m dreambooth_jax.train).")
-    p.add_argument("--output_dir", default="paper_reproduction", help="everything goes here; rerun to resume (default: %(default)s)")
+    p = argparse.ArgumentParser(prog="python -m dreambooth_jax.reproduce",
+                                description=__doc__.splitlines()[0],
+                                epilog="Options after `--` go to the trainer (python -m "
+                                       "dreambooth_jax.train).")
+    p.add_argument("--output_dir", default="paper_reproduction",
+                   help="everything goes here; rerun to resume (default: %(default)s)")
     p.add_argument("--subjects", default=None, help="comma-separated subjects (default: all 30)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each (subject, seed) is one run: the "
                                                 "training seed, and image k of the run has seed SEED + k "
                                                 "(default: %(default)s)")
-    p.add_argument("--config", default="paper", help="trainer preset name or JSON path (default: %(default)s)")
+    p.add_argument("--config", default="paper",
+                   help="trainer preset name or JSON path (default: %(default)s)")
     p.add_argument("--pretrained_model_name_or_path", default=None, help="base model (default: the preset's)")
     p.add_argument("--max_train_steps", type=int, default=None, help="training steps (default: the preset's)")
-    p.add_argument("--unique_token", default="sks", help="the subject's token in the prompts; removed for CLIP-T "
-                                                                   "(default: %(default)s)")
+    p.add_argument("--unique_token", default="sks",
+                   help="the subject's token in the prompts; removed for CLIP-T "
+                                  "(default: %(default)s)")
     p.add_argument("--num_images_per_prompt", type=int, default=4, help="the paper: 4 (default: %(default)s)")
-    p.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps per image (default: %(default)s)")
-    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance (default: %(default)s)")
-    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES, help="sampler (default: the pipeline's own)")
+    p.add_argument("--num_inference_steps", type=int, default=50,
+                   help="denoising steps per image (default: %(default)s)")
+    p.add_argument("--guidance_scale", type=float, default=7.5,
+                   help="classifier-free guidance (default: %(default)s)")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULER_NAMES,
+                   help="sampler (default: the pipeline's own)")
     p.add_argument("--sample_batch_size", type=int, default=None, help="images per compiled call "
                                                                        "(default: 4 per device)")
     p.add_argument("--dataset_dir", default=None, help="TFDS data_dir (default: ~/tensorflow_datasets)")
-    p.add_argument("--dataset_manual_dir", default=None, help="local copy of the dataset to build from offline")
-    p.add_argument("--dino_model", default=DEFAULT_DINO_MODEL, help="DINO ViT: Hub id or local folder (default: %(default)s)")
-    p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="CLIP model: Hub id or local folder (default: %(default)s)")
+    p.add_argument("--dataset_manual_dir", default=None,
+                   help="local copy of the dataset to build from offline")
+    p.add_argument("--dino_model", default=DEFAULT_DINO_MODEL,
+                   help="DINO ViT: Hub id or local folder (default: %(default)s)")
+    p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL,
+                   help="CLIP model: Hub id or local folder (default: %(default)s)")
     p.add_argument("--parallel_subjects", type=int, default=None,
                    help="train this many (subject, seed) runs at once, as one run of several subjects (train "
-                        "--subjects); each run's results are those it gets alone with the same batch per subject "
-                        "(default: as many as the devices and their memory allow, from the memory preflight)")
+                        "--subjects); each run's results are those it gets alone with the same batch per "
+                        "subject (default: as many as the devices and their memory allow, from the memory "
+                        "preflight)")
     p.add_argument("--keep_models", action="store_true",
-                   help="keep each trained pipeline (default: deleted once its images are made, to save disk)")
+                   help="keep each trained pipeline (default: deleted once its images are made, to save "
+                        "disk)")
     return p
 
 

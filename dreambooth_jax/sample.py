@@ -25,13 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="the prompt")
     src.add_argument("--prompts_file", help="a text file with one prompt per line (blank lines skipped)")
     p.add_argument("--negative_prompt", default=None,
-                   help="negative prompt, for every image (default: none; SDXL then uses zero conditioning, as "
-                        "diffusers does, where an explicit '' is encoded)")
+                   help="negative prompt, for every image (default: none; SDXL then uses zero conditioning, "
+                        "as diffusers does, where an explicit '' is encoded)")
     p.add_argument("--num_images", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance (<= 1: off; default: the model family's, as diffusers: SD 7.5, "
-                        "SDXL 5.0)")
+                   help="classifier-free guidance (<= 1: off; default: the model family's, as diffusers: SD "
+                        "7.5, SDXL 5.0)")
     p.add_argument("--guidance_rescale", type=float, default=0.0, help="guidance rescale, 0 to 1")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="sampler (default: the pipeline's own scheduler)")
@@ -43,13 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None,
                    help="images per compiled call (default: 4 per device)")
     p.add_argument("--output_dir", default="samples")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="compute and weights dtype")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="compute and weights dtype")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
                    help="attention implementation ('auto': the fastest that applies per call)")
     p.add_argument("--fused_norm", choices=FUSED_NORM, default="auto",
                    help="GroupNorm + SiLU as one Pallas kernel ('auto': on for GPU and TPU)")
     p.add_argument("--lora", default=None,
-                   help="LoRA file (diffusers/PEFT or kohya format) or folder with pytorch_lora_weights.safetensors")
+                   help="LoRA file (diffusers/PEFT or kohya format) or folder with "
+                        "pytorch_lora_weights.safetensors")
     p.add_argument("--lora_scale", type=float, default=1.0, help="strength of --lora")
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None, help="e.g. fp16: load the fp16 weight files")
@@ -95,14 +97,16 @@ def main(argv=None) -> None:
     out = generate(pipe, all_prompts, negative_prompts=args.negative_prompt, num_inference_steps=args.steps,
                    guidance_scale=guidance_scale, guidance_rescale=args.guidance_rescale, scheduler=scheduler,
                    seed=args.seed, height=args.height, width=args.width, eta=args.eta,
-                   use_karras_sigmas=True if args.karras_sigmas else None, batch_size=batch_size, progress=True)
+                   use_karras_sigmas=True if args.karras_sigmas else None, batch_size=batch_size,
+                   progress=True)
     elapsed = time.perf_counter() - t0
 
     settings = {"negative_prompt": args.negative_prompt, "steps": args.steps, "scheduler": scheduler,
                 "guidance_scale": guidance_scale, "guidance_rescale": args.guidance_rescale, "eta": args.eta,
                 "model": args.model, "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
                 "dtype": args.dtype}
-    first, last, grid = image_io.write_images(args.output_dir, all_prompts, out, seed=args.seed, settings=settings,
+    first, last, grid = image_io.write_images(args.output_dir, all_prompts, out, seed=args.seed,
+                                              settings=settings,
                                      columns=args.num_images if len(prompts) > 1 else None)
     print(f"wrote {len(out)} image(s) {first:05d}..{last:05d} and {grid} in {elapsed:.1f}s "
           f"(compile included; {len(out) / elapsed:.2f} images/s)", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Folders that may live in a bucket: `gs://`, `s3://`, `az://` (through `etils.epath` and fsspec) or local.
 
-The code that reads and writes files works on local folders. A remote folder gets a local twin under the user's
-cache (`~/.cache/dreambooth_jax/folders/<scheme>/<bucket>/<path>`, or under $DREAMBOOTH_JAX_CACHE):
+The code that reads and writes files works on local folders. A remote folder gets a local twin under the
+user's cache (`~/.cache/dreambooth_jax/folders/<scheme>/<bucket>/<path>`, or under $DREAMBOOTH_JAX_CACHE):
 
 - inputs (a model, instance photos) are mirrored: `Folder(uri).pull()` downloads what the twin lacks (files of
   another size count as changed), so a second run reads from disk;
@@ -83,7 +83,8 @@ class Folder:
 
     @property
     def remote_path(self):
-        """Where libraries that write to buckets themselves (Orbax) go: the remote path, or the local folder."""
+        """Where libraries that write to buckets themselves (Orbax) go: the remote path, or the local
+        folder."""
         return remote_path(self.uri) if self.remote else os.path.abspath(self.local)
 
     def join(self, *parts: str) -> str:
@@ -134,8 +135,8 @@ class Folder:
         return self.local
 
     def push(self, *relpaths: str, last: str | None = None) -> None:
-        """Uploads these files or folders (relative to the folder) from the local twin; `last` after all others
-        (a marker that says the rest is complete)."""
+        """Uploads these files or folders (relative to the folder) from the local twin; `last` after all
+        others (a marker that says the rest is complete)."""
         if not self.remote:
             return
         files = []

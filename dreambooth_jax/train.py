@@ -1,7 +1,7 @@
 """DreamBooth fine-tuning: `python -m dreambooth_jax.train --config sd15 --instance_data_dir ... ...`.
 
-Parses the options, runs `dreambooth_jax.training.trainer.run`, reports. With `--dry_run`, the memory preflight
-is the last line of stdout, one JSON object.
+Parses the options, runs `dreambooth_jax.training.trainer.run`, reports. With `--dry_run`, the memory
+preflight is the last line of stdout, one JSON object.
 """
 
 from __future__ import annotations

@@ -15,13 +15,15 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 # XLA's persistent compilation cache, fresh for each session (so no test depends on an earlier run): the
 # trainer tests compile the same step several times (e.g. a run, then its resumption); a hit takes ~5 s
-# instead of ~17 s on 2 CPU cores. Set through the environment so test subprocesses share it; before JAX loads.
+# instead of ~17 s on 2 CPU cores. Set through the environment so test subprocesses share it; before JAX
+# loads.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="dreambooth_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The suite is compile-bound: LLVM at -O0 compiles the tiny train step ~40% faster and runs it ~3x slower,
 # a good trade for tests that run a few steps. Tests that add XLA flags append to these (`xla_flags`).
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                 "--xla_backend_optimization_level=0"]))
 
 
 def xla_flags_with(*flags: str) -> str:
@@ -29,9 +31,11 @@ def xla_flags_with(*flags: str) -> str:
     return " ".join([os.environ["XLA_FLAGS"], *flags])
 
 
-def run_processes(argv: list[str], *, processes: int = 2, devices: int = 2, timeout: float = 600) -> list[str]:
+def run_processes(argv: list[str], *, processes: int = 2, devices: int = 2,
+                  timeout: float = 600) -> list[str]:
     """Runs `python ARGV` as the processes of one JAX multi-process job on CPU (gloo collectives, `devices`
-    simulated devices each) and returns their outputs; fails the test with the log of a process that failed."""
+    simulated devices each) and returns their outputs; fails the test with the log of a process that
+    failed."""
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         port = sock.getsockname()[1]
@@ -39,7 +43,8 @@ def run_processes(argv: list[str], *, processes: int = 2, devices: int = 2, time
            "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
            "JAX_NUM_PROCESSES": str(processes), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     procs = [subprocess.Popen([sys.executable, *argv], env={**env, "JAX_PROCESS_ID": str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(processes)]
     try:
         logs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:

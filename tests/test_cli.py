@@ -1,5 +1,5 @@
-"""Command-line entry points: expected failures (`UsageError`) end with one `error:` line and exit code 2; every
-other exception, a ValueError from inside JAX included, is a bug and keeps its traceback."""
+"""Command-line entry points: expected failures (`UsageError`) end with one `error:` line and exit code 2;
+every other exception, a ValueError from inside JAX included, is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def test_expected_errors_are_one_line(error, capsys, monkeypatch):
     assert capsys.readouterr().err == f"error: {error}\n"
 
 
-@pytest.mark.parametrize("error", [ValueError("a bug"), FileNotFoundError("a bug"), NotImplementedError("a bug"),
-                                   KeyError("a bug"), OSError("a bug")])
+@pytest.mark.parametrize("error", [ValueError("a bug"), FileNotFoundError("a bug"),
+                                   NotImplementedError("a bug"), KeyError("a bug"), OSError("a bug")])
 def test_bugs_keep_their_traceback(error):
     def main():
         raise error
@@ -48,8 +48,8 @@ def test_a_value_error_inside_jax_is_not_hidden():
 
 def test_cli_bad_input_prints_one_error_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dreambooth_jax.sample", "--model", str(tmp_path / "nowhere"),
-                          "--prompt", "x", "--output_dir", str(tmp_path / "out")], capture_output=True, text=True,
-                         timeout=300)
+                          "--prompt", "x", "--output_dir", str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -86,8 +86,8 @@ def enc(request, tiny_pipelines):
     torch_cls = getattr(transformers, hf_config["architectures"][0])
     torch_model = torch_cls.from_pretrained(folder).eval()
     return SimpleNamespace(
-        name=request.param, folder=folder, hf_config=hf_config, with_projection=with_projection, config=config,
-        raw_state=raw_state, params=params, ids=ids, mask=mask, torch_model=torch_model,
+        name=request.param, folder=folder, hf_config=hf_config, with_projection=with_projection,
+        config=config, raw_state=raw_state, params=params, ids=ids, mask=mask, torch_model=torch_model,
         ref=_torch_outputs(torch_model, ids), ref_masked=_torch_outputs(torch_model, ids, mask),
     )
 
@@ -180,7 +180,8 @@ def test_config_round_trip_loads_in_transformers(enc, tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump(d, f)
     shutil.copy(os.path.join(enc.folder, "model.safetensors"), tmp_path / "model.safetensors")
-    model, info = getattr(transformers, d["architectures"][0]).from_pretrained(tmp_path, output_loading_info=True)
+    model, info = getattr(transformers, d["architectures"][0]).from_pretrained(tmp_path,
+                                                                               output_loading_info=True)
     assert type(model) is type(enc.torch_model)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     reloaded = _torch_outputs(model.eval(), enc.ids)

@@ -1,4 +1,5 @@
-"""dreambooth_jax.images and dreambooth_jax.training.data: decoding odd image files, captions, and batches as pure functions of (seed, step)."""
+"""dreambooth_jax.images and dreambooth_jax.training.data: decoding odd image files, captions, and batches as
+pure functions of (seed, step)."""
 
 from __future__ import annotations
 
@@ -261,7 +262,8 @@ def test_bad_arguments(tmp_path):
 
 
 def test_batch_rows_match_fixed_views(tmp_path):
-    """With center crops, a trainer caching latents of fixed_view(kind, index, flip) sees the batch's images."""
+    """With center crops, a trainer caching latents of fixed_view(kind, index, flip) sees the batch's
+    images."""
     data = _two_concepts(tmp_path, with_prior_preservation=True, center_crop=True, random_flip=True)
     batch = data.batch(3, 8)
     for kind in ("instance", "class"):
@@ -290,8 +292,8 @@ def test_class_images_rotated_or_small(tmp_path, caplog):
 
 def _diffusers_sdxl_view(path, resolution, flip, top, left) -> np.ndarray:
     """What diffusers' `train_dreambooth_lora_sdxl.py` feeds the VAE for an image conditioned on crop corner
-    (top, left): EXIF-transposed RGB, shorter side resized (torchvision's `Resize` on PIL: bilinear, the longer
-    side rounded down), flipped, *then* cropped at (top, left) of the flipped image."""
+    (top, left): EXIF-transposed RGB, shorter side resized (torchvision's `Resize` on PIL: bilinear, the
+    longer side rounded down), flipped, *then* cropped at (top, left) of the flipped image."""
     from PIL import ImageOps
 
     im = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
@@ -305,9 +307,9 @@ def _diffusers_sdxl_view(path, resolution, flip, top, left) -> np.ndarray:
 
 @pytest.mark.parametrize("center_crop", [False, True])
 def test_sdxl_time_ids_are_what_diffusers_computes_for_the_same_view(tmp_path, center_crop):
-    """time_ids = (original h, w, crop top, crop left, R, R) for every row of many steps (random or centre crops,
-    flips both ways), instance and class images of their own sizes (one stored with an EXIF rotation): the
-    original size is the file's as displayed, and diffusers' pipeline cropping its flipped image at the
+    """time_ids = (original h, w, crop top, crop left, R, R) for every row of many steps (random or centre
+    crops, flips both ways), instance and class images of their own sizes (one stored with an EXIF rotation):
+    the original size is the file's as displayed, and diffusers' pipeline cropping its flipped image at the
     (top, left) we report yields exactly the pixels we train on."""
     for i, size in enumerate([(40, 24), (24, 37), (31, 31)]):
         _gradient(tmp_path / "inst", f"{i}.png", size)
@@ -324,7 +326,8 @@ def test_sdxl_time_ids_are_what_diffusers_computes_for_the_same_view(tmp_path, c
         plan = data.batch_plan(step, 2)
         for kind in ("instance", "class"):
             paths = data.instance_paths if kind == "instance" else data.class_paths
-            for index, crop, flip in zip(plan[f"{kind}_indices"], plan[f"{kind}_crops"], plan[f"{kind}_flips"]):
+            for index, crop, flip in zip(plan[f"{kind}_indices"], plan[f"{kind}_crops"],
+                                         plan[f"{kind}_flips"]):
                 index, crop, flip = int(index), tuple(int(c) for c in crop), bool(flip)
                 ids = data.geometry(kind, index, crop, flip)
                 with Image.open(paths[index]) as im:

@@ -78,8 +78,9 @@ def test_published_index_parses():
 
 def test_trainer_dataset_option_fills_in_the_subject(builder, copy_dir, tmp_path):
     data_dir = os.path.dirname(os.path.dirname(builder.data_dir))  # .../tfds/dreambooth/1.0.0 -> .../tfds
-    cfg = TrainConfig(pretrained_model_name_or_path="unused", dataset="dreambooth:teapot", dataset_dir=data_dir,
-                      dataset_manual_dir=copy_dir, output_dir=str(tmp_path / "out"), with_prior_preservation=True)
+    cfg = TrainConfig(pretrained_model_name_or_path="unused", dataset="dreambooth:teapot",
+                      dataset_dir=data_dir, dataset_manual_dir=copy_dir, output_dir=str(tmp_path / "out"),
+                      with_prior_preservation=True)
     assert validate(cfg) == []
     resolved = resolve_dataset(cfg)
     assert resolved.instance_prompt == "a photo of sks teapot"
@@ -130,7 +131,8 @@ def test_source_is_downloaded_without_manual_dir(copy_dir, tmp_path):
 def test_dataset_on_the_command_line_replaces_the_presets_subject(copy_dir):
     from dreambooth_jax.training.config import parse_args
 
-    cfg = parse_args(["--config", "tiny_demo", "--dataset", "dreambooth:dog", "--dataset_manual_dir", copy_dir])
+    cfg = parse_args(["--config", "tiny_demo", "--dataset", "dreambooth:dog", "--dataset_manual_dir",
+                      copy_dir])
     assert cfg.dataset == "dreambooth:dog" and cfg.resolution == 64  # the rest of the preset stays
     assert cfg.instance_data_dir is cfg.instance_prompt is cfg.class_prompt is cfg.class_data_dir is None
 
@@ -145,7 +147,8 @@ def test_failed_download_says_to_use_a_local_copy(tmp_path):
             raise OSError("Network is unreachable")
 
     builder = dreambooth_dataset.Dreambooth(data_dir=str(tmp_path / "tfds"), file_format="array_record")
-    with pytest.raises(ConnectionError, match="cannot download .*Network is unreachable.*--dataset_manual_dir"):
+    with pytest.raises(ConnectionError,
+                       match="cannot download .*Network is unreachable.*--dataset_manual_dir"):
         builder._source_root(OfflineDownloadManager())
 
 

@@ -55,7 +55,8 @@ def test_tiny_encoders_written_without_torch_load_in_transformers(encoder_dirs):
         ref = transformers.CLIPModel.from_pretrained(clip_dir).eval()
         expected_cls = vit(pixel_values=pixels).last_hidden_state[:, 0].numpy()
         expected_i = ref.get_image_features(pixel_values=pixels).pooler_output.numpy()
-        expected_t = ref.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64))).pooler_output.numpy()
+        text_ids = torch.from_numpy(ids.astype(np.int64))
+        expected_t = ref.get_text_features(input_ids=text_ids).pooler_output.numpy()
     np.testing.assert_allclose(model.apply({"params": params}, x).cls, expected_cls, atol=1e-4)
     np.testing.assert_allclose(vmodel.apply({"params": vparams}, x).image_embeds, expected_i, atol=1e-4)
     np.testing.assert_allclose(tmodel.apply({"params": tparams}, ids).text_embeds, expected_t, atol=1e-4)
@@ -80,7 +81,8 @@ def test_scores_equal_numpy_from_the_same_embeddings(encoders, encoder_dirs):
                                                                          encoders.dino_preprocessing)).cls)
     clip = np.asarray(vmodel.apply({"params": vparams}, preprocessing.preprocess([generated, *real],
                                                                           encoders.clip_preprocessing)).image_embeds)
-    text = np.asarray(tmodel.apply({"params": tparams}, tokenize_with_mask(encoders.tokenizer, ["a dog in the snow"])[0])
+    text = np.asarray(tmodel.apply({"params": tparams},
+                                   tokenize_with_mask(encoders.tokenizer, ["a dog in the snow"])[0])
                       .text_embeds)[0]
 
     def cos(a, b):
@@ -105,7 +107,8 @@ def test_batches_are_padded_to_one_shape(encoder_dirs, encoders):
     pictures = _pictures(5, seed=2)
     small = Encoders(*encoder_dirs, batch_size=2)
     np.testing.assert_allclose(small.dino(pictures), encoders.dino(pictures), atol=1e-6)
-    np.testing.assert_allclose(small.clip_texts(["a", "b", "c"]), encoders.clip_texts(["a", "b", "c"]), atol=1e-6)
+    np.testing.assert_allclose(small.clip_texts(["a", "b", "c"]), encoders.clip_texts(["a", "b", "c"]),
+                               atol=1e-6)
 
 
 def test_embeddings_on_eight_devices_match(encoder_dirs, encoders, tmp_path):
@@ -182,10 +185,11 @@ def test_evaluate_cli_errors(encoder_dirs, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {**os.environ, "DREAMBOOTH_JAX_TRACEBACK": ""}
-    run = subprocess.run([sys.executable, "-m", "dreambooth_jax.evaluate", "--images", str(empty), "--real_images",
-                          str(empty)], capture_output=True, text=True, env=env, timeout=120)
+    run = subprocess.run([sys.executable, "-m", "dreambooth_jax.evaluate", "--images", str(empty),
+                          "--real_images", str(empty)], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1].startswith("error: --images") and "no generated images" in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --images") and "no generated images" in run.stderr
     with open(empty / "prompts.jsonl", "w") as f:
         f.write('{"file": "missing.png", "prompt": "p"}\n')
     with pytest.raises(FileNotFoundError, match="lists 1 missing image"):

@@ -1,5 +1,5 @@
-"""Pallas kernels against their pure-JAX references (interpret mode on CPU), the per-call kernel choice, and the
-whole UNet / VAE with the kernels on against off."""
+"""Pallas kernels against their pure-JAX references (interpret mode on CPU), the per-call kernel choice, and
+the whole UNet / VAE with the kernels on against off."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from dreambooth_jax.kernels.attention import attention_reference, splash_attenti
 from dreambooth_jax.kernels.norm import group_norm, group_norm_reference
 
 # Error budgets. The kernels and the references compute the same float32 formulas and differ in the order of
-# their reductions (blocked partial sums combined with Chan's formula against one XLA reduce). Each reduction of
-# n <= 3e5 terms carries a relative error of ~log2(n) * 6e-8 ~ 1e-6 on either side; outputs and gradients are
-# compared relative to their largest magnitude with 1e-5 (headroom for other machines' summation orders).
+# their reductions (blocked partial sums combined with Chan's formula against one XLA reduce). Each reduction
+# of n <= 3e5 terms carries a relative error of ~log2(n) * 6e-8 ~ 1e-6 on either side; outputs and gradients
+# are compared relative to their largest magnitude with 1e-5 (headroom for other machines' summation orders).
 FP32_REL = 1e-5
 
 
@@ -35,8 +35,9 @@ def _value_and_grads(fn, args, cotangent):
     return (out, *vjp(cotangent))
 
 
-# --- GroupNorm -----------------------------------------------------------------------------------------------------
-# Every channel count of SD 1.x/2.x/XL's UNet and VAE, 32 groups; odd H x W (several row blocks with an overhanging
+# --- GroupNorm
+# ----------------------------------------------------------------------------------------------------- Every
+# channel count of SD 1.x/2.x/XL's UNet and VAE, 32 groups; odd H x W (several row blocks with an overhanging
 # last one where H x W is large), batch 1 and 3, with and without SiLU.
 _NORM_CASES = [  # (batch, H, W, C, activation)
     (3, 5, 7, 128, "silu"), (1, 70, 70, 128, "silu"), (1, 9, 11, 256, None), (3, 13, 3, 320, "silu"),
@@ -47,8 +48,10 @@ _NORM_CASES = [  # (batch, H, W, C, activation)
 
 def _norm_inputs(b, h, w, c, seed=0):
     k = jax.random.split(jax.random.PRNGKey(seed), 4)
-    x = 2.0 * jax.random.normal(k[0], (b, h, w, c)) + 3.0  # a mean far from 0 tests the variance's cancellation
-    return x, 1.0 + 0.5 * jax.random.normal(k[1], (c,)), jax.random.normal(k[2], (c,)), jax.random.normal(k[3], x.shape)
+    # a mean far from 0 tests the variance's cancellation
+    x = 2.0 * jax.random.normal(k[0], (b, h, w, c)) + 3.0
+    scale, bias = 1.0 + 0.5 * jax.random.normal(k[1], (c,)), jax.random.normal(k[2], (c,))
+    return x, scale, bias, jax.random.normal(k[3], x.shape)
 
 
 @pytest.mark.parametrize("b,h,w,c,activation", _NORM_CASES)
@@ -65,8 +68,9 @@ def test_group_norm_kernel_equals_reference_fp32(b, h, w, c, activation):
 @pytest.mark.parametrize("b,h,w,c,activation", [(3, 13, 3, 320, "silu"), (1, 31, 33, 512, None),
                                                 (1, 17, 19, 1280, "silu")])
 def test_group_norm_kernel_bf16_is_as_close_as_the_bf16_reference(b, h, w, c, activation):
-    """bf16 in and out: the kernel's error against float32 maths is at most the bf16 reference's own (both round the
-    output and dx to bf16 once; statistics are float32 in both), with a margin of 2x for rounding ties."""
+    """bf16 in and out: the kernel's error against float32 maths is at most the bf16 reference's own (both
+    round the output and dx to bf16 once; statistics are float32 in both), with a margin of 2x for rounding
+    ties."""
     x, scale, bias, dy = _norm_inputs(b, h, w, c)
     x16, dy16 = x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16)
     kw = dict(num_groups=32, eps=1e-6, activation=activation)
@@ -89,8 +93,8 @@ def test_group_norm_rejects_bad_arguments():
 
 
 def test_group_norm_lowers_for_tpu_and_gpu():
-    """The kernels lower for TPU (Mosaic) and GPU (Triton) from this CPU machine: block shapes, masks and the ops used
-    are accepted by both lowerings (running them needs the chips)."""
+    """The kernels lower for TPU (Mosaic) and GPU (Triton) from this CPU machine: block shapes, masks and the
+    ops used are accepted by both lowerings (running them needs the chips)."""
     x = jax.ShapeDtypeStruct((2, 37, 29, 320), jnp.bfloat16)
     s = jax.ShapeDtypeStruct((320,), jnp.float32)
 
@@ -105,12 +109,15 @@ def test_group_norm_lowers_for_tpu_and_gpu():
         assert ("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") in text, platform
 
 
-# --- attention -----------------------------------------------------------------------------------------------------
+# --- attention
+# -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("b,t,s,n,h", [(1, 64, 77, 2, 40), (3, 130, 130, 1, 64), (2, 33, 9, 2, 160)])
 def test_splash_attention_equals_reference(b, t, s, n, h):
     """Head widths 40/64/160, 77 text keys and lengths that are not multiples of 128 exercise the padding."""
     k = jax.random.split(jax.random.PRNGKey(1), 4)
-    q, key, v = (jax.random.normal(k[i], shape) for i, shape in enumerate([(b, t, n, h), (b, s, n, h), (b, s, n, h)]))
+    q, key, v = (jax.random.normal(k[i], shape) for i, shape in enumerate([(b, t, n, h), (b, s, n, h), (b, s,
+                                                                                                        n,
+                                                                                                        h)]))
     dy = jax.random.normal(k[3], (b, t, n, h))
     got = _value_and_grads(lambda *a: splash_attention(*a, interpret=True), (q, key, v), dy)
     want = _value_and_grads(attention_reference, (q, key, v), dy)
@@ -143,7 +150,8 @@ def test_forced_attention_and_fused_norm_settings():
     assert choose.attention("cudnn", q_len=10, kv_len=10, head_dim=8, dtype=jnp.float32, masked=False,
                             backend="cpu") == "cudnn"
     assert choose.attention("pallas", q_len=10, kv_len=10, head_dim=8, dtype=jnp.float32, masked=True,
-                            backend="tpu") == "dot_product"  # splash takes no mask: the text encoder stays on XLA
+                            # splash takes no mask: the text encoder stays on XLA
+                            backend="tpu") == "dot_product"
     with pytest.raises(UsageError, match="flash"):
         choose.attention("flash", q_len=1, kv_len=1, head_dim=8, dtype=jnp.float32, masked=False)
     assert [choose.fused_norm("auto", b) for b in ("cpu", "gpu", "tpu")] == [False, True, True]
@@ -158,10 +166,12 @@ def test_forced_attention_and_fused_norm_settings():
     assert choose.backend() == jax.default_backend()
 
 
-# --- whole networks ------------------------------------------------------------------------------------------------
+# --- whole networks
+# ------------------------------------------------------------------------------------------------
 def test_unet_and_vae_with_kernels_on_equal_off(tiny_pipelines, kind="sd1"):
-    """The tiny UNet (forward and parameter gradients) and VAE (encode, decode) with the GroupNorm kernel and splash
-    attention (interpret mode) equal XLA's ops within float32 rounding (the budget above, per output)."""
+    """The tiny UNet (forward and parameter gradients) and VAE (encode, decode) with the GroupNorm kernel and
+    splash attention (interpret mode) equal XLA's ops within float32 rounding (the budget above, per
+    output)."""
     from dreambooth_jax.models import unet as unet_lib
     from dreambooth_jax.pipeline import load_pipeline
 
@@ -177,7 +187,8 @@ def test_unet_and_vae_with_kernels_on_equal_off(tiny_pipelines, kind="sd1"):
     def unet_out(pipe):
         @jax.jit
         def value_and_grad(params):
-            f = lambda p: pipe.unet.apply({"params": p}, sample, jnp.array([10, 500]), context, **kwargs)  # noqa: E731
+            f = lambda p: pipe.unet.apply({"params": p}, sample, jnp.array([10, 500]), context,  # noqa: E731
+                                          **kwargs)
             out, vjp = jax.vjp(f, params)
             return out, vjp(jax.random.normal(rng[3], out.shape))[0]
         return value_and_grad(off.params["unet"])
@@ -198,8 +209,9 @@ def test_unet_and_vae_with_kernels_on_equal_off(tiny_pipelines, kind="sd1"):
 
 
 def test_kernels_split_the_batch_over_the_mesh():
-    """On 8 devices with the batch sharded, the GroupNorm kernel runs per device (`batch_parallel`): no all-gather
-    of the activations, and the scale/bias gradients are summed over the shards (equal to the reference's)."""
+    """On 8 devices with the batch sharded, the GroupNorm kernel runs per device (`batch_parallel`): no
+    all-gather of the activations, and the scale/bias gradients are summed over the shards (equal to the
+    reference's)."""
     code = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -208,7 +220,8 @@ from dreambooth_jax.kernels.batch_parallel import batch_parallel
 from dreambooth_jax.kernels.norm import group_norm, group_norm_reference
 mesh = parallel.train_mesh(4)
 k = jax.random.split(jax.random.PRNGKey(0), 3)
-x, s, b = jax.random.normal(k[0], (8, 6, 5, 64)), jax.random.normal(k[1], (64,)), jax.random.normal(k[2], (64,))
+x = jax.random.normal(k[0], (8, 6, 5, 64))
+s, b = jax.random.normal(k[1], (64,)), jax.random.normal(k[2], (64,))
 def grads(fn, wrap):
     def loss(x, s, b):
         f = lambda x, s, b: fn(x, s, b, num_groups=32, eps=1e-5, activation="silu")
@@ -226,5 +239,6 @@ print("ok")
 """
     env = {**os.environ, "XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=8"),
            "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

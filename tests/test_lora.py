@@ -1,6 +1,6 @@
 """LoRA: the intercepted modules equal the merged weights, diffusers loads our files to the same outputs, both
-file layouts round-trip exactly, kohya's SDXL files (LDM UNet names) merge as diffusers merges them, and mismatched
-LoRAs fail with the layer's name."""
+file layouts round-trip exactly, kohya's SDXL files (LDM UNet names) merge as diffusers merges them, and
+mismatched LoRAs fail with the layer's name."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def _unet_inputs(pipe):
 
 @functools.cache
 def _lora_unet(path, remat: bool = False):
-    """Jitted LoRA UNet (params, lora tree, scale, *inputs) -> output, compiled once per pipeline and remat."""
+    """Jitted LoRA UNet (params, lora tree, scale, *inputs) -> output, compiled once per pipeline and
+    remat."""
     unet = _pipe(path).unet.clone(remat=remat)
     return jax.jit(lambda p, tree, scale, *args: lora.apply(unet, p, tree, CONFIG, *args, scale=scale))
 
@@ -124,7 +125,8 @@ def test_unmerged_equals_merged(sd1, loras):
     # `scale` multiplies the update (merge's too); 0 is exactly the base model.
     _close(_lora_unet(path)(params, loras["unet"], 0.5, *args),
            _plain(path, "unet")(lora.merge(params, loras["unet"], CONFIG, scale=0.5), *args))
-    assert np.array_equal(_lora_unet(path)(params, loras["unet"], 0.0, *args), _plain(path, "unet")(params, *args))
+    assert np.array_equal(_lora_unet(path)(params, loras["unet"], 0.0, *args), _plain(path, "unet")(params,
+                                                                                                    *args))
     te, te_params = pipe.text_encoder, pipe.params["text_encoder"]
     unmerged = jax.jit(lambda p, t: lora.apply(te, p, t, CONFIG, IDS).last_hidden_state)(te_params,
                                                                                        loras["text_encoder"])
@@ -196,15 +198,18 @@ def test_sdxl_second_text_encoder_and_unet_match_diffusers(tiny_pipelines, tmp_p
     ref_pipe.load_lora_weights(file)
     ours = load_pipeline(path, lora=file)
     rng = np.random.default_rng(0)
-    x, ctx = rng.standard_normal((1, 8, 8, 4)).astype(np.float32), rng.standard_normal((1, 16, 64)).astype(np.float32)
+    x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    ctx = rng.standard_normal((1, 16, 64)).astype(np.float32)
     added = {"text_embeds": rng.standard_normal((1, 32)).astype(np.float32),
              "time_ids": np.array([[64.0, 64, 0, 0, 64, 64]], np.float32)}
     with torch.no_grad():
         ref_text = ref_pipe.text_encoder_2(torch.tensor(IDS)).last_hidden_state.numpy()
-        ref_unet = ref_pipe.unet(torch.tensor(x.transpose(0, 3, 1, 2)), 500, torch.tensor(ctx), added_cond_kwargs={
+        ref_unet = ref_pipe.unet(torch.tensor(x.transpose(0, 3, 1, 2)), 500, torch.tensor(ctx),
+                                 added_cond_kwargs={
             k: torch.tensor(v) for k, v in added.items()}).sample.numpy().transpose(0, 2, 3, 1)
     _close(_plain(path, "text_encoder_2")(ours.params["text_encoder_2"], IDS), ref_text)
-    _close(jax.jit(lambda p: ours.unet.apply({"params": p}, x, 500, ctx, **added))(ours.params["unet"]), ref_unet)
+    _close(jax.jit(lambda p: ours.unet.apply({"params": p}, x, 500, ctx, **added))(ours.params["unet"]),
+           ref_unet)
 
 
 def test_images_match_diffusers_with_lora(sd1, files):
@@ -215,8 +220,8 @@ def test_images_match_diffusers_with_lora(sd1, files):
     latents = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
     ref_pipe = _diffusers_with_lora(path, files["diffusers"])
     ref_pipe.scheduler = diffusers.DDIMScheduler.from_config(ref_pipe.scheduler.config)
-    ref = ref_pipe(PROMPT, num_inference_steps=3, latents=torch.tensor(latents.transpose(0, 3, 1, 2)), height=64,
-                   width=64, output_type="np").images
+    ref = ref_pipe(PROMPT, num_inference_steps=3, latents=torch.tensor(latents.transpose(0, 3, 1, 2)),
+                   height=64, width=64, output_type="np").images
     ours = generate(load_pipeline(path, lora=files["diffusers"]), [PROMPT], num_inference_steps=3,
                     scheduler="ddim", latents=latents, height=64, width=64)
     assert ours.shape == ref.shape == (1, 64, 64, 3)
@@ -242,7 +247,8 @@ def test_file_keys(sd1, loras, files):
     assert all(v.dtype == np.float32 for v in kohya.values()) and float(next(
         v for k, v in kohya.items() if k.endswith(".alpha"))) == 8.0
     diffusers_keys = reference_load_file(files["diffusers"])
-    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_A.weight" in diffusers_keys
+    assert ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_A.weight"
+            in diffusers_keys)
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight" in diffusers_keys
     assert len(diffusers_keys) == 2 * (len(loras["unet"]) + len(loras["text_encoder"]))
 
@@ -274,7 +280,8 @@ def test_kohya_names_of_every_dense_layer_of_sdxl_round_trip(tiny_pipelines, tmp
         loras[component] = {"/".join(p[:-1]): {"A": np.ones((v.shape[0], 2), np.float32),
                                                "B": np.zeros((2, v.shape[1]), np.float32)}
                             for p, v in flat.items() if p[-1] == "kernel" and v.ndim == 2}
-    assert any(k.endswith("ff/net_0/proj") for k in loras["unet"]) and "text_projection" in loras["text_encoder_2"]
+    assert any(k.endswith("ff/net_0/proj") for k in loras["unet"])
+    assert "text_projection" in loras["text_encoder_2"]
     path = lora.save_kohya(str(tmp_path), loras, lora.LoraConfig(rank=2))
     assert any(k.startswith("lora_te2_text_model_") for k in reference_load_file(path))
     back, _ = lora.load_lora_file(path)
@@ -301,13 +308,14 @@ def test_errors(sd1, tiny_pipelines, loras, files, tmp_path):
         lora.load_lora_file(str(tmp_path))
 
 
-# kohya's SDXL names (LDM/SGM UNet) of the tiny SDXL UNet -> (component, PyTorch module), written out by hand from
-# its config (layers_per_block=1; down: DownBlock2D, 2 x CrossAttn; up: 2 x CrossAttn, UpBlock2D): input_blocks_0 is
-# conv_in, 1 = down 0 (resnet), 2 = its downsampler, 3 = down 1 (resnet, attention), 4 = downsampler, 5 = down 2;
-# output_blocks 0-1 = up 0, 2-3 = up 1 (2 layers each), 4-5 = up 2 (no attention); time_embed and label_emb are the
-# embedding MLPs. Text encoders: each has an out_proj because diffusers 0.42 fails on a kohya text encoder LoRA
-# without one ("Could not automatically infer state dict type"), and none has an mlp layer because next to one
-# diffusers left an attention layer unloaded (reported as UNEXPECTED keys).
+# kohya's SDXL names (LDM/SGM UNet) of the tiny SDXL UNet -> (component, PyTorch module), written out by hand
+# from its config (layers_per_block=1; down: DownBlock2D, 2 x CrossAttn; up: 2 x CrossAttn, UpBlock2D):
+# input_blocks_0 is conv_in, 1 = down 0 (resnet), 2 = its downsampler, 3 = down 1 (resnet, attention), 4 =
+# downsampler, 5 = down 2; output_blocks 0-1 = up 0, 2-3 = up 1 (2 layers each), 4-5 = up 2 (no attention);
+# time_embed and label_emb are the embedding MLPs. Text encoders: each has an out_proj because diffusers 0.42
+# fails on a kohya text encoder LoRA without one ("Could not automatically infer state dict type"), and none
+# has an mlp layer because next to one diffusers left an attention layer unloaded (reported as UNEXPECTED
+# keys).
 LDM_SDXL_NAMES = {
     "lora_unet_input_blocks_1_0_emb_layers_1": ("unet", "down_blocks.0.resnets.0.time_emb_proj"),
     "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q": (
@@ -325,17 +333,20 @@ LDM_SDXL_NAMES = {
     "lora_unet_output_blocks_5_0_emb_layers_1": ("unet", "up_blocks.2.resnets.1.time_emb_proj"),
     "lora_unet_time_embed_0": ("unet", "time_embedding.linear_1"),
     "lora_unet_label_emb_0_2": ("unet", "add_embedding.linear_2"),
-    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ("text_encoder", "encoder.layers.0.self_attn.q_proj"),
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ("text_encoder",
+                                                              "encoder.layers.0.self_attn.q_proj"),
     "lora_te1_text_model_encoder_layers_2_self_attn_out_proj": (
         "text_encoder", "encoder.layers.2.self_attn.out_proj"),
-    "lora_te2_text_model_encoder_layers_0_self_attn_v_proj": ("text_encoder_2", "encoder.layers.0.self_attn.v_proj"),
+    "lora_te2_text_model_encoder_layers_0_self_attn_v_proj": ("text_encoder_2",
+                                                              "encoder.layers.0.self_attn.v_proj"),
     "lora_te2_text_model_encoder_layers_1_self_attn_out_proj": (
         "text_encoder_2", "encoder.layers.1.self_attn.out_proj"),
 }
 
 
 def _write_kohya(path, shapes: dict, seed: int = 0) -> str:
-    """A kohya file with random rank-4 factors for {name: (out, in)}: alpha 8 (scale 2), but 2 on the first."""
+    """A kohya file with random rank-4 factors for {name: (out, in)}: alpha 8 (scale 2), but 2 on the
+    first."""
     rng = np.random.default_rng(seed)
     tensors = {}
     for i, (name, (d_out, d_in)) in enumerate(shapes.items()):
@@ -347,8 +358,8 @@ def _write_kohya(path, shapes: dict, seed: int = 0) -> str:
 
 
 def _no_text_model(state: dict) -> dict:
-    """A copy (fusing a LoRA writes into torch's weights) without the 'text_model.' level, which transformers 5's
-    CLIPTextModel lacks (CLIPTextModelWithProjection has it)."""
+    """A copy (fusing a LoRA writes into torch's weights) without the 'text_model.' level, which transformers
+    5's CLIPTextModel lacks (CLIPTextModelWithProjection has it)."""
     return {k.removeprefix("text_model."): np.array(v) for k, v in state.items()}
 
 
@@ -359,7 +370,8 @@ def test_kohya_sdxl_ldm_names_merge_as_in_diffusers(tiny_pipelines, tmp_path):
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(path)
     base = {c: _no_text_model(getattr(ref, c).state_dict()) for c in components}
     file = _write_kohya(tmp_path / "sdxl_ldm.safetensors",
-                        {name: base[c][f"{module}.weight"].shape for name, (c, module) in LDM_SDXL_NAMES.items()})
+                        {name: base[c][f"{module}.weight"].shape for name,
+                         (c, module) in LDM_SDXL_NAMES.items()})
     ref.load_lora_weights(file)
     ref.fuse_lora(components=list(components))
     ref.unload_lora_weights()  # keeps the fused weights, under their plain names
@@ -369,10 +381,12 @@ def test_kohya_sdxl_ldm_names_merge_as_in_diffusers(tiny_pipelines, tmp_path):
         got = _no_text_model(params_to_state_dict(ours.params[c]))
         targets = {f"{module}.weight" for comp, module in LDM_SDXL_NAMES.values() if comp == c}
         assert got.keys() == expected.keys()
-        assert {k for k in expected if not np.array_equal(expected[k], base[c][k])} == targets  # diffusers' merge
+        # diffusers' merge
+        assert {k for k in expected if not np.array_equal(expected[k], base[c][k])} == targets
         for k in expected:
-            # Both add the same float32 update (W + alpha / rank * up @ down) to the same float32 W, |W| < 1 here;
-            # only the rounding of the rank-4 products may differ: a few ulps (6e-8 below 1). Measured: 1.5e-8.
+            # Both add the same float32 update (W + alpha / rank * up @ down) to the same float32 W, |W| < 1
+            # here; only the rounding of the rank-4 products may differ: a few ulps (6e-8 below 1). Measured:
+            # 1.5e-8.
             np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=2.5e-7, err_msg=f"{c}: {k}")
 
 
@@ -399,10 +413,11 @@ def test_kohya_sdxl_ldm_names_of_the_full_size_unet(tmp_path):
 def test_kohya_sdxl_ldm_name_errors(tiny_pipelines, tmp_path):
     path = tiny_pipelines["sdxl"]
     file = _write_kohya(tmp_path / "ldm.safetensors", {"lora_unet_middle_block_1_proj_in": (32, 32)})
-    with pytest.raises(UsageError, match=r"'lora_unet_middle_block_1_proj_in.*LDM/SGM UNet names.*needs the UNet "
-                                         r"config.*unet_config="):
+    with pytest.raises(UsageError, match=r"'lora_unet_middle_block_1_proj_in.*LDM/SGM UNet names.*needs the "
+                                         r"UNet config.*unet_config="):
         lora.load_lora_file(file)
-    # The tiny SDXL's first down block has no attention (and 2 is its downsampler): input_blocks_1_1 maps nowhere.
+    # The tiny SDXL's first down block has no attention (and 2 is its downsampler): input_blocks_1_1 maps
+    # nowhere.
     bad = _write_kohya(tmp_path / "bad.safetensors", {"lora_unet_input_blocks_1_1_proj_in": (16, 16)})
     with pytest.raises(UsageError, match=r"input_blocks_1_1_proj_in.*no LDM block 'input_blocks_1_1' "
                                          r"\(layers_per_block=1, .*another architecture"):

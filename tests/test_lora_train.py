@@ -1,4 +1,5 @@
-"""DreamBooth-LoRA through the trainer: only the factors train, exports load in diffusers and in our sampler."""
+"""DreamBooth-LoRA through the trainer: only the factors train, exports load in diffusers and in our
+sampler."""
 
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ IMAGE_TOL = 1e-4  # whole sampling loop + decode, as in test_sampling
 @pytest.fixture(scope="module")
 def lora_run(tiny_pipelines, instance_dir, class_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora_run")
-    cfg = train_cfg(tiny_pipelines, instance_dir, out, use_lora=True, rank=4, lora_alpha=8.0, train_text_encoder=True,
-                    max_train_steps=3, learning_rate=1e-2, merge_lora=True, with_prior_preservation=True,
-                    class_data_dir=class_dir, class_prompt="a photo of toy", num_class_images=4,
-                    validation_prompt="a photo of sks toy", validation_steps=3, num_validation_images=1,
-                    validation_inference_steps=2)
+    cfg = train_cfg(tiny_pipelines, instance_dir, out, use_lora=True, rank=4, lora_alpha=8.0,
+                    train_text_encoder=True, max_train_steps=3, learning_rate=1e-2, merge_lora=True,
+                    with_prior_preservation=True, class_data_dir=class_dir, class_prompt="a photo of toy",
+                    num_class_images=4, validation_prompt="a photo of sks toy", validation_steps=3,
+                    num_validation_images=1, validation_inference_steps=2)
     return run(cfg), str(out)
 
 
@@ -40,7 +41,8 @@ def test_only_lora_factors_train(tiny_pipelines, lora_run):
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(base["unet"]))
     assert lora_bytes < 0.2 * base_bytes
     assert 2 * lora_bytes <= opt_bytes <= 2 * lora_bytes + 1024  # AdamW: two moments of the factors, counters
-    b_factors = [f["B"] for f in jax.tree.leaves(state.params, is_leaf=lambda x: isinstance(x, dict) and "B" in x)]
+    b_factors = [f["B"] for f in jax.tree.leaves(state.params,
+                                                 is_leaf=lambda x: isinstance(x, dict) and "B" in x)]
     assert any(np.abs(np.asarray(b)).max() > 0 for b in b_factors)  # B moved off zero
 
 
@@ -64,7 +66,8 @@ def test_lora_exports_match_diffusers_and_the_merged_pipeline(tiny_pipelines, lo
     ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
     ref.load_lora_weights(out)
     ref.set_progress_bar_config(disable=True)
-    theirs = ref(["a photo of sks toy"], num_inference_steps=3, latents=torch.tensor(latents.transpose(0, 3, 1, 2)),
+    theirs = ref(["a photo of sks toy"], num_inference_steps=3, latents=torch.tensor(latents.transpose(0, 3,
+                                                                                                       1, 2)),
                  height=64, width=64, output_type="np").images
     assert np.abs(theirs - ours).max() <= IMAGE_TOL
 

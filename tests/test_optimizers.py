@@ -140,7 +140,8 @@ def test_lr_schedule_equals_diffusers_get_scheduler(name, kwargs):
 
 
 def test_ema_equals_diffusers_ema_model():
-    """Fed the same weights after each optimizer step, our EMA equals `EMAModel` (decay 0 at the first step)."""
+    """Fed the same weights after each optimizer step, our EMA equals `EMAModel` (decay 0 at the first
+    step)."""
     from diffusers.training_utils import EMAModel
 
     decay, steps = 0.9, 30

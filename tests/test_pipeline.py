@@ -68,7 +68,8 @@ def test_saved_pipeline_runs_in_diffusers_with_same_unet_output(tiny_pipelines, 
         b = reloaded.unet(x, 500, ctx, **kwargs).sample
     assert torch.equal(a, b)
     # And the whole pipeline runs (2 steps, 64 px) from the folder we wrote.
-    images = reloaded("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np").images
+    images = reloaded("a photo of sks "
+                      "dog", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
@@ -113,7 +114,8 @@ def test_text_model_prefix_read_both_ways(tiny_pipelines, tmp_path):
     state = safetensors_io.load_file(str(dst / "model.safetensors"))
     flipped = {(k[len("text_model."):] if k.startswith("text_model.") else "text_model." + k): np.array(v)
                for k, v in state.items()}
-    flipped["text_model.embeddings.position_ids"] = np.arange(16, dtype=np.int64)[None]  # a transformers-4 buffer
+    # a transformers-4 buffer
+    flipped["text_model.embeddings.position_ids"] = np.arange(16, dtype=np.int64)[None]
     safetensors_io.save_file(flipped, str(dst / "model.safetensors"))
     _, a = load_component(src, "text_encoder")
     _, b = load_component(str(dst), "text_encoder")
@@ -198,7 +200,8 @@ def test_pytorch_bin_weights_load_without_torch(tiny_pipelines, broken_copy):
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, folder / "pytorch_model.bin")
     os.remove(folder / "model.safetensors")
     loaded, expected = load_pipeline(str(broken_copy)), load_pipeline(tiny_pipelines["sd1"])
-    for a, b in zip(jax.tree.leaves(loaded.params["text_encoder"]), jax.tree.leaves(expected.params["text_encoder"])):
+    for a, b in zip(jax.tree.leaves(loaded.params["text_encoder"]),
+                    jax.tree.leaves(expected.params["text_encoder"])):
         np.testing.assert_array_equal(a, b)
     (folder / "pytorch_model.bin").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match=r"pytorch_model\.bin: not a zip-format PyTorch checkpoint"):
@@ -216,12 +219,13 @@ def test_hub_file_selection_fetches_only_what_is_read():
              "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
              "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
              "text_encoder/pytorch_model.bin", "safety_checker/model.safetensors"]
-    assert hub._weight_patterns(files, None, families.weight_folders()) == ["unet/diffusion_pytorch_model.safetensors",
-                                                 "vae/diffusion_pytorch_model.safetensors",
-                                                 "text_encoder/model.safetensors"]
-    assert hub._weight_patterns(files, "fp16", families.weight_folders()) == ["unet/diffusion_pytorch_model.fp16.safetensors",
-                                                   "vae/diffusion_pytorch_model.fp16.safetensors",
-                                                   "text_encoder/model.fp16.safetensors"]
+    folders = families.weight_folders()
+    assert hub.weight_patterns(files, None, folders) == ["unet/diffusion_pytorch_model.safetensors",
+                                                         "vae/diffusion_pytorch_model.safetensors",
+                                                         "text_encoder/model.safetensors"]
+    assert hub.weight_patterns(files, "fp16", folders) == ["unet/diffusion_pytorch_model.fp16.safetensors",
+                                                           "vae/diffusion_pytorch_model.fp16.safetensors",
+                                                           "text_encoder/model.fp16.safetensors"]
 
 
 def test_runtime_never_imports_torch(tiny_pipelines, tmp_path):
@@ -254,8 +258,9 @@ def test_separate_vae_folder_pipeline_and_hub_repository(tiny_pipelines, tmp_pat
 
     class Api:
         def list_repo_files(self, repo_id, **kwargs):
-            return ["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                    "diffusion_pytorch_model.bin", "sdxl_vae.safetensors", "README.md"]
+            return ["config.json", "diffusion_pytorch_model.safetensors",
+                    "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
+                    "sdxl_vae.safetensors", "README.md"]
 
     def snapshot_download(repo_id, allow_patterns, **kwargs):
         fetched[repo_id] = sorted(allow_patterns)
@@ -264,12 +269,14 @@ def test_separate_vae_folder_pipeline_and_hub_repository(tiny_pipelines, tmp_pat
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     load_pipeline(tiny_pipelines["sdxl"], vae="madebyollin/sdxl-vae-fp16-fix")
-    assert fetched == {"madebyollin/sdxl-vae-fp16-fix": ["config.json", "diffusion_pytorch_model.safetensors"]}
+    assert fetched == {"madebyollin/sdxl-vae-fp16-fix": ["config.json",
+                                                         "diffusion_pytorch_model.safetensors"]}
 
 
 def test_separate_vae_from_a_bucket_fetches_only_that_model(tiny_pipelines, tmp_path, monkeypatch):
     """A bucket pipeline given as the VAE: only its vae/ config and diffusers weights are mirrored; the base
-    pipeline in a bucket then skips its own VAE's weights (a bucket served from a local folder, as in test_scale)."""
+    pipeline in a bucket then skips its own VAE's weights (a bucket served from a local folder, as in
+    test_scale)."""
     from etils import epath
 
     from dreambooth_jax import storage
@@ -285,8 +292,8 @@ def test_separate_vae_from_a_bucket_fetches_only_that_model(tiny_pipelines, tmp_
     expected = load_pipeline(tiny_pipelines["sd1"]).params["vae"]
     for a, b in zip(jax.tree.leaves(pipe.params["vae"]), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)
-    mirrored = {os.path.relpath(os.path.join(d, f), tmp_path / "cache") for d, _, fs in os.walk(tmp_path / "cache")
-                for f in fs}
+    mirrored = {os.path.relpath(os.path.join(d, f), tmp_path / "cache") for d, _,
+                fs in os.walk(tmp_path / "cache") for f in fs}
     other = {m for m in mirrored if "other" in m}
     assert {os.path.basename(m) for m in other} == {"config.json", "diffusion_pytorch_model.safetensors"}
     base = {m for m in mirrored if "base" in m}

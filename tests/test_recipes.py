@@ -33,7 +33,8 @@ def test_text_encoder_stops_training_and_resumes_across_the_stop(tiny_pipelines,
     resumed = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "b",
                             resume_from_checkpoint=str(tmp_path / "a" / "checkpoints" / "2"), **kw))
     assert resumed.steps == 4 and "text_encoder" not in resumed.state.params
-    for a, b in zip(jax.tree.leaves(jax.device_get(stopped.state)), jax.tree.leaves(jax.device_get(resumed.state))):
+    for a, b in zip(jax.tree.leaves(jax.device_get(stopped.state)),
+                    jax.tree.leaves(jax.device_get(resumed.state))):
         np.testing.assert_array_equal(a, b)
 
 
@@ -42,10 +43,12 @@ def test_two_concepts_draw_from_both(tiny_pipelines, tmp_path):
     from dreambooth_jax.training.data import DreamBoothData
 
     concepts = [
-        {"instance_data_dir": draw_images(tmp_path / "toy", 2, seed=5), "instance_prompt": "a photo of sks toy",
-         "class_data_dir": str(tmp_path / "class_toy"), "class_prompt": "a photo of toy"},
-        {"instance_data_dir": draw_images(tmp_path / "cube", 3, seed=6), "instance_prompt": "a photo of zwx cube",
-         "class_data_dir": str(tmp_path / "class_cube"), "class_prompt": "a photo of cube"},
+        {"instance_data_dir": draw_images(tmp_path / "toy", 2, seed=5),
+         "instance_prompt": "a photo of sks toy", "class_data_dir": str(tmp_path / "class_toy"),
+         "class_prompt": "a photo of toy"},
+        {"instance_data_dir": draw_images(tmp_path / "cube", 3, seed=6),
+         "instance_prompt": "a photo of zwx cube", "class_data_dir": str(tmp_path / "class_cube"),
+         "class_prompt": "a photo of cube"},
     ]
     path = tmp_path / "concepts.json"
     path.write_text(json.dumps(concepts))

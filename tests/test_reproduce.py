@@ -1,4 +1,5 @@
-"""`python -m dreambooth_jax.reproduce` end to end on two tiny subjects with the tiny model, and its resume."""
+"""`python -m dreambooth_jax.reproduce` end to end on two tiny subjects with the tiny model, and its
+resume."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def setup(tmp_path_factory):
         "train_text_encoder": True, "attention": "einsum", "checkpointing_steps": 100,
         "validation_inference_steps": 2}))
     args = ["--config", str(preset), "--dataset_dir", str(root / "tfds"), "--dataset_manual_dir", data,
-            "--dino_model", dino, "--clip_model", clip, "--num_images_per_prompt", "2", "--num_inference_steps", "2",
-            "--output_dir", str(root / "out")]
+            "--dino_model", dino, "--clip_model", clip, "--num_images_per_prompt", "2",
+            "--num_inference_steps", "2", "--output_dir", str(root / "out")]
     return root, args
 
 
@@ -73,7 +74,8 @@ def test_reproduce_two_subjects_then_skips_them_and_keeps_settings(setup, monkey
     assert json.loads((out / "dog" / "seed0" / "settings.json").read_text())["num_inference_steps"] == 2
 
     # Other settings into the same folder are refused, not mixed with the old results; bad options too.
-    with pytest.raises(ValueError, match=r"dog/seed0 was started with other settings \(num_inference_steps: 2 -> 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"dog/seed0 was started with other settings \(num_inference_steps: 2 -> 3\)"):
         reproduce.main([*args, "--num_inference_steps", "3"])
     with pytest.raises(ValueError, match="unknown dog6; known: dog, teapot"):
         reproduce.main([*args, "--subjects", "dog6"])
@@ -89,10 +91,11 @@ def test_reproduce_with_the_sdxl_lora_preset(setup, tiny_pipelines, capsys):
     args = [a for a in args if a not in ("--config", str(root / "tiny_paper.json"))]
     args[args.index("--output_dir") + 1] = str(out)
     reproduce.main([*args, "--config", "sdxl_lora", "--pretrained_model_name_or_path", tiny_pipelines["sdxl"],
-                    "--subjects", "dog", "--max_train_steps", "2", "--", "--pretrained_vae_model_name_or_path",
-                    "none", "--resolution", "64", "--gradient_accumulation_steps", "1", "--num_class_images", "2",
-                    "--sample_batch_size", "2", "--mixed_precision", "no", "--attention", "einsum",
-                    "--validation_inference_steps", "2", "--learning_rate", "1e-3"])
+                    "--subjects", "dog", "--max_train_steps", "2", "--",
+                    "--pretrained_vae_model_name_or_path", "none", "--resolution", "64",
+                    "--gradient_accumulation_steps", "1", "--num_class_images", "2", "--sample_batch_size",
+                    "2", "--mixed_precision", "no", "--attention", "einsum", "--validation_inference_steps",
+                    "2", "--learning_rate", "1e-3"])
     results = json.loads((out / "results.json").read_text())
     assert list(results["subjects"]) == ["dog"] and results["subjects"]["dog"]["dino"]["n"] == 4
     settings = json.loads((out / "dog" / "seed0" / "settings.json").read_text())
@@ -106,20 +109,23 @@ SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/datasets/dreambooth is not here")
 def test_parallel_subjects_give_the_scores_of_one_at_a_time(setup, capsys):
     """Four subjects of the paper's dataset (two of one class) trained 4 at a time (one program, `train
-    --subjects`) score as trained one at a time. The weights agree to rtol 1e-5 (test_subjects); the images are
-    8-bit PNGs, so a pixel may round the other way: the scores (cosine similarities) agree to 1e-3."""
+    --subjects`) score as trained one at a time. The weights agree to rtol 1e-5 (test_subjects); the images
+    are 8-bit PNGs, so a pixel may round the other way: the scores (cosine similarities) agree to 1e-3."""
     root, args = setup
-    args = [*args, "--dataset_manual_dir", os.path.abspath(SHARED), "--dataset_dir", str(root / "tfds_shared"),
-            "--subjects", "dog6,dog8,can,cat", "--num_images_per_prompt", "1"]  # (the last of a repeated flag wins)
+    args = [*args, "--dataset_manual_dir", os.path.abspath(SHARED), "--dataset_dir",
+            # (the last of a repeated flag wins)
+            str(root / "tfds_shared"), "--subjects", "dog6,dog8,can,cat", "--num_images_per_prompt", "1"]
     results = {}
     for k in (4, 1):
         out = root / f"parallel{k}"
         reproduce.main([*args, "--output_dir", str(out), "--parallel_subjects", str(k)])
         results[k] = json.loads((out / "results.json").read_text())
-        assert not (out / "parallel").exists() or not os.listdir(out / "parallel")  # exported runs leave nothing
+        # exported runs leave nothing
+        assert not (out / "parallel").exists() or not os.listdir(out / "parallel")
     assert "training 4 run(s) 4 at a time" in capsys.readouterr().err
     assert list(results[4]["subjects"]) == ["dog6", "dog8", "can", "cat"]
     for name, subject in results[1]["subjects"].items():
         assert subject["dino"]["n"] == 25
         for m in ("dino", "clip_i", "clip_t"):
-            assert results[4]["subjects"][name][m]["mean"] == pytest.approx(subject[m]["mean"], abs=1e-3), (name, m)
+            got = results[4]["subjects"][name][m]["mean"]
+            assert got == pytest.approx(subject[m]["mean"], abs=1e-3), (name, m)

@@ -42,7 +42,8 @@ def _diffusers_images(path, scheduler_name, latents_nhwc, steps, guidance, kind,
     pipe.scheduler = classes[scheduler_name].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     latents = torch.tensor(latents_nhwc.transpose(0, 3, 1, 2))
-    return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=latents, height=64, width=64,
+    return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=latents, height=64,
+                width=64,
                 negative_prompt=None if negative_prompt is None else [negative_prompt] * len(PROMPTS),
                 output_type="np").images
 
@@ -69,7 +70,8 @@ def test_seeds_are_per_image_and_reproducible(tiny_pipelines):
     a = generate(pipe, PROMPTS, seed=7, **kw)
     programs = dict(pipe.cache["sampling"])  # (the pipeline is shared: other tests' programs are there too)
     traces = {key: fn._cache_size() for key, fn in programs.items()}
-    weaker = generate(pipe, PROMPTS, seed=7, guidance_scale=5.0, **kw)  # guidance is an input, not a new program
+    # guidance is an input, not a new program
+    weaker = generate(pipe, PROMPTS, seed=7, guidance_scale=5.0, **kw)
     assert np.abs(weaker - a).max() > 1e-3
     b = generate(pipe, PROMPTS, seed=7, **kw)
     np.testing.assert_array_equal(a, b)
@@ -94,8 +96,8 @@ def test_same_images_on_one_and_eight_devices(tiny_pipelines, tmp_path):
     out = tmp_path / "eight.npy"
     code = (
         "import jax, numpy as np\n"
-        "from dreambooth_jax.pipeline import load_pipeline\nfrom dreambooth_jax.diffusion.generation import generate\n"
-        "assert jax.device_count() == 8\n"
+        "from dreambooth_jax.pipeline import load_pipeline\nfrom dreambooth_jax.diffusion.generation import "
+        "generate\nassert jax.device_count() == 8\n"
         f"np.save({str(out)!r}, generate(load_pipeline({path!r}), {prompts!r}, **{kw!r}))\n"
     )
     env = {**os.environ, "XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=8"),
@@ -105,8 +107,8 @@ def test_same_images_on_one_and_eight_devices(tiny_pipelines, tmp_path):
 
 
 def _perturbed_sets(tree, k: int, seed: int):
-    """`tree` with a leading axis of `k` sets: set 0 is `tree`, the others add seeded noise of 1e-2 of each leaf's
-    std (a small fine-tune's worth: visibly different images, the same network)."""
+    """`tree` with a leading axis of `k` sets: set 0 is `tree`, the others add seeded noise of 1e-2 of each
+    leaf's std (a small fine-tune's worth: visibly different images, the same network)."""
     rng = np.random.default_rng(seed)
 
     def sets(x):
@@ -118,8 +120,8 @@ def _perturbed_sets(tree, k: int, seed: int):
 
 
 def test_subject_params_sample_each_set_in_one_program(tiny_pipelines):
-    """K = 3 (unet, text encoder) parameter sets vmapped in one program: set k's images equal a plain call on the
-    pipeline with set k's params; the sets' images differ; bad sets are refused."""
+    """K = 3 (unet, text encoder) parameter sets vmapped in one program: set k's images equal a plain call on
+    the pipeline with set k's params; the sets' images differ; bad sets are refused."""
     pipe = _pipe(tiny_pipelines["sd1"])
     subject = {"unet": _perturbed_sets(pipe.params["unet"], 3, seed=0),
                "text_encoder": _perturbed_sets(pipe.params["text_encoder"], 3, seed=1)}
@@ -131,10 +133,11 @@ def test_subject_params_sample_each_set_in_one_program(tiny_pipelines):
         params = {**pipe.params, **{net: jax.tree.map(lambda x: x[k], subject[net]) for net in nets}}
         return generate(dataclasses.replace(pipe, params=params), PROMPTS, **kw)
 
-    # Same maths in fp32, but vmap makes each conv / matmul a batched one whose kernel may sum in another order:
-    # ~eps32 * sqrt(K) relative per layer (K <= 1e3 terms), compounded over 3 UNet calls and the ~60-layer
-    # decoder to ~1e-6 of the [0, 1] range (measured ~2e-6, also on 8 devices). 1e-5 leaves 5x margin, and the
-    # sets' images differ by > 1e-3 (measured ~2e-2), so a set sampled with another set's params fails.
+    # Same maths in fp32, but vmap makes each conv / matmul a batched one whose kernel may sum in another
+    # order: ~eps32 * sqrt(K) relative per layer (K <= 1e3 terms), compounded over 3 UNet calls and the
+    # ~60-layer decoder to ~1e-6 of the [0, 1] range (measured ~2e-6, also on 8 devices). 1e-5 leaves 5x
+    # margin, and the sets' images differ by > 1e-3 (measured ~2e-2), so a set sampled with another set's
+    # params fails.
     tol = 1e-5
     refs = [alone(k) for k in range(3)]
     for k in range(3):
@@ -175,7 +178,8 @@ def test_sample_cli_writes_pngs_metadata_and_grid(tiny_pipelines, tmp_path, caps
     prompts_file.write_text("a photo of sks dog\n\na blue car\n")
     out = tmp_path / "out"
     args = ["--model", tiny_pipelines["sd1"], "--prompts_file", str(prompts_file), "--num_images", "2",
-            "--steps", "3", "--seed", "5", "--output_dir", str(out), "--dtype", "fp32", "--attention", "einsum"]
+            "--steps", "3", "--seed", "5", "--output_dir", str(out), "--dtype", "fp32", "--attention",
+            "einsum"]
     sample_cli.main(args)
     pngs = sorted(f for f in os.listdir(out) if f.endswith(".png") and not f.startswith("grid"))
     assert pngs == ["00000-seed5.png", "00001-seed6.png", "00002-seed7.png", "00003-seed8.png"]

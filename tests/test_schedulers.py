@@ -91,7 +91,7 @@ def _cases():
 
 def _diffusers_loop(monkeypatch, name, config, n, eta, noises):
     """diffusers' sampling loop, its N(0, I) draws replaced by noises[i] at step i."""
-    sched = getattr(diffusers, schedulers._CLASS_FOR[name]).from_config(config)
+    sched = getattr(diffusers, schedulers.DIFFUSERS_CLASS[name]).from_config(config)
     sched.set_timesteps(n)
     step = [0]
     for module in (scheduling_ddpm, scheduling_ddim, scheduling_euler_ancestral_discrete):
@@ -170,7 +170,7 @@ def test_config_read_as_another_class_like_from_config():
     # take the new class's defaults (e.g. DPM's "linspace" spacing, not PNDM's "leading").
     pndm_config = dict(diffusers.PNDMScheduler.from_config(SD).config)
     for name in SCHEDULER_NAMES:
-        sched = getattr(diffusers, schedulers._CLASS_FOR[name]).from_config(pndm_config)
+        sched = getattr(diffusers, schedulers.DIFFUSERS_CLASS[name]).from_config(pndm_config)
         sched.set_timesteps(20)
         sampler = make_sampler(name, pndm_config, 20)
         np.testing.assert_array_equal(sampler.timesteps, sched.timesteps.numpy().astype(np.float32))

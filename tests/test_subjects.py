@@ -1,5 +1,5 @@
-"""Many subjects in one run (`--subjects`): K independent models trained by one program export what each subject
-trained alone exports; a stopped run resumes; bad subject files fail before anything is loaded."""
+"""Many subjects in one run (`--subjects`): K independent models trained by one program export what each
+subject trained alone exports; a stopped run resumes; bad subject files fail before anything is loaded."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ WELL_CONDITIONED = ["--adam_epsilon", "1.0", "--learning_rate", "1e-2"]  # see t
 
 
 def _base(tiny_pipelines) -> list[str]:
-    return ["--pretrained_model_name_or_path", tiny_pipelines["sd1"], "--resolution", "64", "--attention", "einsum",
-            "--max_train_steps", "2", "--num_class_images", "4", "--checkpointing_steps", "100", *WELL_CONDITIONED]
+    return ["--pretrained_model_name_or_path", tiny_pipelines["sd1"], "--resolution", "64", "--attention",
+            "einsum", "--max_train_steps", "2", "--num_class_images", "4", "--checkpointing_steps", "100",
+            *WELL_CONDITIONED]
 
 
 FULL = ["--with_prior_preservation", "--use_ema"]
@@ -35,7 +36,8 @@ LORA = ["--use_lora", "--rank", "4", "--train_text_encoder"]
 
 @pytest.fixture(scope="module")
 def subjects(tmp_path_factory, class_dir) -> tuple[str, list[dict]]:
-    """4 subjects of 3 or 4 photos, own seeds; two share a class folder (already full: nothing to generate)."""
+    """4 subjects of 3 or 4 photos, own seeds; two share a class folder (already full: nothing to
+    generate)."""
     root = tmp_path_factory.mktemp("subjects")
     other_class = draw_images(root / "class_b", 4, seed=99)
     items = [{"name": f"toy{k}", "instance_data_dir": draw_images(root / f"toy{k}", 3 + k % 2, seed=10 + k),
@@ -54,7 +56,8 @@ from dreambooth_jax.train import main
 from dreambooth_jax.training import checkpoints
 assert jax.device_count() == int(sys.argv[2])
 original = checkpoints.Checkpointer.save
-def preempt_after_step_1(self, state, meta, *, step, force=False):  # a real SIGTERM after step 1 was dispatched
+# a real SIGTERM after step 1 was dispatched
+def preempt_after_step_1(self, state, meta, *, step, force=False):
     if step == 1 and not force:
         os.kill(os.getpid(), signal.SIGTERM)
     return original(self, state, meta, step=step, force=force)
@@ -75,8 +78,9 @@ def _run_cli(devices: int, runs: list[tuple[list[str], bool]]) -> None:
 
 def test_subjects_trained_together_equal_each_alone(tiny_pipelines, subjects, tmp_path):
     """Full fine-tuning with prior preservation and EMA (stopped by SIGTERM after step 1, resumed; the fused
-    GroupNorm kernel, against XLA's norm alone), and LoRA of the UNet and text encoder: each subject's export equals
-    its run alone with its seed (rtol 1e-5: only the order of fp32 sums differs, see train_helpers.RTOL)."""
+    GroupNorm kernel, against XLA's norm alone), and LoRA of the UNet and text encoder: each subject's export
+    equals its run alone with its seed (rtol 1e-5: only the order of fp32 sums differs, see
+    train_helpers.RTOL)."""
     path, items = subjects
     base = _base(tiny_pipelines)
     full, lora = tmp_path / "full", tmp_path / "lora"
@@ -87,8 +91,9 @@ def test_subjects_trained_together_equal_each_alone(tiny_pipelines, subjects, tm
                        (["--subjects", path, "--output_dir", str(lora), *base, *LORA], False)])
 
     def alone(item, out, extra):
-        return (["--instance_data_dir", item["instance_data_dir"], "--instance_prompt", item["instance_prompt"],
-                 "--class_data_dir", item["class_data_dir"], "--class_prompt", item["class_prompt"],
+        return (["--instance_data_dir", item["instance_data_dir"], "--instance_prompt",
+                 item["instance_prompt"], "--class_data_dir", item["class_data_dir"], "--class_prompt",
+                 item["class_prompt"],
                  "--seed", str(item["seed"]), "--output_dir", str(out / item["name"]), *base, *extra], False)
 
     _run_cli(ALONE_DEVICES, [alone(item, tmp_path / kind, extra) for kind, extra in (("full_alone", FULL),
@@ -131,7 +136,8 @@ def _write(tmp_path, items) -> str:
     (lambda items: [{**items[0], "resolution": 128}, *items[1:]], "share the model and the resolution"),
     (lambda items: [{**items[0], "pretrained_model_name_or_path": "other"}, *items[1:]], "share the model"),
     (lambda items: [{**items[0], "colour": "red"}, *items[1:]], "unknown keys"),
-    (lambda items: [*items, {**items[0], "name": "TOY0"}], "two subjects are named 'TOY0'"),  # case-insensitive FS
+    # case-insensitive FS
+    (lambda items: [*items, {**items[0], "name": "TOY0"}], "two subjects are named 'TOY0'"),
     (lambda items: [{**items[0], "seed": True}, *items[1:]], "seed must be an integer"),
     (lambda items: [{**items[0], "instance_data_dir": "EMPTY"}, *items[1:]], "no images"),
     (lambda items: [{k: v for k, v in items[0].items() if k != "instance_prompt"}, *items[1:]],
@@ -144,7 +150,8 @@ def test_bad_subjects_fail_before_loading(tiny_pipelines, subjects, tmp_path, ca
     empty.mkdir()
     changed = [{k: (str(empty) if v == "EMPTY" else v) for k, v in item.items()} for item in change(items)]
     with pytest.raises(SystemExit):
-        parse_args(["--subjects", _write(tmp_path, changed), *_base(tiny_pipelines), "--with_prior_preservation"])
+        parse_args(["--subjects", _write(tmp_path, changed), *_base(tiny_pipelines),
+                    "--with_prior_preservation"])
     assert message in capsys.readouterr().err
 
 
@@ -163,10 +170,12 @@ def test_subjects_options(tiny_pipelines, subjects, tmp_path, capsys):
     assert [(s.name, s.cfg.dataset) for s in read_subjects(cfg)] == [("dog6", "dreambooth:dog6"),
                                                                     ("cat", "dreambooth:cat")]
     with pytest.raises(SystemExit):
-        parse_args(["--subjects", path, "--instance_data_dir", items[0]["instance_data_dir"], *_base(tiny_pipelines)])
+        parse_args(["--subjects", path, "--instance_data_dir", items[0]["instance_data_dir"],
+                    *_base(tiny_pipelines)])
     assert "replaces --instance_data_dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # one prompt for every subject of the dataset: refused
-        parse_args(["--dataset", "dreambooth:dog6,cat", "--instance_prompt", "a sks dog", *_base(tiny_pipelines)])
+        parse_args(["--dataset", "dreambooth:dog6,cat", "--instance_prompt", "a sks dog",
+                    *_base(tiny_pipelines)])
     assert "would name every subject alike" in capsys.readouterr().err
 
 
@@ -188,15 +197,16 @@ def test_more_options_together_equal_alone(tiny_pipelines, subjects, tmp_path, k
     two.write_text(json.dumps(items[:2]))
     run(parse_args(["--subjects", str(two), "--output_dir", str(tmp_path / "together"), *base, *extra]))
     for item in items[:2]:
-        run(parse_args(["--instance_data_dir", item["instance_data_dir"], "--instance_prompt", item["instance_prompt"],
-                        "--class_data_dir", item["class_data_dir"], "--class_prompt", item["class_prompt"],
-                        "--seed", str(item["seed"]), "--output_dir", str(tmp_path / item["name"]), *base, *extra]))
+        run(parse_args(["--instance_data_dir", item["instance_data_dir"], "--instance_prompt",
+                        item["instance_prompt"], "--class_data_dir", item["class_data_dir"], "--class_prompt",
+                        item["class_prompt"], "--seed", str(item["seed"]), "--output_dir",
+                        str(tmp_path / item["name"]), *base, *extra]))
         together = tmp_path / "together" / item["name"]
         assert_same_weights(exported_weights(together), exported_weights(tmp_path / item["name"]))
         if "--merge_lora" in extra:  # the merged pipelines too
             for part in ("unet", "text_encoder_2"):
-                a = load_file(os.path.join(together, part, "diffusion_pytorch_model.safetensors" if part == "unet"
-                                           else "model.safetensors"))
+                file = "diffusion_pytorch_model.safetensors" if part == "unet" else "model.safetensors"
+                a = load_file(os.path.join(together, part, file))
                 b = load_file(os.path.join(tmp_path, item["name"], part, "diffusion_pytorch_model.safetensors"
                                            if part == "unet" else "model.safetensors"))
                 assert_same_weights(a, b)

@@ -79,7 +79,8 @@ def test_loss_equals_pytorch_reference(tiny_pipelines, kind, prior):
 
 # --- training runs ----------------------------------------------------------------------------------------
 def test_training_overfits_the_instance_images(tiny_pipelines, instance_dir, class_dir, tmp_path):
-    cfg = train_cfg(tiny_pipelines, instance_dir, tmp_path / "out", max_train_steps=30, with_prior_preservation=True,
+    cfg = train_cfg(tiny_pipelines, instance_dir, tmp_path / "out", max_train_steps=30,
+                    with_prior_preservation=True,
                class_data_dir=class_dir, class_prompt="a photo of toy", num_class_images=4, center_crop=True,
                report_to="tensorboard")
     result = run(cfg)
@@ -109,26 +110,29 @@ def _initial_unet_leaves(tiny_pipelines):
 
 
 # Adam's first updates are ~lr * sign(g): a float-rounding-sized change of a near-zero gradient can flip them.
-# A large epsilon makes the update ~lr * g / eps, so equal gradients (up to summation order) give equal params.
+# A large epsilon makes the update ~lr * g / eps, so equal gradients (up to summation order) give equal
+# params.
 WELL_CONDITIONED = dict(adam_epsilon=1.0, learning_rate=1e-2)
 
 
 def test_gradient_accumulation_2x2_equals_batch_4(tiny_pipelines, instance_dir, tmp_path):
     a = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "a", train_batch_size=4, **WELL_CONDITIONED))
-    b = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "b", train_batch_size=2, gradient_accumulation_steps=2,
+    b = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "b", train_batch_size=2,
+                      gradient_accumulation_steps=2,
                  **WELL_CONDITIONED))
-    moved = max(np.abs(x - y).max() for x, y in zip(_unet_leaves(a.state), _initial_unet_leaves(tiny_pipelines)))
+    moved = max(np.abs(x - y).max() for x, y in zip(_unet_leaves(a.state),
+                                                    _initial_unet_leaves(tiny_pipelines)))
     assert moved > 1e-4  # the params did change
     for x, y in zip(_unet_leaves(a.state), _unet_leaves(b.state)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
-def test_one_device_equals_two_processes_of_four_devices(tiny_pipelines, instance_dir, class_dir, one_device_run,
-                                                         tmp_path):
+def test_one_device_equals_two_processes_of_four_devices(tiny_pipelines, instance_dir, class_dir,
+                                                         one_device_run, tmp_path):
     """Two processes of 4 devices (JAX's multi-process runtime on CPU, gloo collectives), fsdp 4 x data 2: the
     data axis spans the hosts, each fsdp group is one host's devices. Per-host batch slices, sharded Orbax
-    checkpoints written by both processes, the export gathered by both and written by process 0, the validation
-    sampler's gather; the exported weights equal a one-device run of the same global batch."""
+    checkpoints written by both processes, the export gathered by both and written by process 0, the
+    validation sampler's gather; the exported weights equal a one-device run of the same global batch."""
     multi = tmp_path / "multi"
     argv = run_argv(tiny_pipelines, instance_dir, multi, *full_run_argv(class_dir), "--fsdp", "4",
                     "--checkpointing_steps", "1", "--validation_prompt", PROMPT, "--validation_steps", "2",
@@ -150,7 +154,8 @@ def test_sigterm_then_resume_is_bit_identical(tiny_pipelines, instance_dir, tmp_
 
     original = checkpoints.Checkpointer.save
 
-    def preempt_after_step_2(self, state, meta, *, step, force=False):  # a real SIGTERM, after step 2 was dispatched
+    # a real SIGTERM, after step 2 was dispatched
+    def preempt_after_step_2(self, state, meta, *, step, force=False):
         if step == 2 and not force:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, state, meta, step=step, force=force)
@@ -161,7 +166,8 @@ def test_sigterm_then_resume_is_bit_identical(tiny_pipelines, instance_dir, tmp_
     assert stopped.steps == 2  # the step in flight finishes, then a checkpoint, then exit
     assert os.listdir(out / "checkpoints") == ["2"] and not os.path.exists(out / "model_index.json")
     monkeypatch.setattr(checkpoints.Checkpointer, "save", original)
-    resumed = run(train_cfg(tiny_pipelines, instance_dir, out, max_train_steps=4, resume_from_checkpoint="latest"))
+    resumed = run(train_cfg(tiny_pipelines, instance_dir, out, max_train_steps=4,
+                            resume_from_checkpoint="latest"))
     assert resumed.steps == 4 and os.path.isfile(out / "model_index.json")
     for x, y in zip(_unet_leaves(straight.state), _unet_leaves(resumed.state)):
         np.testing.assert_array_equal(x, y)
@@ -185,8 +191,8 @@ def test_class_images_fill_partial_folder(tiny_pipelines, tmp_path):
     folder = draw_images(tmp_path / "cls", 2, seed=3)
     before = {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
     pipe = load_pipeline(tiny_pipelines["sd1"])
-    made = ensure_class_images(pipe, folder, "a photo of toy", 5, batch_size_per_device=2, num_inference_steps=2,
-                               progress=False)
+    made = ensure_class_images(pipe, folder, "a photo of toy", 5, batch_size_per_device=2,
+                               num_inference_steps=2, progress=False)
     assert made == 3 and len(os.listdir(folder)) == 5
     assert all(open(os.path.join(folder, f), "rb").read() == data for f, data in before.items())
     assert ensure_class_images(pipe, folder, "a photo of toy", 5, batch_size_per_device=2,
@@ -203,8 +209,8 @@ def test_presets_and_cli_overrides(tiny_pipelines, instance_dir):
                         "--class_data_dir", "/tmp/x", "--class_prompt", "a dog"])
     assert (paper.learning_rate, paper.num_class_images, paper.prior_loss_weight) == (5e-6, 1000, 1.0)
     for preset, lora in (("sdxl", False), ("sdxl_lora", True)):
-        sdxl = parse_args(["--config", preset, "--instance_data_dir", instance_dir, "--instance_prompt", PROMPT,
-                           "--class_data_dir", "/tmp/x", "--class_prompt", "a dog"])
+        sdxl = parse_args(["--config", preset, "--instance_data_dir", instance_dir, "--instance_prompt",
+                           PROMPT, "--class_data_dir", "/tmp/x", "--class_prompt", "a dog"])
         assert (sdxl.resolution, sdxl.use_lora, sdxl.mixed_precision) == (1024, lora, "bf16")
         assert sdxl.pretrained_vae_model_name_or_path == "madebyollin/sdxl-vae-fp16-fix"
     assert (sdxl.rank, sdxl.learning_rate) == (16, 1e-4)
@@ -231,7 +237,8 @@ def test_bad_inputs_clear_errors_and_no_partial_export(tiny_pipelines, instance_
     with pytest.raises(ValueError, match="no images"):
         run(train_cfg(tiny_pipelines, str(empty), tmp_path / "o1"))
     with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
-        run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "o2", pretrained_model_name_or_path=str(tmp_path / "no")))
+        run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "o2",
+                      pretrained_model_name_or_path=str(tmp_path / "no")))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.png").write_bytes(b"not an image")

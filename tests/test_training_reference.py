@@ -1,5 +1,5 @@
-"""Every training option through the CLI (`python -m dreambooth_jax.train`'s parser and `run`), on the tiny model,
-against the same steps computed in PyTorch by the reference libraries (`torch_reference.py`).
+"""Every training option through the CLI (`python -m dreambooth_jax.train`'s parser and `run`), on the tiny
+model, against the same steps computed in PyTorch by the reference libraries (`torch_reference.py`).
 
 Error budgets (fp32 on CPU): our UNet and diffusers' agree to ~1e-6 of their outputs' scale, so a loss (a mean
 of squared errors of O(1) values) agrees to ~1e-5 relative: asserted at 1e-4. Gradient norms likewise. Trained
@@ -27,9 +27,10 @@ LOSS_RTOL = 1e-4
 
 
 def _argv(pipeline, instance_dir, out, **options) -> list[str]:
-    base = {"pretrained_model_name_or_path": pipeline, "instance_data_dir": instance_dir, "instance_prompt": PROMPT,
-            "output_dir": str(out), "resolution": 64, "train_batch_size": 1, "max_train_steps": 1,
-            "learning_rate": 1e-3, "attention": "einsum", "checkpointing_steps": 100, "seed": 0, **options}
+    base = {"pretrained_model_name_or_path": pipeline, "instance_data_dir": instance_dir,
+            "instance_prompt": PROMPT, "output_dir": str(out), "resolution": 64, "train_batch_size": 1,
+            "max_train_steps": 1, "learning_rate": 1e-3, "attention": "einsum", "checkpointing_steps": 100,
+            "seed": 0, **options}
     argv = []
     for key, value in base.items():
         if value is True:
@@ -68,17 +69,19 @@ OPTIMIZER_RUNS = {
     "adafactor": dict(learning_rate=1e-2, adam_weight_decay=0.1, lr_scheduler="cosine", lr_warmup_steps=1),
     "lion": dict(learning_rate=3e-4, adam_weight_decay=0.1),
     # Prodigy's step is lr x d, d from 1e-6 up: a large lr makes 3 steps move the weights well above rounding.
-    "prodigy": dict(learning_rate=30.0, adam_weight_decay=0.01, adam_epsilon=1e-6, lr_scheduler="constant_with_warmup",
-                    lr_warmup_steps=1),
+    "prodigy": dict(learning_rate=30.0, adam_weight_decay=0.01, adam_epsilon=1e-6,
+                    lr_scheduler="constant_with_warmup", lr_warmup_steps=1),
 }
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZER_RUNS))
 def test_optimizer_schedule_and_ema_equal_pytorch(tiny_pipelines, instance_dir, tmp_path, optimizer):
-    """Also, for our own optimizer states (Adafactor's, Prodigy's; optax's AdamW state resumes in test_train.py):
-    the state goes through an Orbax checkpoint, and a run resumed from it continues bit for bit."""
+    """Also, for our own optimizer states (Adafactor's, Prodigy's; optax's AdamW state resumes in
+    test_train.py): the state goes through an Orbax checkpoint, and a run resumed from it continues bit for
+    bit."""
     steps = 3
-    options = dict(optimizer=optimizer, max_train_steps=steps, checkpointing_steps=2, **OPTIMIZER_RUNS[optimizer])
+    options = dict(optimizer=optimizer, max_train_steps=steps, checkpointing_steps=2,
+                   **OPTIMIZER_RUNS[optimizer])
     cfg, result = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "out", **options)
     if optimizer in ("adafactor", "prodigy"):
         _, resumed = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "resumed",
@@ -115,8 +118,8 @@ def _sample_prediction_pipeline(src: str, dst) -> str:
 
 @pytest.mark.parametrize("case", ["epsilon_prior_offset", "v_prediction", "sample"])
 def test_loss_options_equal_pytorch(tiny_pipelines, instance_dir, class_dir, tmp_path, case):
-    """--snr_gamma for each prediction type, --with_prior_preservation with --prior_loss_weight, --offset_noise
-    with --noise_offset: the first step's losses and gradient norm."""
+    """--snr_gamma for each prediction type, --with_prior_preservation with --prior_loss_weight,
+    --offset_noise with --noise_offset: the first step's losses and gradient norm."""
     options = {"snr_gamma": 5.0}
     pipeline = tiny_pipelines["sd1"]
     if case == "epsilon_prior_offset":
@@ -160,9 +163,11 @@ def test_text_encoder_attention_mask_with_a_bang_padding_tokenizer(tiny_pipeline
 @pytest.mark.parametrize("option", ["gradient_checkpointing", "bf16"])
 def test_gradient_checkpointing_and_bf16_through_the_trainer(tiny_pipelines, instance_dir, tmp_path, option):
     """--gradient_checkpointing recomputes the same activations: the reference's gradients and updates (fp32).
-    --mixed_precision bf16: bf16 keeps 8 significant bits (2^-9 relative per rounding); through the tiny UNet's
-    ~20 layers the first loss moves by ~1e-2 relative from fp32's: asserted within 3e-2 of the reference."""
-    options = {"gradient_checkpointing": True} if option == "gradient_checkpointing" else {"mixed_precision": "bf16"}
+    --mixed_precision bf16: bf16 keeps 8 significant bits (2^-9 relative per rounding); through the tiny
+    UNet's ~20 layers the first loss moves by ~1e-2 relative from fp32's: asserted within 3e-2 of the
+    reference."""
+    options = ({"gradient_checkpointing": True} if option == "gradient_checkpointing"
+               else {"mixed_precision": "bf16"})
     cfg, result = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "out", **options)
     fp32 = dataclasses.replace(cfg, mixed_precision="no", gradient_checkpointing=False)
     ref, ref_metrics = reference_run(fp32, 1)
@@ -173,7 +178,8 @@ def test_gradient_checkpointing_and_bf16_through_the_trainer(tiny_pipelines, ins
                              _init_unet(tiny_pipelines["sd1"]))
     else:
         assert abs(ours["loss"] - ref_metrics[0]["loss"]) <= 3e-2 * ref_metrics[0]["loss"]
-        assert abs(ours["loss"] - ref_metrics[0]["loss"]) > 1e-6 * ref_metrics[0]["loss"]  # it really ran in bf16
+        # it really ran in bf16
+        assert abs(ours["loss"] - ref_metrics[0]["loss"]) > 1e-6 * ref_metrics[0]["loss"]
 
 
 def test_scale_lr_is_diffusers_formula(tiny_pipelines, instance_dir, tmp_path, caplog):
@@ -181,8 +187,8 @@ def test_scale_lr_is_diffusers_formula(tiny_pipelines, instance_dir, tmp_path, c
     import logging
 
     with caplog.at_level(logging.INFO, logger="dreambooth_jax.train"):
-        cfg, _ = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "out", scale_lr=True, learning_rate=1e-4,
-                          train_batch_size=2, gradient_accumulation_steps=2)
+        cfg, _ = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "out", scale_lr=True,
+                          learning_rate=1e-4, train_batch_size=2, gradient_accumulation_steps=2)
     expected = 1e-4 * 2 * 2 * jax.device_count()
     assert read_metrics(tmp_path / "out")[0]["lr"] == pytest.approx(expected, rel=1e-6)
     assert f"learning rate {expected:g}" in caplog.text and "global batch 4 instance images" in caplog.text
@@ -190,10 +196,11 @@ def test_scale_lr_is_diffusers_formula(tiny_pipelines, instance_dir, tmp_path, c
 
 @pytest.mark.parametrize("prior", [False, True], ids=["unet", "prior+text_encoders"])
 def test_sdxl_training_equals_pytorch(tiny_pipelines, instance_dir, class_dir, tmp_path, prior):
-    """SDXL: the UNet conditioned on both text encoders' penultimate hidden states, the second's pooled embedding
-    and each example's time_ids (random crops and flips), as diffusers' `train_dreambooth_lora_sdxl.py` does: the
-    first step's losses and gradient norm, and the UNet after two steps. With prior preservation both text
-    encoders train too (at their own --text_encoder_lr): the gradient norm spans all three networks."""
+    """SDXL: the UNet conditioned on both text encoders' penultimate hidden states, the second's pooled
+    embedding and each example's time_ids (random crops and flips), as diffusers'
+    `train_dreambooth_lora_sdxl.py` does: the first step's losses and gradient norm, and the UNet after two
+    steps. With prior preservation both text encoders train too (at their own --text_encoder_lr): the gradient
+    norm spans all three networks."""
     # AdamW's eps above the gradients' float32 noise, as in OPTIMIZER_RUNS (else text-encoder weights whose
     # gradient is noise move by ~lr either way, and the second step's UNet gradients with them).
     options = dict(max_train_steps=2, random_flip=True, adam_epsilon=1e-6)
@@ -208,14 +215,16 @@ def test_sdxl_training_equals_pytorch(tiny_pipelines, instance_dir, class_dir, t
     if prior:
         assert set(result.state.params) == {"unet", "text_encoder", "text_encoder_2"}
         assert ours[0]["lr_text_encoder_2"] == pytest.approx(5e-4)
-    assert_same_training(_unet_state(result.state.params["unet"]), ref.weights(), _init_unet(tiny_pipelines["sdxl"]))
-    if prior:  # the exported pipeline (both trained encoders, tokenizer_2) loads in diffusers and samples as ours
+    assert_same_training(_unet_state(result.state.params["unet"]), ref.weights(),
+                         _init_unet(tiny_pipelines["sdxl"]))
+    # the exported pipeline (both trained encoders, tokenizer_2) loads in diffusers and samples as ours
+    if prior:
         _assert_samples_like_diffusers(str(tmp_path / "out"))
 
 
 def _assert_samples_like_diffusers(path: str) -> None:
-    """diffusers' StableDiffusionXLPipeline loads the pipeline at `path` and draws our images (sampling parity:
-    ~2e-6, test_sampling)."""
+    """diffusers' StableDiffusionXLPipeline loads the pipeline at `path` and draws our images (sampling
+    parity: ~2e-6, test_sampling)."""
     import diffusers
     import torch
 

@@ -133,13 +133,15 @@ def test_config_round_trip_and_errors(tiny_pipelines, tiny_kind):
     assert UNetConfig.from_diffusers_config(cfg.to_diffusers_config()) == cfg
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    assert TorchUNet.from_config(cfg.to_diffusers_config()).config.block_out_channels == raw["block_out_channels"]
+    torch_unet = TorchUNet.from_config(cfg.to_diffusers_config())
+    assert torch_unet.config.block_out_channels == raw["block_out_channels"]
     with pytest.raises(ValueError, match="class_embed_type"):
         UNetConfig.from_diffusers_config({**raw, "class_embed_type": "timestep"})
     with pytest.raises(ValueError, match="unknown key `mystery_option`"):
         UNetConfig.from_diffusers_config({**raw, "mystery_option": 3})
     with pytest.raises(ValueError, match="down block type"):
-        UNetConfig.from_diffusers_config({**raw, "down_block_types": ["SimpleDown"] * len(raw["down_block_types"])})
+        UNetConfig.from_diffusers_config({**raw,
+                                          "down_block_types": ["SimpleDown"] * len(raw["down_block_types"])})
 
 
 def test_param_names_mirror_diffusers(tiny_pipelines):
@@ -147,10 +149,12 @@ def test_param_names_mirror_diffusers(tiny_pipelines):
     module, params = _load(tiny_pipelines["sd1"])
     assert "down_blocks_0" in params and "attentions_0" in params["down_blocks_0"]
     assert params["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"].shape[:2] == (1, 1)  # 1x1 conv (SD1)
-    # Our config, written back in diffusers' terms, builds a diffusers UNet with exactly the checkpoint's tensors.
+    # Our config, written back in diffusers' terms, builds a diffusers UNet with exactly the checkpoint's
+    # tensors.
     from diffusers import UNet2DConditionModel as TorchUNet
     from safetensors.numpy import load_file
 
     torch_unet = TorchUNet.from_config(module.config.to_diffusers_config())
     on_disk = load_file(os.path.join(tiny_pipelines["sd1"], "unet", "diffusion_pytorch_model.safetensors"))
-    assert {k: tuple(v.shape) for k, v in torch_unet.state_dict().items()} == {k: v.shape for k, v in on_disk.items()}
+    assert {k: tuple(v.shape) for k, v in torch_unet.state_dict().items()} == {k: v.shape for k,
+                                                                               v in on_disk.items()}

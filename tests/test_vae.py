@@ -77,7 +77,8 @@ def sd1(tiny_pipelines, tmp_path_factory):
     ref = diffusers.AutoencoderKL.from_pretrained(path).eval()
     with open(os.path.join(path, "config.json")) as f:
         config = VAEConfig.from_diffusers_config(json.load(f))
-    state = convert.normalize_state_dict(safetensors_io.load_file(os.path.join(path, "diffusion_pytorch_model.safetensors")))
+    state = convert.normalize_state_dict(safetensors_io.load_file(os.path.join(path,
+                                                                               "diffusion_pytorch_model.safetensors")))
     params = convert.state_dict_to_params(state, abstract_params(config), source=path)
     vae = AutoencoderKL(config)
     rng = np.random.default_rng(0)
@@ -85,7 +86,8 @@ def sd1(tiny_pipelines, tmp_path_factory):
     latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     with torch.no_grad():
         dist = ref.encode(_nchw(images)).latent_dist
-        ref_out = dict(mean=_nhwc(dist.mean), logvar=_nhwc(dist.logvar), decoded=_nhwc(ref.decode(_nchw(latents)).sample))
+        ref_out = dict(mean=_nhwc(dist.mean), logvar=_nhwc(dist.logvar),
+                       decoded=_nhwc(ref.decode(_nchw(latents)).sample))
     encode, decode = _apply_fns(vae)
     return dict(config=config, params=params, state=state, vae=vae, encode=encode, decode=decode,
                 images=images, latents=latents, ref=ref_out)
@@ -183,7 +185,8 @@ def test_config_round_trip(tiny_pipelines):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]), ("up_block_types", ["UpBlock2D"] * 2),
+    [("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]), ("up_block_types",
+                                                                              ["UpBlock2D"] * 2),
      ("act_fn", "gelu"), ("_class_name", "AutoencoderKLTemporalDecoder"), ("latents_mean", [0.0] * 4),
      ("norm_num_groups", 3)],
 )

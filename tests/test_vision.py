@@ -76,7 +76,8 @@ def test_clip_matches_transformers(tmp_path):
         pad_token_id=vocab - 1)
     vis = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96,
                                         num_hidden_layers=2, num_attention_heads=4)
-    ref = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vis.to_dict(),
+    ref = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(),
+                                                         vision_config=vis.to_dict(),
                                                          projection_dim=24)).eval()
     ref.save_pretrained(tmp_path)
     vmodel, vparams, tmodel, tparams = encoders.load_clip_model(str(tmp_path))
@@ -127,15 +128,18 @@ def test_legacy_openai_config_formats():
     """openai/clip-vit-base-patch32's old preprocessor config (`size: 224` means the shortest edge for CLIP,
     a square for ViT) and `text_config_dict` overrides, read as transformers reads them."""
     old_clip = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-                "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(preprocessing.OPENAI_CLIP_MEAN),
+                "feature_extractor_type": "CLIPFeatureExtractor",
+                "image_mean": list(preprocessing.OPENAI_CLIP_MEAN),
                 "image_std": list(preprocessing.OPENAI_CLIP_STD), "resample": 3, "size": 224}
-    assert preprocessing.ImagePreprocessing.from_processor_config(old_clip) == preprocessing.CLIP_PREPROCESSING
+    from_config = preprocessing.ImagePreprocessing.from_processor_config
+    assert from_config(old_clip) == preprocessing.CLIP_PREPROCESSING
     old_dino = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
-                "image_mean": list(preprocessing.IMAGENET_DEFAULT_MEAN), "image_std": list(preprocessing.IMAGENET_DEFAULT_STD),
-                "resample": 2, "size": 224}
-    assert preprocessing.ImagePreprocessing.from_processor_config(old_dino) == preprocessing.DINO_PREPROCESSING
-    config = {"text_config": {"hidden_size": 512, "vocab_size": 49408}, "text_config_dict": {"hidden_size": 768},
-              "vision_config": None, "vision_config_dict": {"patch_size": 14}}
+                "image_mean": list(preprocessing.IMAGENET_DEFAULT_MEAN),
+                "image_std": list(preprocessing.IMAGENET_DEFAULT_STD), "resample": 2, "size": 224}
+    assert from_config(old_dino) == preprocessing.DINO_PREPROCESSING
+    config = {"text_config": {"hidden_size": 512, "vocab_size": 49408},
+              "text_config_dict": {"hidden_size": 768}, "vision_config": None,
+              "vision_config_dict": {"patch_size": 14}}
     assert encoders.clip_tower_config(config, "text") == {"hidden_size": 768, "vocab_size": 49408}
     assert encoders.clip_tower_config(config, "vision") == {"patch_size": 14}
     from transformers import CLIPConfig
@@ -149,9 +153,13 @@ def test_missing_processor_keys_take_the_processor_classes_defaults(kind):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-    proc, name = (CLIPImageProcessorPil(), "CLIPImageProcessor") if kind == "clip" else (ViTImageProcessorPil(),
-                                                                                         "ViTImageProcessor")
-    cfg = preprocessing.ImagePreprocessing.from_processor_config({"image_processor_type": name})  # nothing else given
+    if kind == "clip":
+        proc, name = CLIPImageProcessorPil(), "CLIPImageProcessor"
+    else:
+        proc, name = ViTImageProcessorPil(), "ViTImageProcessor"
+    # nothing else given
+    cfg = preprocessing.ImagePreprocessing.from_processor_config({"image_processor_type": name})
     images = _images()
     expected = np.stack([proc(images=im, return_tensors="np")["pixel_values"][0] for im in images])
-    np.testing.assert_allclose(preprocessing.preprocess(images, cfg), expected.transpose(0, 2, 3, 1), atol=PREPROCESS_TOL)
+    np.testing.assert_allclose(preprocessing.preprocess(images, cfg), expected.transpose(0, 2, 3, 1),
+                               atol=PREPROCESS_TOL)

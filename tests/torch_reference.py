@@ -55,7 +55,8 @@ class OurInputs:
             data.add_class_images()
         self.concepts = read_concepts(cfg)
         self.inputs = TrainInputs(BatchSpec.of(cfg), self.pipe, data, parallel.data_mesh())
-        self.spec = train_step.StepSpec.of(self.pipe, noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0)
+        self.spec = train_step.StepSpec.of(self.pipe,
+                                           noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0)
 
     def step(self, step: int) -> StepInputs:
         batch = jax.tree.map(lambda x: x[0], self.inputs.host_batch(step))  # the one micro-batch
@@ -70,9 +71,9 @@ class OurInputs:
 
 
 class TorchTrainer:
-    """diffusers-style DreamBooth training in PyTorch, fp32 on CPU: the UNet, and with --train_text_encoder the
-    text encoder(s) (at --text_encoder_lr). SDXL pipelines as diffusers' `train_dreambooth_lora_sdxl.py` conditions
-    the UNet (`encode_prompt`, `added_cond_kwargs`)."""
+    """diffusers-style DreamBooth training in PyTorch, fp32 on CPU: the UNet, and with --train_text_encoder
+    the text encoder(s) (at --text_encoder_lr). SDXL pipelines as diffusers' `train_dreambooth_lora_sdxl.py`
+    conditions the UNet (`encode_prompt`, `added_cond_kwargs`)."""
 
     def __init__(self, cfg: TrainConfig, max_steps: int):
         from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -88,7 +89,8 @@ class TorchTrainer:
         self.encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()]
         self.tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
         if self.sdxl:
-            self.encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2").eval())
+            encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2")
+            self.encoders.append(encoder_2.eval())
             self.tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
         self.text_encoder, self.tokenizer = self.encoders[0], self.tokenizers[0]
         self.scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
@@ -99,9 +101,9 @@ class TorchTrainer:
                            "lr": cfg.text_encoder_lr or cfg.learning_rate})
         self.trained = [p for g in groups for p in g["params"]]
         self.optimizer = make_torch_optimizer(cfg, groups)
-        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                          num_training_steps=max_steps, num_cycles=cfg.lr_num_cycles,
-                                          power=cfg.lr_power)
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer,
+                                          num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=max_steps,
+                                          num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
         self.ema = EMAModel(params, decay=cfg.ema_decay) if cfg.use_ema else None
 
     def text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,14 +111,17 @@ class TorchTrainer:
         outs = []
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
             length = self.cfg.tokenizer_max_length or tokenizer.model_max_length
-            tok = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            tok = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                            return_tensors="pt")
             mask = tok.attention_mask if self.cfg.text_encoder_use_attention_mask else None
             with torch.set_grad_enabled(self.cfg.train_text_encoder):
-                outs.append(encoder(tok.input_ids, attention_mask=mask, output_hidden_states=True, return_dict=False))
+                outs.append(encoder(tok.input_ids, attention_mask=mask, output_hidden_states=True,
+                                    return_dict=False))
         if not self.sdxl:
             return outs[0][0], None
-        # diffusers' train_dreambooth_lora_sdxl.py `encode_prompt`: each encoder's hidden_states[-2], concatenated;
-        # the pooled embedding is the last encoder's first output (text_embeds of the projection model).
+        # diffusers' train_dreambooth_lora_sdxl.py `encode_prompt`: each encoder's hidden_states[-2],
+        # concatenated; the pooled embedding is the last encoder's first output (text_embeds of the projection
+        # model).
         return torch.cat([out[-1][-2] for out in outs], dim=-1), outs[-1][0]
 
     def loss(self, x: StepInputs) -> tuple[torch.Tensor, dict]:
@@ -144,7 +149,8 @@ class TorchTrainer:
         instance_loss = mse[~prior].mean()
         prior_loss = mse[prior].mean() if prior.any() else torch.zeros(())
         loss = instance_loss + cfg.prior_loss_weight * prior_loss
-        return loss, {"loss": loss.item(), "instance_loss": instance_loss.item(), "prior_loss": prior_loss.item()}
+        return loss, {"loss": loss.item(), "instance_loss": instance_loss.item(),
+                      "prior_loss": prior_loss.item()}
 
     def train_step(self, x: StepInputs) -> dict:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -174,8 +180,8 @@ def make_torch_optimizer(cfg: TrainConfig, params):
     if cfg.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=cfg.learning_rate, relative_step=False, scale_parameter=True, warmup_init=False,
-                         weight_decay=cfg.adam_weight_decay)
+        return Adafactor(params, lr=cfg.learning_rate, relative_step=False, scale_parameter=True,
+                         warmup_init=False, weight_decay=cfg.adam_weight_decay)
     if cfg.optimizer == "lion":
         from lion_pytorch import Lion
 
@@ -211,12 +217,12 @@ def assert_same_training(ours: dict, ref: dict, init: dict, *, max_mismatch: flo
     """Our trained weights equal the reference's, for every weight but the few whose update a sign decided.
 
     Error budget: the two UNets compute the gradients in float32 in different orders, ~1e-5 relative apart.
-    Adam's first steps and Lion move each weight by ~lr x sign(update), so a weight whose update is within that
-    noise of zero may move the other way or by another amount: those are rare (measured on the tiny UNet: up to
-    1e-3 of the weights with AdamW at eps 1e-6, 1e-4 with Lion, none with Adafactor), and the test allows
-    `max_mismatch` of them; a wrong rule (decay, moment, schedule, EMA) moves nearly every weight. Every other weight must be within 1e-4 of the
-    largest move, plus a few float32 ulps of the weight itself (and the moves must be real: a run that did not
-    train fails).
+    Adam's first steps and Lion move each weight by ~lr x sign(update), so a weight whose update is within
+    that noise of zero may move the other way or by another amount: those are rare (measured on the tiny UNet:
+    up to 1e-3 of the weights with AdamW at eps 1e-6, 1e-4 with Lion, none with Adafactor), and the test
+    allows `max_mismatch` of them; a wrong rule (decay, moment, schedule, EMA) moves nearly every weight.
+    Every other weight must be within 1e-4 of the largest move, plus a few float32 ulps of the weight itself
+    (and the moves must be real: a run that did not train fails).
     """
     assert ours.keys() == ref.keys()
     moved = np.concatenate([(ref[k] - init[k]).ravel() for k in ref])

@@ -15,18 +15,18 @@ from dreambooth_jax.training import step as train_step
 from dreambooth_jax.training.config import TrainConfig
 
 PROMPT = "a photo of sks toy"
-# Adam's first updates are ~lr * sign(g): a float-rounding-sized change of a near-zero gradient flips them. A large
-# epsilon makes the update ~lr * g / eps, so equal gradients up to summation order give equal params. What differs
-# between device counts, meshes and micro-batchings is only the order of the gradient sums (fp32, ~1e-7 relative per
-# add over a few hundred terms) and of the fsdp all-gathers (exact): rtol 1e-5 bounds it.
+# Adam's first updates are ~lr * sign(g): a float-rounding-sized change of a near-zero gradient flips them. A
+# large epsilon makes the update ~lr * g / eps, so equal gradients up to summation order give equal params.
+# What differs between device counts, meshes and micro-batchings is only the order of the gradient sums (fp32,
+# ~1e-7 relative per add over a few hundred terms) and of the fsdp all-gathers (exact): rtol 1e-5 bounds it.
 RTOL, ATOL = 1e-5, 1e-7
 
 
 def run_argv(tiny_pipelines, instance_dir, out, *extra) -> list[str]:
     """`python -m dreambooth_jax.train` options of a 2-step run on the tiny SD-1 pipeline."""
     return ["--pretrained_model_name_or_path", tiny_pipelines["sd1"], "--instance_data_dir", instance_dir,
-            "--instance_prompt", PROMPT, "--output_dir", str(out), "--resolution", "64", "--attention", "einsum",
-            "--max_train_steps", "2", "--seed", "0", *extra]
+            "--instance_prompt", PROMPT, "--output_dir", str(out), "--resolution", "64", "--attention",
+            "einsum", "--max_train_steps", "2", "--seed", "0", *extra]
 
 
 def full_run_argv(class_dir) -> list[str]:
@@ -41,7 +41,8 @@ def exported_weights(out) -> dict[str, np.ndarray]:
     lora = os.path.join(out, "pytorch_lora_weights.safetensors")
     if os.path.exists(lora):
         return load_file(lora)
-    return {f"{part}/{k}": v for part, file in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model"))
+    return {f"{part}/{k}": v for part, file in (("unet", "diffusion_pytorch_model"), ("text_encoder",
+                                                                                      "model"))
             for k, v in load_file(os.path.join(out, part, f"{file}.safetensors")).items()}
 
 
@@ -67,8 +68,8 @@ def draw_images(folder, n, seed, size=(80, 72)):
 
 def train_cfg(tiny_pipelines, instance_dir, out, **kw) -> TrainConfig:
     base = dict(pretrained_model_name_or_path=tiny_pipelines["sd1"], instance_data_dir=instance_dir,
-                instance_prompt=PROMPT, output_dir=str(out), resolution=64, train_batch_size=1, max_train_steps=2,
-                learning_rate=1e-3, attention="einsum", checkpointing_steps=100, seed=0)
+                instance_prompt=PROMPT, output_dir=str(out), resolution=64, train_batch_size=1,
+                max_train_steps=2, learning_rate=1e-3, attention="einsum", checkpointing_steps=100, seed=0)
     return TrainConfig(**{**base, **kw})
 
 
@@ -84,7 +85,8 @@ def fixed_eval_loss(path, params, instance_dir):
     latents = pipe.vae.scale_latents(mean)
     noise = jax.random.normal(jax.random.PRNGKey(1), latents.shape)
     t = jnp.tile(jnp.array([100, 400, 700, 900]), 4)
-    ids = np.tile(pipe.tokenizer([PROMPT], padding="max_length", max_length=16, return_tensors="np").input_ids,
-                  (16, 1)).astype(np.int32)
+    tokens = pipe.tokenizer([PROMPT], padding="max_length", max_length=16, return_tensors="np")
+    ids = np.tile(tokens.input_ids, (16, 1)).astype(np.int32)
     frozen = {**pipe.params, **params}
-    return float(jnp.mean(train_step.per_example_loss(spec, {}, frozen, {"input_ids": ids}, latents, noise, t)))
+    return float(jnp.mean(train_step.per_example_loss(spec, {}, frozen, {"input_ids": ids}, latents, noise,
+                                                      t)))

@@ -5,15 +5,15 @@ attention shape of SD 1.5 (512 px), SD 2.1 (768 px) and SDXL (1024 px).
 
     python tools/bench_kernels.py                       # on a GPU or TPU: all three models, bf16
     python tools/bench_kernels.py --models sd15 --repeats 50
-    python tools/bench_kernels.py --list                # any machine: the shapes, their counts, what auto picks
-    python tools/bench_kernels.py --compile_for v5e:1x1  # any machine with libtpu: compile each kernel for a TPU
+    python tools/bench_kernels.py --list                # any machine: the shapes, their counts, auto's pick
+    python tools/bench_kernels.py --compile_for v5e:1x1  # with libtpu: compile each kernel for a TPU
 
-The shapes are recorded from the real networks (UNet at a training batch of 2 = 1 instance + 1 class image, VAE
-encode and decode of one image) traced from their configs, so no weight is needed. For each distinct shape: the
-time of the forward and of forward + backward, kernel vs XLA (median of `--repeats`), the achieved memory bandwidth
-(norm: the bytes our kernels move, x read twice and y written forward, x and dy read twice and dx written backward;
-XLA's column divides the same bytes by its time, so the ratio is the speedup) or TFLOP/s (attention: 4 B N T S H
-forward, 3x that forward + backward), and the percentage of the chip's peak.
+The shapes are recorded from the real networks (UNet at a training batch of 2 = 1 instance + 1 class image,
+VAE encode and decode of one image) traced from their configs, so no weight is needed. For each distinct
+shape: the time of the forward and of forward + backward, kernel vs XLA (median of `--repeats`), the achieved
+memory bandwidth (norm: the bytes our kernels move, x read twice and y written forward, x and dy read twice
+and dx written backward; XLA's column divides the same bytes by its time, so the ratio is the speedup) or
+TFLOP/s (attention: 4 B N T S H forward, 3x that forward + backward), and the percentage of the chip's peak.
 Pallas only interprets on CPU, so timings need a GPU or TPU; there `--list` still works, and `--compile_for`
 compiles every kernel call (forward + backward, each distinct shape) ahead of time for a Cloud TPU topology
 with libtpu's compiler (`pip install 'jax[tpu]'`), which checks that Mosaic accepts them.
@@ -41,8 +41,8 @@ PEAK_GBPS = (("h100 pcie", 2000), ("h100", 3350), ("h200", 4800), ("a100", 2039)
 
 
 def record_shapes(kind: str):
-    """({(x shape, groups, eps, activation): count}, {(B, T, S, heads, head_dim): count}) of `kind`'s UNet and VAE
-    at its native resolution, traced from the configs."""
+    """({(x shape, groups, eps, activation): count}, {(B, T, S, heads, head_dim): count}) of `kind`'s UNet and
+    VAE at its native resolution, traced from the configs."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -121,13 +121,15 @@ def bench_norm(shape, groups, eps, activation, dtype, repeats, device_kind) -> d
 
     k = jax.random.split(jax.random.PRNGKey(0), 3)
     c = shape[-1]
-    args = (jax.random.normal(k[0], shape).astype(dtype), jax.random.normal(k[1], (c,)), jax.random.normal(k[2], (c,)))
+    args = (jax.random.normal(k[0], shape).astype(dtype), jax.random.normal(k[1], (c,)),
+            jax.random.normal(k[2], (c,)))
     kw = dict(num_groups=groups, eps=eps, activation=activation)
     n_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     row = {"op": "group_norm" + ("+silu" if activation else ""), "shape": list(shape)}
     peak = _peak(PEAK_GBPS, device_kind)
-    for impl, f in (("kernel", functools.partial(group_norm, **kw)), ("xla", functools.partial(group_norm_reference,
-                                                                                               **kw))):
+    for impl, f in (("kernel", functools.partial(group_norm, **kw)), ("xla",
+                                                                      functools.partial(group_norm_reference,
+                                                                                        **kw))):
         fwd, fwd_bwd = _fwd_and_fwd_bwd(f, args)
         for mode, fn, traffic in (("fwd", fwd, 3 * n_bytes), ("fwd_bwd", fwd_bwd, 8 * n_bytes)):
             s = _time(fn, args, repeats)
@@ -139,7 +141,8 @@ def bench_norm(shape, groups, eps, activation, dtype, repeats, device_kind) -> d
     return row
 
 
-def bench_attention(b, t, s, heads, head_dim, dtype, repeats, device_kind, implementation: str = "auto") -> dict:
+def bench_attention(b, t, s, heads, head_dim, dtype, repeats, device_kind,
+                    implementation: str = "auto") -> dict:
     import jax
     from bench_train_common import PEAK_TFLOPS
 
@@ -147,7 +150,8 @@ def bench_attention(b, t, s, heads, head_dim, dtype, repeats, device_kind, imple
     from dreambooth_jax.models.attention import dot_product_attention
 
     k = jax.random.split(jax.random.PRNGKey(0), 3)
-    args = tuple(jax.random.normal(key, (b, n, heads, head_dim)).astype(dtype) for key, n in zip(k, (t, s, s)))
+    args = tuple(jax.random.normal(key, (b, n, heads, head_dim)).astype(dtype) for key, n in zip(k, (t, s,
+                                                                                                     s)))
     auto = choose.attention(implementation, q_len=t, kv_len=s, head_dim=head_dim, dtype=dtype, masked=False)
     flop = 4 * b * heads * t * s * head_dim
     row = {"op": "attention", "shape": [b, t, s, heads, head_dim], "auto": auto}
@@ -161,7 +165,8 @@ def bench_attention(b, t, s, heads, head_dim, dtype, repeats, device_kind, imple
             row[f"{impl}_{mode}_tflops"] = work / sec / 1e12
             row[f"{impl}_{mode}_pct_peak"] = None if peak is None else 100 * work / sec / 1e12 / peak
     for mode in ("fwd", "fwd_bwd"):
-        row[f"{mode}_speedup"] = row[f"xla_{mode}_ms"] / row[f"kernel_{mode}_ms"] if "kernel_fwd_ms" in row else 1.0
+        row[f"{mode}_speedup"] = (row[f"xla_{mode}_ms"] / row[f"kernel_{mode}_ms"] if "kernel_fwd_ms" in row
+                                  else 1.0)
     return row
 
 
@@ -197,7 +202,8 @@ def compile_for(topology: str, models, dtype) -> None:
 
     device = topologies.get_topology_desc(platform="tpu", topology_name=topology,
                                           chips_per_host_bounds=[1, 1, 1]).devices[0]
-    spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=SingleDeviceSharding(device))  # noqa: E731
+    spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dt, sharding=SingleDeviceSharding(device))
     failures = 0
     for kind in models:
         norms, attentions = record_shapes(kind)
@@ -232,12 +238,13 @@ def print_table(rows) -> None:
         cells = [f"{r.get('kernel_' + m + '_ms', float('nan')):7.3f}/{r['xla_' + m + '_ms']:<7.3f}"
                  for m in ("fwd", "fwd_bwd")]
         pct = r.get("kernel_fwd_bwd_pct_peak")
-        print(f"{r['model']:<5} {r['op']:<15} {str(r['shape']):<26} {r.get('auto', 'kernel'):<11} {r['count']:>3} "
-              f"{cells[0]:>15} {cells[1]:>17} {r['fwd_speedup']:5.2f}/{r['fwd_bwd_speedup']:<5.2f}  "
+        print(f"{r['model']:<5} {r['op']:<15} {str(r['shape']):<26} {r.get('auto', 'kernel'):<11} "
+              f"{r['count']:>3} {cells[0]:>15} {cells[1]:>17} "
+              f"{r['fwd_speedup']:5.2f}/{r['fwd_bwd_speedup']:<5.2f}  "
               f"{'n/a' if pct is None else format(pct, '.0f') + '%':>12}")
-    print("\nms columns: kernel/XLA; speedup: XLA time / kernel time, forward / forward+backward; % of peak: HBM "
-          "bandwidth (norm) or bf16 TFLOP/s (attention), forward+backward.\nTargets: GroupNorm+SiLU >= 1.5x XLA "
-          "forward+backward and >= 70% of peak bandwidth on SD 1.5's largest activations.")
+    print("\nms columns: kernel/XLA; speedup: XLA time / kernel time, forward / forward+backward; % of peak: "
+          "HBM bandwidth (norm) or bf16 TFLOP/s (attention), forward+backward.\nTargets: GroupNorm+SiLU >= "
+          "1.5x XLA forward+backward and >= 70% of peak bandwidth on SD 1.5's largest activations.")
 
 
 def main(argv=None) -> None:
@@ -246,11 +253,12 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--attention", default="auto", choices=("auto", "cudnn", "pallas"),
-                   help="the attention compared with XLA: auto's pick per shape, or one kernel on every shape (to "
-                        "check where auto's thresholds lie)")
+                   help="the attention compared with XLA: auto's pick per shape, or one kernel on every "
+                        "shape (to check where auto's thresholds lie)")
     p.add_argument("--list", action="store_true", help="only list the shapes and what --attention auto picks")
     p.add_argument("--compile_for", default=None, metavar="TOPOLOGY",
-                   help="only compile every kernel call for one chip of this Cloud TPU topology (e.g. v5e:1x1)")
+                   help="only compile every kernel call for one chip of this Cloud TPU topology (e.g. "
+                        "v5e:1x1)")
     p.add_argument("--json", default=None, help="also write the rows to this file (a JSON list)")
     args = p.parse_args(argv)
     if args.list:

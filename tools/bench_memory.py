@@ -1,17 +1,18 @@
 """Per-device training memory of full-size models from ahead-of-time compilation alone: the trainer's own
-`--dry_run` preflight, for each model x {full fine-tune, LoRA} x {replicated, fsdp} x device count x {remat off,
-on}. Nothing is allocated and no weight is read, so it runs on a CPU machine with simulated devices.
+`--dry_run` preflight, for each model x {full fine-tune, LoRA} x {replicated, fsdp} x device count x {remat
+off, on}. Nothing is allocated and no weight is read, so it runs on a CPU machine with simulated devices.
 
     python tools/bench_memory.py                                  # SD 1.5 and SD 2.1, 1/8/64 devices
     python tools/bench_memory.py --models sd15 --devices 8 --markdown table.md
     python tools/bench_memory.py --models sd15 --modes full --remat on --sharding fsdp --devices 2 4 8 \
-      --devices_per_subject 2                                     # K = devices / 2 subjects together (--subjects)
+      --devices_per_subject 2                                     # K = devices / 2 subjects (--subjects)
 
-Each device count runs in its own process (XLA's simulated CPU devices are fixed at start-up). Prints a JSON line
-per row and a Markdown table. The numbers are XLA's CPU compiler's: the persistent state (params, optimizer,
-EMA, frozen) is exact for any backend; the temporaries are the CPU compiler's buffer assignment (with its
-memory-minimising scheduler), which computes some bf16 ops in fp32, so they estimate a TPU's or GPU's (run
-`--dry_run` on the machine itself for its own compiler's figure, or `--topologies` with libtpu installed).
+Each device count runs in its own process (XLA's simulated CPU devices are fixed at start-up). Prints a JSON
+line per row and a Markdown table. The numbers are XLA's CPU compiler's: the persistent state (params,
+optimizer, EMA, frozen) is exact for any backend; the temporaries are the CPU compiler's buffer assignment
+(with its memory-minimising scheduler), which computes some bf16 ops in fp32, so they estimate a TPU's or
+GPU's (run `--dry_run` on the machine itself for its own compiler's figure, or `--topologies` with libtpu
+installed).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def row_configs(args) -> list[dict]:
     return rows
 
 
-def dry_run(model_dir: str, instance_dir: str, row: dict, fsdp: int, args, devices, subjects: int = 0) -> dict:
+def dry_run(model_dir: str, instance_dir: str, row: dict, fsdp: int, args, devices,
+            subjects: int = 0) -> dict:
     """One preflight through the trainer's `--dry_run` (in this process); `subjects` > 0: that many subjects
     trained together (`--subjects`), `fsdp` then within each subject's device group."""
     from dreambooth_jax.training import trainer
@@ -52,17 +54,18 @@ def dry_run(model_dir: str, instance_dir: str, row: dict, fsdp: int, args, devic
     if subjects:
         subjects_file = os.path.join(instance_dir, f"subjects-{subjects}.json")
         with open(subjects_file, "w", encoding="utf-8") as f:
-            json.dump([{"name": f"s{k}", "instance_data_dir": instance_dir, "seed": k} for k in range(subjects)], f)
+            json.dump([{"name": f"s{k}", "instance_data_dir": instance_dir, "seed": k}
+                       for k in range(subjects)], f)
 
     lora = row["mode"].startswith("lora")
     cfg = TrainConfig(
         pretrained_model_name_or_path=model_dir, instance_prompt="a photo of sks dog",
-        with_prior_preservation=True, class_data_dir=os.path.join(instance_dir, "class"), class_prompt="a dog",
-        resolution=args.resolution or RESOLUTION[row["model"]], train_batch_size=args.batch,
-        mixed_precision="bf16", gradient_checkpointing=row["remat"], optimizer=args.optimizer,
-        use_ema=args.ema and not lora, use_lora=lora, rank=int(row["mode"][4:]) if lora else 4,
-        attention=args.attention, fsdp=str(fsdp), dry_run=True, max_train_steps=1, output_dir=instance_dir,
-        compilation_cache_dir="none", subjects=subjects_file,
+        with_prior_preservation=True, class_data_dir=os.path.join(instance_dir, "class"),
+        class_prompt="a dog", resolution=args.resolution or RESOLUTION[row["model"]],
+        train_batch_size=args.batch, mixed_precision="bf16", gradient_checkpointing=row["remat"],
+        optimizer=args.optimizer, use_ema=args.ema and not lora, use_lora=lora,
+        rank=int(row["mode"][4:]) if lora else 4, attention=args.attention, fsdp=str(fsdp), dry_run=True,
+        max_train_steps=1, output_dir=instance_dir, compilation_cache_dir="none", subjects=subjects_file,
         instance_data_dir=None if subjects else instance_dir)
     return trainer.dry_run(cfg, devices)
 
@@ -94,8 +97,9 @@ def child(args) -> None:
 
 def tpu_devices(topology: str):
     """The compile-only devices of a Cloud TPU slice, e.g. 'v5e:2x4' (8 chips), 'v5e:8x8' (64), 'v6e:1x1' (one
-    chip), 'v4:2x2x2' (8 chips, one device per chip): libtpu compiles for them on any machine, and its compiler
-    does the buffer assignment and memory check of the real chips. Needs `pip install 'jax[tpu]'` (libtpu)."""
+    chip), 'v4:2x2x2' (8 chips, one device per chip): libtpu compiles for them on any machine, and its
+    compiler does the buffer assignment and memory check of the real chips. Needs `pip install 'jax[tpu]'`
+    (libtpu)."""
     from jax.experimental import topologies
 
     name, _, shape = topology.partition(":")
@@ -107,8 +111,8 @@ def tpu_devices(topology: str):
 
 
 def markdown(rows: list[dict], args) -> str:
-    lines = ["| model | training | remat | devices | subjects | mesh (subject x data x fsdp) | params | optimizer | "
-             "EMA | frozen | temp | total (GiB per device) | fits |", "|" + "---|" * 13]
+    lines = ["| model | training | remat | devices | subjects | mesh (subject x data x fsdp) | params | "
+             "optimizer | EMA | frozen | temp | total (GiB per device) | fits |", "|" + "---|" * 13]
     order = lambda r: (r["model"], r["mode"], r["remat"], r["devices"], r["fsdp"])  # noqa: E731
     for r in sorted(rows, key=order):
         head = (f"| {r['model']} | {r['mode']} | {'on' if r['remat'] else 'off'} | {r['devices']} "
@@ -123,8 +127,8 @@ def markdown(rows: list[dict], args) -> str:
             cell(b[k]) for k in ("params", "optimizer", "ema", "frozen", "temp", "total"))
             + f" | {'n/a' if r['fits'] is None else 'yes' if r['fits'] else 'no'} |")
     opt = f"{args.optimizer}{' + EMA (full fine-tune)' if args.ema else ''}"
-    lines.append(f"\n{opt}, bf16 compute, fp32 master weights, batch {args.batch}+{args.batch} per device, prior "
-                 "preservation, native resolution (SD 1.5: 512, SD 2.1: 768, SDXL: 1024).")
+    lines.append(f"\n{opt}, bf16 compute, fp32 master weights, batch {args.batch}+{args.batch} per device, "
+                 "prior preservation, native resolution (SD 1.5: 512, SD 2.1: 768, SDXL: 1024).")
     return "\n".join(lines)
 
 
@@ -140,12 +144,13 @@ def parse_args(argv):
     p.add_argument("--topology", default=None, help=argparse.SUPPRESS)  # the child's one
     p.add_argument("--remat", nargs="+", default=["off", "on"], choices=("off", "on"))
     p.add_argument("--devices_per_subject", type=int, default=None,
-                   help="train devices / N subjects together (--subjects), N devices each; 'fsdp' rows shard each "
-                        "subject's state over its N (default: one subject)")
+                   help="train devices / N subjects together (--subjects), N devices each; 'fsdp' rows shard "
+                        "each subject's state over its N (default: one subject)")
     p.add_argument("--resolution", type=int, default=None, help="default: each model's native one")
     p.add_argument("--batch", type=int, default=1, help="instance rows per device (as many class rows join)")
     p.add_argument("--optimizer", default="adamw")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA with full fine-tuning")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA with full fine-tuning")
     p.add_argument("--attention", default="dot_product")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     p.add_argument("--json", default=None, help="also write the rows to this file (a JSON list)")
@@ -162,10 +167,10 @@ def main(argv=None) -> None:
     targets = ([("--topology", t) for t in args.topologies] if args.topologies
                else [("--devices", n) for n in args.devices])
     for flag, target in targets:
-        # -O0: codegen is not needed for the memory analysis (buffer assignment happens before it), only its time.
-        # XLA CPU's default scheduler favours concurrency over memory: it keeps rematerialised activations alive
-        # (gradient checkpointing saves nothing in its analysis); the memory-minimising one schedules as
-        # accelerators do.
+        # -O0: codegen is not needed for the memory analysis (buffer assignment happens before it), only its
+        # time. XLA CPU's default scheduler favours concurrency over memory: it keeps rematerialised
+        # activations alive (gradient checkpointing saves nothing in its analysis); the memory-minimising one
+        # schedules as accelerators do.
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0 "
                "--xla_cpu_enable_concurrency_optimized_scheduler=false" + (
             f" --xla_force_host_platform_device_count={target}" if flag == "--devices" else "")}

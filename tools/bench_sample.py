@@ -2,7 +2,8 @@
 optionally beside diffusers' PyTorch pipeline on the same accelerator.
 
     python tools/bench_sample.py                                   # SD-1.5-shaped random weights, 512 px
-    python tools/bench_sample.py --model PATH --batch 1 16 --steps 50 --scheduler pndm --dtype bf16 --diffusers
+    python tools/bench_sample.py --model PATH --batch 1 16 --steps 50 --scheduler pndm --dtype bf16
+    --diffusers
     python tools/bench_sample.py --tiny --resolution 64 --steps 5  # a quick CPU smoke run
 
 `--diffusers` times `StableDiffusionPipeline` with the same architecture, batch, steps and dtype when torch
@@ -33,15 +34,16 @@ def build_pipeline(args):
     from dreambooth_jax.testing import tiny
 
     if args.model:
-        return load_pipeline(args.model, dtype=args.dtype, attention_impl=args.attention, fused_norm=args.fused_norm)
+        return load_pipeline(args.model, dtype=args.dtype, attention_impl=args.attention,
+                             fused_norm=args.fused_norm)
     tokenizer = tiny.make_tokenizer()
     if args.tiny:
         configs = tiny.tiny_configs(len(tokenizer))
     else:
         tokenizer.model_max_length = 77
         configs = sd15_configs()
-    return tiny.random_pipeline(families.SD, tiny.sd_configs(*configs), {"tokenizer": tokenizer}, tiny.SD1_SCHEDULER,
-                                dtype=args.dtype)
+    return tiny.random_pipeline(families.SD, tiny.sd_configs(*configs), {"tokenizer": tokenizer},
+                                tiny.SD1_SCHEDULER, dtype=args.dtype)
 
 
 def peak_memory_gib() -> float | None:
@@ -70,7 +72,8 @@ def bench_ours(pipe, batch: int, args) -> dict:
         times.append(time.perf_counter() - t0)
     steady = min(times)
     return {"impl": "dreambooth_jax", "device": jax.devices()[0].device_kind, "batch": batch,
-            "seconds_per_batch": steady, "images_per_s": batch / steady, "compile_s": max(0.0, first - steady),
+            "seconds_per_batch": steady, "images_per_s": batch / steady, "compile_s": max(0.0,
+                                                                                          first - steady),
             "peak_memory_gib": peak_memory_gib()}
 
 
@@ -87,8 +90,10 @@ def bench_diffusers(pipe, batch: int, args) -> dict | None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     unet = diffusers.UNet2DConditionModel.from_config(pipe.unet.config.to_diffusers_config())
     vae = diffusers.AutoencoderKL.from_config(pipe.vae.config.to_diffusers_config())
-    text = CLIPTextModel(CLIPTextConfig(**pipe.text_encoder.config.to_diffusers_config(with_projection=False)))
-    sched = {"pndm": diffusers.PNDMScheduler, "ddim": diffusers.DDIMScheduler, "euler": diffusers.EulerDiscreteScheduler,
+    text_config = pipe.text_encoder.config.to_diffusers_config(with_projection=False)
+    text = CLIPTextModel(CLIPTextConfig(**text_config))
+    sched = {"pndm": diffusers.PNDMScheduler, "ddim": diffusers.DDIMScheduler,
+             "euler": diffusers.EulerDiscreteScheduler,
              "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}[args.scheduler or "pndm"].from_config(
         pipe.scheduler_config)
     ref = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=pipe.tokenizer, unet=unet,
@@ -108,8 +113,8 @@ def bench_diffusers(pipe, batch: int, args) -> dict | None:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     steady = min(times)
-    return {"impl": "diffusers", "device": torch.cuda.get_device_name(), "batch": batch, "seconds_per_batch": steady,
-            "images_per_s": batch / steady, "compile_s": 0.0,
+    return {"impl": "diffusers", "device": torch.cuda.get_device_name(), "batch": batch,
+            "seconds_per_batch": steady, "images_per_s": batch / steady, "compile_s": 0.0,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -117,7 +122,8 @@ def main(argv=None) -> None:
     from dreambooth_jax.kernels.choose import ATTENTION_IMPLS, FUSED_NORM
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="pipeline folder/Hub id (default: SD-1.5-shaped random weights)")
+    p.add_argument("--model", default=None,
+                   help="pipeline folder/Hub id (default: SD-1.5-shaped random weights)")
     p.add_argument("--tiny", action="store_true", help="the tiny random model instead (CPU smoke test)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
@@ -148,7 +154,8 @@ def main(argv=None) -> None:
                 rows.append(theirs)
     for row in rows:
         print(json.dumps({**row, "steps": args.steps, "resolution": args.resolution, "dtype": args.dtype,
-                          "scheduler": args.scheduler, "attention": args.attention, "fused_norm": args.fused_norm}))
+                          "scheduler": args.scheduler, "attention": args.attention,
+                          "fused_norm": args.fused_norm}))
     print(f"\n{'impl':<16}{'batch':>6}{'s/batch':>10}{'img/s':>9}{'compile s':>11}{'peak GiB':>10}")
     for r in rows:
         mem = "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"

@@ -3,22 +3,23 @@ beside diffusers' PyTorch training loop on the same workload when torch with CUD
 
     python tools/bench_train.py                                    # SD-1.5-shaped random weights, 512 px
     python tools/bench_train.py --configs cached throughput cached+remat --all_optimizers
-    python tools/bench_train.py --model sdxl                       # SDXL-shaped, 1024 px: full (remat) and LoRA
+    python tools/bench_train.py --model sdxl                       # SDXL-shaped, 1024 px: full (remat), LoRA
     python tools/bench_train.py --model sdxl --dry_run             # their per-device memory, on any machine
     python tools/bench_train.py --tiny --steps 3 --warmup 1        # a quick CPU smoke run (--model sdxl too)
 
 `--model sd15|sdxl`: the full-size model's shapes with random weights (SDXL: both text encoders, the pooled
 embedding and `time_ids` condition the UNet), or with `--tiny` the tiny model of that family.
 
-A configuration is `base` or '+'-joined features: `text_encoder` (trained too; SDXL's both), `remat`, `cached` (VAE
-latents), `throughput` (`--throughput_batch` samples per device instead of `--batch` instance + as many class
-rows), `loraR` (LoRA of rank R instead of full fine-tuning, e.g. `lora4`, `lora16+cached`), `xla` (our kernels
-off: XLA attention and GroupNorm, against the `--attention`/`--fused_norm` of the other rows, default auto),
-`subjectsK` (K independent subjects trained by one program, `train --subjects`: each subject's batch spans its
-device group, `subject_steps_per_s` counts K per step; e.g. `lora16+cached+subjects8` against `lora16+cached`).
-Weights fp32, compute bf16, a fresh state per row; with `--isolate` (default with a GPU/TPU) a process per row
-too, as the allocator's peak is per process. The PyTorch reference is diffusers' scripts' step (train_dreambooth.py;
-LoRA rows: train_dreambooth_lora[_sdxl].py's peft adapters), for every row but `xla`.
+A configuration is `base` or '+'-joined features: `text_encoder` (trained too; SDXL's both), `remat`, `cached`
+(VAE latents), `throughput` (`--throughput_batch` samples per device instead of `--batch` instance + as many
+class rows), `loraR` (LoRA of rank R instead of full fine-tuning, e.g. `lora4`, `lora16+cached`), `xla` (our
+kernels off: XLA attention and GroupNorm, against the `--attention`/`--fused_norm` of the other rows, default
+auto), `subjectsK` (K independent subjects trained by one program, `train --subjects`: each subject's batch
+spans its device group, `subject_steps_per_s` counts K per step; e.g. `lora16+cached+subjects8` against
+`lora16+cached`). Weights fp32, compute bf16, a fresh state per row; with `--isolate` (default with a GPU/TPU)
+a process per row too, as the allocator's peak is per process. The PyTorch reference is diffusers' scripts'
+step (train_dreambooth.py; LoRA rows: train_dreambooth_lora[_sdxl].py's peft adapters), for every row but
+`xla`.
 
 `--dry_run`: no weights and no timing: each row only compiles the trainer's step ahead of time from parameter
 shapes (the trainer's memory preflight) and reports the compile time and the per-device memory XLA plans
@@ -56,15 +57,15 @@ from bench_train_common import (
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DEFAULT_CONFIGS = {"sd15": ["base", "text_encoder", "remat", "cached", "cached+xla", "throughput+cached+remat",
-                            "lora16+cached", "lora16+cached+subjects8"],
+DEFAULT_CONFIGS = {"sd15": ["base", "text_encoder", "remat", "cached", "cached+xla",
+                            "throughput+cached+remat", "lora16+cached", "lora16+cached+subjects8"],
                    "sdxl": ["cached+remat", "lora16+cached", "lora16+cached+remat"]}
 TARGETS = {
     "sd15": ("targets (SD-1.5, 512 px, one H100): cached 1+1 >= 25 steps/s and >= 1.5x PyTorch; "
-             "throughput >= 40% MFU; peak <= 21 GB without remat; lora16+cached+subjects8 >= 2.5x the subject-steps/s "
-             "of lora16+cached"),
-    "sdxl": ("targets (SDXL, 1024 px, one H100, cached 1+1): full fine-tune with remat >= 5 steps/s, LoRA r16 "
-             ">= 8 steps/s, each >= 1.5x PyTorch; LoRA peak <= 24 GB"),
+             "throughput >= 40% MFU; peak <= 21 GB without remat; lora16+cached+subjects8 >= 2.5x the "
+             "subject-steps/s of lora16+cached"),
+    "sdxl": ("targets (SDXL, 1024 px, one H100, cached 1+1): full fine-tune with remat >= 5 steps/s, LoRA "
+             "r16 >= 8 steps/s, each >= 1.5x PyTorch; LoRA peak <= 24 GB"),
 }
 
 
@@ -74,14 +75,16 @@ def build_pipeline(args):
     its own copy, so that donation and peak memory stay per configuration. A dry run's params are shapes."""
     import jax
 
-    pipe = random_pipeline(args, dtype="bf16", param_dtype="fp32", weights="none" if args.dry_run else "device")
+    pipe = random_pipeline(args, dtype="bf16", param_dtype="fp32",
+                           weights="none" if args.dry_run else "device")
     if not args.dry_run:
         pipe.params = jax.tree.map(np.array, pipe.params)  # copies: the device buffers go
     return pipe
 
 
 def with_kernels(pipe, feats: dict, args):
-    """The pipeline's modules with the row's kernels: `--attention`/`--fused_norm`, or XLA's ops for `xla` rows."""
+    """The pipeline's modules with the row's kernels: `--attention`/`--fused_norm`, or XLA's ops for `xla`
+    rows."""
 
     attention = "dot_product" if feats["xla"] else args.attention
     fused = "off" if feats["xla"] else args.fused_norm
@@ -104,8 +107,8 @@ def train_config(pipe, feats: dict, optimizer: str, args):
 
 
 def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
-    """One configuration through the trainer's own path: preflight (AOT compile, per-device memory), then, unless
-    a dry run, the state built sharded from the host weights and timed steps."""
+    """One configuration through the trainer's own path: preflight (AOT compile, per-device memory), then,
+    unless a dry run, the state built sharded from the host weights and timed steps."""
     import jax
 
     from dreambooth_jax import parallel
@@ -124,7 +127,8 @@ def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
     plan = preflight.plan(pipe, step_spec(cfg, pipe), states, BatchSpec.of(cfg), max_steps=1,
                           global_batch=global_rows, fsdp=cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp))
     compile_s = time.perf_counter() - t0
-    step_s, loss, peak_bytes = (None, None, None) if args.dry_run else time_jax(plan, pipe, feats, global_rows, args)
+    step_s, loss, peak_bytes = (None, None, None) if args.dry_run else time_jax(plan, pipe, feats,
+                                                                                global_rows, args)
     # None: XLA refused the program as larger than the device (the preflight's total is None too)
     cost = plan.compiled.cost_analysis() if plan.compiled is not None else None
     flops = [c.get("flops") for c in (cost if isinstance(cost, (list, tuple)) else [cost]) if c]
@@ -143,8 +147,8 @@ def time_jax(plan, pipe, feats: dict, global_rows: int, args) -> tuple[float, fl
 
     state = plan.init_state(plan.place_params(pipe.params))
     text_2 = pipe.modules["text_encoder_2"].config if "text_encoder_2" in pipe.modules else None
-    batch = synthetic_batch(pipe.text_encoder.config, pipe.vae.config, feats["cached"], global_rows, args.resolution,
-                            text_2=text_2)
+    batch = synthetic_batch(pipe.text_encoder.config, pipe.vae.config, feats["cached"], global_rows,
+                            args.resolution, text_2=text_2)
     rng = np.asarray(jax.random.PRNGKey(0))
     if feats["subjects"]:  # each subject (slot) its own batch and key (here: the same ones)
         slots = jax.tree.leaves(plan.abstract_state.params)[0].shape[0]  # the stacked state's leading axis
@@ -185,7 +189,8 @@ def plan(args) -> list[tuple[str, str, str]]:
 def run_isolated(job, argv) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rows.json")
-        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--no-isolate", "--job", ":".join(job), "--json", path]
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--no-isolate", "--job", ":".join(job),
+               "--json", path]
         rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode  # its stderr passes through
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
@@ -208,28 +213,29 @@ def run_in_process(jobs, args) -> list[dict]:
                 rows.append(bench_jax(pipe, config, optimizer, args))
         except Exception as e:  # an OOM in one configuration should not lose the others
             traceback.print_exc()
-            rows.append({"impl": impl, "config": config, "optimizer": optimizer, "error": f"{type(e).__name__}: {e}"})
+            rows.append({"impl": impl, "config": config, "optimizer": optimizer,
+                         "error": f"{type(e).__name__}: {e}"})
         gc.collect()
     return rows
 
 
 def checks(row: dict, rows: list[dict], args) -> str:
-    """The targets that apply to `row` (ours), each ok / MISS (n/a off the model's target resolution, on the tiny
-    model, or when unmeasured: no PyTorch row, a dry run)."""
+    """The targets that apply to `row` (ours), each ok / MISS (n/a off the model's target resolution, on the
+    tiny model, or when unmeasured: no PyTorch row, a dry run)."""
     if row["impl"] != "dreambooth_jax":
         return ""
     feats = features(row["config"])
     one_plus_one = row["batch_per_device"] == "1+1" and not feats["throughput"]
-    ref = next((r for r in rows if r["impl"] == "diffusers" and r["config"] == row["config"] and "error" not in r),
-               None)
+    ref = next((r for r in rows
+                if r["impl"] == "diffusers" and r["config"] == row["config"] and "error" not in r), None)
     at_least = lambda key, bound: None if row[key] is None else row[key] >= bound  # noqa: E731
     faster = ref and row["samples_per_s"] and row["samples_per_s"] >= 1.5 * ref["samples_per_s"]
     peak_gb = lambda gb: row["peak_memory_gib"] and row["peak_memory_gib"] * 2**30 <= gb * 1e9  # noqa: E731
     items = []
     if feats["subjects"] > 1:  # against the same configuration with one subject
         alone = "+".join(p for p in row["config"].split("+") if not p.startswith("subjects")) or "base"
-        one = next((r for r in rows if r["impl"] == "dreambooth_jax" and r["config"] == alone and "error" not in r),
-                   None)
+        one = next((r for r in rows
+                    if r["impl"] == "dreambooth_jax" and r["config"] == alone and "error" not in r), None)
         gain = one and row["subject_steps_per_s"] and one["subject_steps_per_s"] and (
             row["subject_steps_per_s"] / one["subject_steps_per_s"])
         if args.model == "sd15" and feats["lora"] == 16 and feats["subjects"] == 8 and row["devices"] == 1:
@@ -246,9 +252,11 @@ def checks(row: dict, rows: list[dict], args) -> str:
         if feats["remat"] and not feats["lora"]:
             items += [(">=5 steps/s", at_least("steps_per_s", 5)), (">=1.5x torch", faster)]
         if feats["lora"] == 16:
-            items += [(">=8 steps/s", at_least("steps_per_s", 8)), (">=1.5x torch", faster), ("<=24 GB", peak_gb(24))]
+            items += [(">=8 steps/s", at_least("steps_per_s", 8)), (">=1.5x torch", faster), ("<=24 GB",
+                                                                                              peak_gb(24))]
     applies = not args.tiny and args.resolution == UNET_FWD_TFLOP[args.model][1]
-    return " ".join(f"{label} {'n/a' if not applies or ok is None else 'ok' if ok else 'MISS'}" for label, ok in items)
+    return " ".join(f"{label} {'n/a' if not applies or ok is None else 'ok' if ok else 'MISS'}" for label,
+                    ok in items)
 
 
 # (header, row key, format, scale) of the table's numeric columns; 'an.': the analytic UNet count; param, opt,
@@ -273,7 +281,8 @@ def print_table(rows: list[dict], args) -> None:
             print(f"{head} error: {r['error'][:200]}")
             continue
         cells = ("n/a" if r[key] is None else format(r[key] * scale, spec) for _, key, spec, scale in COLUMNS)
-        print(f"{head} {r['batch_per_device']:>6} " + " ".join(f"{c:>9}" for c in cells) + f"  {checks(r, rows, args)}")
+        print(f"{head} {r['batch_per_device']:>6} " + " ".join(f"{c:>9}" for c in cells)
+              + f"  {checks(r, rows, args)}")
     print(f"\n{TARGETS[args.model]}")
     if args.dry_run:
         print("dry run: nothing allocated or timed; memory as XLA plans it for the device it compiled for")
@@ -282,7 +291,8 @@ def print_table(rows: list[dict], args) -> None:
 
 
 def has_accelerator() -> bool:
-    """Whether JAX will find a GPU/TPU plugin, judged without starting a backend (which would hold the device)."""
+    """Whether JAX will find a GPU/TPU plugin, judged without starting a backend (which would hold the
+    device)."""
     if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
         return False
     names = (d.metadata["Name"] or "" for d in importlib.metadata.distributions())
@@ -290,9 +300,10 @@ def has_accelerator() -> bool:
 
 
 def use_cpu_dry_run_flags() -> None:
-    """XLA flags for a dry run compiled by the CPU (set before JAX starts its backend), as tools/bench_memory.py's:
-    the memory-minimising scheduler (the default one favours concurrency and keeps rematerialised activations
-    alive, so remat would show no saving), and no LLVM optimisation (the program never runs; it compiles faster)."""
+    """XLA flags for a dry run compiled by the CPU (set before JAX starts its backend), as
+    tools/bench_memory.py's: the memory-minimising scheduler (the default one favours concurrency and keeps
+    rematerialised activations alive, so remat would show no saving), and no LLVM optimisation (the program
+    never runs; it compiles faster)."""
     flags = "--xla_backend_optimization_level=0 --xla_cpu_enable_concurrency_optimized_scheduler=false"
     os.environ["XLA_FLAGS"] = f"{flags} {os.environ.get('XLA_FLAGS', '')}".strip()  # the user's own win
 
@@ -303,26 +314,32 @@ def parse_args(argv):
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=MODELS, default="sd15", help="the model's shapes (random weights)")
-    p.add_argument("--tiny", action="store_true", help="the tiny random model of --model's family (a CPU smoke run)")
-    p.add_argument("--resolution", type=int, default=None, help="default 512 (sd15), 1024 (sdxl), or 64 with --tiny")
+    p.add_argument("--tiny", action="store_true",
+                   help="the tiny random model of --model's family (a CPU smoke run)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="default 512 (sd15), 1024 (sdxl), or 64 with --tiny")
     p.add_argument("--batch", type=int, default=1, help="instance rows per device; as many class rows join")
     p.add_argument("--throughput_batch", type=int, default=32, help="samples per device of `throughput`")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--configs", nargs="+", help="rows to run (default: " + "; ".join(
-        f"{m}: {' '.join(c)}" for m, c in DEFAULT_CONFIGS.items()) + "; throughput without remat may not fit in 80 GB)")
+        f"{m}: {' '.join(c)}" for m, c in DEFAULT_CONFIGS.items()) + "; throughput without remat may not fit "
+                                                                     "in 80 GB)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--all_optimizers", action="store_true", help="every configuration with every optimizer")
     p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS)
     p.add_argument("--fused_norm", default="auto", choices=FUSED_NORM)
-    p.add_argument("--fsdp", default="auto", help="as the trainer's --fsdp: 'auto' or a divisor of the device count")
+    p.add_argument("--fsdp", default="auto",
+                   help="as the trainer's --fsdp: 'auto' or a divisor of the device count")
     p.add_argument("--peak_tflops", type=float, default=None, help="per chip (default: by device kind)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one process per row (default: on with a GPU/TPU)")
     p.add_argument("--no_torch", action="store_true", help="skip diffusers' PyTorch loop")
     p.add_argument("--dry_run", action="store_true",
-                   help="no weights, no timing: each row's compile time and per-device memory from the preflight")
-    p.add_argument("--torch_device", default="cuda", help=argparse.SUPPRESS)  # e.g. cpu: a smoke check of the loop
+                   help="no weights, no timing: each row's compile time and per-device memory from the "
+                        "preflight")
+    # e.g. cpu: a smoke check of the loop
+    p.add_argument("--torch_device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="also write the rows to this file (a JSON list)")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # impl:config:optimizer, for --isolate
     args = p.parse_args(argv)
@@ -348,7 +365,8 @@ def main(argv=None) -> None:
     if args.job:
         return
     for row in rows:
-        print(json.dumps({**row, "resolution": args.resolution, "steps": args.steps, "dry_run": args.dry_run}))
+        print(json.dumps({**row, "resolution": args.resolution, "steps": args.steps,
+                          "dry_run": args.dry_run}))
     print_table(rows, args)
     if any("error" in r for r in rows):
         sys.exit(1)

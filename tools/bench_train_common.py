@@ -67,7 +67,8 @@ def random_pipeline(args, **options):
 def features(name: str) -> dict:
     """{'text_encoder': bool, ..., 'lora': rank or 0} of a configuration name ('lora16' = LoRA rank 16)."""
     parts = set() if name == "base" else set(name.split("+"))
-    numbered = {prefix: [int(p[len(prefix):]) for p in parts if p.startswith(prefix) and p[len(prefix):].isdigit()]
+    numbered = {prefix: [int(p[len(prefix):]) for p in parts
+                         if p.startswith(prefix) and p[len(prefix):].isdigit()]
                 for prefix in ("lora", "subjects")}
     known = set(FEATURES) | {f"{prefix}{n}" for prefix, ns in numbered.items() for n in ns}
     if parts - known or any(len(ns) > 1 for ns in numbered.values()) or 0 in numbered["subjects"]:
@@ -83,9 +84,9 @@ def instance_rows(feats: dict, args) -> int:
 
 
 def synthetic_batch(text, vae, cached: bool, rows: int, resolution: int, seed: int = 0, text_2=None) -> dict:
-    """One micro-batch [1, 2 * rows, ...] on the host for the `text`/`vae` (SDXL: and `text_2`) configs: `rows`
-    instance rows, then as many class rows (as `training.inputs.layout_batch` lays them out, the structure
-    `preflight.batch_shapes` compiles the step for)."""
+    """One micro-batch [1, 2 * rows, ...] on the host for the `text`/`vae` (SDXL: and `text_2`) configs:
+    `rows` instance rows, then as many class rows (as `training.inputs.layout_batch` lays them out, the
+    structure `preflight.batch_shapes` compiles the step for)."""
     rng = np.random.default_rng(seed)
     n = 2 * rows
     if cached:
@@ -97,17 +98,19 @@ def synthetic_batch(text, vae, cached: bool, rows: int, resolution: int, seed: i
     batch = {k: v.astype(np.float32) for k, v in batch.items()}
     length = text.max_position_embeddings  # `train_config`'s --tokenizer_max_length, for both tokenizers
     batch["input_ids"] = rng.integers(0, text.vocab_size, (n, length), dtype=np.int32)
-    if text_2 is not None:  # SDXL: the second tokenizer's ids; time_ids (original size, crop corner, target size)
+    # SDXL: the second tokenizer's ids; time_ids (original size, crop corner, target size)
+    if text_2 is not None:
         batch["input_ids_2"] = rng.integers(0, text_2.vocab_size, (n, length), dtype=np.int32)
-        batch["time_ids"] = np.tile(np.float32([resolution, resolution, 0, 0, resolution, resolution]), (n, 1))
+        batch["time_ids"] = np.tile(np.float32([resolution, resolution, 0, 0, resolution, resolution]), (n,
+                                                                                                         1))
     batch["is_prior"] = np.arange(n) >= rows
     batch["example_id"] = np.arange(n, dtype=np.int32)
     return {k: v[None] for k, v in batch.items()}
 
 
 def parallel_groups(feats: dict, chips: int) -> int:
-    """Device groups of a `subjectsK` row (`parallel.subject_groups`); 1 otherwise. (K: pick one the groups split
-    evenly, `parallel.subject_slots`, or padding slots are timed as subjects.)"""
+    """Device groups of a `subjectsK` row (`parallel.subject_groups`); 1 otherwise. (K: pick one the groups
+    split evenly, `parallel.subject_slots`, or padding slots are timed as subjects.)"""
     from dreambooth_jax import parallel
 
     return parallel.subject_groups(feats["subjects"], chips) if feats["subjects"] else 1
@@ -126,12 +129,13 @@ def time_loop(step, sync, warmup: int, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: int, rows: int, step_s, peak_bytes,
-             memory: dict, loss, compile_s: float = 0.0, xla=None, mesh=None) -> dict:
-    """One result row; `step_s` and `loss` None in a dry run. `memory`: per-device bytes by part (the preflight's
-    params, optimizer, frozen, temp, total; PyTorch's optimizer). MFU from XLA's count (of the per-device program)
-    and from the analytic UNet-only count, (3 + remat) x forward per sample ((2 + remat) with LoRA: the frozen
-    weights take no weight gradients), scaled with the pixel count (attention grows a bit faster)."""
+def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: int, rows: int, step_s,
+             peak_bytes, memory: dict, loss, compile_s: float = 0.0, xla=None, mesh=None) -> dict:
+    """One result row; `step_s` and `loss` None in a dry run. `memory`: per-device bytes by part (the
+    preflight's params, optimizer, frozen, temp, total; PyTorch's optimizer). MFU from XLA's count (of the
+    per-device program) and from the analytic UNet-only count, (3 + remat) x forward per sample ((2 + remat)
+    with LoRA: the frozen weights take no weight gradients), scaled with the pixel count (attention grows a
+    bit faster)."""
     feats = features(name)
     subjects = feats["subjects"] or 1  # each subject's batch: `rows` per device of its group
     samples = 2 * rows * chips // parallel_groups(feats, chips) * subjects
@@ -144,8 +148,8 @@ def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: 
     mfu = lambda tf, n: None if tf is None or peak is None or step_s is None else tf / step_s / (peak * n)  # noqa: E731
     return {"impl": impl, "config": name, "optimizer": optimizer, "model": args.model, "device": device,
             "devices": chips, "mesh": mesh, "batch_per_device": f"{rows}+{rows}", "samples_per_step": samples,
-            "compile_s": compile_s, "step_s": step_s, "steps_per_s": per_s(1), "samples_per_s": per_s(samples),
-            "subjects": subjects, "subject_steps_per_s": per_s(subjects),
+            "compile_s": compile_s, "step_s": step_s, "steps_per_s": per_s(1),
+            "samples_per_s": per_s(samples), "subjects": subjects, "subject_steps_per_s": per_s(subjects),
             "peak_memory_gib": gib(peak_bytes), "params_gib": gib(memory.get("params")),
             "opt_state_gib": gib(memory.get("optimizer")), "frozen_gib": gib(memory.get("frozen")),
             "temp_gib": gib(memory.get("temp")), "xla_memory_gib": gib(memory.get("total")),

@@ -1,5 +1,6 @@
 """The PyTorch side of `bench_train.py`: diffusers' DreamBooth training step (train_dreambooth.py; LoRA rows:
-train_dreambooth_lora[_sdxl].py's peft adapters) on the same synthetic workload as our rows, timed the same way."""
+train_dreambooth_lora[_sdxl].py's peft adapters) on the same synthetic workload as our rows, timed the same
+way."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from bench_train_common import features, instance_rows, make_row, model_configs,
 
 
 def torch_models(feats: dict, models: dict, dev):
-    """(unet, vae, text encoders, trained params) as diffusers' DreamBooth scripts set them up under bf16 mixed
-    precision: trained modules fp32 (autocast computes in bf16), frozen ones bf16; LoRA (train_dreambooth_lora
-    [_sdxl].py): peft adapters on the frozen bf16 base, their params fp32 (`cast_training_params`)."""
+    """(unet, vae, text encoders, trained params) as diffusers' DreamBooth scripts set them up under bf16
+    mixed precision: trained modules fp32 (autocast computes in bf16), frozen ones bf16; LoRA
+    (train_dreambooth_lora [_sdxl].py): peft adapters on the frozen bf16 base, their params fp32
+    (`cast_training_params`)."""
     import diffusers
     import torch
     from diffusers.training_utils import cast_training_params
@@ -34,7 +36,8 @@ def torch_models(feats: dict, models: dict, dev):
             module.to(torch.bfloat16)  # frozen weights (LoRA's base too) in the compute dtype
         if rank and trains:
             targets = lora.UNET_TARGETS if module is unet else lora.TEXT_ENCODER_TARGETS
-            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets))
+            config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=list(targets))
             if module is unet:
                 unet.add_adapter(config)
             else:  # what transformers' `add_adapter` does (transformers 5's wants peft >= 0.22)
@@ -49,9 +52,9 @@ def torch_models(feats: dict, models: dict, dev):
 
 
 def torch_conditioning(texts, batch) -> tuple:
-    """(context, the UNet's added_cond_kwargs or None) as diffusers' scripts compute them: SD 1.5 the encoder's
-    last hidden state; SDXL (train_dreambooth_lora_sdxl.py's `encode_prompt`) both encoders' penultimate hidden
-    states concatenated, the second's projected pooled output and the time ids."""
+    """(context, the UNet's added_cond_kwargs or None) as diffusers' scripts compute them: SD 1.5 the
+    encoder's last hidden state; SDXL (train_dreambooth_lora_sdxl.py's `encode_prompt`) both encoders'
+    penultimate hidden states concatenated, the second's projected pooled output and the time ids."""
     import torch
 
     if len(texts) == 1:
@@ -63,8 +66,8 @@ def torch_conditioning(texts, batch) -> tuple:
 
 
 def bench_torch(name: str, args, device: str = "cuda") -> dict:
-    """diffusers' DreamBooth scripts' step on the same workload: AdamW, noise MSE of the instance half plus the
-    class half, gradients clipped at norm 1. Off CUDA (`--torch_device cpu`) only as a smoke check."""
+    """diffusers' DreamBooth scripts' step on the same workload: AdamW, noise MSE of the instance half plus
+    the class half, gradients clipped at norm 1. Off CUDA (`--torch_device cpu`) only as a smoke check."""
     import diffusers
     import torch
     import torch.nn.functional as F
@@ -94,7 +97,8 @@ def bench_torch(name: str, args, device: str = "cuda") -> dict:
             t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), device=dev)
             with torch.set_grad_enabled(feats["text_encoder"]):
                 context, added = torch_conditioning(texts, batch)
-            pred = unet(sched.add_noise(latents, noise, t), t, context, added_cond_kwargs=added).sample.float()
+            noisy = sched.add_noise(latents, noise, t)
+            pred = unet(noisy, t, context, added_cond_kwargs=added).sample.float()
         (pred_i, pred_p), (noise_i, noise_p) = pred.chunk(2), noise.chunk(2)
         loss = F.mse_loss(pred_i, noise_i) + F.mse_loss(pred_p, noise_p)
         loss.backward()
@@ -106,6 +110,7 @@ def bench_torch(name: str, args, device: str = "cuda") -> dict:
     cuda = dev.type == "cuda"
     step_s = time_loop(step, torch.cuda.synchronize if cuda else (lambda: None), args.warmup, args.steps)
     opt_bytes = sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    return make_row("diffusers", name, "adamw", args, device=torch.cuda.get_device_name() if cuda else dev.type,
-                    chips=1, rows=rows, step_s=step_s, peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+    return make_row("diffusers", name, "adamw", args,
+                    device=torch.cuda.get_device_name() if cuda else dev.type, chips=1, rows=rows,
+                    step_s=step_s, peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
                     memory={"optimizer": opt_bytes}, loss=float(losses[-1]))

@@ -2,9 +2,9 @@
 component's `config.json`, the scheduler config and a tokenizer; no weights.
 
 That is all `python -m dreambooth_jax.train --dry_run` reads, so memory preflights of the real model sizes run
-offline, on any machine (`tools/bench_memory.py` uses these). With the Hub reachable, `--dry_run` on the Hub id
-itself downloads the same files. The tokenizer is the tiny test vocabulary set to 77 tokens: the models' vocabulary
-size comes from the text encoder's config, so shapes and memory are those of the real models.
+offline, on any machine (`tools/bench_memory.py` uses these). With the Hub reachable, `--dry_run` on the Hub
+id itself downloads the same files. The tokenizer is the tiny test vocabulary set to 77 tokens: the models'
+vocabulary size comes from the text encoder's config, so shapes and memory are those of the real models.
 
 Usage: python tools/make_config_pipeline.py OUT_DIR [--kind sd15|sd21|sdxl]
 """
@@ -62,7 +62,8 @@ def make_config_pipeline(out_dir: str, kind: str) -> str:
     index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
              "_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", parts["scheduler"]["_class_name"]]}
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers",
+                                                                           parts["scheduler"]["_class_name"]]}
     for name, config in parts.items():
         file = "scheduler_config.json" if name == "scheduler" else "config.json"
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)

@@ -4,8 +4,8 @@ These are the reference fixtures of the test suite: an SD-1-style, an
 SD-2-style (v-prediction, linear projections, upcast attention, per-block head dims) and an SDXL-style
 (two text encoders, `text_time` added conditions, several transformer layers per block) pipeline, each a
 few hundred kB, saved with diffusers' own `save_pretrained`. The Hugging Face Hub is not needed: the CLIP
-BPE tokenizer is written from a small word list (`dreambooth_jax.testing.tiny`, which also makes the torch-free
-demo model).
+BPE tokenizer is written from a small word list (`dreambooth_jax.testing.tiny`, which also makes the
+torch-free demo model).
 
 Usage: python tools/make_tiny_pipeline.py OUT_DIR [--kind sd1|sd2|sdxl|all] [--seed 0]
 Needs torch, diffusers and transformers (the project's `test` extra).
@@ -25,7 +25,8 @@ make_tokenizer = tiny.make_tokenizer
 
 
 def _variant_configs(kind: str, vocab_size: int):
-    """Our tiny (text, unet, vae) configs (`dreambooth_jax.testing.tiny`), varied per kind to cover each family."""
+    """Our tiny (text, unet, vae) configs (`dreambooth_jax.testing.tiny`), varied per kind to cover each
+    family."""
     text, unet, vae = tiny.tiny_configs(vocab_size)
     if kind == "sd2":  # per-block heads, linear projections, upcast attention, gelu text encoder
         text = dataclasses.replace(text, hidden_act="gelu")
@@ -59,7 +60,8 @@ def _scheduler(kind: str):
     if kind == "sd1":
         return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False)
     if kind == "sd2":
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction")
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False,
+                             prediction_type="v_prediction")
     return EulerDiscreteScheduler(**common, timestep_spacing="leading")
 
 

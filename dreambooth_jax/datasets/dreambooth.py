@@ -64,7 +64,8 @@ def parse_index(text: str, source: str = INDEX_FILE) -> SourceIndex:
         line = line.strip()
         if line in ("Object Prompts", "Live Subject Prompts"):
             current = lists.setdefault(line, [])
-        elif (m := re.fullmatch(r"'(.*)'\.format\(unique_token, class_token\),?", line)) and current is not None:
+        elif (m := re.fullmatch(r"'(.*)'\.format\(unique_token, "
+                                r"class_token\),?", line)) and current is not None:
             current.append(m.group(1).replace("{0}", "{unique_token}").replace("{1}", "{class_token}"))
         elif current is None and re.fullmatch(r"[\w-]+,[^,]+", line) and line != "subject_name,class":
             subject, class_name = line.split(",")
@@ -91,9 +92,9 @@ class Dreambooth(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "The 30 subjects of google/dreambooth, one split per subject."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Optional. For offline builds, a copy of the `dataset/` folder of https://github.com/google/dreambooth "
-        "(subject folders of images and prompts_and_classes.txt), e.g. resized; without it the builder "
-        "downloads the repository.")
+        "Optional. For offline builds, a copy of the `dataset/` folder of "
+        "https://github.com/google/dreambooth (subject folders of images and prompts_and_classes.txt), e.g. "
+        "resized; without it the builder downloads the repository.")
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
@@ -122,7 +123,8 @@ class Dreambooth(tfds.core.GeneratorBasedBuilder):
         try:
             extracted = os.fspath(dl_manager.download_and_extract(SOURCE_URL))
         except Exception as e:  # offline, blocked, rate-limited: say what to do instead
-            raise DownloadError(f"cannot download {SOURCE_URL} ({type(e).__name__}: {e}); build offline from a "
+            raise DownloadError(f"cannot download {SOURCE_URL} ({type(e).__name__}: {e}); build offline from "
+                                "a "
                                   "local copy with manual_dir (--dataset_manual_dir)") from e
         root = find_source_root(extracted)
         if root is None:
@@ -217,7 +219,8 @@ def load_builder(data_dir: str | None = None, manual_dir: str | None = None) -> 
     """The builder, prepared: built once (from `manual_dir` if given, else downloaded) into `data_dir`
     (default: TFDS's, ~/tensorflow_datasets), then reused."""
     if manual_dir is not None and find_source_root(manual_dir) is None:
-        raise MissingFileError(f"{manual_dir}: not a copy of the DreamBooth dataset (no {INDEX_FILE} in it or "
+        raise MissingFileError(f"{manual_dir}: not a copy of the DreamBooth dataset (no {INDEX_FILE} in it "
+                               "or "
                                 "in its dataset/ folder)")
     import jax
 
@@ -239,7 +242,8 @@ _REPORTED: set[str] = set()  # data_dirs already said to be reused, once per pro
 def _prepare(data_dir: str | None, manual_dir: str | None) -> Dreambooth:
     absl = logging.getLogger("absl")
     level = absl.level
-    absl.setLevel(logging.ERROR)  # "Variant folder ... has no dataset_info.json": TFDS probing a fresh data_dir
+    # "Variant folder ... has no dataset_info.json": TFDS probing a fresh data_dir
+    absl.setLevel(logging.ERROR)
     try:
         builder = Dreambooth(data_dir=data_dir, file_format="array_record")
         prepared = builder.is_prepared()
@@ -253,7 +257,8 @@ def _prepare(data_dir: str | None, manual_dir: str | None) -> Dreambooth:
         log.info("building the TFDS dataset %r in %s from %s (once)", NAME, builder.data_dir,
                  manual_dir or SOURCE_URL)
         config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-        tfds.display_progress_bar(False)  # TFDS draws two bars per split: 60 of them for a few seconds of work
+        # TFDS draws two bars per split: 60 of them for a few seconds of work
+        tfds.display_progress_bar(False)
         try:
             builder.download_and_prepare(download_config=config)
         finally:

@@ -11,9 +11,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def tokenize_with_mask(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, attention mask), int32 [N, max_length] each: padded to `max_length` (default: the tokenizer's
-    `model_max_length`) and truncated, with a warning naming the dropped text.
+def tokenize_with_mask(tokenizer, prompts: Sequence[str],
+                       max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, attention mask), int32 [N, max_length] each: padded to `max_length` (default: the
+    tokenizer's `model_max_length`) and truncated, with a warning naming the dropped text.
 
     The mask is the tokenizer's own `attention_mask` (1 on the prompt's tokens, start and end included; 0 on
     padding), as diffusers passes it, whatever token the tokenizer pads with (CLIP's end-of-text in SD 1.x,
@@ -31,8 +32,8 @@ def tokenize_with_mask(tokenizer, prompts: Sequence[str], max_length: int | None
             if n > max_length:
                 truncated.append((prompt, tokenizer.decode(row[max_length - 1 : n - 1])))
         for prompt, dropped in truncated[:3]:  # once per distinct prompt, and only a few of them
-            log.warning("prompt longer than %d tokens, truncated; dropped: %r (prompt %r)", max_length, dropped,
-                        prompt)
+            log.warning("prompt longer than %d tokens, truncated; dropped: %r (prompt %r)", max_length,
+                        dropped, prompt)
         if len(truncated) > 3:
             log.warning("... and %d more prompts truncated to %d tokens", len(truncated) - 3, max_length)
     return enc.input_ids.astype(np.int32), enc.attention_mask.astype(np.int32)

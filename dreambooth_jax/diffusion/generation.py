@@ -7,7 +7,8 @@ Image `i` of a call starts from the noise of seed `seed + i` (and draws its ance
 image depends on its own seed only: not on the batch it was generated in, nor on the number of devices.
 
 `subject_params` samples K parameter sets (e.g. K DreamBooth subjects trained together) in the same program,
-vmapped over their leading axis: images [K, N, H, W, 3], set k's images as a call with those params would give.
+vmapped over their leading axis: images [K, N, H, W, 3], set k's images as a call with those params would
+give.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def _runner(pipe, params):
     return lambda name, *args, **kwargs: pipe.modules[name].apply({"params": params[name]}, *args, **kwargs)
 
 
-def _sample(params, tokens, neg_tokens, empty, noise, seeds, guidance_scale, guidance_rescale, *, pipe, sampler,
-            cfg: bool):
+def _sample(params, tokens, neg_tokens, empty, noise, seeds, guidance_scale, guidance_rescale, *, pipe,
+            sampler, cfg: bool):
     """The compiled program: conditioning -> denoising scan -> decode. Batch-sharded inputs, images out."""
     family, run = pipe.family, _runner(pipe, params)
     cond = family.encode(run, tokens)
@@ -87,7 +88,8 @@ def _sample(params, tokens, neg_tokens, empty, noise, seeds, guidance_scale, gui
 
     (latents, _), _ = jax.lax.scan(body, (latents, state), jnp.arange(sampler.num_model_calls))
     vae = pipe.vae
-    images = vae.apply({"params": params["vae"]}, vae.unscale_latents(latents).astype(vae.dtype), method=vae.decode)
+    images = vae.apply({"params": params["vae"]}, vae.unscale_latents(latents).astype(vae.dtype),
+                       method=vae.decode)
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
@@ -102,8 +104,8 @@ def _sample_sets(params, subject, *args, pipe, sampler, cfg: bool):
 
 
 def _compiled(pipe, sampler_key: tuple, cfg: bool, subject_nets: tuple[str, ...], mesh):
-    """The jitted sampling program for (scheduler, steps, eta, karras, cfg, networks with a set axis), cached on
-    the pipeline. With `subject_nets`, the examples are axis 1 of the [K, B, ...] output."""
+    """The jitted sampling program for (scheduler, steps, eta, karras, cfg, networks with a set axis), cached
+    on the pipeline. With `subject_nets`, the examples are axis 1 of the [K, B, ...] output."""
     cache = pipe.cache.setdefault("sampling", {})
     key = (sampler_key, cfg, subject_nets, tuple(d.id for d in mesh.devices.flat))
     if key not in cache:
@@ -118,22 +120,24 @@ def _compiled(pipe, sampler_key: tuple, cfg: bool, subject_nets: tuple[str, ...]
 
 
 def _check_subject_params(pipe, subject_params: dict) -> None:
-    """UsageError unless `subject_params` maps networks of `pipe` to their params with a leading set axis [K] on
-    every leaf, the same K >= 1 for all."""
+    """UsageError unless `subject_params` maps networks of `pipe` to their params with a leading set axis [K]
+    on every leaf, the same K >= 1 for all."""
     if not subject_params or set(subject_params) - set(pipe.params):
-        raise UsageError(f"subject_params must map networks of the pipeline ({', '.join(sorted(pipe.params))}) to "
-                         f"params with a leading set axis; got {sorted(subject_params) or 'none'}")
+        raise UsageError("subject_params must map networks of the pipeline "
+                         f"({', '.join(sorted(pipe.params))}) to params with a leading set axis; got "
+                         f"{sorted(subject_params) or 'none'}")
     sizes = set()
     for net, tree in subject_params.items():
         leaves, treedef = jax.tree.flatten(tree)
         ref_leaves, ref_treedef = jax.tree.flatten(pipe.params[net])
         if treedef != ref_treedef or any(np.ndim(x) != np.ndim(r) + 1 or np.shape(x)[1:] != np.shape(r)
                                          for x, r in zip(leaves, ref_leaves)):
-            raise UsageError(f"subject_params[{net!r}] must be the pipeline's {net} params with a leading set axis "
-                             "[K] on every leaf (got another tree structure or other leaf shapes)")
+            raise UsageError(f"subject_params[{net!r}] must be the pipeline's {net} params with a leading "
+                             "set axis [K] on every leaf (got another tree structure or other leaf shapes)")
         sizes.update(np.shape(x)[0] for x in leaves)
     if len(sizes) != 1 or min(sizes) < 1:
-        raise UsageError(f"every leaf of subject_params needs the same leading size K >= 1; got sizes {sorted(sizes)}")
+        raise UsageError("every leaf of subject_params needs the same leading size K >= 1; got sizes "
+                         f"{sorted(sizes)}")
 
 
 def _noise(seeds: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -146,16 +150,17 @@ def _check_size(pipe, height, width) -> tuple[int, int]:
     default = pipe.family.sample_size(pipe)
     height, width = height or default, width or default
     if height % f or width % f or height <= 0 or width <= 0:
-        raise UsageError(f"height and width must be positive multiples of {f} (the VAE's downscaling factor); "
-                         f"got {height}x{width}")
+        raise UsageError(f"height and width must be positive multiples of {f} (the VAE's downscaling "
+                         f"factor); got {height}x{width}")
     return height, width
 
 
 def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inference_steps: int = 50,
              guidance_scale: float | None = None, scheduler: str | None = None, seed: int = 0, latents=None,
-             height: int | None = None, width: int | None = None, eta: float = 0.0, guidance_rescale: float = 0.0,
-             use_karras_sigmas: bool | None = None, batch_size: int | None = None, mesh=None,
-             progress: bool = False, subject_params: dict | None = None) -> np.ndarray:
+             height: int | None = None, width: int | None = None, eta: float = 0.0,
+             guidance_rescale: float = 0.0, use_karras_sigmas: bool | None = None,
+             batch_size: int | None = None, mesh=None, progress: bool = False,
+             subject_params: dict | None = None) -> np.ndarray:
     """Generates one image per prompt (per parameter set, with `subject_params`).
 
     Args:
@@ -166,14 +171,14 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
       scheduler: a name of `SCHEDULER_NAMES` (default: the pipeline's own scheduler).
       seed: image i starts from the noise of seed `seed + i`.
       latents: optional starting noise [N, H/8, W/8, C] (unscaled, as diffusers' `latents=` in NHWC).
-      guidance_scale: classifier-free guidance; <= 1 turns it off; None: the family's default, as diffusers' pipeline
-        of the family (SD 7.5, SDXL 5.0). guidance_rescale: 0 (off) to 1.
+      guidance_scale: classifier-free guidance; <= 1 turns it off; None: the family's default, as diffusers'
+      pipeline of the family (SD 7.5, SDXL 5.0). guidance_rescale: 0 (off) to 1.
       batch_size: images per compiled call (default: all at once); each call is padded to the device count.
       mesh: the device mesh (default: all devices).
       subject_params: optional {network name of `pipe.params` ('unet', 'text_encoder', ...): its params with a
-        leading axis K on every leaf}: K parameter sets (e.g. K DreamBooth subjects) sampled in one program, the
-        other networks shared. Set k's images are those of `pipe` with its params of each such network replaced
-        by entry k of every leaf, from the same seeds.
+        leading axis K on every leaf}: K parameter sets (e.g. K DreamBooth subjects) sampled in one program,
+        the other networks shared. Set k's images are those of `pipe` with its params of each such network
+        replaced by entry k of every leaf, from the same seeds.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1]; [K, N, H, W, 3] with `subject_params`.
@@ -184,7 +189,8 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
     if not prompts:
         raise UsageError("no prompts given")
     # Some families zero the negative conditioning when no negative prompt is given (None; SDXL where the
-    # pipeline's `force_zeros_for_empty_prompt` is set, as diffusers does); an explicit "" is encoded as any prompt.
+    # pipeline's `force_zeros_for_empty_prompt` is set, as diffusers does); an explicit "" is encoded as any
+    # prompt.
     zero_negative = negative_prompts is None
     if negative_prompts is None or isinstance(negative_prompts, str):
         negative_prompts = [negative_prompts or ""] * len(prompts)
@@ -213,7 +219,8 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
     empty = np.full(len(prompts), zero_negative)
     mesh = mesh or parallel.data_mesh()
     subject = dict(subject_params or {})
-    fn = _compiled(pipe, (name, num_inference_steps, eta, use_karras_sigmas), cfg, tuple(sorted(subject)), mesh)
+    fn = _compiled(pipe, (name, num_inference_steps, eta, use_karras_sigmas), cfg, tuple(sorted(subject)),
+                   mesh)
     # Replicated (a no-op for arrays already placed so); the networks with a set axis are not shared.
     params = parallel.put_replicated({net: p for net, p in pipe.params.items() if net not in subject}, mesh)
     subject = parallel.put_replicated(subject, mesh)
@@ -229,11 +236,13 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         stop = min(start + per_call, n)
         padded = parallel.pad_to_multiple(stop - start, mesh.size)
         # Pad with copies of the last example (dropped afterwards) so every device gets the same share.
-        pad = lambda a: np.concatenate([a[start:stop], np.repeat(a[stop - 1 : stop], padded - (stop - start), 0)])  # noqa: E731,B023
-        args = ({k: pad(v) for k, v in tokens.items()}, {k: pad(v) for k, v in neg_tokens.items()}, pad(empty),
-                pad(latents), pad(seeds))
+        pad = lambda a: np.concatenate(  # noqa: E731,B023
+            [a[start:stop], np.repeat(a[stop - 1 : stop], padded - (stop - start), 0)])  # noqa: B023
+        args = ({k: pad(v) for k, v in tokens.items()}, {k: pad(v) for k, v in neg_tokens.items()},
+                pad(empty), pad(latents), pad(seeds))
         with parallel.traced_on(mesh):  # the first call traces
             images = fn(params, subject, *parallel.put_batch(args, mesh), jnp.float32(guidance_scale),
                         jnp.float32(guidance_rescale))
-        out.append(parallel.fetch(images)[..., : stop - start, :, :, :])  # the examples: axis -4, [[K,] B, H, W, 3]
+        # the examples: axis -4, [[K,] B, H, W, 3]
+        out.append(parallel.fetch(images)[..., : stop - start, :, :, :])
     return np.concatenate(out, axis=-4)

@@ -242,7 +242,8 @@ def snr(alphas_cumprod, t):
 
 def min_snr_weights(snr, gamma: float, prediction_type: str):
     """Min-SNR-γ loss weights (Hang et al. 2023) for the loss on `prediction_type`'s target, each making the
-    weighted loss min(SNR, γ) x the x_0 loss (||ε̂ - ε||² = SNR ||x̂_0 - x_0||², ||v̂ - v||² = (SNR + 1) ||x̂_0 - x_0||²):
+    weighted loss min(SNR, γ) x the x_0 loss (||ε̂ - ε||² = SNR ||x̂_0 - x_0||², ||v̂ - v||² = (SNR + 1)
+    ||x̂_0 - x_0||²):
     ε: min(SNR, γ) / SNR, computed as min(1, γ / SNR) so that a zero-terminal-SNR timestep (SNR = 0) gets 1,
     not 0/0; v: min(SNR, γ) / (SNR + 1); x_0 ("sample"): min(SNR, γ)."""
     if prediction_type == "epsilon":

@@ -29,7 +29,8 @@ class DDPMObjective:
     @classmethod
     def from_scheduler_config(cls, scheduler_config: dict, snr_gamma: float | None = None) -> DDPMObjective:
         """As diffusers' DreamBooth scripts read the schedule: `DDPMScheduler.from_pretrained(...)`."""
-        schedule = noise_schedule.ScheduleConfig.from_diffusers_config(scheduler_config, class_name="DDPMScheduler")
+        schedule = noise_schedule.ScheduleConfig.from_diffusers_config(scheduler_config,
+                                                                       class_name="DDPMScheduler")
         return cls(noise_schedule.alphas_cumprod(schedule), schedule.prediction_type, snr_gamma)
 
     @property

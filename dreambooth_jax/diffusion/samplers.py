@@ -29,10 +29,10 @@ from dreambooth_jax.diffusion.sigma_samplers import dpm_solver_sampler, euler_sa
 from dreambooth_jax.errors import UsageError
 
 SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "ddpm")
-_CLASS_FOR = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+DIFFUSERS_CLASS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
               "ddpm": "DDPMScheduler"}
-_NAME_FOR = {cls: name for name, cls in _CLASS_FOR.items()}
+_NAME_FOR = {cls: name for name, cls in DIFFUSERS_CLASS.items()}
 
 
 def scheduler_name_for(config_dict: dict) -> str:
@@ -44,8 +44,9 @@ def scheduler_name_for(config_dict: dict) -> str:
     return _NAME_FOR[cls]
 
 
-_BUILDERS = {"ddpm": ddpm_sampler, "ddim": ddim_sampler, "pndm": pndm_sampler, "euler": euler_sampler, "dpmpp_2m": dpm_solver_sampler,
-             "euler_a": lambda cfg, n, eta: euler_sampler(cfg, n, eta, ancestral=True)}
+_BUILDERS = {"ddpm": ddpm_sampler, "ddim": ddim_sampler, "pndm": pndm_sampler, "euler": euler_sampler,
+             "dpmpp_2m": dpm_solver_sampler, "euler_a": lambda cfg, n, eta: euler_sampler(cfg, n, eta,
+                                                                                          ancestral=True)}
 
 
 def make_sampler(name: str, config_dict: dict, num_inference_steps: int, *, eta: float = 0.0,
@@ -59,7 +60,7 @@ def make_sampler(name: str, config_dict: dict, num_inference_steps: int, *, eta:
     """
     if name not in _BUILDERS:
         raise UsageError(f"unknown scheduler {name!r}; expected one of {SCHEDULER_NAMES}")
-    cfg = ScheduleConfig.from_diffusers_config(config_dict, class_name=_CLASS_FOR[name])
+    cfg = ScheduleConfig.from_diffusers_config(config_dict, class_name=DIFFUSERS_CLASS[name])
     if use_karras_sigmas is not None:
         if use_karras_sigmas and name not in ("euler", "dpmpp_2m"):
             raise UsageError(f"use_karras_sigmas applies to 'euler' and 'dpmpp_2m', not {name!r}")

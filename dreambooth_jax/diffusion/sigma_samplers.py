@@ -198,7 +198,8 @@ def dpm_solver_sampler(cfg: ScheduleConfig, n: int, eta: float) -> DPMSolverSamp
         raise UnsupportedError(f"DPM-Solver algorithm_type={cfg.algorithm_type!r}, solver_type="
                                   f"{cfg.solver_type!r} (have: dpmsolver++/dpmsolver, midpoint/heun)")
     if cfg.solver_order not in (1, 2, 3) or cfg.variance_type is not None:
-        raise UnsupportedError(f"DPM-Solver solver_order={cfg.solver_order}, variance_type={cfg.variance_type!r} "
+        raise UnsupportedError(f"DPM-Solver solver_order={cfg.solver_order}, "
+                               f"variance_type={cfg.variance_type!r} "
                                   "(have: solver_order 1-3, variance_type None)")
     if cfg.algorithm_type == "dpmsolver" and cfg.final_sigmas_type == "zero":
         raise UsageError("final_sigmas_type 'zero' needs algorithm_type 'dpmsolver++' (as diffusers)")

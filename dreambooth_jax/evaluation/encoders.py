@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 # transformers-5 in-memory names (`layers.N.attention.q_proj`, `mlp.fc1`) -> the checkpoint names we mirror.
 _VIT_RENAMES = (
     (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
-    (r"\.attention\.([qkv])_proj\.", lambda m: f".attention.attention.{dict(q='query', k='key', v='value')[m[1]]}."),
+    (r"\.attention\.([qkv])_proj\.",
+     lambda m: f".attention.attention.{dict(q='query', k='key', v='value')[m[1]]}."),
     (r"\.attention\.o_proj\.", ".attention.output.dense."),
     (r"\.mlp\.fc1\.", ".intermediate.dense."),
     (r"\.mlp\.fc2\.", ".output.dense."),
@@ -33,7 +34,8 @@ _VIT_RENAMES = (
 )
 
 
-def vit_params_from_state_dict(state, config: vision.ViTConfig, *, dtype=None, source: str = "checkpoint") -> dict:
+def vit_params_from_state_dict(state, config: vision.ViTConfig, *, dtype=None,
+                               source: str = "checkpoint") -> dict:
     """A transformers `ViTModel` state dict (keys with or without `vit.`) -> our param tree."""
     state = convert.normalize_state_dict(state, strip_prefix="vit.")
     renamed = {}
@@ -41,8 +43,8 @@ def vit_params_from_state_dict(state, config: vision.ViTConfig, *, dtype=None, s
         for pattern, repl in _VIT_RENAMES:
             key = re.sub(pattern, repl, key)
         renamed[key] = value
-    return convert.state_dict_to_params(renamed, vision.vit_abstract_params(config), dtype=dtype, source=source,
-                                        ignore=(r"^pooler\.", r"^embeddings\.mask_token$"))
+    return convert.state_dict_to_params(renamed, vision.vit_abstract_params(config), dtype=dtype,
+                                        source=source, ignore=(r"^pooler\.", r"^embeddings\.mask_token$"))
 
 
 def load_vit(folder: str, *, dtype=None) -> tuple[vision.ViTModel, dict]:
@@ -55,7 +57,8 @@ def load_vit(folder: str, *, dtype=None) -> tuple[vision.ViTModel, dict]:
 
 def clip_tower_config(d: dict, tower: str) -> dict:
     """A `CLIPModel` config's `text_config` / `vision_config`, with the overrides of the legacy
-    `*_config_dict` key applied on top (as transformers' `CLIPConfig` does: old openai/* configs have them)."""
+    `*_config_dict` key applied on top (as transformers' `CLIPConfig` does: old openai/* configs have
+    them)."""
     return {**(d.get(f"{tower}_config") or {}), **(d.get(f"{tower}_config_dict") or {})}
 
 
@@ -69,7 +72,8 @@ def load_clip_model(folder: str, *, dtype=None):
     d = fileio.read_json(os.path.join(folder, "config.json"))
     proj = d.get("projection_dim", 512)  # the model's, which overrides the towers' own
     vision_d = clip_tower_config(d, "vision")
-    vision_cfg = dataclasses.replace(vision.CLIPVisionConfig.from_diffusers_config(vision_d), projection_dim=proj)
+    vision_cfg = dataclasses.replace(vision.CLIPVisionConfig.from_diffusers_config(vision_d),
+                                     projection_dim=proj)
     text_d = {k: v for k, v in clip_tower_config(d, "text").items() if k != "model_type"}
     text_cfg = dataclasses.replace(clip.CLIPTextConfig.from_diffusers_config(text_d), projection_dim=proj)
     state, path = discovery.load_state_dict(discovery.find_weight_files(folder, "model"))
@@ -84,11 +88,12 @@ def load_clip_model(folder: str, *, dtype=None):
     text_params = convert.state_dict_to_params(
         towers["text"], clip.abstract_params(text_cfg, with_projection=True), dtype=dtype, source=path,
         ignore=clip.IGNORED_KEYS)
-    return (vision.CLIPVisionModelWithProjection(vision_cfg), vision_params, clip.CLIPTextModelWithProjection(text_cfg),
-            text_params)
+    return (vision.CLIPVisionModelWithProjection(vision_cfg), vision_params,
+            clip.CLIPTextModelWithProjection(text_cfg), text_params)
 
 
-def _preprocessing(folder: str, default: preprocessing.ImagePreprocessing) -> preprocessing.ImagePreprocessing:
+def _preprocessing(folder: str,
+                   default: preprocessing.ImagePreprocessing) -> preprocessing.ImagePreprocessing:
     path = os.path.join(folder, "preprocessor_config.json")
     if not os.path.isfile(path):
         log.info("%s has no preprocessor_config.json; using the default preprocessing", folder)
@@ -136,7 +141,8 @@ class Encoders:
             "dino": jax.jit(lambda p, x: _l2_normalize(dino.apply({"params": p}, x.astype(dtype)).cls)),
             "clip_image": jax.jit(lambda p, x: _l2_normalize(clip_vision.apply({"params": p}, x.astype(dtype))
                                                              .image_embeds)),
-            "clip_text": jax.jit(lambda p, ids: _l2_normalize(clip_text.apply({"params": p}, ids).text_embeds)),
+            "clip_text": jax.jit(lambda p,
+                                 ids: _l2_normalize(clip_text.apply({"params": p}, ids).text_embeds)),
         }
 
     def release(self) -> None:

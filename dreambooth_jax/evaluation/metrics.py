@@ -111,8 +111,8 @@ class Evaluation:
 
 
 def evaluate(encoders: Embedder, generated: Sequence[np.ndarray], prompts: Sequence[str],
-             real: Sequence[np.ndarray], *, files: Sequence[str] | None = None, unique_token: str | None = None,
-             info: dict | None = None) -> Evaluation:
+             real: Sequence[np.ndarray], *, files: Sequence[str] | None = None,
+             unique_token: str | None = None, info: dict | None = None) -> Evaluation:
     """DINO / CLIP-I / CLIP-T of `generated` images (uint8 HWC) made from `prompts`, against `real`."""
     if len(generated) != len(prompts):
         raise UsageError(f"{len(generated)} images but {len(prompts)} prompts")
@@ -127,7 +127,8 @@ def evaluate(encoders: Embedder, generated: Sequence[np.ndarray], prompts: Seque
             "num_generated": len(generated), "num_real": len(real),
             "clip_t_prompts": f"unique token {unique_token!r} removed" if unique_token else "as generated"}
     return Evaluation(summary=summarize(scores, prompts), real=real_baseline(ref), scores=scores,
-                      files=list(files or [str(i) for i in range(len(generated))]), prompts=list(prompts), info=info)
+                      files=list(files or [str(i) for i in range(len(generated))]), prompts=list(prompts),
+                      info=info)
 
 
 # ------------------------------------------------------------------------------------------------- reporting
@@ -143,8 +144,8 @@ def markdown_table(evaluation: Evaluation, *, per_prompt: bool = True) -> str:
     rows = ["| **all prompts** | " + " | ".join(format_stats(s["overall"][m]) for m in METRICS)
             + f" | {s['overall']['dino']['n']} |"]
     real = evaluation.real
-    rows.append(f"| real images (pairs) | {format_stats(real['dino'])} | {format_stats(real['clip_i'])} | - | "
-                f"{evaluation.info['num_real']} |")
+    rows.append(f"| real images (pairs) | {format_stats(real['dino'])} | {format_stats(real['clip_i'])} | - "
+                f"| {evaluation.info['num_real']} |")
     if per_prompt:
         rows += [f"| {p} | " + " | ".join(format_stats(v[m]) for m in METRICS) + f" | {v['dino']['n']} |"
                  for p, v in s["per_prompt"].items()]

@@ -32,7 +32,8 @@ class ImagePreprocessing:
     @classmethod
     def from_processor_config(cls, d: dict) -> ImagePreprocessing:
         """Reads a `preprocessor_config.json` dict (square sizes only; resize/normalize must be on). Missing
-        keys take the defaults of the processor class it names (`CLIPImageProcessor` or `ViTImageProcessor`)."""
+        keys take the defaults of the processor class it names (`CLIPImageProcessor` or
+        `ViTImageProcessor`)."""
         for key in ("do_resize", "do_rescale", "do_normalize"):
             if not d.get(key, True):
                 raise UsageError(f"{key}=False is not supported")
@@ -47,21 +48,24 @@ class ImagePreprocessing:
             shortest, size = False, size["height"]
         else:  # an int (old `*FeatureExtractor` configs): a square for ViT, the shortest edge for CLIP, as
             shortest = base.shortest_edge  # each processor's `get_size_dict(default_to_square=...)` reads it
-        crop = d.get("crop_size", base.crop_size) if d.get("do_center_crop", base.crop_size is not None) else None
+        center_crop = d.get("do_center_crop", base.crop_size is not None)
+        crop = d.get("crop_size", base.crop_size) if center_crop else None
         if isinstance(crop, dict):
             if crop["height"] != crop["width"]:
                 raise UsageError(f"crop_size={crop} is not supported; expected a square")
             crop = crop["height"]
-        return cls(size=size, shortest_edge=shortest, crop_size=crop, resample=int(d.get("resample", base.resample)),
+        return cls(size=size, shortest_edge=shortest, crop_size=crop, resample=int(d.get("resample",
+                                                                                         base.resample)),
                    mean=tuple(d.get("image_mean", base.mean)), std=tuple(d.get("image_std", base.std)))
 
 
 # facebook/dino-vits16's preprocessor_config.json: 224 x 224 bilinear, ImageNet mean/std (not the 0.5/0.5 of
 # `ViTImageProcessor`'s own defaults). openai/clip-vit-base-patch32's: `CLIPImageProcessor` defaults.
 DINO_PREPROCESSING = ImagePreprocessing()
-VIT_PROCESSOR_DEFAULTS = ImagePreprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # `ViTImageProcessor()`
-CLIP_PREPROCESSING = ImagePreprocessing(shortest_edge=True, crop_size=224, resample=BICUBIC, mean=OPENAI_CLIP_MEAN,
-                                        std=OPENAI_CLIP_STD)
+# `ViTImageProcessor()`
+VIT_PROCESSOR_DEFAULTS = ImagePreprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+CLIP_PREPROCESSING = ImagePreprocessing(shortest_edge=True, crop_size=224, resample=BICUBIC,
+                                        mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
 
 
 def _resize_crop(image: np.ndarray, cfg: ImagePreprocessing) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""Model families: one module per family (`sd`, `sdxl`) and the registry from a pipeline's `_class_name` to its
-family. The only place that knows which family a pipeline is; see `base.Family` for what a family answers."""
+"""Model families: one module per family (`sd`, `sdxl`) and the registry from a pipeline's `_class_name` to
+its family. The only place that knows which family a pipeline is; see `base.Family` for what a family
+answers."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def weight_folders() -> tuple[str, ...]:
 
 
 def kind_of_folder(name: str) -> str:
-    """The component kind a folder name stands for in the families that have it (`load_component(folder, name)`)."""
+    """The component kind a folder name stands for in the families that have it
+    (`load_component(folder, name)`)."""
     kinds = {n: k for f in FAMILIES.values() for n, k in f.components.items()}
     if name not in kinds:
         raise UsageError(f"unknown component {name!r}; expected one of {', '.join(kinds)}")

@@ -1,13 +1,13 @@
 """What a model family answers: one frozen `Family` of constants and plain functions per family.
 
 The trainer, the sampler, the preflight and the exports ask the pipeline's family and never test which family
-it is. The functions take a `run(component, *args, **kwargs)` callback that applies one component (the sampler:
-the module with its params; the train step: with its trained, frozen or LoRA-adapted params), so a family says
-how its networks are wired without owning their parameters.
+it is. The functions take a `run(component, *args, **kwargs)` callback that applies one component (the
+sampler: the module with its params; the train step: with its trained, frozen or LoRA-adapted params), so a
+family says how its networks are wired without owning their parameters.
 
-Conditioning is a dict: "context" [N, L, D] (the denoiser's cross-attention sequence) and, where the family has
-one, "pooled" [N, P]. Per-example denoiser inputs that come from the picture's geometry (SDXL's size and crop
-ids) are built by `view_inputs` from a `[N, 6]` geometry array: (original height, width, crop top, left,
+Conditioning is a dict: "context" [N, L, D] (the denoiser's cross-attention sequence) and, where the family
+has one, "pooled" [N, P]. Per-example denoiser inputs that come from the picture's geometry (SDXL's size and
+crop ids) are built by `view_inputs` from a `[N, 6]` geometry array: (original height, width, crop top, left,
 target height, width) in pixels.
 """
 
@@ -70,7 +70,8 @@ class Family:
     guidance: str = "classifier_free"
     sample_size: Callable = unet_sample_size  # pipe -> the default height and width in pixels
     train_inputs: Callable = no_train_inputs  # options -> constant denoiser inputs of the train step
-    lora_targets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # network -> default
+    # network -> default
+    lora_targets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     absent_components: tuple[str, ...] = ()  # model_index.json entries we declare empty ([null, null])
     index_flags: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # other model_index.json entries
     presets: tuple[str, ...] = ()

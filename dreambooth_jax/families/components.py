@@ -38,7 +38,8 @@ def parse_dtype(dtype) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """How one kind of component folder is stored: weight file stem, key prefixes, the class named in configs."""
+    """How one kind of component folder is stored: weight file stem, key prefixes, the class named in
+    configs."""
 
     stem: str
     library: str
@@ -72,8 +73,8 @@ def _check_kind(kind: str) -> Kind:
 
 
 def module_for(kind: str, cfg, **options):
-    """The Flax module of `kind` for its config dataclass; `options` it has no use for (remat in a VAE, the fused
-    norm in CLIP) are dropped."""
+    """The Flax module of `kind` for its config dataclass; `options` it has no use for (remat in a VAE, the
+    fused norm in CLIP) are dropped."""
     _check_kind(kind)
     if kind == "unet":
         return unet.UNet2DConditionModel(cfg, **options)
@@ -117,8 +118,8 @@ def load_folder(folder: str, kind: str, *, dtype=jnp.float32, param_dtype=None, 
       param_dtype: dtype of the returned params (default: `dtype`); every float dtype round-trips exactly
         through float32.
       weights: where the params go: 'device' (JAX arrays on the default device), 'host' (NumPy arrays, for the
-        caller to place, e.g. sharded), 'none' (`jax.ShapeDtypeStruct`s from the config alone; the weight files
-        are not read).
+        caller to place, e.g. sharded), 'none' (`jax.ShapeDtypeStruct`s from the config alone; the weight
+        files are not read).
     """
     if weights not in WEIGHTS:
         raise UsageError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
@@ -127,8 +128,9 @@ def load_folder(folder: str, kind: str, *, dtype=jnp.float32, param_dtype=None, 
     param_dtype = parse_dtype(param_dtype) or dtype
     config_path = os.path.join(folder, "config.json")
     config_dict = fileio.read_json(config_path)
-    options = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=choose.check_attention(attention_impl),
-                   remat=remat, fused_norm=choose.check_fused_norm(fused_norm))
+    options = dict(dtype=dtype, param_dtype=param_dtype,
+                   attention_impl=choose.check_attention(attention_impl), remat=remat,
+                   fused_norm=choose.check_fused_norm(fused_norm))
     module, abstract = build_module(kind, config_dict, config_path, **options)
     if weights == "none":
         return module, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), abstract)

@@ -1,8 +1,9 @@
 """Stable Diffusion XL: two CLIP text encoders, a pooled embedding and per-picture size and crop ids.
 
-As diffusers' `StableDiffusionXLPipeline` and `train_dreambooth_lora_sdxl.py` compute them: the context is both
-encoders' penultimate hidden states concatenated on the feature axis, the pooled embedding the second encoder's
-projected one, and `time_ids` = (original height, width, crop top, left, target height, width) per example.
+As diffusers' `StableDiffusionXLPipeline` and `train_dreambooth_lora_sdxl.py` compute them: the context is
+both encoders' penultimate hidden states concatenated on the feature axis, the pooled embedding the second
+encoder's projected one, and `time_ids` = (original height, width, crop top, left, target height, width) per
+example.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dreambooth_jax.lora.transform import TEXT_ENCODER_TARGETS, UNET_TARGETS
 
 
 def tokenize(tokenizers: dict, prompts, max_length: int | None = None) -> dict:
-    """{"input_ids", "attention_mask", "input_ids_2"}: each tokenizer with its own padding (the second pads with
-    `!`); the mask is the first tokenizer's (SDXL's encoders take none; kept for the batch's layout)."""
+    """{"input_ids", "attention_mask", "input_ids_2"}: each tokenizer with its own padding (the second pads
+    with `!`); the mask is the first tokenizer's (SDXL's encoders take none; kept for the batch's layout)."""
     ids, mask = tokenize_with_mask(tokenizers["tokenizer"], prompts, max_length)
     ids_2, _ = tokenize_with_mask(tokenizers["tokenizer_2"], prompts, max_length)
     return {"input_ids": ids, "attention_mask": mask, "input_ids_2": ids_2}
@@ -39,8 +40,8 @@ def view_inputs(geometry) -> dict:
 
 
 def negative(cond: dict, empty, model_index: dict) -> dict:
-    """No negative prompt given (`empty`): zero conditioning where the pipeline's `force_zeros_for_empty_prompt`
-    says so (its default), as diffusers does."""
+    """No negative prompt given (`empty`): zero conditioning where the pipeline's
+    `force_zeros_for_empty_prompt` says so (its default), as diffusers does."""
     if not model_index.get("force_zeros_for_empty_prompt", True):
         return cond
     return {"context": jnp.where(empty[:, None, None], 0.0, cond["context"]),
@@ -53,14 +54,15 @@ def denoise(run, x, t, cond: dict, inputs: dict):
 
 def check_options(options) -> None:
     if options.get("text_encoder_use_attention_mask"):
-        raise UsageError("--text_encoder_use_attention_mask: SDXL's text encoders take no attention mask (its "
-                         "pipelines and diffusers' SDXL scripts pass none)")
+        raise UsageError("--text_encoder_use_attention_mask: SDXL's text encoders take no attention mask "
+                         "(its pipelines and diffusers' SDXL scripts pass none)")
 
 
 SDXL = Family(
     name="sdxl",
     pipeline_class="StableDiffusionXLPipeline",
-    components={"unet": "unet", "vae": "vae", "text_encoder": "clip_text", "text_encoder_2": "clip_text_projection"},
+    components={"unet": "unet", "vae": "vae", "text_encoder": "clip_text",
+                "text_encoder_2": "clip_text_projection"},
     tokenizers=("tokenizer", "tokenizer_2"),
     text_encoders=("text_encoder", "text_encoder_2"),
     tokenize=tokenize,

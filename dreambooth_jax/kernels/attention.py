@@ -1,8 +1,8 @@
-"""Attention kernels: JAX's Pallas TPU splash attention made to fit Stable Diffusion's shapes, and the pure-JAX
-reference every implementation is tested against.
+"""Attention kernels: JAX's Pallas TPU splash attention made to fit Stable Diffusion's shapes, and the
+pure-JAX reference every implementation is tested against.
 
-Splash attention wants head_dim a multiple of 128 and sequence lengths a multiple of its blocks; SD's heads are
-40/64/80/160 wide and its cross-attention keys are 77 text tokens. So (as MaxDiffusion does) q, k, v are
+Splash attention wants head_dim a multiple of 128 and sequence lengths a multiple of its blocks; SD's heads
+are 40/64/80/160 wide and its cross-attention keys are 77 text tokens. So (as MaxDiffusion does) q, k, v are
 zero-padded: padded head features add 0 to q.k and give output columns that are cut off; padded keys get their
 own segment id, so no query attends to them; padded queries are cut off. The softmax scale 1/sqrt(head_dim)
 of the real head_dim is applied to q beforehand (splash does not scale).
@@ -54,13 +54,14 @@ def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     bq, bkv = _block(q_len), _block(kv_len)
-    sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                              block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                              block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
     mask = masks.MultiHeadMask([masks.FullMask((q_len, kv_len))] * heads)
     # Built once per shape and cached: its block tables must be concrete arrays, not tracers of the program
     # that happens to ask first.
     with jax.ensure_compile_time_eval():
-        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                      interpret=interpret)
 
 
 def splash_attention(q, k, v, *, interpret: bool | None = None):
@@ -88,5 +89,6 @@ def splash_attention(q, k, v, *, interpret: bool | None = None):
 
     kernel = _splash_kernel(n, tp, sp, bool(interpret))
     segments = splash.SegmentIds(q=jnp.zeros((tp,), jnp.int32), kv=(jnp.arange(sp) >= s).astype(jnp.int32))
-    out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segments))(pad(q, tp), pad(k, sp), pad(v, sp))
+    out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segments))(pad(q, tp), pad(k, sp), pad(v,
+                                                                                                            sp))
     return out.transpose(0, 2, 1, 3)[:, :t, :, :h].astype(q.dtype)

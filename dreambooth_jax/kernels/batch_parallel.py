@@ -17,8 +17,8 @@ from dreambooth_jax.parallel import SUBJECT_AXIS  # a run of several subjects vm
 
 
 def batch_parallel(fn, *args, num_batched: int = 1):
-    """`fn(*args)`, with the first `num_batched` args ([B, ...] each) split over every axis of the current mesh
-    (but `subject`) and the others whole on every device.
+    """`fn(*args)`, with the first `num_batched` args ([B, ...] each) split over every axis of the current
+    mesh (but `subject`) and the others whole on every device.
 
     Falls back to one call on the whole arrays (XLA's choice) without a mesh, on one device, or when B does
     not divide evenly over the mesh (e.g. a batch of 1 on 8 devices), where a split is not possible anyway.

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from dreambooth_jax.errors import UsageError
 
 # "einsum": our pure-JAX reference (`kernels.attention.attention_reference`), the only one honouring
-# upcast=False. "dot_product": XLA's `jax.nn.dot_product_attention(implementation="xla")`. "cudnn": cuDNN flash
-# attention (GPU only, fp16/bf16). "pallas": the Pallas TPU splash kernel (interpret mode on CPU) for every
-# unmasked call; masked ones (the text encoder's causal attention) use XLA.
+# upcast=False. "dot_product": XLA's `jax.nn.dot_product_attention(implementation="xla")`. "cudnn": cuDNN
+# flash attention (GPU only, fp16/bf16). "pallas": the Pallas TPU splash kernel (interpret mode on CPU) for
+# every unmasked call; masked ones (the text encoder's causal attention) use XLA.
 ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "cudnn", "pallas")
 FUSED_NORM = ("auto", "on", "off")
 SPLASH_MIN_QUERIES = 4096
@@ -63,13 +63,15 @@ def _gpu_capability() -> float:
 
 def check_attention(impl: str) -> str:
     if impl not in ATTENTION_IMPLS:
-        raise UsageError(f"unknown attention implementation {impl!r}; expected one of {', '.join(ATTENTION_IMPLS)}")
+        raise UsageError(f"unknown attention implementation {impl!r}; expected one of "
+                         f"{', '.join(ATTENTION_IMPLS)}")
     return impl
 
 
 def attention(impl: str, *, q_len: int, kv_len: int, head_dim: int, dtype, masked: bool,
               backend: str | None = None, gpu_capability: float | None = None) -> str:
-    """The implementation one attention call uses: `impl` itself unless it is "auto" (see the module docstring).
+    """The implementation one attention call uses: `impl` itself unless it is "auto" (see the module
+    docstring).
 
     Args:
       impl: one of `ATTENTION_IMPLS`.
@@ -86,7 +88,8 @@ def attention(impl: str, *, q_len: int, kv_len: int, head_dim: int, dtype, maske
     backend = _backend(backend)
     del kv_len  # every rule below holds for any key length (splash pads and masks the 77 text tokens)
     if backend in ("gpu", "cuda", "rocm"):
-        if backend == "rocm" or masked or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        if backend == "rocm" or masked or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16),
+                                                                   jnp.dtype(jnp.float16)):
             return "dot_product"
         capability = _gpu_capability() if gpu_capability is None else gpu_capability
         max_head = 256 if capability >= 9.0 else 128

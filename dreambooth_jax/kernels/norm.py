@@ -197,14 +197,16 @@ def _dz(dy_ref, z, activation):
 def _grad_stats_kernel(x_ref, dy_ref, coef_ref, out_ref, *, length, rb, activation):
     """Per channel of one row block: [sum dz, sum dz * x_hat] over its valid rows (dz = dL/dz)."""
     x_hat, z = _normalize(x_ref, coef_ref)
-    valid = _valid_rows(length, rb, z.shape)  # rows past the end hold anything, NaN included: select, never scale
+    # rows past the end hold anything, NaN included: select, never scale
+    valid = _valid_rows(length, rb, z.shape)
     dz = _dz(dy_ref, z, activation)
     out_ref[0, 0, 0:1, :] = jnp.sum(jnp.where(valid, dz, 0.0), axis=0, keepdims=True)
     out_ref[0, 0, 1:2, :] = jnp.sum(jnp.where(valid, dz * x_hat, 0.0), axis=0, keepdims=True)
 
 
 def _grad_apply_kernel(x_ref, dy_ref, coef_ref, dx_ref, *, length, rb, activation):
-    """dx = rstd * (dz * scale - c1 - x_hat * c2), with c1, c2 the group means of dx_hat and dx_hat * x_hat."""
+    """dx = rstd * (dz * scale - c1 - x_hat * c2), with c1, c2 the group means of dx_hat and dx_hat *
+    x_hat."""
     del length, rb
     x_hat, z = _normalize(x_ref, coef_ref)
     dz = _dz(dy_ref, z, activation)
@@ -243,7 +245,8 @@ def _group_stats(x3, num_groups, eps, interpret):
     m2_c = jnp.sum(m2s, axis=1) + jnp.sum(counts * jnp.square(means - mean_c[:, None]), axis=1)
     grouped = lambda a: a.reshape(b, num_groups, c // num_groups)  # noqa: E731
     mean_g = grouped(mean_c).mean(axis=2)  # [B, G]
-    m2_g = grouped(m2_c).sum(axis=2) + length * jnp.sum(jnp.square(grouped(mean_c) - mean_g[..., None]), axis=2)
+    m2_g = grouped(m2_c).sum(axis=2) + length * jnp.sum(jnp.square(grouped(mean_c) - mean_g[..., None]),
+                                                        axis=2)
     var_g = m2_g / (length * (c // num_groups))
     return mean_g, jax.lax.rsqrt(var_g + eps)
 

@@ -26,5 +26,5 @@ from dreambooth_jax.lora.transform import (
 )
 
 __all__ = ["KOHYA_WEIGHT_NAME", "TEXT_ENCODER_TARGETS", "UNET_TARGETS", "WEIGHT_NAME", "LoraConfig",
-           "apply", "apply_file", "check", "init_lora", "load_lora_file", "merge", "resolve_file", "save_diffusers",
-           "save_kohya", "target_paths"]
+           "apply", "apply_file", "check", "init_lora", "load_lora_file", "merge", "resolve_file",
+           "save_diffusers", "save_kohya", "target_paths"]

@@ -1,14 +1,15 @@
 """LoRA files: the diffusers/PEFT and kohya-ss layouts, read and written with NumPy (no torch).
 
-    save_diffusers("out/", {"unet": lora_params}, config)   # StableDiffusionPipeline.load_lora_weights("out/")
-    loras, config = load_lora_file("out/")                   # either layout
-    pipe = load_pipeline(base, lora="out/")                  # merged: W + scale * A @ B
+    save_diffusers("out/", {"unet": lora_params}, config)  # diffusers: pipe.load_lora_weights("out/")
+    loras, config = load_lora_file("out/")                  # either layout
+    pipe = load_pipeline(base, lora="out/")                 # merged: W + scale * A @ B
 
 diffusers/PEFT: `unet.<module>.lora_A.weight` [rank, in], `.lora_B.weight` [out, rank]. kohya-ss / A1111 /
 ComfyUI: `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight`, `.alpha`. Both are read
-back exactly by `load_lora_file`. kohya's SDXL files name the UNet's modules as the original (LDM/SGM) UNet does
-(`lora_unet_input_blocks_4_1_...`, `middle_block_1_...`, `output_blocks_0_1_...`); `load_lora_file` reads those too,
-given the UNet config that says which diffusers block each numbered LDM block is (`apply_file` passes it).
+back exactly by `load_lora_file`. kohya's SDXL files name the UNet's modules as the original (LDM/SGM) UNet
+does (`lora_unet_input_blocks_4_1_...`, `middle_block_1_...`, `output_blocks_0_1_...`); `load_lora_file` reads
+those too, given the UNet config that says which diffusers block each numbered LDM block is (`apply_file`
+passes it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dreambooth_jax.lora.transform import LoraConfig, flax_key, merge, torch_nam
 from dreambooth_jax.weights import convert, safetensors_io
 
 # The components a LoRA file may adapt, named as diffusers names pipeline folders: the denoiser, and text
-# encoders `text_encoder`, then `text_encoder_<n>` for n = 2, 3, ... (CLIP models, whose modules sit under `text_model.`).
+# encoders `text_encoder`, then `text_encoder_<n>` for n = 2, 3, ... (CLIP models, whose modules sit under
+# `text_model.`).
 _COMPONENT_RE = re.compile(r"^(unet|transformer|text_encoder(_[2-9])?)$")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name; `load_lora_weights(folder)` looks for it
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
@@ -46,16 +48,18 @@ _NAME_RE = re.compile(
     "(" + "|".join([rf"{a}_\d+" for a in sorted(convert.LIST_ATTRIBUTES, key=len, reverse=True)]
                    + sorted(_KNOWN_NAMES, key=len, reverse=True) + [r"[^_]+"]) + ")(?:_|$)"
 )
-# kohya's SDXL UNet names (sd-scripts trains its own LDM/SGM UNet): a numbered block, then the module inside it.
+# kohya's SDXL UNet names (sd-scripts trains its own LDM/SGM UNet): a numbered block, then the module inside
+# it.
 _LDM_RE = re.compile(
     r"^(input_blocks_\d+_\d+|middle_block_\d+|output_blocks_\d+_\d+|time_embed_\d+|label_emb_0_\d+)(?:_(.+))?$")
-# The one Linear of an LDM ResBlock (in_layers_2, out_layers_3 and skip_connection are convs, rejected anyway).
+# The one Linear of an LDM ResBlock (in_layers_2, out_layers_3 and skip_connection are convs, rejected
+# anyway).
 _LDM_RESNET_LINEARS = {"emb_layers_1": "time_emb_proj"}
 
 
 def _ldm_unet_blocks(config) -> dict[str, str]:
-    """LDM/SGM UNet module names -> our module paths ('input_blocks_4_1' -> 'down_blocks_1/attentions_0') for a
-    `UNetConfig`: the block numbering depends on layers_per_block and on which blocks have attentions."""
+    """LDM/SGM UNet module names -> our module paths ('input_blocks_4_1' -> 'down_blocks_1/attentions_0') for
+    a `UNetConfig`: the block numbering depends on layers_per_block and on which blocks have attentions."""
     layers, last = config.per_block("layers_per_block"), config.num_blocks - 1
     table = {"time_embed_0": "time_embedding/linear_1", "time_embed_2": "time_embedding/linear_2",
              "label_emb_0_0": "add_embedding/linear_1", "label_emb_0_2": "add_embedding/linear_2",
@@ -85,11 +89,12 @@ def _ldm_unet_blocks(config) -> dict[str, str]:
 
 
 def _ldm_key(match: re.Match, unet_config, source: str, tensor: str) -> str:
-    """Our flax key of an LDM-named kohya UNet module (`match` of `_LDM_RE` on the name after 'lora_unet_')."""
+    """Our flax key of an LDM-named kohya UNet module (`match` of `_LDM_RE` on the name after
+    'lora_unet_')."""
     if unet_config is None:
-        raise UsageError(f"{source}: {tensor!r} has the LDM/SGM UNet names of kohya's SDXL LoRAs; mapping them to "
-                         "diffusers' modules needs the UNet config: load_lora_file(path, unet_config=pipe.unet.config) "
-                         "(apply_file and load_pipeline(lora=...) pass it)")
+        raise UsageError(f"{source}: {tensor!r} has the LDM/SGM UNet names of kohya's SDXL LoRAs; mapping "
+                         "them to diffusers' modules needs the UNet config: load_lora_file(path, "
+                         "unet_config=pipe.unet.config) (apply_file and load_pipeline(lora=...) pass it)")
     block, inner = match.groups()
     ours = _ldm_unet_blocks(unet_config).get(block)
     if ours is None:
@@ -106,8 +111,9 @@ def _is_text_encoder(component: str) -> bool:
 
 def _check_component(component: str, source: str = "") -> None:
     if not _COMPONENT_RE.match(component):
-        raise UsageError(f"{source}{': ' if source else ''}unknown LoRA component {component!r}; expected the "
-                         "denoiser ('unet', 'transformer') or a text encoder ('text_encoder', 'text_encoder_<n>')")
+        raise UsageError(f"{source}{': ' if source else ''}unknown LoRA component {component!r}; expected "
+                         "the denoiser ('unet', 'transformer') or a text encoder ('text_encoder', "
+                         "'text_encoder_<n>')")
 
 
 def _text_encoder_name(i: int) -> str:
@@ -151,9 +157,9 @@ def save_diffusers(path: str, loras: dict, config: LoraConfig) -> str:
     'unet.<module>.lora_A.weight' [rank, in] and '.lora_B.weight' [out, rank]; text encoders
     'text_encoder.text_model.<module>...' (diffusers drops 'text_model.' for transformers-5 models that lack
     it). config.scale is baked into lora_B, so the file is exact under diffusers' default alpha = rank in any
-    version; the PEFT adapter metadata (diffusers >= 0.34) says so too (r = lora_alpha). Our LoraConfig is kept
-    in the metadata so `load_lora_file` un-bakes B: exact when config.scale is a power of two (alpha = rank,
-    2 * rank, ...), else within an ulp of float32.
+    version; the PEFT adapter metadata (diffusers >= 0.34) says so too (r = lora_alpha). Our LoraConfig is
+    kept in the metadata so `load_lora_file` un-bakes B: exact when config.scale is a power of two (alpha =
+    rank, 2 * rank, ...), else within an ulp of float32.
     """
     tensors, meta = {}, {}
     for component, tree in loras.items():
@@ -276,12 +282,13 @@ def load_lora_file(path: str, unet_config=None) -> tuple[dict, LoraConfig]:
     elif any(k.endswith(".lora_A.weight") for k in state):
         modules = _parse_diffusers(state, meta, path)
     else:
-        raise UsageError(f"{path}: not a LoRA file in the diffusers (lora_A/lora_B) or kohya (lora_down/lora_up) "
-                         f"layout; keys like {', '.join(sorted(state)[:3])}")
+        raise UsageError(f"{path}: not a LoRA file in the diffusers (lora_A/lora_B) or kohya "
+                         f"(lora_down/lora_up) layout; keys like {', '.join(sorted(state)[:3])}")
     if _META_KEY in meta:
         config = LoraConfig(**json.loads(meta[_META_KEY]))
     else:
-        rank, scale = collections.Counter((a.shape[1], s) for a, _, s in modules.values()).most_common(1)[0][0]
+        counts = collections.Counter((a.shape[1], s) for a, _, s in modules.values())
+        rank, scale = counts.most_common(1)[0][0]
         config = LoraConfig(rank=rank, alpha=None if scale == 1 else scale * rank)
     loras: dict = {}
     for (component, key), (a, b, scale) in modules.items():

@@ -36,7 +36,8 @@ _DROPOUT_RNG = "lora_dropout"
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """rank r, alpha (None -> r, i.e. scale 1) and dropout on the LoRA input; the update is (alpha / r) A B."""
+    """rank r, alpha (None -> r, i.e. scale 1) and dropout on the LoRA input; the update is (alpha / r) A
+    B."""
 
     rank: int = 4
     alpha: float | None = None
@@ -135,7 +136,8 @@ def _interceptor(config: LoraConfig, scale, dropout: bool):
 
 def apply(module, base_params, lora_params, config: LoraConfig, *args, method=None, dropout_rng=None,
           scale: float = 1.0, **kwargs):
-    """`module.apply({'params': base_params}, *args, method=method, **kwargs)` with LoRA on the targeted Denses.
+    """`module.apply({'params': base_params}, *args, method=method, **kwargs)` with LoRA on the targeted
+    Denses.
 
     Each Dense whose path is a key of `lora_params` computes y = dense(x) + scale * config.scale *
     dropout(x) @ A @ B, the LoRA branch in float32 and cast to y's dtype. Dropout only when `dropout_rng` is

@@ -32,7 +32,8 @@ def dot_product_attention(q, k, v, *, mask=None, implementation: str = "auto", u
         return attention_reference(q, k, v, mask=mask, upcast=upcast)
     if impl == "pallas":
         return batch_parallel(splash_attention, q, k, v, num_batched=3)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla" if impl == "dot_product" else impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                        implementation="xla" if impl == "dot_product" else impl)
 
 
 class Attention(nn.Module):

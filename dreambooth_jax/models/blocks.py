@@ -69,7 +69,8 @@ class PointwiseConv(nn.Module):
         return jnp.einsum("...c,cd->...d", x, kernel[0, 0]) + bias
 
 
-def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None, dtype, param_dtype, name: str):
+def conv(features: int, kernel: int, *, stride: int = 1, padding: int | None = None, dtype, param_dtype,
+         name: str):
     """A PyTorch-style `nn.Conv2d` (symmetric padding, default `kernel // 2`) as a Flax `nn.Conv` (1x1 ones as
     `PointwiseConv`)."""
     pad = kernel // 2 if padding is None else padding

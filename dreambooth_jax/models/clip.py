@@ -47,10 +47,12 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
-            raise UsageError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+            raise UsageError(f"hidden_act={self.hidden_act!r} is not supported; expected one of "
+                             f"{sorted(ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise UsageError(
-                f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}"
+                f"num_attention_heads={self.num_attention_heads} does not divide "
+                f"hidden_size={self.hidden_size}"
             )
         if not isinstance(self.eos_token_id, int):
             raise UsageError(f"eos_token_id={self.eos_token_id!r} is not supported; expected a single int")
@@ -114,12 +116,14 @@ class CLIPTextEmbeddings(nn.Module):
         init = nn.initializers.normal(0.02)
         seq_len = input_ids.shape[-1]
         if seq_len > cfg.max_position_embeddings:
-            raise UsageError(f"sequence length {seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+            raise UsageError(f"sequence length {seq_len} exceeds "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
         tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, **kw, name="token_embedding")
         positions = nn.Embed(
             cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, **kw, name="position_embedding"
         )
-        return tokens(input_ids).astype(jnp.float32) + positions(jnp.arange(seq_len))[None].astype(jnp.float32)
+        return (tokens(input_ids).astype(jnp.float32)
+                + positions(jnp.arange(seq_len))[None].astype(jnp.float32))
 
 
 class CLIPAttention(nn.Module):
@@ -132,7 +136,8 @@ class CLIPAttention(nn.Module):
     def __call__(self, x, mask):
         cfg = self.config
         heads, dim = cfg.num_attention_heads, cfg.hidden_size
-        dense = lambda name: nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
+        dense = lambda name: nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
+                                      name=name)
         split = lambda t: t.reshape(*t.shape[:2], heads, dim // heads)  # noqa: E731  [B, T, N, H]
         q, k, v = (split(dense(name)(x)) for name in ("q_proj", "k_proj", "v_proj"))
         out = dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl, upcast=True)
@@ -180,7 +185,8 @@ class CLIPEncoder(nn.Module):
         """Returns the residual stream before the first layer and after each layer."""
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            layer = CLIPEncoderLayer(self.config, self.attention_impl, self.dtype, self.param_dtype, name=f"layers_{i}")
+            layer = CLIPEncoderLayer(self.config, self.attention_impl, self.dtype, self.param_dtype,
+                                     name=f"layers_{i}")
             states.append(layer(states[-1], mask))
         return states
 

@@ -22,11 +22,13 @@ _IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_def
 # Architecture options we do not implement: key -> the values we accept (their diffusers defaults).
 _UNSUPPORTED = {
     "class_embed_type": (None,), "time_embedding_type": ("positional",), "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,), "dual_cross_attention": (False,), "resnet_time_scale_shift": ("default",),
+    "encoder_hid_dim_type": (None,), "dual_cross_attention": (False,),
+    "resnet_time_scale_shift": ("default",),
     "attention_type": ("default",), "time_cond_proj_dim": (None,), "only_cross_attention": (False,),
     "act_fn": ("silu",), "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
     "reverse_transformer_layers_per_block": (None,), "cross_attention_norm": (None,),
-    "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1.0, 1), "class_embeddings_concat": (False,),
+    "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1.0, 1),
+    "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False), "mid_block_type": ("UNetMidBlock2DCrossAttn",),
     "time_embedding_dim": (None,), "addition_embed_type": (None, "text_time"),
 }
@@ -75,7 +77,8 @@ class UNetConfig:
     def __post_init__(self):
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise UsageError("unet config: down_block_types, up_block_types and block_out_channels differ in length")
+            raise UsageError("unet config: down_block_types, up_block_types and block_out_channels differ in "
+                             "length")
         for t in self.down_block_types:
             if t not in _DOWN_TYPES:
                 raise UsageError(f"unet config: unsupported down block type {t!r} (supported: {_DOWN_TYPES})")
@@ -91,7 +94,8 @@ class UNetConfig:
                      "attention_head_dim"):
             _per_block(getattr(self, name), n, name)
         if any(isinstance(v, (list, tuple)) for v in _per_block(self.transformer_layers_per_block, n, "")):
-            raise UsageError("unet config: nested transformer_layers_per_block (asymmetric UNets) is not supported")
+            raise UsageError("unet config: nested transformer_layers_per_block (asymmetric UNets) is not "
+                             "supported")
 
     @property
     def num_blocks(self) -> int:
@@ -118,7 +122,8 @@ class UNetConfig:
         kwargs = {}
         for key, value in config.items():
             if key in _UNSUPPORTED and value not in _UNSUPPORTED[key]:
-                raise UsageError(f"unet config: `{key}={value!r}` is not supported (supported: {_UNSUPPORTED[key]})")
+                raise UsageError(f"unet config: `{key}={value!r}` is not supported (supported: "
+                                 f"{_UNSUPPORTED[key]})")
             if key in fields:
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
             elif key not in _IGNORED_KEYS and key not in _UNSUPPORTED:
@@ -156,7 +161,8 @@ class TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        return nn.Dense(self.dim, **kw, name="linear_2")(nn.silu(nn.Dense(self.dim, **kw, name="linear_1")(x)))
+        h = nn.silu(nn.Dense(self.dim, **kw, name="linear_1")(x))
+        return nn.Dense(self.dim, **kw, name="linear_2")(h)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -198,11 +204,13 @@ class UNet2DConditionModel(nn.Module):
         emb = TimestepEmbedding(cfg.time_embed_dim, **kw, name="time_embedding")(t_emb)
         if cfg.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
-                raise UsageError("this UNet (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
+                raise UsageError("this UNet (addition_embed_type='text_time', SDXL) needs text_embeds and "
+                                 "time_ids")
             time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
                                              flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
             add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds.reshape(b, -1)], axis=-1)
-            emb = emb + TimestepEmbedding(cfg.time_embed_dim, **kw, name="add_embedding")(add.astype(self.dtype))
+            add_embedding = TimestepEmbedding(cfg.time_embed_dim, **kw, name="add_embedding")
+            emb = emb + add_embedding(add.astype(self.dtype))
 
         context = encoder_hidden_states.astype(self.dtype)
         x = sample.astype(self.dtype)
@@ -210,24 +218,26 @@ class UNet2DConditionModel(nn.Module):
             x = 2 * x - 1.0
         x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, **kw, name="conv_in")(x)
 
-        block = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, use_linear_projection=cfg.use_linear_projection,
-                     upcast_attention=cfg.upcast_attention, attention_impl=self.attention_impl,
-                     fused_norm=self.fused_norm, **kw)
+        block = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+                     use_linear_projection=cfg.use_linear_projection, upcast_attention=cfg.upcast_attention,
+                     attention_impl=self.attention_impl, fused_norm=self.fused_norm, **kw)
         wrap = (lambda cls: nn.remat(cls)) if self.remat else (lambda cls: cls)  # noqa: E731
         heads, layers = cfg.heads_per_block, cfg.per_block("layers_per_block")
         tlayers = cfg.per_block("transformer_layers_per_block")
         skips = [x]
         for i, kind in enumerate(cfg.down_block_types):
             x, states = wrap(DownBlock)(
-                cfg.block_out_channels[i], layers[i], heads=heads[i] if kind.startswith("CrossAttn") else None,
-                transformer_layers=tlayers[i], add_downsample=i < cfg.num_blocks - 1,
-                downsample_padding=cfg.downsample_padding, **block, name=f"down_blocks_{i}",
+                cfg.block_out_channels[i], layers[i],
+                heads=heads[i] if kind.startswith("CrossAttn") else None, transformer_layers=tlayers[i],
+                add_downsample=i < cfg.num_blocks - 1, downsample_padding=cfg.downsample_padding, **block,
+                name=f"down_blocks_{i}",
             )(x, emb, context)
             skips.extend(states)
 
         # The mid block has one (transformer, resnet) pair after its first resnet, as in diffusers.
         x = wrap(MidBlock)(cfg.block_out_channels[-1], 1, heads=heads[-1], transformer_layers=tlayers[-1],
-                           output_scale_factor=cfg.mid_block_scale_factor, **block, name="mid_block")(x, emb, context)
+                           output_scale_factor=cfg.mid_block_scale_factor, **block, name="mid_block")(x, emb,
+                                                                                                      context)
         for i, kind in enumerate(cfg.up_block_types):
             r = cfg.num_blocks - 1 - i  # the matching down block
             n = layers[r] + 1
@@ -235,11 +245,12 @@ class UNet2DConditionModel(nn.Module):
             upsample_size = tuple(skips[-1].shape[1:3]) if i < cfg.num_blocks - 1 else None
             x = wrap(UpBlock)(
                 cfg.block_out_channels[r], n, heads=heads[r] if kind.startswith("CrossAttn") else None,
-                transformer_layers=tlayers[r], add_upsample=i < cfg.num_blocks - 1, upsample_size=upsample_size,
-                **block, name=f"up_blocks_{i}",
+                transformer_layers=tlayers[r], add_upsample=i < cfg.num_blocks - 1,
+                upsample_size=upsample_size, **block, name=f"up_blocks_{i}",
             )(x, block_skips, emb, context)
 
-        x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, "silu", self.fused_norm, **kw, name="conv_norm_out")(x)
+        x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, "silu", self.fused_norm, **kw,
+                      name="conv_norm_out")(x)
         return conv(cfg.out_channels, cfg.conv_out_kernel, **kw, name="conv_out")(x)
 
 

@@ -114,9 +114,9 @@ class BlockSpec(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def resnet(self, i: int, output_scale_factor: float = 1.0):
-        return ResnetBlock2D(self.out_channels, self.groups, self.eps, output_scale_factor=output_scale_factor,
-                             fused_norm=self.fused_norm, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name=f"resnets_{i}")
+        return ResnetBlock2D(self.out_channels, self.groups, self.eps,
+                             output_scale_factor=output_scale_factor, fused_norm=self.fused_norm,
+                             dtype=self.dtype, param_dtype=self.param_dtype, name=f"resnets_{i}")
 
     def attention(self, i: int):
         return Transformer2DModel(

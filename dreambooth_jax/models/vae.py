@@ -50,12 +50,14 @@ class VAEConfig:
         n = len(self.block_out_channels)
         if self.act_fn not in ("silu", "swish"):  # diffusers maps both names to nn.SiLU
             raise UsageError(f"VAE config act_fn={self.act_fn!r}: only 'silu' is supported")
-        for key, expected in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        for key, expected in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types",
+                                                                           "UpDecoderBlock2D")):
             bad = [t for t in getattr(self, key) if t != expected]
             if bad:
                 raise UsageError(f"VAE config {key}: unsupported block type {bad[0]!r}; only {expected!r}")
             if len(getattr(self, key)) != n:
-                raise UsageError(f"VAE config {key} has {len(getattr(self, key))} entries, block_out_channels {n}")
+                raise UsageError(f"VAE config {key} has {len(getattr(self, key))} entries, "
+                                 f"block_out_channels {n}")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise UsageError(f"VAE config norm_num_groups={self.norm_num_groups} does not divide "
                              f"block_out_channels={self.block_out_channels}")
@@ -64,12 +66,15 @@ class VAEConfig:
 
     @classmethod
     def from_diffusers_config(cls, d: dict[str, Any]) -> VAEConfig:
-        """From diffusers' `vae/config.json`; keys that are not architecture (`_class_name`...) are ignored."""
+        """From diffusers' `vae/config.json`; keys that are not architecture (`_class_name`...) are
+        ignored."""
         if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise UsageError(f"VAE config _class_name={d['_class_name']!r}: only 'AutoencoderKL' is supported")
+            raise UsageError(f"VAE config _class_name={d['_class_name']!r}: only 'AutoencoderKL' is "
+                             "supported")
         for key in _UNSUPPORTED_IF_SET:
             if d.get(key) is not None:
-                raise UsageError(f"VAE config {key}={d[key]!r}: per-channel latent statistics are not supported")
+                raise UsageError(f"VAE config {key}={d[key]!r}: per-channel latent statistics are not "
+                                 "supported")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -102,8 +107,8 @@ class MidBlockAttention(Attention):
     @nn.compact
     def __call__(self, x):  # [B, H, W, C]
         b, h, w, c = x.shape
-        y = GroupNorm(self.groups, _EPS, fused=self.fused_norm, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="group_norm")(x)
+        y = GroupNorm(self.groups, _EPS, fused=self.fused_norm, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="group_norm")(x)
         y = super().__call__(y.reshape(b, h * w, c)).reshape(b, h, w, c)
         return y + x.astype(y.dtype)  # rescale_output_factor is 1 in the VAE
 
@@ -127,15 +132,16 @@ class VAEMidBlock(nn.Module):
         if self.add_attention:
             x = MidBlockAttention(
                 heads=1, dim_head=self.channels, out_dim=self.channels, qkv_bias=True, upcast=True,
-                attention_impl=self.attention_impl, groups=self.groups, fused_norm=self.fused_norm, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="attentions_0",
+                attention_impl=self.attention_impl, groups=self.groups, fused_norm=self.fused_norm,
+                dtype=self.dtype, param_dtype=self.param_dtype, name="attentions_0",
             )(x)
         return ResnetBlock2D(self.channels, **kw, name="resnets_1")(x)
 
 
 class ResnetStack2D(nn.Module):
-    """`layers` resnets, then optionally a resampler: diffusers' `DownEncoderBlock2D` (resample "down": a stride-2
-    conv with right/bottom padding) and `UpDecoderBlock2D` (resample "up": nearest x2 then a conv)."""
+    """`layers` resnets, then optionally a resampler: diffusers' `DownEncoderBlock2D` (resample "down": a
+    stride-2 conv with right/bottom padding) and `UpDecoderBlock2D` (resample "up": nearest x2 then a
+    conv)."""
 
     out_channels: int
     layers: int
@@ -149,8 +155,8 @@ class ResnetStack2D(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, _EPS, use_temb=False, fused_norm=self.fused_norm, **kw,
-                              name=f"resnets_{j}")(x)
+            x = ResnetBlock2D(self.out_channels, self.groups, _EPS, use_temb=False,
+                              fused_norm=self.fused_norm, **kw, name=f"resnets_{j}")(x)
         if self.resample == "down":
             x = Downsample2D(self.out_channels, padding=0, **kw, name="downsamplers_0")(x)
         elif self.resample == "up":
@@ -248,7 +254,8 @@ class AutoencoderKL(nn.Module):
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
     def decode(self, latents):
-        """Unscaled latents [B, h, w, latent_channels] -> images [B, h*f, w*f, out_channels], about [-1, 1]."""
+        """Unscaled latents [B, h, w, latent_channels] -> images [B, h*f, w*f, out_channels], about [-1,
+        1]."""
         if self.config.use_post_quant_conv:
             latents = self.post_quant_conv(latents.astype(self.dtype))
         return self.decoder(latents).astype(jnp.float32)

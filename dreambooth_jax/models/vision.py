@@ -75,7 +75,8 @@ class _Part(nn.Module):
 
 
 class _Scoped(nn.Module):
-    """`layer(name=inner)` inside this scope: PyTorch paths such as `output.dense`, `patch_embeddings.projection`."""
+    """`layer(name=inner)` inside this scope: PyTorch paths such as `output.dense`,
+    `patch_embeddings.projection`."""
 
     layer: Callable
     inner: str
@@ -112,7 +113,8 @@ class _ViTLayer(_Part):
     @nn.compact
     def __call__(self, x):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        dense = lambda n, scope: _Scoped(functools.partial(nn.Dense, n, **kw), "dense", name=scope)  # noqa: E731
+        dense = lambda n, scope: _Scoped(functools.partial(nn.Dense, n, **kw), "dense",  # noqa: E731
+                                         name=scope)
         h = nn.LayerNorm(cfg.layer_norm_eps, **kw, name="layernorm_before")(x)
         x = x + _ViTAttention(cfg, self.attention_impl, **kw, name="attention")(h).astype(jnp.float32)
         h = nn.LayerNorm(cfg.layer_norm_eps, **kw, name="layernorm_after")(x)
@@ -124,7 +126,8 @@ class _ViTEncoder(_Part):
     @nn.compact
     def __call__(self, x):
         for i in range(self.config.num_hidden_layers):
-            x = _ViTLayer(self.config, self.attention_impl, self.dtype, self.param_dtype, name=f"layer_{i}")(x)
+            x = _ViTLayer(self.config, self.attention_impl, self.dtype, self.param_dtype,
+                          name=f"layer_{i}")(x)
         return x
 
 
@@ -185,7 +188,8 @@ def vit_abstract_params(config: ViTConfig):
 # ------------------------------------------------------------------------------------------ CLIP vision tower
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
-    """Architecture of transformers' CLIP vision tower; defaults are its `CLIPVisionConfig` defaults (B/32)."""
+    """Architecture of transformers' CLIP vision tower; defaults are its `CLIPVisionConfig` defaults
+    (B/32)."""
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -200,7 +204,8 @@ class CLIPVisionConfig:
 
     def __post_init__(self):
         if self.hidden_act not in clip.ACTIVATIONS:
-            raise UsageError(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(clip.ACTIVATIONS)}")
+            raise UsageError(f"hidden_act={self.hidden_act!r} is not supported; expected one of "
+                             f"{sorted(clip.ACTIVATIONS)}")
 
     @classmethod
     def from_diffusers_config(cls, d: dict) -> CLIPVisionConfig:
@@ -226,17 +231,19 @@ class _CLIPVisionEmbeddings(_Part):
     def __call__(self, pixel_values):
         cfg, p = self.config, self.config.patch_size
         cls = self.param("class_embedding", nn.initializers.normal(1.0), (cfg.hidden_size,), self.param_dtype)
-        conv = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="patch_embedding")
+        conv = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embedding")
         x = _patches(conv, pixel_values.astype(self.dtype), cfg.image_size)  # [B, patches, D]
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(jnp.float32), (x.shape[0], 1, x.shape[-1])), x], axis=1)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(jnp.float32), (x.shape[0], 1, x.shape[-1])), x],
+                            axis=1)
         pos = nn.Embed(x.shape[1], cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="position_embedding")(jnp.arange(x.shape[1]))
         return x + pos[None].astype(jnp.float32)
 
 
 class CLIPVisionModelWithProjection(nn.Module):
-    """transformers' `CLIPVisionModelWithProjection` (keys without `vision_model.`): pixels -> `CLIPVisionOutput`.
+    """transformers' `CLIPVisionModelWithProjection` (keys without `vision_model.`): pixels ->
+    `CLIPVisionOutput`.
 
     Attributes as `ViTModel`'s. The encoder is the text tower's (`clip.CLIPEncoder`), unmasked.
     """
@@ -254,7 +261,8 @@ class CLIPVisionModelWithProjection(nn.Module):
         last = clip.CLIPEncoder(cfg, self.attention_impl, **kw, name="encoder")(x, None)[-1]
         pooled = nn.LayerNorm(cfg.layer_norm_eps, **kw, name="post_layernorm")(last[:, 0])
         embeds = nn.Dense(cfg.projection_dim, use_bias=False, **kw, name="visual_projection")(pooled)
-        return CLIPVisionOutput(last_hidden_state=last.astype(self.dtype), pooler_output=pooled, image_embeds=embeds)
+        return CLIPVisionOutput(last_hidden_state=last.astype(self.dtype), pooler_output=pooled,
+                                image_embeds=embeds)
 
 
 def clip_vision_abstract_params(config: CLIPVisionConfig):

@@ -1,11 +1,11 @@
-"""`reproduce --parallel_subjects K`: the protocol's (subject, seed) runs trained K at a time, each group as one
-run of several subjects (`train --subjects`), just before its runs are sampled and scored (so that at most one
-group's models are on disk at a time).
+"""`reproduce --parallel_subjects K`: the protocol's (subject, seed) runs trained K at a time, each group as
+one run of several subjects (`train --subjects`), just before its runs are sampled and scored (so that at most
+one group's models are on disk at a time).
 
 Every group's runs span the same number of devices (`--subject_devices`, fixed by the first grouping), so
 every run trains with the same global batch. A group lives in `<output_dir>/parallel/<id>/` (`group.json`: its
-runs and devices per run; the trainer's subjects file, checkpoints and exports) until its models are moved into
-their runs' `model` folders. A rerun finds interrupted groups there and resumes them as they were.
+runs and devices per run; the trainer's subjects file, checkpoints and exports) until its models are moved
+into their runs' `model` folders. A rerun finds interrupted groups there and resumes them as they were.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def _name(run) -> str:
 
 class Together:
     """The groups of `pending` [(subject, seed)] runs to train together, and training them on demand
-    (`train_group_of`). Without --parallel_subjects > 1 (given, or the default's choice) there are none, and each
-    run trains alone as before."""
+    (`train_group_of`). Without --parallel_subjects > 1 (given, or the default's choice) there are none, and
+    each run trains alone as before."""
 
     def __init__(self, args, trainer_args: list[str], builder, pending: list[tuple[str, int]]):
         import jax
@@ -48,7 +48,8 @@ class Together:
         from dreambooth_jax.datasets import dreambooth as dreambooth_dataset
 
         self.args, self.trainer_args = args, trainer_args
-        self.group_of: dict[tuple[str, int], tuple[list, int]] = {}  # run -> (its group's runs, devices per run)
+        # run -> (its group's runs, devices per run)
+        self.group_of: dict[tuple[str, int], tuple[list, int]] = {}
         untrained = [r for r in pending if not _trained(args, r)]
         if not untrained or args.parallel_subjects == 1:
             return
@@ -65,14 +66,16 @@ class Together:
             for r in runs:
                 self.group_of[r] = (runs, n)
         if groups:
-            print(f"training {len(untrained)} run(s) {k} at a time, {per_run} device(s) each", file=sys.stderr)
+            print(f"training {len(untrained)} run(s) {k} at a time, {per_run} device(s) each",
+                  file=sys.stderr)
 
     def folder(self, runs) -> str:
         digest = hashlib.sha1(" ".join(_name(r) for r in runs).encode()).hexdigest()[:12]
         return os.path.join(self.args.output_dir, "parallel", digest)
 
     def _interrupted(self, untrained) -> list[tuple[list, int]]:
-        """The groups an earlier invocation started and did not finish, as they were (their checkpoints resume)."""
+        """The groups an earlier invocation started and did not finish, as they were (their checkpoints
+        resume)."""
         root = os.path.join(self.args.output_dir, "parallel")
         groups = []
         for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
@@ -98,10 +101,10 @@ class Together:
                 "--output_dir", folder, *extra, *self.trainer_args]
 
     def _default_k(self, runs) -> int:
-        """--parallel_subjects when not given: as many runs as the devices and their memory allow, from the memory
-        preflight of the trainer's --dry_run (no weights loaded): one run per device (each run's batch then spans
-        one device, as the paper's batch of 1), doubled while the preflight says it fits (LoRA: several runs per
-        device), halved while it does not."""
+        """--parallel_subjects when not given: as many runs as the devices and their memory allow, from the
+        memory preflight of the trainer's --dry_run (no weights loaded): one run per device (each run's batch
+        then spans one device, as the paper's batch of 1), doubled while the preflight says it fits (LoRA:
+        several runs per device), halved while it does not."""
         import jax
 
         from dreambooth_jax.training import preflight
@@ -151,8 +154,8 @@ class Together:
         result = run(trainer_flags.parse_train_args(argv))
         missing = [r for r in runs if not os.path.isfile(os.path.join(folder, _name(r), "model_index.json"))]
         if missing:
-            raise UsageError(f"training of {', '.join(_name(r) for r in runs)} stopped at step {result.steps} "
-                             "(preempted?); rerun the same command to resume")
+            raise UsageError(f"training of {', '.join(_name(r) for r in runs)} stopped at step "
+                             f"{result.steps} (preempted?); rerun the same command to resume")
         if jax.process_index() == 0:
             for r in runs:
                 shutil.rmtree(_model_dir(self.args, r), ignore_errors=True)

@@ -64,7 +64,8 @@ def sample_subject(args, cfg, subject, seed: int, model_dir: str, samples_dir: s
     if jax.process_index() == 0:
         shutil.rmtree(samples_dir, ignore_errors=True)  # a partial set from an interrupted run
         os.makedirs(samples_dir)
-        image_io.write_images(samples_dir, prompts, images, seed=seed, settings=settings, columns=args.num_images_per_prompt)
+        image_io.write_images(samples_dir, prompts, images, seed=seed, settings=settings,
+                              columns=args.num_images_per_prompt)
     return image_io.to_uint8(images), prompts, [f"{k:05d}-seed{seed + k}.png" for k in range(len(prompts))]
 
 
@@ -94,9 +95,12 @@ def summarize_runs(runs: dict) -> dict:
         subjects[name] = {"class": first["class_name"], "seeds": sorted(int(s) for s in by_seed),
                           **{m: evaluation.stats([row[m] for row in images]) for m in METRICS},
                           "real_images": first["real_images"]}
-    average = {m: evaluation.stats([s[m]["mean"] for s in subjects.values()]) for m in METRICS} if subjects else {}
-    real = {m: evaluation.stats([s["real_images"][m]["mean"] for s in subjects.values() if s["real_images"][m]])
-            for m in ("dino", "clip_i")} if subjects else {}
+    average, real = {}, {}
+    if subjects:
+        average = {m: evaluation.stats([s[m]["mean"] for s in subjects.values()]) for m in METRICS}
+        real = {m: evaluation.stats([s["real_images"][m]["mean"] for s in subjects.values()
+                                     if s["real_images"][m]])
+                for m in ("dino", "clip_i")}
     return {"subjects": subjects, "average": average, "real_images": real,
             "paper_table_1": {k: dict(zip(METRICS, v)) for k, v in evaluation.PAPER_TABLE_1.items()}}
 
@@ -106,20 +110,24 @@ def report_markdown(results: dict, settings: dict) -> str:
     names = " / ".join(evaluation.METRIC_NAMES[m] for m in METRICS)
     lines = ["# DreamBooth paper reproduction", "",
              f"Model `{settings['model']}`, preset `{settings['config']}`, seeds {settings['seeds']}, "
-             f"{settings['num_images_per_prompt']} images per prompt, {settings['num_inference_steps']} steps, "
-             f"guidance {settings['guidance_scale']}. Mean ± std over each subject's generated images.", "",
+             f"{settings['num_images_per_prompt']} images per prompt, {settings['num_inference_steps']} "
+             f"steps, guidance {settings['guidance_scale']}. Mean ± std over each subject's generated "
+             "images.", "",
              "| subject | class | DINO | CLIP-I | CLIP-T | images |", "|---|---|---|---|---|---|"]
     for name, s in results["subjects"].items():
-        lines.append(f"| {name} | {s['class']} | " + " | ".join(cell(s[m]) for m in METRICS) + f" | {s['dino']['n']} |")
+        lines.append(f"| {name} | {s['class']} | " + " | ".join(cell(s[m]) for m in METRICS)
+                     + f" | {s['dino']['n']} |")
     n = len(results["subjects"])
     avg, real = results["average"], results["real_images"]
-    lines += ["", f"## Beside the paper's Table 1 ({names}; this run: mean over {n} subject(s) ± std across them)",
-              "", "| method | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|",
-              f"| **this run** (DreamBooth, {settings['model']}) | " + " | ".join(cell(avg.get(m)) for m in METRICS)
-              + " |",
+    lines += ["",
+              f"## Beside the paper's Table 1 ({names}; this run: mean over {n} subject(s) ± std across "
+              "them)", "", "| method | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|",
+              f"| **this run** (DreamBooth, {settings['model']}) | "
+              + " | ".join(cell(avg.get(m)) for m in METRICS) + " |",
               f"| real images (these subjects) | {cell(real.get('dino'))} | {cell(real.get('clip_i'))} | - |"]
     for method, values in evaluation.PAPER_TABLE_1.items():
-        lines.append(f"| paper: {method} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
+        lines.append(f"| paper: {method} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -140,12 +148,13 @@ def run_settings(args, trainer_args) -> dict:
     """What a run's results depend on, recorded with them."""
     from dreambooth_jax.training.config import load_preset
 
-    model = args.pretrained_model_name_or_path or load_preset(args.config).get("pretrained_model_name_or_path")
-    return {"config": args.config, "model": model, "seeds": args.seeds, "max_train_steps": args.max_train_steps,
-            "trainer_args": trainer_args, "unique_token": args.unique_token,
-            "num_images_per_prompt": args.num_images_per_prompt, "num_inference_steps": args.num_inference_steps,
-            "guidance_scale": args.guidance_scale, "scheduler": args.scheduler, "dino_model": args.dino_model,
-            "clip_model": args.clip_model}
+    model = (args.pretrained_model_name_or_path
+             or load_preset(args.config).get("pretrained_model_name_or_path"))
+    return {"config": args.config, "model": model, "seeds": args.seeds,
+            "max_train_steps": args.max_train_steps, "trainer_args": trainer_args,
+            "unique_token": args.unique_token, "num_images_per_prompt": args.num_images_per_prompt,
+            "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+            "scheduler": args.scheduler, "dino_model": args.dino_model, "clip_model": args.clip_model}
 
 
 def check_run_settings(run_dir: str, settings: dict) -> None:
@@ -162,8 +171,8 @@ def check_run_settings(run_dir: str, settings: dict) -> None:
         changed = sorted(k for k in set(before) | set(run) if before.get(k) != run.get(k))
         if changed:
             diff = ", ".join(f"{k}: {before.get(k)!r} -> {run.get(k)!r}" for k in changed)
-            raise UsageError(f"{run_dir} was started with other settings ({diff}); use another --output_dir, or "
-                             f"delete {run_dir} to redo it")
+            raise UsageError(f"{run_dir} was started with other settings ({diff}); use another --output_dir, "
+                             f"or delete {run_dir} to redo it")
     elif jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
         write_json(path, run, sort_keys=False)
@@ -187,7 +196,8 @@ def run_one(args, trainer_args, subject, seed: int, real: list, encoders) -> dic
     if jax.process_index() == 0:
         with open(os.path.join(run_dir, "metrics.md"), "w", encoding="utf-8") as f:
             f.write(evaluation.markdown_table(result))
-        write_json(os.path.join(run_dir, "metrics.json"), metrics, sort_keys=False)  # last: the run is finished
+        # last: the run is finished
+        write_json(os.path.join(run_dir, "metrics.json"), metrics, sort_keys=False)
         if not args.keep_models:
             shutil.rmtree(model_dir, ignore_errors=True)
     return metrics
@@ -228,7 +238,8 @@ def run(args, trainer_args: list[str]) -> str | None:
     names = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else known
     unknown = [s for s in names if s not in known]
     if unknown or not names:
-        raise UsageError(f"--subjects: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
+        raise UsageError(f"--subjects: unknown {', '.join(unknown) or '(none given)'}; known: "
+                         f"{', '.join(known)}")
     os.makedirs(args.output_dir, exist_ok=True)
     settings = run_settings(args, trainer_args)
     run_dir = lambda name, seed: os.path.join(args.output_dir, name, f"seed{seed}")  # noqa: E731
@@ -237,7 +248,8 @@ def run(args, trainer_args: list[str]) -> str | None:
             check_run_settings(run_dir(name, seed), settings)
     pending = [(n, s) for n in names for s in args.seeds
                if not os.path.isfile(os.path.join(run_dir(n, s), "metrics.json"))]
-    print(f"{len(names)} subject(s) x {len(args.seeds)} seed(s): {len(pending)} run(s) to do", file=sys.stderr)
+    print(f"{len(names)} subject(s) x {len(args.seeds)} seed(s): {len(pending)} run(s) to do",
+          file=sys.stderr)
     # Loaded first (on the host), so that a wrong --dino_model / --clip_model fails before hours of training.
     encoders = Encoders(args.dino_model, args.clip_model) if pending else None
     together = parallel_runs.Together(args, trainer_args, builder, pending)  # --parallel_subjects
@@ -253,10 +265,13 @@ def run(args, trainer_args: list[str]) -> str | None:
                 runs.setdefault(name, {})[seed] = read_json(os.path.join(run_dir(name, seed), "metrics.json"))
                 continue
             t0 = time.perf_counter()
-            together.train_group_of(name, seed)  # (its group's models, when they train together and are not yet)
-            metrics = runs.setdefault(name, {})[seed] = run_one(args, trainer_args, subject, seed, real, encoders)
+            # (its group's models, when they train together and are not yet)
+            together.train_group_of(name, seed)
+            metrics = runs.setdefault(name, {})[seed] = run_one(args, trainer_args, subject, seed, real,
+                                                                encoders)
             print(f"{tag}: " + ", ".join(f"{evaluation.METRIC_NAMES[m]} {metrics['overall'][m]['mean']:.3f}"
-                                         for m in METRICS) + f" ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+                                         for m in METRICS) + f" ({time.perf_counter() - t0:.0f}s)",
+                  file=sys.stderr)
         if jax.process_index() == 0:
             if not os.path.isfile(os.path.join(args.output_dir, name, "contact_sheet.png")) or any(
                     (name, seed) in pending for seed in args.seeds):

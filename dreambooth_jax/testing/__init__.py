@@ -1,2 +1,2 @@
-"""Tiny random models, encoders and datasets for the demo and the tests (torch-free). The runtime never imports
-this package."""
+"""Tiny random models, encoders and datasets for the demo and the tests (torch-free). The runtime never
+imports this package."""

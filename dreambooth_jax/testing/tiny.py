@@ -85,9 +85,10 @@ def tiny_configs(vocab_size: int):
     from dreambooth_jax.models import clip, unet, vae
 
     text = clip.CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=TOKENIZER_MAX_LENGTH, hidden_act="quick_gelu", projection_dim=32,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH, hidden_act="quick_gelu",
+        projection_dim=32, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
     unet_cfg = unet.UNetConfig(
         sample_size=8, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
@@ -122,11 +123,13 @@ def random_pipeline(family, configs: dict, tokenizers: dict, scheduler_config: d
     if weights not in ("device", "none"):
         raise ValueError(f"weights={weights!r}: 'device' or 'none'")
     if set(configs) != set(family.components) or set(tokenizers) != set(family.tokenizers):
-        raise ValueError(f"a {family.name} pipeline needs configs of {sorted(family.components)} and tokenizers "
-                         f"{sorted(family.tokenizers)}; got {sorted(configs)} and {sorted(tokenizers)}")
+        raise ValueError(f"a {family.name} pipeline needs configs of {sorted(family.components)} and "
+                         f"tokenizers {sorted(family.tokenizers)}; got {sorted(configs)} and "
+                         f"{sorted(tokenizers)}")
     dtype = parse_dtype(dtype)
     kw = dict(dtype=dtype, param_dtype=parse_dtype(param_dtype) or dtype)
-    models = {name: components.module_for(family.components[name], cfg, **kw) for name, cfg in configs.items()}
+    models = {name: components.module_for(family.components[name], cfg, **kw) for name,
+              cfg in configs.items()}
     text_len = configs[family.text_encoders[0]].max_position_embeddings
 
     def init_fn(name):
@@ -160,8 +163,8 @@ def make_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
     from dreambooth_jax.pipeline import save_pipeline
 
     tokenizer = make_tokenizer()
-    pipe = random_pipeline(SD, sd_configs(*tiny_configs(len(tokenizer))), {"tokenizer": tokenizer}, SD1_SCHEDULER,
-                           seed=seed)
+    pipe = random_pipeline(SD, sd_configs(*tiny_configs(len(tokenizer))), {"tokenizer": tokenizer},
+                           SD1_SCHEDULER, seed=seed)
     return save_pipeline(pipe, out_dir)
 
 
@@ -189,15 +192,16 @@ def make_tiny_encoders(out_dir: str, seed: int = 0) -> tuple[str, str]:
 
     dino_rng, vision_rng, text_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
     image = jnp.zeros((1, 32, 32, 3))
-    vit_cfg = vision.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                               image_size=32, patch_size=8, layer_norm_eps=1e-6)
+    vit_cfg = vision.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, image_size=32, patch_size=8, layer_norm_eps=1e-6)
     vit_params = jax.jit(vision.ViTModel(vit_cfg).init)(dino_rng, image)["params"]
     vit_state = {re.sub(r"^encoder\.layer_(\d+)\.", r"encoder.layer.\1.", k): v
                  for k, v in convert.params_to_state_dict(vit_params).items()}
     dino_dir = _write_model(os.path.join(out_dir, "dino"), vit_cfg.to_diffusers_config(), vit_state, {
         "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
-        "resample": preprocessing.BILINEAR, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(preprocessing.IMAGENET_DEFAULT_MEAN), "image_std": list(preprocessing.IMAGENET_DEFAULT_STD)})
+        "resample": preprocessing.BILINEAR, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(preprocessing.IMAGENET_DEFAULT_MEAN),
+        "image_std": list(preprocessing.IMAGENET_DEFAULT_STD)})
 
     clip_dir = os.path.join(out_dir, "clip")
     write_tokenizer_files(clip_dir)
@@ -207,8 +211,10 @@ def make_tiny_encoders(out_dir: str, seed: int = 0) -> tuple[str, str]:
         max_position_embeddings=TOKENIZER_MAX_LENGTH, projection_dim=24, bos_token_id=vocab - 2,
         eos_token_id=vocab - 1, pad_token_id=vocab - 1)
     vision_cfg = vision.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, image_size=32, patch_size=8, projection_dim=24)
-    vision_params = jax.jit(vision.CLIPVisionModelWithProjection(vision_cfg).init)(vision_rng, image)["params"]
+                                         num_attention_heads=4, image_size=32, patch_size=8,
+                                         projection_dim=24)
+    vision_init = jax.jit(vision.CLIPVisionModelWithProjection(vision_cfg).init)
+    vision_params = vision_init(vision_rng, image)["params"]
     ids = jnp.zeros((1, TOKENIZER_MAX_LENGTH), jnp.int32)
     text_params = jax.jit(clip.CLIPTextModelWithProjection(text_cfg).init)(text_rng, ids)["params"]
     state = {}
@@ -250,8 +256,8 @@ def make_tiny_dataset(folder: str, subjects: dict[str, str] | None = None, *, im
             pixels = np.clip(base + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(os.path.join(folder, name, f"{i:02d}.jpg"), quality=95)
     fmt = "'{}'.format(unique_token, class_token),"
-    lines = ["Classes", "", "subject_name,class", *(f"{s},{c}" for s, c in subjects.items()), "", "Prompts", "",
-             "Object Prompts", "", "prompt_list = [", fmt.format("a {0} {1} in the jungle"),
+    lines = ["Classes", "", "subject_name,class", *(f"{s},{c}" for s, c in subjects.items()), "", "Prompts",
+             "", "Object Prompts", "", "prompt_list = [", fmt.format("a {0} {1} in the jungle"),
              fmt.format("a red {0} {1}")[:-1], "]", "", "Live Subject Prompts", "", "prompt_list = [",
              fmt.format("a {0} {1} in the snow"), fmt.format("a {0} {1} wearing a red hat")[:-1], "]", ""]
     with open(os.path.join(folder, "prompts_and_classes.txt"), "w", encoding="utf-8") as f:

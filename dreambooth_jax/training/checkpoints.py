@@ -31,8 +31,8 @@ def _saved_tree(state) -> dict:
 
 
 class Checkpointer:
-    """Saves every `every` steps into `root/<step>` (a local folder or a bucket URI, written by Orbax directly),
-    keeping the newest `keep` (all when None)."""
+    """Saves every `every` steps into `root/<step>` (a local folder or a bucket URI, written by Orbax
+    directly), keeping the newest `keep` (all when None)."""
 
     def __init__(self, root: str, *, every: int, keep: int | None = None):
         folder = storage.Folder(root)
@@ -45,9 +45,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, state, meta: dict, *, step: int, force: bool = False) -> bool:
-        """Starts an (async) save of `state`, which is at step `step` (the caller's count: reading `state.step`
-        would wait for the device); returns whether one was started. Sharded arrays are saved sharded: each
-        process writes its own shards."""
+        """Starts an (async) save of `state`, which is at step `step` (the caller's count: reading
+        `state.step` would wait for the device); returns whether one was started. Sharded arrays are saved
+        sharded: each process writes its own shards."""
         if not force and step % self.every:
             return False
         if step in self.manager.all_steps():
@@ -57,9 +57,10 @@ class Checkpointer:
         return self.manager.save(step, args=args, force=True)
 
     def restore(self, state, step: int, expected_meta: dict | None = None):
-        """Returns (`state` with the saved step/params/opt_state, saved metadata). The arrays are restored into
-        `state`'s shardings, whatever the device count and mesh the checkpoint was written with; `state`'s own
-        arrays of the restored parts are freed first (they are replaced), so the state is not held twice."""
+        """Returns (`state` with the saved step/params/opt_state, saved metadata). The arrays are restored
+        into `state`'s shardings, whatever the device count and mesh the checkpoint was written with;
+        `state`'s own arrays of the restored parts are freed first (they are replaced), so the state is not
+        held twice."""
         saved = _saved_tree(state)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
         for x in jax.tree.leaves({k: v for k, v in saved.items() if k != "step"}):
@@ -72,8 +73,8 @@ class Checkpointer:
                 raise UsageError(f"checkpoint {self.root}/{step} was made with {key}={meta.get(key)!r}, "
                                  f"this run has {key}={value!r}")
         tree = restored["state"]
-        return state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"], ema=tree["ema"],
-                             frozen={**state.frozen, **tree["stopped"]}), meta
+        return state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                             ema=tree["ema"], frozen={**state.frozen, **tree["stopped"]}), meta
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""
@@ -94,7 +95,8 @@ def resolve_resume(spec: str | None, checkpoints_root: str) -> tuple[str, int] |
                  os.listdir(checkpoints_root)) if folder.exists() else []
         steps = [int(d) for d in names if d.isdigit()]
         if not steps:
-            log.warning("--resume_from_checkpoint latest: no checkpoints in %s yet; starting fresh", checkpoints_root)
+            log.warning("--resume_from_checkpoint latest: no checkpoints in %s yet; starting fresh",
+                        checkpoints_root)
             return None
         return (checkpoints_root if folder.remote else os.path.abspath(checkpoints_root)), max(steps)
     path = spec.rstrip("/") if storage.is_remote(spec) else os.path.abspath(spec.rstrip("/"))

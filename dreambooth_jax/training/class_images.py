@@ -33,10 +33,10 @@ def ensure_class_images(pipe, uri: str, prompt: str, num_images: int, *, batch_s
     """Generates the class images missing from `folder`; returns how many were generated.
 
     Every process takes part: each batch is sharded over all devices, each process writes the images of its
-    share of every batch, and all wait for each other before anyone reads the folder. On several hosts the folder
-    must be one they share (a network filesystem or a bucket); each checks that it sees every image. A bucket
-    folder (`gs://...`) is mirrored into a local twin, each process uploads the images it wrote, and all
-    download the others' after the barrier.
+    share of every batch, and all wait for each other before anyone reads the folder. On several hosts the
+    folder must be one they share (a network filesystem or a bucket); each checks that it sees every image. A
+    bucket folder (`gs://...`) is mirrored into a local twin, each process uploads the images it wrote, and
+    all download the others' after the barrier.
     """
     from dreambooth_jax.diffusion.generation import generate
 
@@ -61,12 +61,14 @@ def ensure_class_images(pipe, uri: str, prompt: str, num_images: int, *, batch_s
     done = 0
     while done < missing:
         n = min(per_call, missing - done)
-        images = generate(pipe, [prompt] * n, num_inference_steps=num_inference_steps, seed=seed + first + done)
+        images = generate(pipe, [prompt] * n, num_inference_steps=num_inference_steps,
+                          seed=seed + first + done)
         written = []
         share = -(-n // jax.process_count())  # this process's consecutive images of the batch
         for k in range(jax.process_index() * share, min(n, (jax.process_index() + 1) * share)):
             number = first + done + k
-            meta = {"prompt": prompt, "seed": seed + number, "steps": num_inference_steps, "model": pipe.source}
+            meta = {"prompt": prompt, "seed": seed + number, "steps": num_inference_steps,
+                    "model": pipe.source}
             image_io.save_png(images[k], os.path.join(folder, f"class-{number:05d}.png"), meta)
             written.append(f"class-{number:05d}.png")
         remote.push(*written)  # this process's images of the batch (a no-op for a local folder)

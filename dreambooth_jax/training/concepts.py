@@ -1,5 +1,6 @@
-"""What a run trains on: its concepts (--instance_data_dir and the class flags, or --concepts_list), the subjects
-of a run of several (--subjects, --dataset dreambooth:a,b,c), and the shared dataset's subjects (--dataset).
+"""What a run trains on: its concepts (--instance_data_dir and the class flags, or --concepts_list), the
+subjects of a run of several (--subjects, --dataset dreambooth:a,b,c), and the shared dataset's subjects
+(--dataset).
 
 The functions take the run's `TrainConfig` (`training.config`) and return new ones with `dataclasses.replace`.
 """
@@ -40,8 +41,8 @@ def read_concepts(cfg):
 
 
 # A subject of --subjects: its name, the concept fields, and what may differ between subjects of one run.
-SUBJECT_KEYS = ("name", "instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt", "dataset", "seed",
-                "validation_prompt")
+SUBJECT_KEYS = ("name", "instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt", "dataset",
+                "seed", "validation_prompt")
 # What the subjects of one run share (one model, one step): a subject may restate them, not change them.
 SHARED_KEYS = ("pretrained_model_name_or_path", "resolution")
 _SUBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -62,9 +63,10 @@ def many_subjects(cfg) -> bool:
 
 
 def read_subjects(cfg) -> list[SubjectRun]:
-    """The subjects of --subjects (or of --dataset dreambooth:a,b,c), each with its own TrainConfig: the run's,
-    with the subject's fields, `output_dir/<name>` as its output folder and no --subjects. Checks the file's
-    shape, the names (unique, usable as folder names) and that no subject changes what subjects share."""
+    """The subjects of --subjects (or of --dataset dreambooth:a,b,c), each with its own TrainConfig: the
+    run's, with the subject's fields, `output_dir/<name>` as its output folder and no --subjects. Checks the
+    file's shape, the names (unique, usable as folder names) and that no subject changes what subjects
+    share."""
     if cfg.subjects:
         where = f"--subjects {cfg.subjects}"
         try:
@@ -89,11 +91,11 @@ def read_subjects(cfg) -> list[SubjectRun]:
             raise UsageError(f"{where}: subject {i} is not an object")
         name = item.get("name")
         if not isinstance(name, str) or not _SUBJECT_NAME.match(name) or name in _RESERVED_NAMES:
-            raise UsageError(f"{where}: subject {i} needs a \"name\" usable as a folder name (letters, digits, "
-                             f"'.', '_', '-'; not {', '.join(_RESERVED_NAMES)}); got {name!r}")
+            raise UsageError(f"{where}: subject {i} needs a \"name\" usable as a folder name (letters, "
+                             f"digits, '.', '_', '-'; not {', '.join(_RESERVED_NAMES)}); got {name!r}")
         if name.lower() in seen:  # (case-insensitive file systems)
-            raise UsageError(f"{where}: two subjects are named {name!r}; names must be unique, whatever their case "
-                             "(each is a folder)")
+            raise UsageError(f"{where}: two subjects are named {name!r}; names must be unique, whatever "
+                             "their case (each is a folder)")
         seen.add(name.lower())
         unknown = sorted(set(item) - set(SUBJECT_KEYS) - set(SHARED_KEYS))
         if unknown:
@@ -101,14 +103,15 @@ def read_subjects(cfg) -> list[SubjectRun]:
                              f"{', '.join(SUBJECT_KEYS + SHARED_KEYS)})")
         for key in SHARED_KEYS:
             if key in item and item[key] != getattr(cfg, key):
-                raise UsageError(f"{where}: subject {name!r} has {key} {item[key]!r}, the run {getattr(cfg, key)!r}: "
-                                 "the subjects of one run share the model and the resolution; train the others in "
-                                 "another run")
+                raise UsageError(f"{where}: subject {name!r} has {key} {item[key]!r}, the run "
+                                 f"{getattr(cfg, key)!r}: the subjects of one run share the model and the "
+                                 "resolution; train the others in another run")
         seed = item.get("seed", cfg.seed)
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise UsageError(f"{where}: subject {name!r}: seed must be an integer >= 0; got {seed!r}")
         own = {k: item[k] for k in SUBJECT_KEYS[1:] if k in item}
-        if "dataset" in own:  # its prompts and class folder come from the dataset's subject, unless it names them
+        # its prompts and class folder come from the dataset's subject, unless it names them
+        if "dataset" in own:
             own = {"instance_prompt": None, "class_prompt": None, "class_data_dir": None, **own}
         subjects.append(SubjectRun(name, dataclasses.replace(
             cfg, **{**own, "seed": seed, "dataset": own.get("dataset"), "subjects": None,
@@ -132,7 +135,8 @@ def resolve_dataset(cfg, class_root: str | None = None):
     resolved = dataclasses.replace(
         cfg, instance_data_dir=folder, instance_prompt=cfg.instance_prompt or subject.instance_prompt(),
         class_prompt=cfg.class_prompt or f"a photo of {subject.class_name}",
-        class_data_dir=cfg.class_data_dir or os.path.join(class_root or os.path.join(cfg.output_dir, "class_images"),
+        class_data_dir=cfg.class_data_dir or os.path.join(class_root or os.path.join(cfg.output_dir,
+                                                                                     "class_images"),
                                                           subject.class_folder))
     logging.getLogger("dreambooth_jax.train").info(
         "--dataset %s: %d photos of a %s in %s; instance prompt %r, class prompt %r", cfg.dataset,
@@ -140,7 +144,8 @@ def resolve_dataset(cfg, class_root: str | None = None):
     return resolved
 
 
-def resolve_subjects(subjects: list[SubjectRun], output_dir: str, class_data_dir: str | None) -> list[SubjectRun]:
+def resolve_subjects(subjects: list[SubjectRun], output_dir: str,
+                     class_data_dir: str | None) -> list[SubjectRun]:
     """The subjects of a run writing to `output_dir` (its local twin): each one's output folder
     `output_dir/<name>`, and --dataset subjects' images and class folders (under `class_data_dir`, default
     `output_dir/class_images`, one per class: subjects of one class share it)."""

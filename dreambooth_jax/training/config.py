@@ -39,30 +39,33 @@ def _opt(default, help: str, choices=None):
 @dataclass
 class TrainConfig:
     # Model
-    config: str | None = _opt(None, f"preset name in configs/ ({', '.join(preset_names())}) or a JSON file path; "
-                                    "options given on the command line override it")
+    config: str | None = _opt(None, f"preset name in configs/ ({', '.join(preset_names())}) or a JSON file "
+                                    "path; options given on the command line override it")
     pretrained_model_name_or_path: str | None = _opt(None, "diffusers pipeline folder or Hugging Face Hub id")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of the pretrained model")
     variant: str | None = _opt(None, "weight variant to load, e.g. fp16")
     pretrained_vae_model_name_or_path: str | None = _opt(
-        None, "another VAE to train and export with: a model folder, a pipeline (its vae/), a bucket folder or a Hub "
-              "id, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL")
+        None, "another VAE to train and export with: a model folder, a pipeline (its vae/), a bucket folder "
+              "or a Hub id, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL")
     # Data
-    instance_data_dir: str | None = _opt(None, "folder with the 3-5 photos of the subject (transparent pixels are "
-                                               "composited on white; diffusers drops the alpha channel)")
-    dataset: str | None = _opt(None, "a subject of the DreamBooth paper's dataset instead of --instance_data_dir, "
-                                     "e.g. 'dreambooth:dog6'; also sets the class and the default prompts")
-    dataset_dir: str | None = _opt(None, "TFDS data_dir where --dataset is built (default: ~/tensorflow_datasets)")
-    dataset_manual_dir: str | None = _opt(None, "local copy of the DreamBooth dataset to build --dataset from "
-                                                "offline (default: download it from GitHub)")
+    instance_data_dir: str | None = _opt(None, "folder with the 3-5 photos of the subject (transparent "
+                                               "pixels are composited on white; diffusers drops the alpha "
+                                               "channel)")
+    dataset: str | None = _opt(None, "a subject of the DreamBooth paper's dataset instead of "
+                                     "--instance_data_dir, e.g. 'dreambooth:dog6'; also sets the class and "
+                                     "the default prompts")
+    dataset_dir: str | None = _opt(None,
+                                   "TFDS data_dir where --dataset is built (default: ~/tensorflow_datasets)")
+    dataset_manual_dir: str | None = _opt(None, "local copy of the DreamBooth dataset to build --dataset "
+                                                "from offline (default: download it from GitHub)")
     instance_prompt: str | None = _opt(None, "prompt naming the subject, e.g. 'a photo of sks dog'")
     concepts_list: str | None = _opt(None, "JSON file: a list of {instance_data_dir, instance_prompt, "
                                             "class_data_dir, class_prompt}, several concepts in one model")
-    subjects: str | None = _opt(None, "JSON file: a list of subjects {name, instance_data_dir, instance_prompt, "
-                                      "class_data_dir, class_prompt[, dataset, seed, validation_prompt]}, each "
-                                      "trained as its own model by one program and exported to output_dir/<name>/ "
-                                      "(or --dataset dreambooth:a,b,c); options not given per subject are the "
-                                      "run's")
+    subjects: str | None = _opt(None, "JSON file: a list of subjects {name, instance_data_dir, "
+                                      "instance_prompt, class_data_dir, class_prompt[, dataset, seed, "
+                                      "validation_prompt]}, each trained as its own model by one program and "
+                                      "exported to output_dir/<name>/ (or --dataset dreambooth:a,b,c); "
+                                      "options not given per subject are the run's")
     class_data_dir: str | None = _opt(None, "folder of class images (generated there if too few)")
     class_prompt: str | None = _opt(None, "prompt of the subject's class, e.g. 'a photo of dog'")
     with_prior_preservation: bool = _opt(False, "add the prior-preservation loss on class images")
@@ -86,53 +89,60 @@ class TrainConfig:
     max_train_steps: int | None = _opt(None, "steps to train (overrides num_train_epochs)")
     num_train_epochs: int = _opt(1, "epochs over the instance images, when max_train_steps is not set")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step (inside the compiled step)")
-    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass (less memory)")
+    gradient_checkpointing: bool = _opt(False,
+                                        "recompute UNet activations in the backward pass (less memory)")
     learning_rate: float = _opt(5e-6, "peak learning rate")
-    text_encoder_lr: float | None = _opt(None, "peak learning rate of the text encoder (default: learning_rate)")
+    text_encoder_lr: float | None = _opt(None,
+                                         "peak learning rate of the text encoder (default: learning_rate)")
     stop_text_encoder_training: int | None = _opt(None, "freeze the text encoder after this many steps")
-    optimizer: str = _opt("adamw", "optimizer, each equal to its PyTorch implementation: torch AdamW, transformers "
-                                   "Adafactor (fixed lr, scale_parameter), lion-pytorch, prodigyopt (use lr 1.0); "
-                                   "adam_* options apply where they exist", OPTIMIZERS)
+    optimizer: str = _opt("adamw", "optimizer, each equal to its PyTorch implementation: torch AdamW, "
+                                   "transformers Adafactor (fixed lr, scale_parameter), lion-pytorch, "
+                                   "prodigyopt (use lr 1.0); adam_* options apply where they exist",
+                          OPTIMIZERS)
     scale_lr: bool = _opt(False, "multiply the learning rate by the global batch size")
     lr_scheduler: str = _opt("constant", "learning-rate schedule", LR_SCHEDULERS)
     lr_warmup_steps: int = _opt(0, "linear warm-up steps")
     lr_num_cycles: int = _opt(1, "restarts of cosine_with_restarts")
     lr_power: float = _opt(1.0, "power of the polynomial schedule")
     adam_beta1: float = _opt(0.9, "first-moment decay (AdamW, Lion, Prodigy)")
-    adam_beta2: float | None = _opt(None, "second-moment decay (default: the optimizer's own: 0.999 for AdamW and "
-                                          "Prodigy, 0.99 for Lion)")
-    adam_weight_decay: float = _opt(1e-2, "decoupled weight decay, scaled by the learning rate (every optimizer)")
+    adam_beta2: float | None = _opt(None, "second-moment decay (default: the optimizer's own: 0.999 for "
+                                          "AdamW and Prodigy, 0.99 for Lion)")
+    adam_weight_decay: float = _opt(1e-2,
+                                    "decoupled weight decay, scaled by the learning rate (every optimizer)")
     adam_epsilon: float = _opt(1e-8, "AdamW / Prodigy epsilon")
-    max_grad_norm: float = _opt(1.0, "clip all trained gradients to this global norm, as torch's clip_grad_norm_ "
-                                     "(0: no clipping)")
-    snr_gamma: float | None = _opt(None, "Min-SNR-gamma loss weighting (5.0 is the paper's choice), per example and "
-                                         "for the prediction type's target (epsilon, v or sample); unlike diffusers' "
-                                         "train_dreambooth.py the prior half is weighted too")
+    max_grad_norm: float = _opt(1.0, "clip all trained gradients to this global norm, as torch's "
+                                     "clip_grad_norm_ (0: no clipping)")
+    snr_gamma: float | None = _opt(None, "Min-SNR-gamma loss weighting (5.0 is the paper's choice), per "
+                                         "example and for the prediction type's target (epsilon, v or "
+                                         "sample); unlike diffusers' train_dreambooth.py the prior half is "
+                                         "weighted too")
     offset_noise: bool = _opt(False, "offset noise: add noise_offset x N(0, 1) per example and channel")
     noise_offset: float = _opt(0.1, "strength of --offset_noise")
     use_ema: bool = _opt(False, "keep an EMA of the trained weights and export it instead")
-    ema_decay: float = _opt(0.9999, "EMA decay, warmed up as diffusers' EMAModel: 0 at the first update, then "
-                                    "min(decay, (1+k)/(10+k))")
+    ema_decay: float = _opt(0.9999, "EMA decay, warmed up as diffusers' EMAModel: 0 at the first update, "
+                                    "then min(decay, (1+k)/(10+k))")
     mixed_precision: str = _opt("no", "compute dtype: 'no' (fp32) or 'bf16'; master weights stay fp32",
                                 ("no", "bf16", "fp16"))
-    attention: str = _opt("auto", "attention implementation: 'auto' picks per call (cuDNN flash on GPU, Pallas "
-                                  "splash on TPU for long sequences, XLA otherwise); the others force one",
+    attention: str = _opt("auto", "attention implementation: 'auto' picks per call (cuDNN flash on GPU, "
+                                  "Pallas splash on TPU for long sequences, XLA otherwise); the others force "
+                                  "one",
                           ATTENTION_IMPLS)
-    fused_norm: str = _opt("auto", "GroupNorm (+ SiLU) in the UNet and VAE as one Pallas kernel per direction; "
-                                   "'auto': on for GPU and TPU, off on CPU", FUSED_NORM)
+    fused_norm: str = _opt("auto", "GroupNorm (+ SiLU) in the UNet and VAE as one Pallas kernel per "
+                                   "direction; 'auto': on for GPU and TPU, off on CPU", FUSED_NORM)
     # Scale
-    fsdp: str = _opt("auto", "devices to shard the trained state (params, gradients, optimizer state, EMA) and "
-                             "frozen networks over; must divide the device count, the rest is data parallel. "
-                             "'auto': 1 (replication) when that fits comfortably in device memory, else the "
-                             "smallest that fits")
-    subject_devices: int | None = _opt(None, "with --subjects: the devices each subject's batch spans (a divisor of "
-                                             "the device count; its global batch is --train_batch_size x these "
-                                             "devices x --gradient_accumulation_steps). Default: one group of "
-                                             "devices per subject where there are enough, else one device each")
-    dry_run: bool = _opt(False, "read only the model's configs and tokenizers, compile the step ahead of time and "
-                                "print its per-device memory as one JSON line; then exit")
-    compilation_cache_dir: str | None = _opt(None, "XLA's persistent compilation cache, so a second run compiles "
-                                                   "nothing (default: $JAX_COMPILATION_CACHE_DIR or "
+    fsdp: str = _opt("auto", "devices to shard the trained state (params, gradients, optimizer state, EMA) "
+                             "and frozen networks over; must divide the device count, the rest is data "
+                             "parallel. 'auto': 1 (replication) when that fits comfortably in device memory, "
+                             "else the smallest that fits")
+    subject_devices: int | None = _opt(None, "with --subjects: the devices each subject's batch spans (a "
+                                             "divisor of the device count; its global batch is "
+                                             "--train_batch_size x these devices x "
+                                             "--gradient_accumulation_steps). Default: one group of devices "
+                                             "per subject where there are enough, else one device each")
+    dry_run: bool = _opt(False, "read only the model's configs and tokenizers, compile the step ahead of "
+                                "time and print its per-device memory as one JSON line; then exit")
+    compilation_cache_dir: str | None = _opt(None, "XLA's persistent compilation cache, so a second run "
+                                                   "compiles nothing (default: $JAX_COMPILATION_CACHE_DIR or "
                                                    "~/.cache/dreambooth_jax/xla; 'none': off)")
     # LoRA
     use_lora: bool = _opt(False, "train low-rank adapters instead of the full UNet (and text encoder)")
@@ -187,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_preset(name_or_path: str) -> dict:
     """A preset's overrides: `configs/<name>.json`, or any JSON file of field -> value."""
-    path = name_or_path if name_or_path.endswith(".json") else os.path.join(CONFIGS_DIR, name_or_path + ".json")
+    path = name_or_path if name_or_path.endswith(".json") else os.path.join(CONFIGS_DIR,
+                                                                            name_or_path + ".json")
     if not os.path.isfile(path):
         raise UsageError(f"no preset {name_or_path!r} (known: {', '.join(preset_names())}; or a .json path)")
     with open(path, encoding="utf-8") as f:
@@ -245,14 +256,15 @@ def _subjects_errors(cfg: TrainConfig) -> list[str]:
     """The problems of a run of several subjects: the run's options, then each subject's as its own run."""
     errors = []
     if cfg.subjects and cfg.dataset:
-        errors.append("--subjects and --dataset both name the subjects; give one of them (a subject of --subjects "
-                      "may have its own \"dataset\")")
+        errors.append("--subjects and --dataset both name the subjects; give one of them (a subject of "
+                      "--subjects may have its own \"dataset\")")
     if cfg.instance_data_dir or cfg.concepts_list:
         errors.append("--subjects (or a --dataset of several subjects) replaces --instance_data_dir and "
                       "--concepts_list: each subject names its own folder")
     if cfg.dataset and (cfg.instance_prompt or cfg.class_prompt):
-        errors.append("--dataset of several subjects: --instance_prompt and --class_prompt would name every subject "
-                      "alike; each takes its own from the dataset (or give them per subject with --subjects)")
+        errors.append("--dataset of several subjects: --instance_prompt and --class_prompt would name every "
+                      "subject alike; each takes its own from the dataset (or give them per subject with "
+                      "--subjects)")
     if cfg.subject_devices is not None and cfg.subject_devices < 1:
         errors.append("--subject_devices must be >= 1")
     if errors:
@@ -289,7 +301,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         concepts = []
     errors += _dataset_errors(cfg)
     for flag, path in (("--output_dir", cfg.output_dir), ("--pretrained_model_name_or_path",
-                       cfg.pretrained_model_name_or_path), ("--resume_from_checkpoint", cfg.resume_from_checkpoint),
+                       cfg.pretrained_model_name_or_path), ("--resume_from_checkpoint",
+                                                            cfg.resume_from_checkpoint),
                        ("--pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path)):
         try:
             storage.check_backend(path or "", flag)
@@ -344,8 +357,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         errors.append("--pre_compute_text_embeddings cannot be combined with --train_text_encoder")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         errors.append("--checkpoints_total_limit must be >= 1")
-    if (cfg.resume_from_checkpoint not in (None, "latest") and not storage.is_remote(cfg.resume_from_checkpoint)
-            and not os.path.isdir(cfg.resume_from_checkpoint)):
+    resume = cfg.resume_from_checkpoint
+    if resume not in (None, "latest") and not storage.is_remote(resume) and not os.path.isdir(resume):
         errors.append(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no such checkpoint folder")
     if cfg.fsdp != "auto" and not (cfg.fsdp.isdigit() and int(cfg.fsdp) >= 1):
         errors.append(f"--fsdp must be 'auto' or a positive integer; got {cfg.fsdp!r}")
@@ -367,9 +380,9 @@ def recipe_report(cfg: TrainConfig, devices: int, global_batch: int, max_steps: 
     lr = cfg.learning_rate * (global_batch if cfg.scale_lr else 1)
     scaled = f" (--scale_lr: {cfg.learning_rate:g} x {global_batch})" if cfg.scale_lr else ""
     summary = (f"global batch {global_batch} instance images{prior} per step = {devices} device(s) x "
-               f"{cfg.train_batch_size} per device x {cfg.gradient_accumulation_steps} accumulated; {max_steps} "
-               f"steps = {max_steps * global_batch / num_instances:.1f} epochs over {num_instances} instance "
-               f"images; learning rate {lr:g}{scaled}")
+               f"{cfg.train_batch_size} per device x {cfg.gradient_accumulation_steps} accumulated; "
+               f"{max_steps} steps = {max_steps * global_batch / num_instances:.1f} epochs over "
+               f"{num_instances} instance images; learning rate {lr:g}{scaled}")
     warning = None
     if cfg.config:
         preset = load_preset(cfg.config)
@@ -377,8 +390,9 @@ def recipe_report(cfg: TrainConfig, devices: int, global_batch: int, max_steps: 
         if global_batch != tuned and cfg.train_batch_size == preset.get("train_batch_size", 1):
             warning = (
                 f"the {cfg.config!r} preset's recipe is a global batch of {tuned} at learning rate "
-                f"{preset.get('learning_rate', cfg.learning_rate):g} for {preset.get('max_train_steps', max_steps)} "
-                f"steps; on {devices} devices this run takes {global_batch} instance images per step "
-                f"({global_batch / tuned:g}x the recipe) at the same learning rate and step count. To keep the "
-                f"recipe, run on fewer devices; or adapt it: fewer --max_train_steps, another --learning_rate")
+                f"{preset.get('learning_rate', cfg.learning_rate):g} for "
+                f"{preset.get('max_train_steps', max_steps)} steps; on {devices} devices this run takes "
+                f"{global_batch} instance images per step ({global_batch / tuned:g}x the recipe) at the same "
+                "learning rate and step count. To keep the recipe, run on fewer devices; or adapt it: fewer "
+                "--max_train_steps, another --learning_rate")
     return summary, warning

@@ -151,9 +151,10 @@ class DreamBoothData:
         self.skipped.append(path)
 
     def add_class_images(self) -> None:
-        """Scans the concepts' class folders and turns prior preservation on: from now on every batch pairs each
-        instance row with a class row. Called by the constructor with `with_prior_preservation`, or later, once
-        missing class images have been generated (instance images are read first, so bad ones fail early)."""
+        """Scans the concepts' class folders and turns prior preservation on: from now on every batch pairs
+        each instance row with a class row. Called by the constructor with `with_prior_preservation`, or
+        later, once missing class images have been generated (instance images are read first, so bad ones fail
+        early)."""
         if self.with_prior_preservation:
             raise ValueError("class images were already added")
         for concept in self._concepts:
@@ -182,7 +183,8 @@ class DreamBoothData:
         self._class_by_concept.append(np.asarray(indices))
 
     def prompts(self) -> list[str]:
-        """Every distinct prompt a batch can hold (instance captions, then class prompts), in first-seen order."""
+        """Every distinct prompt a batch can hold (instance captions, then class prompts), in first-seen
+        order."""
         return list(dict.fromkeys(self._instance_prompts + self._class_prompts))
 
     def _instance_epoch_uncached(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -234,7 +236,8 @@ class DreamBoothData:
             rng = np.random.default_rng((self.seed, step, row))
             rows["instance"].append((index, *self._augment(rng, self._instance_images[index].shape[1::-1])))
             if self.with_prior_preservation:
-                # The k-th draw of a concept's instance images is paired with the k-th draw of its class images.
+                # The k-th draw of a concept's instance images is paired with the k-th draw of its class
+                # images.
                 c = int(self._instance_concept[index])
                 k = epoch * int(self._instance_counts[c]) + int(rank[pos])
                 class_epoch, class_pos = divmod(k, len(self._class_by_concept[c]))
@@ -285,7 +288,8 @@ class DreamBoothData:
         raise ValueError(f"kind must be 'instance' or 'class', got {kind!r}")
 
     def view(self, kind: str, index: int, crop: tuple[int, int], flip: bool) -> np.ndarray:
-        """Image `index` of `kind` cropped at (top, left) to the resolution, optionally flipped: float32 [R, R, 3]."""
+        """Image `index` of `kind` cropped at (top, left) to the resolution, optionally flipped: float32 [R,
+        R, 3]."""
         top, left = crop
         image = self._uint8(kind, index)[top : top + self.resolution, left : left + self.resolution]
         if image.shape[:2] != (self.resolution, self.resolution):  # class crops come from header sizes
@@ -311,12 +315,14 @@ class DreamBoothData:
         return self.view(kind, index, self.centered_crop(kind, index), flip)
 
     def geometry(self, kind: str, index: int, crop: tuple[int, int], flip: bool) -> np.ndarray:
-        """Where one view comes from: float32 [6] = (original height, original width, crop top, crop left, R, R)
-        in pixels; SDXL's size and crop conditioning, as diffusers' `train_dreambooth_lora_sdxl.py` computes it.
+        """Where one view comes from: float32 [6] = (original height, original width, crop top, crop left, R,
+        R) in pixels; SDXL's size and crop conditioning, as diffusers' `train_dreambooth_lora_sdxl.py`
+        computes it.
 
         The original size is the image file's own (each class image its own; diffusers reuses the instance
         image's). diffusers flips before cropping, so its crop corner is in the flipped image's frame: we crop
-        first, so a flipped view's left edge is mirrored, `W - left - R` for a resized width W (as kohya does).
+        first, so a flipped view's left edge is mirrored, `W - left - R` for a resized width W (as kohya
+        does).
         """
         top, left = crop
         if flip:

@@ -26,11 +26,11 @@ def pipeline_params(state, lora_config: lora.LoraConfig | None) -> dict:
 
 def export(spec: ExportSpec, pipe, state, lora_config: lora.LoraConfig | None, *, step: int,
            write: bool = True, base: dict | None = None) -> list[str]:
-    """Writes the result of `state` (at step `step`) to `spec.output_dir`: the diffusers pipeline, or with LoRA
-    the adapter files and, with `spec.merge_lora`, the pipeline with them merged in (into `base`, default
-    `merge_base(spec)`). Every process calls it (sharded weights are gathered to the host, leaf by leaf, by all
-    processes together); only `write` ones write. Returns the names written in `spec.output_dir` (files and
-    folders)."""
+    """Writes the result of `state` (at step `step`) to `spec.output_dir`: the diffusers pipeline, or with
+    LoRA the adapter files and, with `spec.merge_lora`, the pipeline with them merged in (into `base`, default
+    `merge_base(spec)`). Every process calls it (sharded weights are gathered to the host, leaf by leaf, by
+    all processes together); only `write` ones write. Returns the names written in `spec.output_dir` (files
+    and folders)."""
     out = spec.output_dir
     if not spec.use_lora:
         params = parallel.host_copy(pipeline_params(state, lora_config))
@@ -40,7 +40,8 @@ def export(spec: ExportSpec, pipe, state, lora_config: lora.LoraConfig | None, *
         log.info("exported the pipeline of step %d to %s", step, out)
         return pipeline_files(pipe)
     exported = state.export_params()
-    loras = {k.removesuffix("_lora"): parallel.host_copy(v) for k, v in exported.items() if k.endswith("_lora")}
+    loras = {k.removesuffix("_lora"): parallel.host_copy(v) for k,
+             v in exported.items() if k.endswith("_lora")}
     if not write:
         return []
     lora.save_diffusers(out, loras, lora_config)

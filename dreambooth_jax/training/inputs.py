@@ -1,10 +1,11 @@
-"""What the train step eats: each step's batch, laid out for the mesh, from the data, tokens and optional caches.
+"""What the train step eats: each step's batch, laid out for the mesh, from the data, tokens and optional
+caches.
 
 `TrainInputs.device_batch(step)` is a pure function of (seed, step): it reads the step's batch plan from
 `DreamBoothData`, decodes and crops this process's rows (or picks their cached VAE latents), tokenizes their
-prompts with the pipeline's tokenizer(s) (or picks precomputed text embeddings), adds the per-example inputs the
-model family builds from each view's geometry (SDXL's size and crop ids) and places the rows on the devices. The loop calls it from a `Prefetcher`, a thread that keeps the next two
-steps' batches ready.
+prompts with the pipeline's tokenizer(s) (or picks precomputed text embeddings), adds the per-example inputs
+the model family builds from each view's geometry (SDXL's size and crop ids) and places the rows on the
+devices. The loop calls it from a `Prefetcher`, a thread that keeps the next two steps' batches ready.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class TrainInputs:
     encoder(s) and VAE."""
 
     def __init__(self, spec: BatchSpec, pipe, data, mesh, subject_devices: int | None = None):
-        """`subject_devices`: in a run of several subjects, the devices of this subject's group (its batch spans
-        them; `host_batch` then lays out all its rows, for `SubjectsInputs` to place)."""
+        """`subject_devices`: in a run of several subjects, the devices of this subject's group (its batch
+        spans them; `host_batch` then lays out all its rows, for `SubjectsInputs` to place)."""
         self.spec, self.pipe, self.data, self.mesh = spec, pipe, data, mesh
         self.subject_devices = subject_devices
         self._token_cache: dict[str, dict[str, np.ndarray]] = {}
@@ -37,20 +38,21 @@ class TrainInputs:
         self.latent_cache = self._precompute_latents() if spec.cache_latents else None
 
     def tokens_of(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        """The family's token arrays of `prompts` ({"input_ids", "attention_mask", ...}: [N, length] int32, each
-        tokenizer with its own padding); each distinct prompt tokenized once per run."""
+        """The family's token arrays of `prompts` ({"input_ids", "attention_mask", ...}: [N, length] int32,
+        each tokenizer with its own padding); each distinct prompt tokenized once per run."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._token_cache))
         if new:
             tokens = self.pipe.family.tokenize(self.pipe.tokenizers, new, self.spec.tokenizer_max_length)
             self._token_cache.update({p: {k: v[i] for k, v in tokens.items()} for i, p in enumerate(new)})
-        return {k: np.stack([self._token_cache[p][k] for p in prompts]) for k in self._token_cache[prompts[0]]}
+        cache = self._token_cache
+        return {k: np.stack([cache[p][k] for p in prompts]) for k in cache[prompts[0]]}
 
     def _precompute_text(self) -> dict[str, dict[str, np.ndarray]]:
         """{prompt: {"context"[, "pooled"]}} of every prompt the data holds."""
         prompts = sorted(self.data.prompts())
         tokens = self.tokens_of(prompts)
-        # The encoders whole on every device for this (they may be fsdp-sharded): the output is then replicated,
-        # readable on every host.
+        # The encoders whole on every device for this (they may be fsdp-sharded): the output is then
+        # replicated, readable on every host.
         family, modules = self.pipe.family, self.pipe.modules
         params = parallel.put_replicated({k: self.pipe.params[k] for k in family.text_encoders}, self.mesh)
         use_mask = self.spec.text_encoder_use_attention_mask
@@ -88,8 +90,8 @@ class TrainInputs:
         spec = self.spec
         return layout_batch(self.data, step, per_device=spec.train_batch_size,
                             accum=spec.gradient_accumulation_steps, with_prior=spec.with_prior_preservation,
-                            tokens_of=self.tokens_of, context_for=self.context_for, latent_cache=self.latent_cache,
-                            use_mask=spec.text_encoder_use_attention_mask,
+                            tokens_of=self.tokens_of, context_for=self.context_for,
+                            latent_cache=self.latent_cache, use_mask=spec.text_encoder_use_attention_mask,
                             view_inputs=self.pipe.family.view_inputs, devices=self.subject_devices)
 
     def device_batch(self, step: int):
@@ -97,10 +99,12 @@ class TrainInputs:
         return parallel.put_batch(self.host_batch(step), self.mesh, batch_axis=1, process_local=True)
 
 
-def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bool, tokens_of, context_for=None,
-                 latent_cache=None, use_mask: bool = False, view_inputs=None, devices: int | None = None) -> dict:
-    """This process's rows of step `step`'s global batch, as [A, rows, ...] arrays; or with `devices` (a subject
-    of a run of several: the devices of its group) all the rows of a batch spread over that many devices.
+def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bool, tokens_of,
+                 context_for=None, latent_cache=None, use_mask: bool = False, view_inputs=None,
+                 devices: int | None = None) -> dict:
+    """This process's rows of step `step`'s global batch, as [A, rows, ...] arrays; or with `devices` (a
+    subject of a run of several: the devices of its group) all the rows of a batch spread over that many
+    devices.
 
     Micro-batch a of the global batch is [its D*per_device instance rows; as many class rows] whatever the
     number of devices, and `example_id` numbers every example of the step (instances first, then classes),
@@ -145,11 +149,11 @@ def layout_batch(data, step: int, *, per_device: int, accum: int, with_prior: bo
 
 
 class SubjectsInputs:
-    """The batches of a run of several subjects: each subject's `TrainInputs` (its own data, prompts, caches) lays
-    out its rows; `device_batch(step)` stacks them [K, A, B, ...] and places them, the subjects split over the
-    mesh's `subject` axis and each one's examples over its group's devices. A process builds the rows of the
-    subjects its devices train (the others' entries, never read, are zeros). `subjects` may name one object twice
-    (padding slots): its rows are built once."""
+    """The batches of a run of several subjects: each subject's `TrainInputs` (its own data, prompts, caches)
+    lays out its rows; `device_batch(step)` stacks them [K, A, B, ...] and places them, the subjects split
+    over the mesh's `subject` axis and each one's examples over its group's devices. A process builds the rows
+    of the subjects its devices train (the others' entries, never read, are zeros). `subjects` may name one
+    object twice (padding slots): its rows are built once."""
 
     def __init__(self, subjects: list[TrainInputs], mesh):
         self.subjects, self.mesh = subjects, mesh
@@ -165,14 +169,15 @@ class SubjectsInputs:
                 built[id(self.subjects[k])] = self.subjects[k].host_batch(step)
         first = next(iter(built.values()))
         rows = [built.get(id(s)) for s in self.subjects]
-        batch = {key: np.stack([np.zeros_like(first[key]) if r is None else r[key] for r in rows]) for key in first}
+        batch = {key: np.stack([np.zeros_like(first[key]) if r is None else r[key] for r in rows])
+                 for key in first}
         return parallel.put_batch(batch, self.mesh, batch_axis=2)
 
 
 class Prefetcher:
-    """The batches of steps [start, stop), made by `make(step)` in a background thread that stays `depth` steps
-    ahead, so decoding, augmentation and the transfer overlap the device's work. `next()` returns (batch, seconds
-    waited for it); an error raised while making a batch is raised there, for that step."""
+    """The batches of steps [start, stop), made by `make(step)` in a background thread that stays `depth`
+    steps ahead, so decoding, augmentation and the transfer overlap the device's work. `next()` returns
+    (batch, seconds waited for it); an error raised while making a batch is raised there, for that step."""
 
     def __init__(self, make, start: int, stop: int, depth: int = 2):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)

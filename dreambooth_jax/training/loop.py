@@ -41,8 +41,8 @@ class TrainLoop:
 
     def __init__(self, spec: LoopSpec, pipe, mesh, step_spec, schedules: dict, inputs, max_steps: int,
                  global_batch: int, output):
-        """`step_spec`: the step's `StepSpec`; `output`: the `storage.Folder` of --output_dir (`spec.output_dir` is
-        its local twin); what the loop writes there is pushed to it."""
+        """`step_spec`: the step's `StepSpec`; `output`: the `storage.Folder` of --output_dir
+        (`spec.output_dir` is its local twin); what the loop writes there is pushed to it."""
         self.spec, self.pipe, self.mesh, self.inputs, self.step_spec = spec, pipe, mesh, inputs, step_spec
         self.output = output
         self.max_steps, self.global_batch = max_steps, global_batch
@@ -83,7 +83,8 @@ class TrainLoop:
         start = self.step_count = int(state.step)
         watch = PreemptionWatch()
         history, pending = [], []
-        bar = tqdm(total=self.max_steps, initial=start, desc="training", unit="step", disable=not self.is_main)
+        bar = tqdm(total=self.max_steps, initial=start, desc="training", unit="step",
+                   disable=not self.is_main)
         batches = Prefetcher(self.inputs.device_batch, start, self.max_steps)
         t_loop = None
         try:
@@ -138,11 +139,13 @@ class TrainLoop:
             self.summary["input_wait_s"] = sum(row["input_wait_s"] for row in history)
         self.summary["peak_memory"] = _peak_memory()
         if self.step_count > start:
-            ckpt.save(state, meta, step=self.step_count, force=True)  # the final (or last reached) step is kept
+            # the final (or last reached) step is kept
+            ckpt.save(state, meta, step=self.step_count, force=True)
         return state, history
 
     def export(self, state) -> None:
-        """The result of `state` in --output_dir (see `export.export`): every process gathers, process 0 writes."""
+        """The result of `state` in --output_dir (see `export.export`): every process gathers, process 0
+        writes."""
         written = export_lib.export(self.spec.export, self.pipe, state, self.step_spec.lora,
                                     step=self.step_count, write=self.is_main)
         if self.is_main:

@@ -40,7 +40,8 @@ def lr_schedule(name: str, peak_lr: float, *, warmup_steps: int, total_steps: in
             factor = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * 0.5 * 2.0 * progress)))
         elif name == "cosine_with_restarts":
             factor = jnp.where(progress >= 1.0, 0.0,
-                               jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * ((num_cycles * progress) % 1.0)))))
+                               jnp.maximum(0.0,
+                                           0.5 * (1.0 + jnp.cos(math.pi * ((num_cycles * progress) % 1.0)))))
         else:  # polynomial
             remaining = jnp.clip(1.0 - progress, 0.0, 1.0)
             factor = ((peak_lr - lr_end) * remaining**power + lr_end) / peak_lr
@@ -61,8 +62,8 @@ class AdafactorState(NamedTuple):
 
 
 def _factored_dims(shape) -> tuple[int, int] | None:
-    """The two axes transformers' Adafactor factors, in our (Flax) layout: PyTorch's last two axes are the Dense
-    kernel's (in, out) -> our (0, 1), and the conv kernel's (kh, kw) -> our (0, 1); None for vectors."""
+    """The two axes transformers' Adafactor factors, in our (Flax) layout: PyTorch's last two axes are the
+    Dense kernel's (in, out) -> our (0, 1), and the conv kernel's (kh, kw) -> our (0, 1); None for vectors."""
     if len(shape) < 2:
         return None
     return (0, 1) if len(shape) in (2, 4) else (len(shape) - 2, len(shape) - 1)
@@ -71,7 +72,8 @@ def _factored_dims(shape) -> tuple[int, int] | None:
 def adafactor(schedule: optax.Schedule, *, weight_decay: float = 0.0, scale_parameter: bool = True,
               clip_threshold: float = 1.0, decay_rate: float = 0.8, eps1: float = 1e-30,
               eps2: float = 1e-3) -> optax.GradientTransformation:
-    """transformers' `Adafactor(lr, relative_step=False, warmup_init=False, beta1=None)` (Shazeer & Stern 2018).
+    """transformers' `Adafactor(lr, relative_step=False, warmup_init=False, beta1=None)` (Shazeer & Stern
+    2018).
 
     Per parameter: v = b2_k v + (1 - b2_k)(g² + eps1), b2_k = 1 - k^-decay_rate, factored into row and column
     means for matrices and conv kernels (over the axes PyTorch's layout factors); u = g / sqrt(v) clipped to
@@ -85,7 +87,8 @@ def adafactor(schedule: optax.Schedule, *, weight_decay: float = 0.0, scale_para
         def moments(p):
             dims = _factored_dims(p.shape)
             if dims is None:
-                return jnp.zeros_like(p, jnp.float32), jnp.zeros((), jnp.float32)  # (Orbax refuses empty arrays)
+                # (Orbax refuses empty arrays)
+                return jnp.zeros_like(p, jnp.float32), jnp.zeros((), jnp.float32)
             return (jnp.zeros(tuple(n for i, n in enumerate(p.shape) if i != dims[1]), jnp.float32),
                     jnp.zeros(tuple(n for i, n in enumerate(p.shape) if i != dims[0]), jnp.float32))
 
@@ -143,8 +146,8 @@ def prodigy(schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.999, eps
             weight_decay: float = 0.0, d0: float = 1e-6, d_coef: float = 1.0) -> optax.GradientTransformation:
     """prodigyopt's `Prodigy(lr, betas, eps, weight_decay)` (Mishchenko & Defazio 2023): Adam whose step is
     lr x d, d a running estimate of the distance to the solution (decoupled weight decay, no bias correction,
-    unbounded growth, beta3 = sqrt(b2)). As in prodigyopt, a step at lr 0 (e.g. the first of a warm-up) changes
-    nothing; optax's `contrib.prodigy` turns it into NaN (0 / 0 in the estimate)."""
+    unbounded growth, beta3 = sqrt(b2)). As in prodigyopt, a step at lr 0 (e.g. the first of a warm-up)
+    changes nothing; optax's `contrib.prodigy` turns it into NaN (0 / 0 in the estimate)."""
     beta3 = math.sqrt(b2)
 
     def init(params):
@@ -175,7 +178,8 @@ def prodigy(schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.999, eps
             lambda m, v, pi, x: jnp.where(moves, -dlr * (weight_decay * pi + m / (jnp.sqrt(v) + d_new * eps)),
                                           0.0).astype(x.dtype), exp_avg, exp_avg_sq, p, params)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)  # noqa: E731
-        return updates, ProdigyState(state.count + 1, d_new, d_max, jnp.where(moves, numerator, state.d_numerator),
+        return updates, ProdigyState(state.count + 1, d_new, d_max, jnp.where(moves, numerator,
+                                                                              state.d_numerator),
                                      state.p0, keep(s_new, state.s), keep(exp_avg, state.exp_avg),
                                      keep(exp_avg_sq, state.exp_avg_sq))
 

@@ -1,12 +1,15 @@
-"""The memory preflight: the train step compiled ahead of time from shapes alone, and what each device will hold.
+"""The memory preflight: the train step compiled ahead of time from shapes alone, and what each device will
+hold.
 
-Nothing is allocated here: the state is traced with `jax.eval_shape` from the pipeline's parameter shapes (read
-from its configs), sharded by the fsdp rule (`parallel.state_shardings`), and the step is lowered and compiled
-with explicit shardings. XLA's `memory_analysis()` of that executable gives the per-device temporaries; the
-persistent state's per-device bytes follow from the shardings. The executable is the one the run then uses.
+Nothing is allocated here: the state is traced with `jax.eval_shape` from the pipeline's parameter shapes
+(read from its configs), sharded by the fsdp rule (`parallel.state_shardings`), and the step is lowered and
+compiled with explicit shardings. XLA's `memory_analysis()` of that executable gives the per-device
+temporaries; the persistent state's per-device bytes follow from the shardings. The executable is the one the
+run then uses.
 
-    plan = preflight.plan(pipe, step_spec, StateSpec.of(cfg), BatchSpec.of(cfg), max_steps=1000, global_batch=8)
-    plan.report  # {"devices": 8, "mesh": {"data": 1, "fsdp": 8}, "per_device_bytes": {...}, "fits": true, ...}
+    plan = preflight.plan(shapes, step_spec, StateSpec.of(cfg), BatchSpec.of(cfg), max_steps=1000,
+                          global_batch=8)
+    plan.report  # {"devices": 8, "mesh": {"data": 1, "fsdp": 8}, "per_device_bytes": {...}, "fits": ...}
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ def shape_structs(params) -> Any:
 
 def batch_shapes(spec: BatchSpec, pipe, num_devices: int) -> dict:
     """The global batch of one step as `jax.ShapeDtypeStruct`s [A, rows, ...], exactly as
-    `inputs.layout_batch` builds it (a test holds the two together). What the family adds (its token arrays, its
-    text conditioning, its per-view inputs) is traced from the family's own functions on one example."""
+    `inputs.layout_batch` builds it (a test holds the two together). What the family adds (its token arrays,
+    its text conditioning, its per-view inputs) is traced from the family's own functions on one example."""
     accum = spec.gradient_accumulation_steps
     rows = num_devices * spec.train_batch_size * spec.rows_per_example
     family = pipe.family
@@ -64,7 +67,8 @@ def batch_shapes(spec: BatchSpec, pipe, num_devices: int) -> dict:
         out.update(batched({"latent_mean": jax.ShapeDtypeStruct(latent, jnp.float32),
                             "latent_logvar": jax.ShapeDtypeStruct(latent, jnp.float32)}))
     else:
-        out.update(batched({"images": jax.ShapeDtypeStruct((1, spec.resolution, spec.resolution, 3), jnp.float32)}))
+        out.update(batched({"images": jax.ShapeDtypeStruct((1, spec.resolution, spec.resolution, 3),
+                                                           jnp.float32)}))
     tokens = family.tokenize(pipe.tokenizers, [""], spec.tokenizer_max_length)
     if spec.pre_compute_text_embeddings:
         def encode(params, tokens):
@@ -103,11 +107,12 @@ class Plan:
         return parallel.put_sharded(host_params, self.param_shardings)
 
     def init_state(self, params) -> state_lib.TrainState:
-        """The initial train state from placed pipeline params (donated): built by one program whose outputs are
-        the state's shardings."""
+        """The initial train state from placed pipeline params (donated): built by one program whose outputs
+        are the state's shardings."""
         init = jax.jit(self.init, out_shardings=self.state_shardings, donate_argnums=(0,))
         with warnings.catch_warnings():
-            if self.subjects:  # their trained networks are stacked into new arrays (the donated ones are freed)
+            # their trained networks are stacked into new arrays (the donated ones are freed)
+            if self.subjects:
                 warnings.filterwarnings("ignore", "Some donated buffers were not usable")
             return init(params)
 
@@ -154,8 +159,8 @@ def _compile(pipe, spec, schedules, abstract_state, init, batch_spec: BatchSpec,
                      donate_argnums=(0,))
     t0 = time.perf_counter()
     try:
-        # Traced for the devices' own platform, also when they are compile-only (a TPU topology from a CPU host),
-        # so that `auto` kernels are those the devices would run.
+        # Traced for the devices' own platform, also when they are compile-only (a TPU topology from a CPU
+        # host), so that `auto` kernels are those the devices would run.
         with parallel.traced_on(mesh), choose.target_backend(mesh.devices.flat[0].platform):
             compiled = jitted.lower(abstract_state, batch, rng).compile()
     except Exception as e:
@@ -180,26 +185,30 @@ def _compile(pipe, spec, schedules, abstract_state, init, batch_spec: BatchSpec,
                                   - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
     else:  # a backend without the analysis: the state alone, a lower bound
         per_device["temp"] = None
-        per_device["total"] = sum(per_device.values()) + _bytes_of(batch, jax.tree.map(lambda _: batch_sharding,
-                                                                                           batch))
+        per_device["total"] = sum(per_device.values()) + _bytes_of(batch,
+                                                                   jax.tree.map(lambda _: batch_sharding,
+                                                                                    batch))
     limit = device_memory(devices)
-    fits = (False if compiled is None else None if limit is None else bool(per_device["total"] <= FITS * limit))
+    fits = (False if compiled is None else None if limit is None
+            else bool(per_device["total"] <= FITS * limit))
     report = {"devices": mesh.size, "mesh": {k: int(v) for k, v in mesh.shape.items()},
               "per_device_bytes": per_device, "device_memory_bytes": limit, "fits": fits}
     if subjects:
         report["subject_slots"] = subjects
     param_shardings = parallel.state_shardings(shape_structs(pipe.params), mesh)  # shared by the subjects
-    return Plan(mesh, abstract_state, shardings, param_shardings, batch_sharding, compiled, report, init, compile_s,
-                subjects)
+    return Plan(mesh, abstract_state, shardings, param_shardings, batch_sharding, compiled, report, init,
+                compile_s, subjects)
 
 
-def plan(pipe, spec, state: StateSpec | list[StateSpec], batch: BatchSpec, *, max_steps: int, global_batch: int,
-         fsdp: str | int = "auto", devices=None, subject_devices: int | None = None) -> Plan:
-    """Compiles the step (`spec`: its `StepSpec`) for `--fsdp` (an int, or 'auto': 1 when the replicated run fits
-    comfortably, else the smallest divisor of the device count that fits) and reports its per-device memory.
-    `pipe.params` may be shapes only (`load_pipeline(..., weights="none")`). `state`: the initial state's spec,
-    or a list of them (one per subject slot) for a run of several subjects, whose `global_batch` is then each
-    subject's and whose groups of `subject_devices` devices (`parallel.subject_groups`) --fsdp divides."""
+def plan(pipe, spec, state: StateSpec | list[StateSpec], batch: BatchSpec, *, max_steps: int,
+         global_batch: int, fsdp: str | int = "auto", devices=None,
+         subject_devices: int | None = None) -> Plan:
+    """Compiles the step (`spec`: its `StepSpec`) for `--fsdp` (an int, or 'auto': 1 when the replicated run
+    fits comfortably, else the smallest divisor of the device count that fits) and reports its per-device
+    memory. `pipe.params` may be shapes only (`load_pipeline(..., weights="none")`). `state`: the initial
+    state's spec, or a list of them (one per subject slot) for a run of several subjects, whose `global_batch`
+    is then each subject's and whose groups of `subject_devices` devices (`parallel.subject_groups`) --fsdp
+    divides."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     params = shape_structs(pipe.params)
     subjects = state if isinstance(state, list) else None
@@ -210,7 +219,8 @@ def plan(pipe, spec, state: StateSpec | list[StateSpec], batch: BatchSpec, *, ma
         make = functools.partial(state_lib.make_state, state, pipe.family, max_steps=max_steps,
                                  global_batch=global_batch)
     abstract_state = jax.eval_shape(make, params)
-    # Every call makes new optimizer objects (static fields of the state): keep the ones the step compiles with.
+    # Every call makes new optimizer objects (static fields of the state): keep the ones the step compiles
+    # with.
     init = lambda p: make(p).replace(txs=abstract_state.txs)  # noqa: E731
     schedules = state_lib.lr_schedules(subjects[0] if subjects else state, pipe.family, abstract_state.params,
                                        max_steps, global_batch)
@@ -240,20 +250,23 @@ def plan(pipe, spec, state: StateSpec | list[StateSpec], batch: BatchSpec, *, ma
     return best
 
 
-def raise_if_too_large(report: dict, state: StateSpec, batch: BatchSpec, *, gradient_checkpointing: bool) -> None:
+def raise_if_too_large(report: dict, state: StateSpec, batch: BatchSpec, *,
+                       gradient_checkpointing: bool) -> None:
     """Stops a run that will not fit, before anything is allocated, naming what would help (the options of the
     run's `state`, `batch` and --gradient_checkpointing that would lower its memory)."""
     if report["fits"] is not False:
         return
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
-    parts = ", ".join(f"{k} {gib(v)}" for k, v in report["per_device_bytes"].items() if v is not None and k != "total")
+    parts = ", ".join(f"{k} {gib(v)}" for k,
+                      v in report["per_device_bytes"].items() if v is not None and k != "total")
     helps = []
     if not gradient_checkpointing:
         helps.append("--gradient_checkpointing")
     group = report["devices"] // report["mesh"].get("subject", 1)  # the devices a (subject's) state may span
     where = "of a subject group's " if "subject" in report["mesh"] else "of "
     if report["mesh"]["fsdp"] < group:
-        helps.append(f"--fsdp N (shard the state over N devices; now {report['mesh']['fsdp']} {where}{group})")
+        helps.append(f"--fsdp N (shard the state over N devices; now {report['mesh']['fsdp']} "
+                     f"{where}{group})")
     elif group == 1:
         helps.append("more devices with --fsdp")
     if "subject_slots" in report:

@@ -2,8 +2,9 @@
 
 A stage reads only what it needs: the base model (`ModelSpec`), the training set (`DataSpec`), the batch
 (`BatchSpec`: inputs, the preflight's batch shapes), the run's length (`LengthSpec`), class images
-(`ClassImagesSpec`), the initial state and its optimizers (`StateSpec`), the loop (`LoopSpec`: checkpoints, validation, logs) and the export (`ExportSpec`). Each field has the name of the `TrainConfig` field (the flag) it comes from, so a spec
-is the configuration's values as the user gave them, not a restatement.
+(`ClassImagesSpec`), the initial state and its optimizers (`StateSpec`), the loop (`LoopSpec`: checkpoints,
+validation, logs) and the export (`ExportSpec`). Each field has the name of the `TrainConfig` field (the flag)
+it comes from, so a spec is the configuration's values as the user gave them, not a restatement.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from dreambooth_jax.pipeline import load_pipeline
 
 
 def _cut(cls, cfg, **derived: Any):
-    """An instance of the spec dataclass `cls` from `cfg`'s fields of the same names (`derived`: the others)."""
+    """An instance of the spec dataclass `cls` from `cfg`'s fields of the same names (`derived`: the
+    others)."""
     return cls(**{f.name: derived[f.name] if f.name in derived else getattr(cfg, f.name)
                   for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
-    """One step's batch: rows per device and accumulated micro-batches, what each row holds and what is cached."""
+    """One step's batch: rows per device and accumulated micro-batches, what each row holds and what is
+    cached."""
 
     train_batch_size: int
     gradient_accumulation_steps: int
@@ -47,7 +50,8 @@ class BatchSpec:
 
 @dataclasses.dataclass(frozen=True)
 class StateSpec:
-    """The initial train state: which networks train (fully or by LoRA), their optimizers and schedules, EMA."""
+    """The initial train state: which networks train (fully or by LoRA), their optimizers and schedules,
+    EMA."""
 
     seed: int
     compute_dtype: str
@@ -93,7 +97,8 @@ class ExportSpec:
 
 @dataclasses.dataclass(frozen=True)
 class LoopSpec:
-    """The loop around the step: its seed stream, checkpoints, validation images, logs, and the export it calls."""
+    """The loop around the step: its seed stream, checkpoints, validation images, logs, and the export it
+    calls."""
 
     output_dir: str
     seed: int
@@ -115,7 +120,8 @@ class LoopSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """How the training set reads its images: size, crops, flips, bad files, and the seed of its batch plan."""
+    """How the training set reads its images: size, crops, flips, bad files, and the seed of its batch
+    plan."""
 
     resolution: int
     center_crop: bool

@@ -61,7 +61,8 @@ class TrainState(flax.struct.PyTreeNode):
     def subject(self, k: int) -> TrainState:
         """Subject `k`'s weights from a state of several subjects, as a run of it alone would export them: its
         params, EMA and stopped parts in host memory (every process whole; gathered one array at a time, so no
-        device holds the subject's state whole), the shared frozen networks as they are; no optimizer state."""
+        device holds the subject's state whole), the shared frozen networks as they are; no optimizer
+        state."""
         take = lambda tree: jax.tree.map(lambda x: parallel.fetch(x[k]), tree)  # noqa: E731
         return self.replace(params=take(self.params), opt_state={}, ema=take(self.ema),
                             frozen={**self.frozen, **take(self.per_subject()["stopped"])})
@@ -69,7 +70,8 @@ class TrainState(flax.struct.PyTreeNode):
 
 def stack_subjects(states: list[TrainState]) -> TrainState:
     """One state of several subjects from each subject's own (same structure and optimizers): their trained
-    parts stacked along a new leading subject axis; the frozen networks (and step) taken from the first, shared."""
+    parts stacked along a new leading subject axis; the frozen networks (and step) taken from the first,
+    shared."""
     stack = lambda *xs: jnp.stack(xs)  # noqa: E731
     first = states[0]
     return first.replace(params=jax.tree.map(stack, *[s.params for s in states]),
@@ -89,7 +91,8 @@ def shardings(state: TrainState, mesh) -> TrainState:
 
 
 def trained_networks(spec: StateSpec, family) -> list[str]:
-    """The networks the run trains: the denoiser, and with --train_text_encoder every text encoder (SDXL's two)."""
+    """The networks the run trains: the denoiser, and with --train_text_encoder every text encoder (SDXL's
+    two)."""
     return [family.denoiser, *(family.text_encoders if spec.train_text_encoder else ())]
 
 
@@ -120,9 +123,9 @@ def make_subjects_state(specs: list[StateSpec], family, params: dict, max_steps:
 def make_state(spec: StateSpec, family, params: dict, max_steps: int, global_batch: int) -> TrainState:
     """The initial train state of a pipeline of `family` from its params {component: params}.
 
-    Pure: the trainer traces it with `jax.eval_shape` (the memory preflight, before any weight is read) and runs
-    it under `jax.jit` with the state's shardings as outputs, so the optimizer state and EMA are created in
-    place, sharded, and nothing is built whole on one device first.
+    Pure: the trainer traces it with `jax.eval_shape` (the memory preflight, before any weight is read) and
+    runs it under `jax.jit` with the state's shardings as outputs, so the optimizer state and EMA are created
+    in place, sharded, and nothing is built whole on one device first.
     """
     networks = trained_networks(spec, family)
     if spec.lora is not None:
@@ -140,16 +143,17 @@ def make_state(spec: StateSpec, family, params: dict, max_steps: int, global_bat
 def lora_params(spec: StateSpec, family, params: dict, networks: list[str]) -> tuple[dict, dict]:
     """(trained LoRA factors {'<net>_lora'}, frozen params): every network frozen, kept in the compute dtype.
 
-    They compute in it anyway (casting a weight to bf16 once or at every use gives the same values), and nothing
-    exports them from here (the merged export reads the fp32 base from disk): in bf16 that halves their memory,
-    e.g. SDXL's text encoders 3.1 -> 1.5 GiB."""
+    They compute in it anyway (casting a weight to bf16 once or at every use gives the same values), and
+    nothing exports them from here (the merged export reads the fp32 base from disk): in bf16 that halves
+    their memory, e.g. SDXL's text encoders 3.1 -> 1.5 GiB."""
     names = spec.lora_target_modules
     custom = tuple(t.strip() for t in names.split(",")) if names else None
     rngs = dict(zip(networks, jax.random.split(jax.random.PRNGKey(spec.seed), len(networks))))
     dtype = jnp.bfloat16 if spec.compute_dtype == "bf16" else jnp.float32
     trained, frozen = {}, jax.tree.map(lambda x: x.astype(dtype), params)
     for net in networks:
-        targets = family.lora_targets[net] if custom is None else [t for t in custom if _matches(params[net], t)]
+        targets = family.lora_targets[net] if custom is None else [t for t in custom if _matches(params[net],
+                                                                                                 t)]
         if not targets:
             continue  # none of the custom names is in this network
         trained[f"{net}_lora"] = lora.init_lora(params[net], targets, spec.lora, rngs[net])

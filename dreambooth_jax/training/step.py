@@ -39,21 +39,23 @@ class StepSpec:
     max_grad_norm: float = 1.0  # clip the global norm of all trained parts' gradients (0: off)
     ema_decay: float = 0.9999
     lora: Any = None  # lora.LoraConfig when training LoRA factors (params '<part>_lora')
-    inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the family's constant denoiser inputs
+    # the family's constant denoiser inputs
+    inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, pipe, *, snr_gamma: float | None = None, run_options: Mapping | None = None,
            **options) -> StepSpec:
-        """The spec of a pipeline: its modules, its family's objective (from its scheduler config) and constant
-        denoiser inputs (from the run's options, `run_options`)."""
+        """The spec of a pipeline: its modules, its family's objective (from its scheduler config) and
+        constant denoiser inputs (from the run's options, `run_options`)."""
         objective = pipe.family.objective(pipe.scheduler_config, snr_gamma)
         inputs = pipe.family.train_inputs(run_options or {})
-        return cls(family=pipe.family, modules=dict(pipe.modules), objective=objective, inputs=inputs, **options)
+        return cls(family=pipe.family, modules=dict(pipe.modules), objective=objective, inputs=inputs,
+                   **options)
 
 
 def apply_part(spec: StepSpec, part: str, params, frozen, *args, dropout_rng=None, **kwargs):
-    """Runs component `part` with its trained params, its frozen ones, or (LoRA) its frozen base plus the trained
-    `<part>_lora` factors."""
+    """Runs component `part` with its trained params, its frozen ones, or (LoRA) its frozen base plus the
+    trained `<part>_lora` factors."""
     module = spec.modules[part]
     factors = params.get(f"{part}_lora", frozen.get(f"{part}_lora"))  # frozen ones: stopped text-encoder LoRA
     if factors is not None:
@@ -69,13 +71,13 @@ def runner(spec: StepSpec, params, frozen, dropout_rng=None):
     rngs = {spec.family.denoiser: denoiser_rng}
     for i, name in enumerate(spec.family.text_encoders):
         rngs[name] = text_rng if i == 0 or text_rng is None else jax.random.fold_in(text_rng, i + 1)
-    return lambda part, *args, **kwargs: apply_part(spec, part, params, frozen, *args, dropout_rng=rngs.get(part),
-                                                    **kwargs)
+    return lambda part, *args, **kwargs: apply_part(spec, part, params, frozen, *args,
+                                                    dropout_rng=rngs.get(part), **kwargs)
 
 
 def conditioning(spec: StepSpec, run, batch) -> dict:
-    """The denoiser's text conditioning {"context"[, "pooled"]} of the batch's prompts: precomputed, or from the
-    text encoder(s) (`Family.encode`)."""
+    """The denoiser's text conditioning {"context"[, "pooled"]} of the batch's prompts: precomputed, or from
+    the text encoder(s) (`Family.encode`)."""
     if "context" in batch:  # precomputed text embeddings
         return {k: batch[k] for k in ("context", "pooled") if k in batch}
     return spec.family.encode(run, batch, spec.use_attention_mask)
@@ -98,7 +100,8 @@ def clean_latents(spec: StepSpec, frozen, batch, keys):
 
 
 def per_example_loss(spec: StepSpec, params, frozen, batch, latents, noise, timesteps, dropout_rng=None):
-    """Per-example weighted MSE [B] (float32) of the denoiser's prediction, for given z_0, noise and timesteps.
+    """Per-example weighted MSE [B] (float32) of the denoiser's prediction, for given z_0, noise and
+    timesteps.
 
     `dropout_rng` drives LoRA dropout only (the networks themselves have none)."""
     objective = spec.objective
@@ -131,21 +134,23 @@ def draw_example_inputs(spec: StepSpec, frozen, batch, rng) -> dict:
     keys = jax.vmap(lambda e: jax.random.split(jax.random.fold_in(rng, e), 4))(batch["example_id"])
     latents = clean_latents(spec, frozen, batch, keys[:, 0])
     shape = latents.shape[1:]
-    offset = _normal(keys[:, 2], (1, 1, shape[-1])) if spec.noise_offset else jnp.zeros((len(keys), 1, 1, shape[-1]))
+    offset = _normal(keys[:, 2], (1, 1, shape[-1])) if spec.noise_offset else jnp.zeros((len(keys), 1, 1,
+                                                                                         shape[-1]))
     timesteps = spec.objective.timesteps(keys[:, 3])
     return {"latents": latents, "noise": _normal(keys[:, 1], shape), "offset": offset, "timesteps": timesteps,
             "keys": keys}
 
 
 def micro_batch_loss(params, frozen, batch, rng, *, spec: StepSpec):
-    """The DreamBooth loss of one micro-batch with freshly drawn latents, noise and timesteps; offset noise adds
-    `noise_offset` x one N(0, 1) value per example and channel to ε."""
+    """The DreamBooth loss of one micro-batch with freshly drawn latents, noise and timesteps; offset noise
+    adds `noise_offset` x one N(0, 1) value per example and channel to ε."""
     draws = draw_example_inputs(spec, frozen, batch, rng)
     noise = draws["noise"] + spec.noise_offset * draws["offset"]
     # LoRA dropout masks span the micro-batch: drawn from its first example's id (distinct per micro-batch).
-    dropout_rng = (jax.random.fold_in(draws["keys"][0, 0], 1) if spec.lora is not None and spec.lora.dropout > 0
-                   else None)
-    mse = per_example_loss(spec, params, frozen, batch, draws["latents"], noise, draws["timesteps"], dropout_rng)
+    with_dropout = spec.lora is not None and spec.lora.dropout > 0
+    dropout_rng = jax.random.fold_in(draws["keys"][0, 0], 1) if with_dropout else None
+    mse = per_example_loss(spec, params, frozen, batch, draws["latents"], noise, draws["timesteps"],
+                           dropout_rng)
     loss, instance_loss, prior_loss = combine_losses(mse, batch["is_prior"], spec.prior_loss_weight)
     return loss, {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
 
@@ -160,7 +165,8 @@ def ema_decay_at(step, max_decay: float):
 def update_ema(ema: dict, params: dict, step, max_decay: float) -> dict:
     """e <- d_k e + (1 - d_k) p for every part in `params` (others, e.g. stopped ones, are kept)."""
     d = ema_decay_at(step, max_decay)
-    return {**ema, **{k: jax.tree.map(lambda e, p: e + (1.0 - d) * (p - e), ema[k], params[k]) for k in params}}
+    return {**ema,
+            **{k: jax.tree.map(lambda e, p: e + (1.0 - d) * (p - e), ema[k], params[k]) for k in params}}
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec, schedules=None):
@@ -206,9 +212,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec
 
 def subjects_train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec: StepSpec, schedules=None):
     """`train_step` of K independent subjects at once (`jax.vmap` over them): their trained params, optimizer
-    states, EMA and stopped (trained, then frozen) parts have a leading subject axis K, the other frozen networks
-    are shared; `batch` has leading axes [K, A, B], `rng` holds K base keys [K, 2] (each subject's own stream).
-    Subject k's result is `train_step` of its own slices. Returns (new state, metrics [K])."""
+    states, EMA and stopped (trained, then frozen) parts have a leading subject axis K, the other frozen
+    networks are shared; `batch` has leading axes [K, A, B], `rng` holds K base keys [K, 2] (each subject's
+    own stream). Subject k's result is `train_step` of its own slices. Returns (new state, metrics [K])."""
     stopped = state.per_subject()["stopped"]
     shared = {k: v for k, v in state.frozen.items() if k not in stopped}
 
@@ -217,11 +223,11 @@ def subjects_train_step(state: TrainState, batch: dict, rng: jax.Array, *, spec:
         new, metrics = train_step(alone, batch, rng, spec=spec, schedules=schedules)
         return new.params, new.opt_state, new.ema, metrics
 
-    # Traced on a mesh with a `subject` axis, the vmapped axis is split over it: kernels that run per device on
-    # their share of the batch (`kernels.batch_parallel`) then see one subject's batch.
+    # Traced on a mesh with a `subject` axis, the vmapped axis is split over it: kernels that run per device
+    # on their share of the batch (`kernels.batch_parallel`) then see one subject's batch.
     mesh = jax.sharding.get_abstract_mesh()
     axis = parallel.SUBJECT_AXIS if not mesh.empty and parallel.SUBJECT_AXIS in mesh.axis_names else None
-    params, opt_state, ema, metrics = jax.vmap(one, spmd_axis_name=axis)(state.params, state.opt_state, state.ema,
-                                                                         stopped, batch, rng)
+    params, opt_state, ema, metrics = jax.vmap(one, spmd_axis_name=axis)(state.params, state.opt_state,
+                                                                         state.ema, stopped, batch, rng)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
                          frozen={**shared, **stopped}), metrics

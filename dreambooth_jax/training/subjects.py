@@ -1,16 +1,17 @@
 """Many subjects in one run: K independent DreamBooth models trained by one compiled program.
 
-`python -m dreambooth_jax.train --subjects subjects.json` (or `--dataset dreambooth:dog6,cat,can`): each subject
-keeps its own data, class images (a folder shared when subjects name the same one), prompts, seed stream and
-loss log, and is exported to `output_dir/<name>/` exactly as a run of it alone would be. The trained state
-(params, optimizer state, EMA) of the K subjects is stacked along a leading subject axis, split over the mesh's
-`subject` axis (device groups; data and fsdp inside each); the frozen networks (VAE, frozen text encoders, the
-LoRA base) are shared. `step.subjects_train_step` is the ordinary step, vmapped over the subjects.
+`python -m dreambooth_jax.train --subjects subjects.json` (or `--dataset dreambooth:dog6,cat,can`): each
+subject keeps its own data, class images (a folder shared when subjects name the same one), prompts, seed
+stream and loss log, and is exported to `output_dir/<name>/` exactly as a run of it alone would be. The
+trained state (params, optimizer state, EMA) of the K subjects is stacked along a leading subject axis, split
+over the mesh's `subject` axis (device groups; data and fsdp inside each); the frozen networks (VAE, frozen
+text encoders, the LoRA base) are shared. `step.subjects_train_step` is the ordinary step, vmapped over the
+subjects.
 
 Subject k's batch spans the devices of its group (`parallel.subject_groups`: one group per subject where there
-are enough devices): its global batch is --train_batch_size x those devices x --gradient_accumulation_steps, and
-with the same global batch and seed its result is that of a run of it alone (up to the order of floating-point
-sums). Where the subjects do not fill the groups evenly, padding slots repeat the last subject
+are enough devices): its global batch is --train_batch_size x those devices x --gradient_accumulation_steps,
+and with the same global batch and seed its result is that of a run of it alone (up to the order of
+floating-point sums). Where the subjects do not fill the groups evenly, padding slots repeat the last subject
 (`parallel.subject_slots`); their results are dropped.
 """
 
@@ -56,12 +57,14 @@ class SubjectsLoop(TrainLoop):
 
     def __init__(self, spec: LoopSpec, subjects: dict[str, LoopSpec], seeds, pipe, mesh, step_spec, schedules,
                  inputs, max_steps, global_batch, output):
-        """`spec`: the run's; `subjects`: {name: its own spec} of the run's subjects; `seeds`: those of every slot
-        of the state and batches (the subjects', then the padding slots', which repeat the last subject)."""
-        super().__init__(spec, pipe, mesh, step_spec, schedules, inputs, max_steps, global_batch * len(subjects),
-                         output)
+        """`spec`: the run's; `subjects`: {name: its own spec} of the run's subjects; `seeds`: those of every
+        slot of the state and batches (the subjects', then the padding slots', which repeat the last
+        subject)."""
+        super().__init__(spec, pipe, mesh, step_spec, schedules, inputs, max_steps,
+                         global_batch * len(subjects), output)
         self.subjects = subjects
-        self.rng = parallel.put_replicated(np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed in seeds]), mesh)
+        self.rng = parallel.put_replicated(np.stack([np.asarray(jax.random.PRNGKey(seed)) for seed in seeds]),
+                                           mesh)
         self.batch_sharding = parallel.batch_sharding(mesh, batch_axis=2)
         self.step = functools.partial(train_step.subjects_train_step, spec=step_spec, schedules=schedules)
         self.validating = any(s.validation_prompt for s in subjects.values())
@@ -70,7 +73,8 @@ class SubjectsLoop(TrainLoop):
             output.pull(tuple(f"{name}/logs/*" for name in subjects), required=False)  # a resumed run appends
             for name, s in subjects.items():
                 os.makedirs(os.path.join(s.output_dir, "logs"), exist_ok=True)
-                self.logs[name] = open(os.path.join(s.output_dir, "logs", "metrics.jsonl"), "a", encoding="utf-8")
+                self.logs[name] = open(os.path.join(s.output_dir, "logs", "metrics.jsonl"), "a",
+                                       encoding="utf-8")
 
     def _log(self, pending) -> list[dict]:
         """Each subject's rows to its own log; the run's rows (returned, and in the run's log) hold the means
@@ -80,9 +84,9 @@ class SubjectsLoop(TrainLoop):
         for step, metrics, _ in fetched:
             bad = [name for k, name in enumerate(self.subjects) if not np.isfinite(metrics["loss"][k])]
             if bad:  # one program trains them all: the run stops (its last checkpoint holds every subject)
-                raise DivergedError(f"loss is not finite at step {step} for subject(s) {', '.join(bad)}; stopping the "
-                                    "run of every subject (lower the learning rate, or check their data; or train "
-                                    "the others without them)")
+                raise DivergedError(f"loss is not finite at step {step} for subject(s) {', '.join(bad)}; "
+                                    "stopping the run of every subject (lower the learning rate, or check "
+                                    "their data; or train the others without them)")
             if self.is_main:
                 for k, name in enumerate(self.subjects):
                     row = {"step": step, **{key: float(v[k]) for key, v in metrics.items()}}

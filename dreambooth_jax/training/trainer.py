@@ -1,8 +1,8 @@
 """A DreamBooth run from a `TrainConfig`: what `python -m dreambooth_jax.train` calls.
 
 One compiled `train_step` runs over a (data, fsdp) mesh of every device of every host: the batch split over
-both axes, the trained state and frozen networks sharded over `fsdp` (see `parallel` and `preflight`). A run of
-several subjects (--subjects) adds a `subject` axis (`subjects`) and goes through the same stages.
+both axes, the trained state and frozen networks sharded over `fsdp` (see `parallel` and `preflight`). A run
+of several subjects (--subjects) adds a `subject` axis (`subjects`) and goes through the same stages.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ class Run:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where a run's subjects train, resolved once from the options and the devices: a run of one subject spans
-    every device; a run of several puts each in a device group (`parallel.subject_groups`), padded with slots
-    that repeat the last subject where they do not fill the groups (`parallel.subject_slots`)."""
+    """Where a run's subjects train, resolved once from the options and the devices: a run of one subject
+    spans every device; a run of several puts each in a device group (`parallel.subject_groups`), padded with
+    slots that repeat the last subject where they do not fill the groups (`parallel.subject_slots`)."""
 
     slots: int  # subject slots of the state (0: one subject, no subject axis)
     groups: int | None  # device groups (None: one subject)
@@ -110,8 +110,8 @@ class _Part:
 
 
 def _part(subject: SubjectRun) -> _Part:
-    """The specs of `subject` (its `TrainConfig`, resolved) and its training set; reads the instance images: bad
-    ones fail here."""
+    """The specs of `subject` (its `TrainConfig`, resolved) and its training set; reads the instance images:
+    bad ones fail here."""
     cfg = subject.cfg
     concepts = read_concepts(cfg)
     return _Part(subject.name, concepts, read_data(concepts, DataSpec.of(cfg)), StateSpec.of(cfg),
@@ -128,7 +128,8 @@ def run(cfg: TrainConfig) -> Run:
     maybe_initialize_distributed()
     configure_compilation_cache(cfg.compilation_cache_dir)
     if cfg.dry_run:
-        return Run(state=None, output_dir=cfg.output_dir, steps=0, metrics=[], summary={"preflight": dry_run(cfg)})
+        return Run(state=None, output_dir=cfg.output_dir, steps=0, metrics=[],
+                   summary={"preflight": dry_run(cfg)})
     many = many_subjects(cfg)
     named = read_subjects(cfg) if many else None
     where = layout(jax.devices(), len(named) if many else None, fsdp=cfg.fsdp,  # bad --fsdp: before anything
@@ -158,7 +159,8 @@ def run(cfg: TrainConfig) -> Run:
                                global_batch=global_batch, layout=where)
 
     if cfg.with_prior_preservation:
-        folders = {}  # (folder, prompt) -> the seed of the first subject naming it: as that subject alone fills it
+        # (folder, prompt) -> the seed of the first subject naming it: as that subject alone fills it
+        folders = {}
         for p in parts:
             for c in p.concepts:
                 folders.setdefault((c.class_data_dir, c.class_prompt), p.state.seed)
@@ -187,14 +189,16 @@ def run(cfg: TrainConfig) -> Run:
             "optimizer": cfg.optimizer, "use_ema": cfg.use_ema}
     if many:
         loops = {p.name: p.loop for p in parts}
-        loop = subjects_lib.SubjectsLoop(LoopSpec.of(cfg), loops, [s.seed for s in states], pipe, plan.mesh, spec,
-                                         schedules, SubjectsInputs(where.pad(inputs), plan.mesh), max_steps,
-                                         global_batch, output)
+        loop = subjects_lib.SubjectsLoop(LoopSpec.of(cfg), loops, [s.seed for s in states], pipe, plan.mesh,
+                                         spec, schedules, SubjectsInputs(where.pad(inputs), plan.mesh),
+                                         max_steps, global_batch, output)
         meta = subjects_lib.checkpoint_meta(meta, loops, where)
-    if cfg.pretrained_vae_model_name_or_path:  # (older checkpoints have no "vae": read as None, the pipeline's own)
+    # (older checkpoints have no "vae": read as None, the pipeline's own)
+    if cfg.pretrained_vae_model_name_or_path:
         meta["vae"] = cfg.pretrained_vae_model_name_or_path
     if not many:
-        loop = TrainLoop(parts[0].loop, pipe, plan.mesh, spec, schedules, inputs[0], max_steps, global_batch, output)
+        loop = TrainLoop(parts[0].loop, pipe, plan.mesh, spec, schedules, inputs[0], max_steps, global_batch,
+                         output)
     return train_and_export(plan, pipe, loop, meta, output, resume=cfg.resume_from_checkpoint,
                             keep=cfg.checkpoints_total_limit)
 
@@ -229,13 +233,15 @@ def read_data(concepts, spec: DataSpec) -> DreamBoothData:
     return DreamBoothData(local, **dataclasses.asdict(spec))
 
 
-def plan_and_load(model: ModelSpec, shapes, spec, states, batch: BatchSpec, *, max_steps: int, global_batch: int,
-                  layout: Layout) -> tuple[preflight.Plan, object]:
+def plan_and_load(model: ModelSpec, shapes, spec, states, batch: BatchSpec, *, max_steps: int,
+                  global_batch: int, layout: Layout) -> tuple[preflight.Plan, object]:
     """(the preflight's plan, the pipeline with its weights on the mesh): the step compiles (and its memory is
-    known) while the weights are read into host memory; a run that will not fit stops before they are placed."""
+    known) while the weights are read into host memory; a run that will not fit stops before they are
+    placed."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         planned = pool.submit(preflight.plan, shapes, spec, states, batch, max_steps=max_steps,
-                              global_batch=global_batch, fsdp=layout.fsdp, subject_devices=layout.subject_devices)
+                              global_batch=global_batch, fsdp=layout.fsdp,
+                              subject_devices=layout.subject_devices)
         host = model.load("host")
         plan = planned.result()
     log.info("preflight: %s", json.dumps(plan.report))
@@ -248,7 +254,8 @@ def fill_class_images(pipe, folders: dict, spec: ClassImagesSpec) -> None:
     """Generates the missing class images of each (folder, prompt) of `folders`, drawn from its seed: a folder
     shared by concepts (or subjects) is filled once."""
     for (folder, prompt), seed in sorted(folders.items()):
-        ensure_class_images(pipe, folder, prompt, spec.num_class_images, batch_size_per_device=spec.sample_batch_size,
+        ensure_class_images(pipe, folder, prompt, spec.num_class_images,
+                            batch_size_per_device=spec.sample_batch_size,
                             num_inference_steps=spec.validation_inference_steps, seed=seed)
 
 
@@ -279,7 +286,8 @@ def train_and_export(plan, pipe, loop, meta: dict, output, *, resume: str | None
         loop.export(state)
         parallel.barrier("export")  # the others wait until process 0 has written the pipeline
     loop.finish()
-    return Run(state=state, output_dir=output.uri, steps=loop.step_count, metrics=metrics, summary=loop.summary)
+    return Run(state=state, output_dir=output.uri, steps=loop.step_count, metrics=metrics,
+               summary=loop.summary)
 
 
 def dry_run(cfg: TrainConfig, devices=None) -> dict:
@@ -289,7 +297,8 @@ def dry_run(cfg: TrainConfig, devices=None) -> dict:
     devices = jax.devices() if devices is None else list(devices)
     many = many_subjects(cfg)
     subjects = read_subjects(cfg) if many else [SubjectRun("", cfg)]
-    where = layout(devices, len(subjects) if many else None, fsdp=cfg.fsdp, subject_devices=cfg.subject_devices)
+    where = layout(devices, len(subjects) if many else None, fsdp=cfg.fsdp,
+                   subject_devices=cfg.subject_devices)
     batch = BatchSpec.of(cfg)
     shapes = model_shapes(ModelSpec.of(cfg), dataclasses.asdict(cfg))
     global_batch = where.global_batch(batch)
@@ -297,7 +306,8 @@ def dry_run(cfg: TrainConfig, devices=None) -> dict:
     for s in subjects:
         concepts = read_concepts(s.cfg) if not s.cfg.dataset else []
         n = sum(storage.Folder(c.instance_data_dir).count_images() for c in concepts) or 1
-        classes = expected_class_images(concepts, s.cfg.num_class_images) if s.cfg.with_prior_preservation else 0
+        classes = (expected_class_images(concepts, s.cfg.num_class_images) if s.cfg.with_prior_preservation
+                   else 0)
         steps[s.name] = LengthSpec.of(s.cfg).steps(global_batch, n, classes)
     states = where.pad([StateSpec.of(s.cfg) for s in subjects]) if many else StateSpec.of(cfg)
     plan = preflight.plan(shapes, step_spec(cfg, shapes), states, batch, max_steps=_agreed(steps),
@@ -307,16 +317,17 @@ def dry_run(cfg: TrainConfig, devices=None) -> dict:
 
 
 def model_shapes(model: ModelSpec, options: dict):
-    """The pipeline's modules, tokenizers and parameter shapes, from its configs (no weight is read); `options`
-    (the run's flags) the model cannot take are refused here, before any weight is loaded."""
+    """The pipeline's modules, tokenizers and parameter shapes, from its configs (no weight is read);
+    `options` (the run's flags) the model cannot take are refused here, before any weight is loaded."""
     shapes = model.load("none")
     shapes.family.check_options(options)
     return shapes
 
 
 def configure_compilation_cache(option: str | None) -> None:
-    """XLA's persistent compilation cache: `option`, else $JAX_COMPILATION_CACHE_DIR, else our user cache folder;
-    'none' turns it off. A second run of the same command then loads its programs instead of compiling them."""
+    """XLA's persistent compilation cache: `option`, else $JAX_COMPILATION_CACHE_DIR, else our user cache
+    folder; 'none' turns it off. A second run of the same command then loads its programs instead of compiling
+    them."""
     if option == "none":
         jax.config.update("jax_compilation_cache_dir", None)
         return
@@ -327,10 +338,11 @@ def configure_compilation_cache(option: str | None) -> None:
 
 
 def step_spec(cfg, pipe) -> train_step.StepSpec:
-    """The static parts of the step: the pipeline's family and modules (weights not needed), objective, options."""
+    """The static parts of the step: the pipeline's family and modules (weights not needed), objective,
+    options."""
     return train_step.StepSpec.of(
-        pipe, snr_gamma=cfg.snr_gamma, run_options=dataclasses.asdict(cfg), prior_loss_weight=cfg.prior_loss_weight,
-        use_attention_mask=cfg.text_encoder_use_attention_mask,
+        pipe, snr_gamma=cfg.snr_gamma, run_options=dataclasses.asdict(cfg),
+        prior_loss_weight=cfg.prior_loss_weight, use_attention_mask=cfg.text_encoder_use_attention_mask,
         noise_offset=cfg.noise_offset if cfg.offset_noise else 0.0, max_grad_norm=cfg.max_grad_norm,
         ema_decay=cfg.ema_decay, lora=StateSpec.of(cfg).lora,
     )

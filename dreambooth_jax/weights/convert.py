@@ -128,7 +128,8 @@ def state_dict_to_params(
     surplus = sorted(k for k in state if k not in used and not any(r.search(k) for r in ignore_res))
     problems = []
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        problems.append(f"missing tensors ({len(missing)}): "
+                        f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
     if mismatched:
         problems.append("shape mismatch:\n    " + "\n    ".join(mismatched[:10]))
     if surplus:

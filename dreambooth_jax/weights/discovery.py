@@ -25,8 +25,10 @@ def _variant_of(filename: str) -> str | None:
 
 
 def has_variant(folder: str, stem: str, variant: str | None) -> bool:
-    """Whether `folder` holds weight files `stem` of `variant` (e.g. 'diffusion_pytorch_model.fp16.safetensors')."""
-    return variant is not None and any(_variant_of(f) == variant for f in glob.glob(os.path.join(folder, f"{stem}*")))
+    """Whether `folder` holds weight files `stem` of `variant` (e.g.
+    'diffusion_pytorch_model.fp16.safetensors')."""
+    return variant is not None and any(_variant_of(f) == variant for f in glob.glob(os.path.join(folder,
+                                                                                                 f"{stem}*")))
 
 
 def find_weight_files(folder: str, stem: str, variant: str | None = None) -> list[str]:
@@ -60,7 +62,8 @@ def find_weight_files(folder: str, stem: str, variant: str | None = None) -> lis
             "`Model.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`."
         )
     if variant and [f for f in candidates if _variant_of(f) is None]:
-        raise MissingFileError(f"{folder}: no '{variant}' variant of {stem}.safetensors (drop variant={variant!r}?)")
+        raise MissingFileError(f"{folder}: no '{variant}' variant of {stem}.safetensors (drop "
+                               f"variant={variant!r}?)")
     raise MissingFileError(f"{folder}: no {stem}{'.' + variant if variant else ''}.safetensors weights found")
 
 
@@ -86,5 +89,6 @@ def load_state_dict(files: list[str]) -> tuple[dict[str, np.ndarray], str]:
 
     state: dict[str, np.ndarray] = {}
     for path in files:
-        state.update(torch_pickle.load_file(path) if path.endswith(".bin") else safetensors_io.load_file(path))
+        read = torch_pickle.load_file if path.endswith(".bin") else safetensors_io.load_file
+        state.update(read(path))
     return state, files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} shards)"

@@ -17,7 +17,7 @@ def _bucket_weight_patterns(folders) -> tuple[str, ...]:
     return tuple(f"{d}/*{ext}" for d in folders for ext in (".safetensors", ".json", ".bin"))
 
 
-def _weight_patterns(files: list[str], variant: str | None, folders) -> list[str]:
+def weight_patterns(files: list[str], variant: str | None, folders) -> list[str]:
     """The safetensors files (and shard indexes) of each component folder ('': the repository's root), of
     `variant` when it has one."""
     chosen = []
@@ -43,9 +43,9 @@ def download_pipeline(
     skip: tuple[str, ...] = (),
 ) -> str:
     """Downloads (or finds in the cache) what `load_pipeline` reads; returns the local snapshot folder.
-    `folders`: the component folders whose weights are read; `weights=False`: the configs and tokenizers only (a
-    memory preflight reads nothing else); `skip`: folders whose weights are not read (e.g. 'vae' when another VAE
-    replaces it).
+    `folders`: the component folders whose weights are read; `weights=False`: the configs and tokenizers only
+    (a memory preflight reads nothing else); `skip`: folders whose weights are not read (e.g. 'vae' when
+    another VAE replaces it).
 
     The token defaults to huggingface_hub's own (`HF_TOKEN` or `huggingface-cli login`). With
     `HF_HUB_OFFLINE=1` the cached snapshot is used.
@@ -60,7 +60,8 @@ def download_pipeline(
         raise
     except Exception as e:  # offline, unreachable: use what the cache holds for these patterns
         log.warning("cannot list %s on the Hub (%s); trying the local cache", repo_id, e)
-        patterns = list(_CONFIG_PATTERNS) + [f"{d}/*{'.' + variant if variant else ''}*.safetensors*" for d in folders]
+        dotted = "." + variant if variant else ""
+        patterns = list(_CONFIG_PATTERNS) + [f"{d}/*{dotted}*.safetensors*" for d in folders]
         try:
             return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token,
                                      cache_dir=cache_dir, local_files_only=True)
@@ -72,14 +73,15 @@ def download_pipeline(
     if "model_index.json" not in files:
         raise MissingFileError(f"{repo_id} is not a diffusers pipeline repository (no model_index.json)")
     wanted = [f for f in files if any(fnmatch.fnmatch(f, p) for p in _CONFIG_PATTERNS)]
-    wanted += _weight_patterns(files, variant, folders)
+    wanted += weight_patterns(files, variant, folders)
     log.info("fetching %d files of %s", len(wanted), repo_id)
-    return snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token, cache_dir=cache_dir)
+    return snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token,
+                             cache_dir=cache_dir)
 
 
 # What the evaluation encoders read of a transformers model repository (ViT, CLIP).
-MODEL_PATTERNS = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-                  "merges.txt", "special_tokens_map.json")
+MODEL_PATTERNS = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "vocab.json", "merges.txt", "special_tokens_map.json")
 _SAFETENSORS_PATTERNS = ("model.safetensors", "model.safetensors.index.json", "model-*.safetensors")
 _PICKLE_PATTERNS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin")
 
@@ -93,7 +95,8 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | bo
 
     try:
         files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
-        weights = _SAFETENSORS_PATTERNS if any(f.endswith(".safetensors") for f in files) else _PICKLE_PATTERNS
+        safetensors = any(f.endswith(".safetensors") for f in files)
+        weights = _SAFETENSORS_PATTERNS if safetensors else _PICKLE_PATTERNS
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
         raise
     except Exception:  # offline: whatever the cache holds
@@ -108,23 +111,29 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | bo
         try:
             return snapshot_download(repo_id, local_files_only=True, **kwargs)
         except Exception:
-            raise MissingFileError(f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in the "
+            raise MissingFileError(f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in "
+                                   "the "
                                     "local cache. Pass a local model folder instead.") from e
 
 
-def _component_files(files: list[str], folder: str, variant: str | None, weights: bool, source: str) -> list[str]:
-    """The files to fetch of one diffusers model from a listing of its repository or bucket folder: `config.json`
-    and diffusers' weight files, at the root or, for a whole pipeline, in `folder/`. Not other layouts of the same
-    weights, which such repositories often carry too (e.g. sdxl-vae-fp16-fix's LDM-named `sdxl_vae.safetensors`)."""
+def _component_files(files: list[str], folder: str, variant: str | None, weights: bool,
+                     source: str) -> list[str]:
+    """The files to fetch of one diffusers model from a listing of its repository or bucket folder:
+    `config.json` and diffusers' weight files, at the root or, for a whole pipeline, in `folder/`. Not other
+    layouts of the same weights, which such repositories often carry too (e.g. sdxl-vae-fp16-fix's LDM-named
+    `sdxl_vae.safetensors`)."""
     where = "" if "config.json" in files else folder
     if os.path.join(where, "config.json") not in files:
-        raise MissingFileError(f"{source} holds no diffusers model (no config.json at its root or in {folder}/)")
+        raise MissingFileError(f"{source} holds no diffusers model (no config.json at its root or in "
+                               f"{folder}/)")
     ours = [f for f in files if os.path.basename(f).startswith("diffusion_pytorch_model")]
-    return [os.path.join(where, "config.json")] + (_weight_patterns(ours, variant, (where,)) if weights else [])
+    return [os.path.join(where, "config.json")] + (weight_patterns(ours, variant, (where,)) if weights
+                                                   else [])
 
 
 def download_component(repo_id: str, folder: str, *, revision: str | None = None, variant: str | None = None,
-                       token: str | bool | None = None, cache_dir: str | None = None, weights: bool = True) -> str:
+                       token: str | bool | None = None, cache_dir: str | None = None,
+                       weights: bool = True) -> str:
     """Downloads (or finds in the cache) one diffusers model: a repository holding it at its root (e.g.
     madebyollin/sdxl-vae-fp16-fix) or a pipeline repository's `folder/`; returns the local snapshot folder."""
     from huggingface_hub import HfApi, snapshot_download
@@ -137,15 +146,17 @@ def download_component(repo_id: str, folder: str, *, revision: str | None = None
     except Exception as e:  # offline, unreachable: use what the cache holds
         log.warning("cannot list %s on the Hub (%s); trying the local cache", repo_id, e)
         patterns = ["config.json", f"{folder}/config.json"]
-        patterns += [f"*diffusion_pytorch_model{'.' + variant if variant else ''}*.safetensors*"] if weights else []
+        if weights:
+            patterns.append(f"*diffusion_pytorch_model{'.' + variant if variant else ''}*.safetensors*")
         try:
             return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token,
                                      cache_dir=cache_dir, local_files_only=True)
         except Exception as cache_error:
-            raise MissingFileError(f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in the "
-                                   f"local cache ({cache_error}). Pass a local folder instead.") from e
+            raise MissingFileError(f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in "
+                                   f"the local cache ({cache_error}). Pass a local folder instead.") from e
     wanted = _component_files(files, folder, variant, weights, repo_id)
-    return snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token, cache_dir=cache_dir)
+    return snapshot_download(repo_id, revision=revision, allow_patterns=wanted, token=token,
+                             cache_dir=cache_dir)
 
 
 def resolve_component(name_or_path: str, folder: str, *, weights: bool = True, variant: str | None = None,
@@ -175,23 +186,26 @@ def resolve_component(name_or_path: str, folder: str, *, weights: bool = True, v
     if not os.path.isfile(os.path.join(local, "config.json")) and os.path.isdir(os.path.join(local, folder)):
         local = os.path.join(local, folder)
     if not os.path.isfile(os.path.join(local, "config.json")):
-        raise MissingFileError(f"{name_or_path}: no config.json (expected a diffusers model folder, or a pipeline "
-                               f"with a {folder}/ folder)")
+        raise MissingFileError(f"{name_or_path}: no config.json (expected a diffusers model folder, or a "
+                               f"pipeline with a {folder}/ folder)")
     return local
 
 
 def resolve(name_or_path: str, *, what: str = "pipeline", **kwargs) -> str:
-    """A local folder as is; a bucket folder (`gs://...`) mirrored into the local cache; anything else is taken
-    for a Hub repository id and downloaded (a diffusers pipeline, or with `what="model"` a transformers model)."""
+    """A local folder as is; a bucket folder (`gs://...`) mirrored into the local cache; anything else is
+    taken for a Hub repository id and downloaded (a diffusers pipeline, or with `what="model"` a transformers
+    model)."""
     from dreambooth_jax import storage
 
     if storage.is_remote(name_or_path):
         storage.check_backend(name_or_path, "model")
-        folders = [d for d in kwargs.get("folders", ()) if d not in kwargs.get("skip", ())] if kwargs.get("weights", True) else []
+        folders = ([d for d in kwargs.get("folders", ()) if d not in kwargs.get("skip", ())]
+                   if kwargs.get("weights", True) else [])
         return storage.Folder(name_or_path).pull(_CONFIG_PATTERNS + _bucket_weight_patterns(folders))
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
         raise MissingFileError(f"{name_or_path} is not a {what} folder (no such folder; Hub ids look like "
                                 "'org/name')")
-    return download_model(name_or_path, **kwargs) if what == "model" else download_pipeline(name_or_path, **kwargs)
+    return download_model(name_or_path, **kwargs) if what == "model" else download_pipeline(name_or_path,
+                                                                                            **kwargs)

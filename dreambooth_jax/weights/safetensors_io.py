@@ -51,7 +51,8 @@ def _read(path: str) -> tuple[dict, int, dict]:
             raise SafetensorsError(f"{path}: file is truncated ({size} bytes; not a safetensors file)")
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len > size - 8:
-            raise SafetensorsError(f"{path}: header length {header_len} exceeds the file size {size}; truncated?")
+            raise SafetensorsError(f"{path}: header length {header_len} exceeds the file size {size}; "
+                                   "truncated?")
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -89,7 +90,8 @@ def load_file(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None) -> None:
+def save_file(tensors: Mapping[str, np.ndarray], path: str,
+              metadata: Mapping[str, str] | None = None) -> None:
     """Writes tensors to `path` atomically (a temporary file renamed into place)."""
     header: dict = {}
     if metadata:
@@ -100,7 +102,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[st
         arr = np.require(tensors[name], requirements="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
         if arr.dtype not in _NAMES:
             raise SafetensorsError(f"cannot save tensor {name!r} of dtype {arr.dtype}")
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
         arrays.append(arr)
     raw = json.dumps(header, separators=(",", ":")).encode()

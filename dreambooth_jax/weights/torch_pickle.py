@@ -32,13 +32,14 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     size, stride = tuple(size), tuple(stride)
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, *size, *stride))
     if not ints or len(size) != len(stride) or offset < 0 or min((*size, *stride), default=0) < 0:
-        raise pickle.UnpicklingError(f"invalid tensor layout: offset {offset!r}, size {size}, stride {stride}")
+        raise pickle.UnpicklingError(f"invalid tensor layout: offset {offset!r}, size {size}, stride "
+                                     f"{stride}")
     numel = int(np.prod(size, dtype=np.int64))
     # The last element the view reaches must lie inside the storage: a file must not make us read beyond it.
     last = offset + sum((n - 1) * st for n, st in zip(size, stride))
     if numel and last >= len(storage):
-        raise pickle.UnpicklingError(f"tensor of size {size}, stride {stride}, offset {offset} reaches past its "
-                                     f"storage of {len(storage)} elements")
+        raise pickle.UnpicklingError(f"tensor of size {size}, stride {stride}, offset {offset} reaches past "
+                                     f"its storage of {len(storage)} elements")
     if not numel:
         return np.zeros(size, storage.dtype)
     item = storage.dtype.itemsize
@@ -85,8 +86,8 @@ class _Unpickler(pickle.Unpickler):
 def load_file(path: str) -> dict[str, np.ndarray]:
     """A `torch.save`d state dict (zip format, PyTorch >= 1.6) as {name: NumPy array}."""
     if not zipfile.is_zipfile(path):
-        raise UsageError(f"{path}: not a zip-format PyTorch checkpoint (legacy pre-1.6 files are not supported; "
-                         "convert it to safetensors where torch is installed)")
+        raise UsageError(f"{path}: not a zip-format PyTorch checkpoint (legacy pre-1.6 files are not "
+                         "supported; convert it to safetensors where torch is installed)")
     with zipfile.ZipFile(path) as archive:
         pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
         if pkl is None:
