@@ -9,6 +9,7 @@
 The public API is imported lazily so that `import dreambooth_jax` stays light (and never needs torch).
 """
 
+import importlib
 import os
 
 __version__ = "0.1.0"
@@ -29,7 +30,5 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dreambooth_jax' has no attribute {name!r}")

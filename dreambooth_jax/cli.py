@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dreambooth_jax.errors import UsageError
 
 
-def run(main: Callable[[], None]) -> None:
+def run_main(main: Callable[[], None]) -> None:
     """Calls `main()`; an expected failure (`UsageError`) prints `error: ...` and exits 2
     (DREAMBOOTH_JAX_TRACEBACK=1 re-raises it)."""
     try:

@@ -15,12 +15,11 @@ import os
 import time
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 
 def make_instance_photos(folder: str, n: int = 4, seed: int = 0) -> str:
     """A few 96 px 'photos' of the same yellow toy on varied backgrounds (kept if already there)."""
-    from PIL import Image, ImageDraw
-
     os.makedirs(folder, exist_ok=True)
     if any(f.endswith(".png") for f in os.listdir(folder)):
         return folder
@@ -41,6 +40,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max_train_steps", type=int, default=None, help="default: the tiny_demo preset's")
     args = parser.parse_args(argv)
 
+    # late: --help and usage errors answer before jax (and the models) load
     import jax
 
     from dreambooth_jax import images as image_io
@@ -98,4 +98,4 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     from dreambooth_jax import cli
 
-    cli.run(main)
+    cli.run_main(main)

@@ -18,6 +18,8 @@ import sys
 from dreambooth_jax.cli import setup_logging
 from dreambooth_jax.errors import MissingFileError, UsageError
 from dreambooth_jax.evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from dreambooth_jax.fileio import write_json
+from dreambooth_jax.images import list_images, read_image, read_png_metadata
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_generated(folder: str) -> tuple[list[str], list[str]]:
     """(file paths, prompts) of the generated images in `folder`: from prompts.jsonl, else PNG metadata."""
-    from dreambooth_jax.images import read_png_metadata
-
     if not os.path.isdir(folder):
         raise MissingFileError(f"--images {folder}: no such folder")
     jsonl = os.path.join(folder, "prompts.jsonl")
@@ -81,10 +81,9 @@ def read_generated(folder: str) -> tuple[list[str], list[str]]:
 
 def read_real(args) -> tuple[list, str]:
     """(uint8 images, a description) of the subject's real photos."""
-    from dreambooth_jax.images import list_images, read_image
-
     if args.real_images:
         return [read_image(p) for p in list_images(args.real_images)], args.real_images
+    # heavy and optional: TFDS (and TensorFlow) only for --dataset
     from dreambooth_jax.datasets import dreambooth as dreambooth_dataset
 
     subject = dreambooth_dataset.load_spec(args.dataset, args.dataset_dir, args.dataset_manual_dir)
@@ -94,23 +93,17 @@ def read_real(args) -> tuple[list, str]:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    from dreambooth_jax.parallel import maybe_initialize_distributed
+    # late: --help and usage errors answer before jax (and the models) load
+    from dreambooth_jax.evaluation import metrics as evaluation
+    from dreambooth_jax.evaluation.encoders import Encoders
+    from dreambooth_jax.parallel import is_main_process, maybe_initialize_distributed
 
     maybe_initialize_distributed()  # before anything touches a device
     files, prompts = read_generated(args.images)
     real, real_source = read_real(args)
-
-    import jax
-
-    from dreambooth_jax.evaluation import metrics as evaluation
-    from dreambooth_jax.fileio import write_json
-    from dreambooth_jax.images import read_image
-
     generated = [read_image(f) for f in files]
     print(f"scoring {len(generated)} generated image(s) ({len(set(prompts))} prompt(s)) against {len(real)} "
           f"real image(s) of {real_source}", file=sys.stderr)
-    from dreambooth_jax.evaluation.encoders import Encoders
-
     encoders = Encoders(args.dino_model, args.clip_model, batch_size=args.batch_size)
     result = evaluation.evaluate(encoders, generated, prompts, real,
                                  files=[os.path.basename(f) for f in files],
@@ -118,7 +111,7 @@ def main(argv=None) -> None:
                                                                                "real_source": real_source})
     output = args.output or os.path.join(args.images, "metrics.json")
     table = evaluation.markdown_table(result)
-    if jax.process_index() == 0:
+    if is_main_process():
         write_json(output, result.to_json(), sort_keys=False)
         with open(os.path.splitext(output)[0] + ".md", "w", encoding="utf-8") as f:
             f.write(table)
@@ -129,4 +122,4 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     from dreambooth_jax import cli
 
-    cli.run(main)
+    cli.run_main(main)

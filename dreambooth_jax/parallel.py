@@ -14,6 +14,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dreambooth_jax.errors import UsageError
@@ -51,8 +52,6 @@ def is_main_process() -> bool:
 def barrier(name: str) -> None:
     """All processes wait here for each other (a no-op on one host)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -191,7 +190,6 @@ def fetch(x) -> np.ndarray:
     """A sharded array, whole, on every process's host (gathered across hosts when there are several)."""
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

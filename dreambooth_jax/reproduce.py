@@ -89,9 +89,10 @@ def main(argv=None) -> None:
     args, trainer_args = parse_args(argv)
     setup_logging()
     t0 = time.perf_counter()
+    # late: --help and usage errors answer before jax (and the models) load
     from dreambooth_jax.paper import reproduction
 
-    path = reproduction.run(args, trainer_args)
+    path = reproduction.run_protocol(args, trainer_args)
     if path is not None:
         with open(path, encoding="utf-8") as f:
             print(f.read())
@@ -102,4 +103,4 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     from dreambooth_jax import cli
 
-    cli.run(main)
+    cli.run_main(main)

@@ -76,6 +76,7 @@ def main(argv=None) -> None:
     prompts = read_prompts(args)
     os.makedirs(args.output_dir, exist_ok=True)
 
+    # late: --help and usage errors answer before jax (and the models) load
     import jax
 
     from dreambooth_jax import images as image_io
@@ -115,4 +116,4 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     from dreambooth_jax import cli
 
-    cli.run(main)
+    cli.run_main(main)

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import importlib.util
 import logging
 import os
 
 from dreambooth_jax.errors import MissingFileError, OutputError, UsageError
+from dreambooth_jax.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,6 @@ def check_backend(path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: unknown scheme {kind}://; use a local folder or "
                          f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
     package = REMOTE_SCHEMES[kind]
-    import importlib.util
 
     if importlib.util.find_spec(package) is None:
         raise UsageError(f"{flag} {path}: {kind}:// paths need the {package} package (pip install {package})")
@@ -56,7 +57,7 @@ def check_backend(path, flag: str) -> None:
 
 def remote_path(uri: str):
     """The `etils.epath.Path` of a remote URI (the one place a URI becomes a path object)."""
-    from etils import epath
+    from etils import epath  # slow to import (fsspec and its backends): only bucket paths need it
 
     return epath.Path(uri)
 
@@ -95,8 +96,6 @@ class Folder:
 
     def count_images(self) -> int:
         """Image files (by extension) directly in the folder, listed without downloading them."""
-        from dreambooth_jax.images import IMAGE_EXTENSIONS
-
         if not self.exists():
             return 0
         names = (p.name for p in remote_path(self.uri).iterdir()) if self.remote else os.listdir(self.uri)

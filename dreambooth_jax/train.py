@@ -37,4 +37,4 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     from dreambooth_jax import cli
 
-    cli.run(main)
+    cli.run_main(main)

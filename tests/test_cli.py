@@ -22,7 +22,7 @@ def test_expected_errors_are_one_line(error, capsys, monkeypatch):
         raise error
 
     with pytest.raises(SystemExit) as exit_info:
-        cli.run(main)
+        cli.run_main(main)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {error}\n"
 
@@ -34,7 +34,7 @@ def test_bugs_keep_their_traceback(error):
         raise error
 
     with pytest.raises(type(error)):
-        cli.run(main)
+        cli.run_main(main)
 
 
 def test_a_value_error_inside_jax_is_not_hidden():
@@ -42,7 +42,7 @@ def test_a_value_error_inside_jax_is_not_hidden():
         jnp.ones((2, 3)) @ jnp.ones((2, 3))  # a shape bug: JAX raises TypeError / ValueError
 
     with pytest.raises((TypeError, ValueError)) as info:
-        cli.run(main)
+        cli.run_main(main)
     assert not isinstance(info.value, UsageError)
 
 

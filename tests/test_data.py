@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dreambooth_jax.images import ImageError, count_images, list_images, load_image
 from dreambooth_jax.training.data import Concept, DreamBoothData, caption_for
@@ -294,8 +294,6 @@ def _diffusers_sdxl_view(path, resolution, flip, top, left) -> np.ndarray:
     """What diffusers' `train_dreambooth_lora_sdxl.py` feeds the VAE for an image conditioned on crop corner
     (top, left): EXIF-transposed RGB, shorter side resized (torchvision's `Resize` on PIL: bilinear, the
     longer side rounded down), flipped, *then* cropped at (top, left) of the flipped image."""
-    from PIL import ImageOps
-
     im = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     w, h = im.size
     size = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)

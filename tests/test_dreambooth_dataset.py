@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 from dreambooth_jax.datasets import dreambooth as dreambooth_dataset
 from dreambooth_jax.testing import tiny
 from dreambooth_jax.training.concepts import resolve_dataset
-from dreambooth_jax.training.config import TrainConfig, validate
+from dreambooth_jax.training.config import TrainConfig, parse_args, validate
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "dreambooth")
 SUBJECTS = {"dog": "dog", "teapot": "teapot", "bear_plushie": "stuffed animal"}
@@ -105,8 +106,6 @@ def test_trainer_dataset_option_fills_in_the_subject(builder, copy_dir, tmp_path
 
 def test_source_is_downloaded_without_manual_dir(copy_dir, tmp_path):
     """No manual_dir: the GitHub archive is fetched and its `dreambooth-main/dataset/` folder used."""
-    import shutil
-
     archive = tmp_path / "extracted"
     shutil.copytree(copy_dir, archive / "dreambooth-main" / "dataset")
 
@@ -129,8 +128,6 @@ def test_source_is_downloaded_without_manual_dir(copy_dir, tmp_path):
 
 
 def test_dataset_on_the_command_line_replaces_the_presets_subject(copy_dir):
-    from dreambooth_jax.training.config import parse_args
-
     cfg = parse_args(["--config", "tiny_demo", "--dataset", "dreambooth:dog", "--dataset_manual_dir",
                       copy_dir])
     assert cfg.dataset == "dreambooth:dog" and cfg.resolution == 64  # the rest of the preset stays

@@ -17,6 +17,8 @@ from dreambooth_jax.errors import UsageError
 from dreambooth_jax.kernels import choose
 from dreambooth_jax.kernels.attention import attention_reference, splash_attention
 from dreambooth_jax.kernels.norm import group_norm, group_norm_reference
+from dreambooth_jax.models import unet as unet_lib
+from dreambooth_jax.pipeline import load_pipeline
 
 # Error budgets. The kernels and the references compute the same float32 formulas and differ in the order of
 # their reductions (blocked partial sums combined with Chan's formula against one XLA reduce). Each reduction
@@ -172,9 +174,6 @@ def test_unet_and_vae_with_kernels_on_equal_off(tiny_pipelines, kind="sd1"):
     """The tiny UNet (forward and parameter gradients) and VAE (encode, decode) with the GroupNorm kernel and
     splash attention (interpret mode) equal XLA's ops within float32 rounding (the budget above, per
     output)."""
-    from dreambooth_jax.models import unet as unet_lib
-    from dreambooth_jax.pipeline import load_pipeline
-
     off = load_pipeline(tiny_pipelines[kind], attention_impl="einsum", fused_norm="off")
     on = load_pipeline(tiny_pipelines[kind], attention_impl="pallas", fused_norm="on")
     assert on.unet.fused_norm == on.vae.fused_norm == "on" and off.unet.fused_norm == "off"

@@ -9,11 +9,14 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from safetensors.numpy import load_file as reference_load_file
 
-from dreambooth_jax import families
+from dreambooth_jax import families, storage
+from dreambooth_jax.errors import MissingFileError
 from dreambooth_jax.pipeline import load_component, load_pipeline, save_pipeline
 from dreambooth_jax.weights import discovery as checkpoint_files
 from dreambooth_jax.weights import hub, safetensors_io
@@ -94,8 +97,6 @@ def test_half_precision_save_and_exact_reload(tiny_pipelines, tmp_path, dtype, n
 
 
 def test_load_dtype_options(tiny_pipelines):
-    import jax.numpy as jnp
-
     pipe = load_pipeline(tiny_pipelines["sd1"], dtype="bf16", param_dtype="fp32")
     assert pipe.unet.dtype == jnp.bfloat16
     assert pipe.params["unet"]["conv_in"]["kernel"].dtype == jnp.float32
@@ -243,8 +244,6 @@ def test_separate_vae_folder_pipeline_and_hub_repository(tiny_pipelines, tmp_pat
     pipeline's vae/; from the Hub only diffusers' config and weights of that model are fetched."""
     import huggingface_hub
 
-    from dreambooth_jax.errors import MissingFileError
-
     other_vae = load_pipeline(tiny_pipelines["sd1"]).params["vae"]
     folder = shutil.copytree(os.path.join(tiny_pipelines["sd1"], "vae"), tmp_path / "my-vae")
     for source in (str(folder), tiny_pipelines["sd1"]):
@@ -277,9 +276,6 @@ def test_separate_vae_from_a_bucket_fetches_only_that_model(tiny_pipelines, tmp_
     """A bucket pipeline given as the VAE: only its vae/ config and diffusers weights are mirrored; the base
     pipeline in a bucket then skips its own VAE's weights (a bucket served from a local folder, as in
     test_scale)."""
-    from etils import epath
-
-    from dreambooth_jax import storage
 
     bucket = tmp_path / "bucket"
     monkeypatch.setitem(storage.REMOTE_SCHEMES, "fake", "json")

@@ -12,6 +12,8 @@ import pytest
 from train_helpers import draw_images, train_cfg
 
 from dreambooth_jax.pipeline import load_pipeline
+from dreambooth_jax.training.concepts import read_concepts
+from dreambooth_jax.training.data import DreamBoothData
 from dreambooth_jax.training.trainer import run
 
 
@@ -39,9 +41,6 @@ def test_text_encoder_stops_training_and_resumes_across_the_stop(tiny_pipelines,
 
 
 def test_two_concepts_draw_from_both(tiny_pipelines, tmp_path):
-    from dreambooth_jax.training.concepts import read_concepts
-    from dreambooth_jax.training.data import DreamBoothData
-
     concepts = [
         {"instance_data_dir": draw_images(tmp_path / "toy", 2, seed=5),
          "instance_prompt": "a photo of sks toy", "class_data_dir": str(tmp_path / "class_toy"),

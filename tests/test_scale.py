@@ -5,8 +5,10 @@ read."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,13 +18,20 @@ import jax
 import numpy as np
 import pytest
 from conftest import xla_flags_with
+from etils import epath
 from safetensors.numpy import load_file
-from train_helpers import PROMPT, assert_same_weights, exported_weights, full_run_argv, run_argv
+from train_helpers import PROMPT, assert_same_weights, exported_weights, full_run_argv, run_argv, train_cfg
 
-from dreambooth_jax import parallel
+from dreambooth_jax import parallel, storage
 from dreambooth_jax.errors import UsageError
+from dreambooth_jax.pipeline import load_pipeline
 from dreambooth_jax.train import main as train_main
 from dreambooth_jax.training import preflight
+from dreambooth_jax.training.data import Concept, DreamBoothData
+from dreambooth_jax.training.inputs import Prefetcher, TrainInputs
+from dreambooth_jax.training.specs import BatchSpec
+from dreambooth_jax.training.trainer import configure_compilation_cache
+from dreambooth_jax.weights import discovery
 
 WELL_CONDITIONED = ["--adam_epsilon", "1.0", "--learning_rate", "1e-2"]  # see train_helpers.full_run_argv
 
@@ -108,8 +117,6 @@ def test_sharded_runs_equal_one_device_and_checkpoints_move_between_device_count
 # -------------------------------------------------------------------------------------------------
 def _no_weights(monkeypatch):
     """Makes reading any weight file fail the test."""
-    from dreambooth_jax.weights import discovery
-
     def refuse(*args, **kwargs):
         raise AssertionError("weights were read")
 
@@ -141,15 +148,6 @@ def test_dry_run_prints_the_memory_from_configs_alone(tiny_pipelines, instance_d
 
 
 def test_batch_shapes_are_what_the_inputs_build(tiny_pipelines, instance_dir, class_dir):
-    import dataclasses
-
-    from train_helpers import train_cfg
-
-    from dreambooth_jax.pipeline import load_pipeline
-    from dreambooth_jax.training.data import Concept, DreamBoothData
-    from dreambooth_jax.training.inputs import TrainInputs
-    from dreambooth_jax.training.specs import BatchSpec
-
     pipes = {kind: load_pipeline(tiny_pipelines[kind]) for kind in ("sd1", "sdxl")}
     base = train_cfg(tiny_pipelines, instance_dir, "unused", with_prior_preservation=True,
                      class_data_dir=class_dir, class_prompt="a photo of toy", gradient_accumulation_steps=2,
@@ -198,7 +196,7 @@ def test_bad_scale_options_fail_with_one_line_before_weights(tiny_pipelines, ins
             "from dreambooth_jax.weights import discovery\n"
             "def refuse(*a, **k):\n    raise AssertionError('weights were read')\n"
             "discovery.load_state_dict = refuse\n"
-            "cli.run(lambda: main(sys.argv[1:]))\n")
+            "cli.run_main(lambda: main(sys.argv[1:]))\n")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
@@ -210,8 +208,6 @@ def test_bad_scale_options_fail_with_one_line_before_weights(tiny_pipelines, ins
 # --- input thread, compilation cache
 # ------------------------------------------------------------------------------
 def test_prefetcher_keeps_batches_ahead_and_raises_errors_at_their_step():
-    from dreambooth_jax.training.inputs import Prefetcher
-
     made = []
 
     def make(step):
@@ -240,8 +236,6 @@ def test_prefetcher_keeps_batches_ahead_and_raises_errors_at_their_step():
 
 
 def test_compilation_cache_option(tmp_path, monkeypatch):
-    from dreambooth_jax.training.trainer import configure_compilation_cache
-
     previous = jax.config.jax_compilation_cache_dir
     try:
         configure_compilation_cache(str(tmp_path / "xla"))
@@ -264,11 +258,6 @@ def test_bucket_folders_for_model_data_output_and_checkpoints(tiny_pipelines, in
     served by the same `etils.epath` calls that serve gs:// (a real bucket was not reachable here): the model
     and photos are mirrored into the cache, class images generated and uploaded, logs, validation images, the
     export and the Orbax checkpoints land in the bucket, and a resumed run continues the bucket's logs."""
-    import shutil
-
-    from etils import epath
-
-    from dreambooth_jax import storage
 
     bucket = tmp_path / "bucket"
     # any importable package stands for the backend

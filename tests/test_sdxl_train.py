@@ -4,17 +4,30 @@ fine-tune against PyTorch are in test_training_reference.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
+import shutil
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file as read_safetensors
 from train_helpers import PROMPT, run_argv, train_cfg
 
-from dreambooth_jax import lora
+from dreambooth_jax import lora, parallel
 from dreambooth_jax.diffusion.generation import generate
+from dreambooth_jax.errors import UsageError
 from dreambooth_jax.pipeline import load_pipeline
+from dreambooth_jax.train import main
+from dreambooth_jax.training import step as train_step
+from dreambooth_jax.training import trainer
+from dreambooth_jax.training.data import Concept, DreamBoothData
+from dreambooth_jax.training.inputs import TrainInputs
+from dreambooth_jax.training.specs import BatchSpec
+from dreambooth_jax.training.trainer import step_spec
+from dreambooth_jax.weights import discovery
 
 # Ours (merged export) vs diffusers (base + load_lora_weights): the same weights up to float32 rounding of W +
 # BA, through 3 sampling steps and the decoder: sampling parity alone is ~2e-6 (test_sampling). The issue's
@@ -26,8 +39,6 @@ IMAGE_TOL = 2e-3
 def sdxl_lora_run(tiny_pipelines, instance_dir, class_dir, tmp_path_factory):
     """A CLI run: LoRA on the UNet and both text encoders, prior preservation, random crops and flips, another
     pipeline's VAE (`--pretrained_vae_model_name_or_path`), validation, `--merge_lora`."""
-    from dreambooth_jax.train import main
-
     out = tmp_path_factory.mktemp("sdxl_lora") / "out"
     argv = run_argv(tiny_pipelines, instance_dir, out, "--use_lora", "--rank", "4", "--train_text_encoder",
                     "--text_encoder_lr", "2e-2", "--learning_rate", "5e-2", "--max_train_steps", "3",
@@ -76,8 +87,6 @@ def test_sdxl_lora_export_draws_in_diffusers_what_our_merged_export_draws(tiny_p
 def test_sdxl_kohya_export_round_trips(tiny_pipelines, sdxl_lora_run):
     """The kohya file (lora_unet_ / lora_te1_ / lora_te2_) reads back as the diffusers-layout file, and merged
     into the base it gives our --merge_lora export's weights."""
-    import jax
-
     out = sdxl_lora_run
     kohya_path = os.path.join(out, lora.KOHYA_WEIGHT_NAME)
     prefixes = {re.split("_text_model|_down_blocks|_up_blocks|_mid_block", k)[0]
@@ -99,16 +108,6 @@ def test_sdxl_kohya_export_round_trips(tiny_pipelines, sdxl_lora_run):
 def test_sdxl_cached_latents_and_embeddings_give_the_uncached_loss(tiny_pipelines, instance_dir, class_dir):
     """--cache_latents + --pre_compute_text_embeddings on SDXL: the cached pooled embedding, both encoders'
     context and the centre crops' time_ids give the loss of the same batch computed from images and tokens."""
-    import dataclasses
-
-    import jax
-
-    from dreambooth_jax import parallel
-    from dreambooth_jax.training import step as train_step
-    from dreambooth_jax.training.data import Concept, DreamBoothData
-    from dreambooth_jax.training.inputs import TrainInputs
-    from dreambooth_jax.training.specs import BatchSpec
-    from dreambooth_jax.training.trainer import step_spec
 
     pipe = load_pipeline(tiny_pipelines["sdxl"])
     cfg = train_cfg(tiny_pipelines, instance_dir, "unused",
@@ -133,13 +132,6 @@ def test_sdxl_cached_latents_and_embeddings_give_the_uncached_loss(tiny_pipeline
 
 def test_sdxl_options_it_cannot_take_are_refused_before_loading_weights(tiny_pipelines, instance_dir,
                                                                         tmp_path, monkeypatch):
-    import json
-    import shutil
-
-    from dreambooth_jax.errors import UsageError
-    from dreambooth_jax.training import trainer
-    from dreambooth_jax.weights import discovery
-
     def refuse(*args, **kwargs):
         raise AssertionError("weights were read")
 

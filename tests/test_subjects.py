@@ -17,6 +17,7 @@ from train_helpers import assert_same_weights, draw_images, exported_weights
 from dreambooth_jax import parallel
 from dreambooth_jax.training.concepts import read_subjects
 from dreambooth_jax.training.config import parse_args
+from dreambooth_jax.training.trainer import run
 
 # Each subject's batch spans its device group: 4 subjects on 8 devices -> groups of 2, so a subject alone is
 # trained on 2 devices for the same global batch (2 instance + 2 class images per step).
@@ -188,8 +189,6 @@ def test_more_options_together_equal_alone(tiny_pipelines, subjects, tmp_path, k
     """On one device (the subjects vmapped, not split): the text encoder stopped mid-run, accumulation, cached
     latents and EMA (SD 1); SDXL LoRA with precomputed text embeddings and the merged export. Two subjects
     together export what each exports alone (train_helpers.RTOL)."""
-    from dreambooth_jax.training.trainer import run
-
     path, items = subjects
     base = _base(tiny_pipelines)
     base[base.index("--pretrained_model_name_or_path") + 1] = tiny_pipelines[kind]

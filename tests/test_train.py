@@ -23,8 +23,11 @@ from train_helpers import (
     train_cfg,
 )
 
+from dreambooth_jax.families import components
 from dreambooth_jax.pipeline import load_pipeline
+from dreambooth_jax.training import checkpoints
 from dreambooth_jax.training import step as train_step
+from dreambooth_jax.training.class_images import ensure_class_images
 from dreambooth_jax.training.config import parse_args
 from dreambooth_jax.training.trainer import run
 
@@ -150,8 +153,6 @@ def test_one_device_equals_two_processes_of_four_devices(tiny_pipelines, instanc
 def test_sigterm_then_resume_is_bit_identical(tiny_pipelines, instance_dir, tmp_path, monkeypatch):
     straight = run(train_cfg(tiny_pipelines, instance_dir, tmp_path / "straight", max_train_steps=4))
 
-    from dreambooth_jax.training import checkpoints
-
     original = checkpoints.Checkpointer.save
 
     # a real SIGTERM, after step 2 was dispatched
@@ -186,8 +187,6 @@ def test_cached_latents_and_text_embeddings_give_the_uncached_loss(tiny_pipeline
 
 # --- class images, options and bad inputs -----------------------------------------------------------------
 def test_class_images_fill_partial_folder(tiny_pipelines, tmp_path):
-    from dreambooth_jax.training.class_images import ensure_class_images
-
     folder = draw_images(tmp_path / "cls", 2, seed=3)
     before = {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
     pipe = load_pipeline(tiny_pipelines["sd1"])
@@ -249,7 +248,6 @@ def test_bad_inputs_clear_errors_and_no_partial_export(tiny_pipelines, instance_
     with pytest.raises(OSError, match="output_dir"):
         run(train_cfg(tiny_pipelines, instance_dir, blocker / "out"))
     # A failure while exporting leaves no pipeline (and no temporary folder) behind.
-    from dreambooth_jax.families import components
 
     def fail(*args, **kwargs):
         raise OSError("disk full")

@@ -9,15 +9,19 @@ weights: see `torch_reference.assert_same_training`.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import shutil
 
 import jax
 import numpy as np
 import pytest
-from torch_reference import assert_same_training, exported_unet, read_metrics, reference_run
+from torch_reference import OurInputs, assert_same_training, exported_unet, read_metrics, reference_run
 from train_helpers import PROMPT
 
+from dreambooth_jax.diffusion.generation import generate
+from dreambooth_jax.pipeline import load_pipeline
 from dreambooth_jax.testing import tiny
 from dreambooth_jax.training.config import parse_args
 from dreambooth_jax.training.trainer import run
@@ -104,8 +108,6 @@ def test_optimizer_schedule_and_ema_equal_pytorch(tiny_pipelines, instance_dir, 
 
 def _sample_prediction_pipeline(src: str, dst) -> str:
     """A copy of `src` whose scheduler predicts x_0 (prediction_type 'sample')."""
-    import json
-
     shutil.copytree(src, dst)
     path = os.path.join(dst, "scheduler", "scheduler_config.json")
     with open(path, encoding="utf-8") as f:
@@ -148,7 +150,6 @@ def test_text_encoder_attention_mask_with_a_bang_padding_tokenizer(tiny_pipeline
     prompt = "a photo of sks! toy!"  # two '!' in the prompt
     cfg, _ = _cli_run(str(pipeline), instance_dir, tmp_path / "out", instance_prompt=prompt,
                       text_encoder_use_attention_mask=True)
-    from torch_reference import OurInputs
 
     prompts = [prompt, "a photo of toy"]  # and one without '!', whose first pad must be masked too
     tokens = OurInputs(cfg).inputs.tokens_of(prompts)
@@ -184,8 +185,6 @@ def test_gradient_checkpointing_and_bf16_through_the_trainer(tiny_pipelines, ins
 
 def test_scale_lr_is_diffusers_formula(tiny_pipelines, instance_dir, tmp_path, caplog):
     """diffusers: lr x gradient_accumulation_steps x train_batch_size x num_processes (x devices, for us)."""
-    import logging
-
     with caplog.at_level(logging.INFO, logger="dreambooth_jax.train"):
         cfg, _ = _cli_run(tiny_pipelines["sd1"], instance_dir, tmp_path / "out", scale_lr=True,
                           learning_rate=1e-4, train_batch_size=2, gradient_accumulation_steps=2)
@@ -227,9 +226,6 @@ def _assert_samples_like_diffusers(path: str) -> None:
     parity: ~2e-6, test_sampling)."""
     import diffusers
     import torch
-
-    from dreambooth_jax.diffusion.generation import generate
-    from dreambooth_jax.pipeline import load_pipeline
 
     latents = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
     kw = dict(num_inference_steps=3, guidance_scale=5.0, height=64, width=64)

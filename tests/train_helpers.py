@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 from dreambooth_jax.pipeline import load_pipeline
 from dreambooth_jax.training import step as train_step
 from dreambooth_jax.training.config import TrainConfig
+from dreambooth_jax.training.data import Concept, DreamBoothData
 
 PROMPT = "a photo of sks toy"
 # Adam's first updates are ~lr * sign(g): a float-rounding-sized change of a near-zero gradient flips them. A
@@ -75,8 +76,6 @@ def train_cfg(tiny_pipelines, instance_dir, out, **kw) -> TrainConfig:
 
 def fixed_eval_loss(path, params, instance_dir):
     """Instance loss of `params` on fixed latents/noise/timesteps (deterministic progress measure)."""
-    from dreambooth_jax.training.data import Concept, DreamBoothData
-
     pipe = load_pipeline(path)
     spec = train_step.StepSpec.of(pipe)
     data = DreamBoothData([Concept(instance_dir, PROMPT)], resolution=64, center_crop=True)

@@ -43,6 +43,7 @@ PEAK_GBPS = (("h100 pcie", 2000), ("h100", 3350), ("h200", 4800), ("a100", 2039)
 def record_shapes(kind: str):
     """({(x shape, groups, eps, activation): count}, {(B, T, S, heads, head_dim): count}) of `kind`'s UNet and
     VAE at its native resolution, traced from the configs."""
+    # late, as in every tool: `--help` answers at once and a backend starts only for the work
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -231,7 +232,7 @@ def compile_for(topology: str, models, dtype) -> None:
         raise SystemExit(f"error: {failures} kernel calls did not compile for {topology}")
 
 
-def print_table(rows) -> None:
+def print_kernel_table(rows) -> None:
     print(f"\n{'model':<5} {'op':<15} {'shape':<26} {'auto':<11} {'x':>3} {'fwd ms':>15} {'fwd+bwd ms':>17} "
           f"{'speedup':>13} {'kernel % peak':>14}")
     for r in rows:
@@ -292,7 +293,7 @@ def main(argv=None) -> None:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
     print(f"\ndevice: {device_kind}, dtype {args.dtype}, median of {args.repeats}")
-    print_table(rows)
+    print_kernel_table(rows)
 
 
 if __name__ == "__main__":

@@ -43,10 +43,11 @@ def row_configs(args) -> list[dict]:
     return rows
 
 
-def dry_run(model_dir: str, instance_dir: str, row: dict, fsdp: int, args, devices,
-            subjects: int = 0) -> dict:
+def preflight_row(model_dir: str, instance_dir: str, row: dict, fsdp: int, args, devices,
+                  subjects: int = 0) -> dict:
     """One preflight through the trainer's `--dry_run` (in this process); `subjects` > 0: that many subjects
     trained together (`--subjects`), `fsdp` then within each subject's device group."""
+    # late: each child sets XLA_FLAGS (its simulated devices) before JAX loads
     from dreambooth_jax.training import trainer
     from dreambooth_jax.training.config import TrainConfig
 
@@ -88,7 +89,8 @@ def child(args) -> None:
             fsdps |= {group} if "fsdp" in args.sharding else set()
             for fsdp in sorted(fsdps):
                 try:
-                    report = dry_run(models[row["model"]], instance_dir, row, fsdp, args, devices, subjects)
+                    report = preflight_row(models[row["model"]], instance_dir, row, fsdp, args, devices,
+                                           subjects)
                     out = {**row, "devices": n, "fsdp": fsdp, "device_kind": devices[0].device_kind, **report}
                 except Exception as e:  # one failing row should not lose the others
                     out = {**row, "devices": n, "fsdp": fsdp, "error": f"{type(e).__name__}: {e}"}

@@ -23,12 +23,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def sd15_configs():
     """SD 1.5's architecture (text encoder, UNet, VAE) from our presets."""
+    # late, as in every tool: `--help` answers at once and a backend starts only for the work
     from dreambooth_jax.models import clip, unet, vae
 
     return clip.PRESETS["sd1"], unet.UNetConfig(cross_attention_dim=768), vae.SD_VAE
 
 
-def build_pipeline(args):
+def sample_pipeline(args):
     from dreambooth_jax import families
     from dreambooth_jax.pipeline import load_pipeline
     from dreambooth_jax.testing import tiny
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
     p.add_argument("--diffusers", action="store_true", help="also time diffusers' PyTorch pipeline (CUDA)")
     args = p.parse_args(argv)
 
-    pipe = build_pipeline(args)
+    pipe = sample_pipeline(args)
     if not args.model:
         pipe.unet, pipe.vae = (m.clone(attention_impl=args.attention, fused_norm=args.fused_norm)
                                for m in (pipe.unet, pipe.vae))

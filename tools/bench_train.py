@@ -50,7 +50,7 @@ from bench_train_common import (
     instance_rows,
     make_row,
     parallel_groups,
-    random_pipeline,
+    random_bench_pipeline,
     synthetic_batch,
     time_loop,
 )
@@ -73,10 +73,11 @@ TARGETS = {
 def build_pipeline(args):
     """The random pipeline (fp32 weights, bf16 compute), its params on the host: each configuration places
     its own copy, so that donation and peak memory stay per configuration. A dry run's params are shapes."""
+    # late, as in every tool: `--help` answers at once and a backend starts only for the work
     import jax
 
-    pipe = random_pipeline(args, dtype="bf16", param_dtype="fp32",
-                           weights="none" if args.dry_run else "device")
+    pipe = random_bench_pipeline(args, dtype="bf16", param_dtype="fp32",
+                                 weights="none" if args.dry_run else "device")
     if not args.dry_run:
         pipe.params = jax.tree.map(np.array, pipe.params)  # copies: the device buffers go
     return pipe
@@ -167,7 +168,7 @@ def time_jax(plan, pipe, feats: dict, global_rows: int, args) -> tuple[float, fl
 
 
 # --- driver ------------------------------------------------------------------------------------------
-def plan(args) -> list[tuple[str, str, str]]:
+def plan_jobs(args) -> list[tuple[str, str, str]]:
     """(impl, configuration, optimizer) of every row. PyTorch's first: in one process they must run before
     JAX takes most of the GPU's memory."""
     from dreambooth_jax.training.optimizers import OPTIMIZERS
@@ -354,7 +355,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.dry_run and not has_accelerator():
         use_cpu_dry_run_flags()
-    jobs = [tuple(args.job.split(":"))] if args.job else plan(args)
+    jobs = [tuple(args.job.split(":"))] if args.job else plan_jobs(args)
     if args.isolate and not args.job:
         rows = [row for job in jobs for row in run_isolated(job, argv)]
     else:

@@ -23,8 +23,9 @@ def model_configs(args) -> dict:
     `make_config_pipeline.configs` (our presets), or with `--tiny` the tiny model of that family
     (`make_tiny_pipeline`'s)."""
 
+    # late, as in every tool: `--help` answers at once and a backend starts only for the work
     from make_config_pipeline import configs
-    from make_tiny_pipeline import _variant_configs
+    from make_tiny_pipeline import variant_configs
 
     from dreambooth_jax.models import clip, unet, vae
     from dreambooth_jax.testing import tiny
@@ -34,7 +35,7 @@ def model_configs(args) -> dict:
     if sdxl:  # SDXL's second tokenizer pads with '!'
         tokenizers["tokenizer_2"] = tiny.make_tokenizer(pad_token="!")
     if args.tiny:
-        text, unet_cfg, vae_cfg = _variant_configs("sdxl" if sdxl else "sd1", len(tokenizers["tokenizer"]))
+        text, unet_cfg, vae_cfg = variant_configs("sdxl" if sdxl else "sd1", len(tokenizers["tokenizer"]))
         out = dict(text_cfg=text, unet_cfg=unet_cfg, vae_cfg=vae_cfg, scheduler_config=tiny.SD1_SCHEDULER)
         if sdxl:  # as make_tiny_pipeline's
             out["text_cfg_2"] = dataclasses.replace(text, num_hidden_layers=2)
@@ -50,7 +51,7 @@ def model_configs(args) -> dict:
     return {**out, **tokenizers}
 
 
-def random_pipeline(args, **options):
+def random_bench_pipeline(args, **options):
     """The random pipeline of `model_configs(args)` (`tiny.random_pipeline` with `options`)."""
     from dreambooth_jax import families
     from dreambooth_jax.testing import tiny

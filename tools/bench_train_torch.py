@@ -12,6 +12,7 @@ def torch_models(feats: dict, models: dict, dev):
     mixed precision: trained modules fp32 (autocast computes in bf16), frozen ones bf16; LoRA
     (train_dreambooth_lora [_sdxl].py): peft adapters on the frozen bf16 base, their params fp32
     (`cast_training_params`)."""
+    # heavy and optional: the PyTorch reference (torch, diffusers, peft) loads only where it runs
     import diffusers
     import torch
     from diffusers.training_utils import cast_training_params

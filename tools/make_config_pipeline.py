@@ -23,6 +23,7 @@ KINDS = ("sd15", "sd21", "sdxl")
 
 def configs(kind: str) -> dict:
     """{component: diffusers config dict} of `kind`, from our model presets."""
+    # late, as in every tool: `--help` answers at once and JAX loads only for the work
     from dreambooth_jax.models import clip, unet, vae
     from dreambooth_jax.testing import tiny
 

@@ -24,7 +24,7 @@ TOKENIZER_MAX_LENGTH = tiny.TOKENIZER_MAX_LENGTH
 make_tokenizer = tiny.make_tokenizer
 
 
-def _variant_configs(kind: str, vocab_size: int):
+def variant_configs(kind: str, vocab_size: int):
     """Our tiny (text, unet, vae) configs (`dreambooth_jax.testing.tiny`), varied per kind to cover each
     family."""
     text, unet, vae = tiny.tiny_configs(vocab_size)
@@ -47,6 +47,7 @@ def _variant_configs(kind: str, vocab_size: int):
 
 
 def _torch_text_encoder(config, with_projection: bool = False):
+    # heavy and optional: torch and diffusers (test-only dependencies) load only to build
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
@@ -65,7 +66,7 @@ def _scheduler(kind: str):
     return EulerDiscreteScheduler(**common, timestep_spacing="leading")
 
 
-def build_pipeline(kind: str, seed: int = 0):
+def build_torch_pipeline(kind: str, seed: int = 0):
     """Returns a tiny random diffusers pipeline (PyTorch) of the given kind."""
     import torch
 
@@ -73,7 +74,7 @@ def build_pipeline(kind: str, seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     tokenizer = make_tokenizer()
-    text_cfg, unet_cfg, vae_cfg = _variant_configs(kind, len(tokenizer))
+    text_cfg, unet_cfg, vae_cfg = variant_configs(kind, len(tokenizer))
     text_encoder = _torch_text_encoder(text_cfg)
     unet = UNet2DConditionModel.from_config(unet_cfg.to_diffusers_config())
     vae = AutoencoderKL.from_config(vae_cfg.to_diffusers_config())
@@ -109,9 +110,9 @@ def build_pipeline(kind: str, seed: int = 0):
     )
 
 
-def make_tiny_pipeline(out_dir: str, kind: str = "sd1", seed: int = 0) -> str:
+def save_tiny_pipeline(out_dir: str, kind: str = "sd1", seed: int = 0) -> str:
     """Builds and saves a tiny pipeline of `kind` to `out_dir` (safetensors). Returns `out_dir`."""
-    pipe = build_pipeline(kind, seed)
+    pipe = build_torch_pipeline(kind, seed)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
     kinds = KINDS if args.kind == "all" else (args.kind,)
     for kind in kinds:
         out = os.path.join(args.out_dir, kind) if args.kind == "all" else args.out_dir
-        make_tiny_pipeline(out, kind, args.seed)
+        save_tiny_pipeline(out, kind, args.seed)
         print(f"wrote tiny {kind} pipeline to {out}")
 
 

@@ -16,6 +16,7 @@ in the same layout given as `manual_dir`: `<subject>/NN.jpg` folders and `prompt
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -23,7 +24,9 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dreambooth_jax import parallel
 from dreambooth_jax.errors import DownloadError, MissingFileError, UsageError
+from dreambooth_jax.images import list_images, read_image
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +144,6 @@ class Dreambooth(tfds.core.GeneratorBasedBuilder):
         return {subject: self._generate_examples(root, index, subject) for subject in index.classes}
 
     def _generate_examples(self, root: str, index: SourceIndex, subject: str):
-        from dreambooth_jax.images import list_images
-
         class_name = index.classes[subject]
         templates = index.templates(class_name)
         for path in list_images(os.path.join(root, subject)):
@@ -195,10 +196,6 @@ class Subject:
 
     def decoded_images(self) -> list[np.ndarray]:
         """uint8 [H, W, 3] arrays, decoded as the trainer's folder reader does."""
-        import io
-
-        from dreambooth_jax.images import read_image
-
         return [read_image(io.BytesIO(data)) for _, data in self.images]
 
 
@@ -220,18 +217,14 @@ def load_builder(data_dir: str | None = None, manual_dir: str | None = None) -> 
     (default: TFDS's, ~/tensorflow_datasets), then reused."""
     if manual_dir is not None and find_source_root(manual_dir) is None:
         raise MissingFileError(f"{manual_dir}: not a copy of the DreamBooth dataset (no {INDEX_FILE} in it "
-                               "or "
-                                "in its dataset/ folder)")
-    import jax
-
-    from dreambooth_jax import parallel
+                               "or in its dataset/ folder)")
 
     # On several hosts process 0 builds first (a shared data_dir must not be written by all at once); the
     # others then find it built, or build their own copy where data_dir is local to each host.
-    if jax.process_index() != 0:
+    if not parallel.is_main_process():
         parallel.barrier("dreambooth dataset")
     builder = _prepare(data_dir, manual_dir)
-    if jax.process_index() == 0:
+    if parallel.is_main_process():
         parallel.barrier("dreambooth dataset")
     return builder
 

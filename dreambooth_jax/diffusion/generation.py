@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from dreambooth_jax import parallel
 from dreambooth_jax.diffusion.samplers import SCHEDULER_NAMES, make_sampler, scheduler_name_for
@@ -229,8 +230,6 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
     out = []
     chunks = range(0, n, per_call)
     if progress:
-        from tqdm.auto import tqdm
-
         chunks = tqdm(chunks, desc="generating", unit="batch")
     for start in chunks:
         stop = min(start + per_call, n)

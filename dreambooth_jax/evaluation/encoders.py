@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from transformers import CLIPTokenizer
 
 from dreambooth_jax import fileio, parallel
 from dreambooth_jax.diffusion.conditioning import tokenize_with_mask
@@ -114,8 +115,6 @@ class Encoders:
 
     def __init__(self, dino_model: str = DEFAULT_DINO_MODEL, clip_model: str = DEFAULT_CLIP_MODEL, *,
                  batch_size: int | None = None, mesh=None, dtype=jnp.float32):
-        from transformers import CLIPTokenizer
-
         self.mesh = mesh or parallel.data_mesh()
         n = self.mesh.devices.size
         self.batch_size = parallel.pad_to_multiple(batch_size or 16 * n, n)

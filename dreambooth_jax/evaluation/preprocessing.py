@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from PIL import Image
 
 from dreambooth_jax.errors import UsageError
 
@@ -69,8 +70,6 @@ CLIP_PREPROCESSING = ImagePreprocessing(shortest_edge=True, crop_size=224, resam
 
 
 def _resize_crop(image: np.ndarray, cfg: ImagePreprocessing) -> np.ndarray:
-    from PIL import Image
-
     pil = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
     width, height = pil.size
     if cfg.shortest_edge:  # transformers' `get_resize_output_image_size(default_to_square=False)`

@@ -50,6 +50,7 @@ def _block(length: int) -> int:
 
 @functools.cache
 def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+    # the TPU kernels' modules load only where a splash kernel is built
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 

@@ -104,7 +104,7 @@ def _backend(interpret: bool) -> str:
 
 
 def _compiler_params(backend: str):
-    if backend == "tpu":
+    if backend == "tpu":  # each backend's Pallas module loads only on that backend
         from jax.experimental.pallas import tpu as pltpu
 
         return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))

@@ -18,8 +18,12 @@ import shutil
 import sys
 import tempfile
 
+import jax
+
+from dreambooth_jax import parallel
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.paper import trainer_flags
+from dreambooth_jax.training import preflight, trainer
 
 log = logging.getLogger("dreambooth_jax.reproduce")
 
@@ -42,9 +46,7 @@ class Together:
     each run trains alone as before."""
 
     def __init__(self, args, trainer_args: list[str], builder, pending: list[tuple[str, int]]):
-        import jax
-
-        from dreambooth_jax import parallel
+        # heavy and optional: TFDS (and TensorFlow), as in `reproduction.run_protocol`
         from dreambooth_jax.datasets import dreambooth as dreambooth_dataset
 
         self.args, self.trainer_args = args, trainer_args
@@ -105,11 +107,6 @@ class Together:
         memory preflight of the trainer's --dry_run (no weights loaded): one run per device (each run's batch
         then spans one device, as the paper's batch of 1), doubled while the preflight says it fits (LoRA:
         several runs per device), halved while it does not."""
-        import jax
-
-        from dreambooth_jax.training import preflight
-        from dreambooth_jax.training.trainer import dry_run
-
         k = min(jax.device_count(), len(runs))
         if len(runs) <= 1 or preflight.device_memory() is None:  # e.g. CPU: no limit to fit in
             return k
@@ -118,7 +115,7 @@ class Together:
             with tempfile.TemporaryDirectory() as tmp:
                 self._subjects_file(runs[:k], os.path.join(tmp, "subjects.json"))
                 argv = self._argv(runs[:k], tmp, os.path.join(tmp, "subjects.json"), None)
-                report = dry_run(trainer_flags.parse_train_args([*argv, "--dry_run"]))
+                report = trainer.dry_run(trainer_flags.parse_train_args([*argv, "--dry_run"]))
             log.info("--parallel_subjects %d: preflight %s", k, json.dumps(report))
             return report["fits"]
 
@@ -133,17 +130,12 @@ class Together:
     def train_group_of(self, name: str, seed: int) -> None:
         """Trains the group of run (name, seed), unless it trains alone or its model is there; then moves each
         run's export to its `model` folder, where `run_one` finds it."""
-        import jax
-
-        from dreambooth_jax import parallel
-        from dreambooth_jax.training.trainer import run
-
         if (name, seed) not in self.group_of or _trained(self.args, (name, seed)):
             return
         runs, per_run = self.group_of[(name, seed)]
         folder = self.folder(runs)
         subjects_file = os.path.join(folder, "subjects.json")
-        if jax.process_index() == 0 and not os.path.isfile(os.path.join(folder, "group.json")):
+        if parallel.is_main_process() and not os.path.isfile(os.path.join(folder, "group.json")):
             os.makedirs(folder, exist_ok=True)
             self._subjects_file(runs, subjects_file)
             with open(os.path.join(folder, "group.json"), "w", encoding="utf-8") as f:
@@ -151,12 +143,12 @@ class Together:
         parallel.barrier(f"group {folder}")
         argv = self._argv(runs, folder, subjects_file, per_run)
         log.info("training %d runs together (python -m dreambooth_jax.train %s)", len(runs), " ".join(argv))
-        result = run(trainer_flags.parse_train_args(argv))
+        result = trainer.run(trainer_flags.parse_train_args(argv))
         missing = [r for r in runs if not os.path.isfile(os.path.join(folder, _name(r), "model_index.json"))]
         if missing:
             raise UsageError(f"training of {', '.join(_name(r) for r in runs)} stopped at step "
                              f"{result.steps} (preempted?); rerun the same command to resume")
-        if jax.process_index() == 0:
+        if parallel.is_main_process():
             for r in runs:
                 shutil.rmtree(_model_dir(self.args, r), ignore_errors=True)
                 os.replace(os.path.join(folder, _name(r)), _model_dir(self.args, r))

@@ -1,6 +1,6 @@
 """The paper's protocol (Ruiz et al. 2023, sec. 4.1) for one model: for each subject and seed, train, generate
 the subject's 25 prompts x N images, score them (DINO, CLIP-I, CLIP-T); report per subject and averaged beside
-the paper's Table 1. Behind `python -m dreambooth_jax.reproduce`; resumable (see `run`)."""
+the paper's Table 1. Behind `python -m dreambooth_jax.reproduce`; resumable (see `run_protocol`)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,24 @@ import shutil
 import sys
 import time
 
+import jax
 import numpy as np
+from PIL import Image
 
 from dreambooth_jax import images as image_io
+from dreambooth_jax.diffusion.generation import generate
+from dreambooth_jax.diffusion.samplers import scheduler_name_for
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.evaluation import metrics as evaluation
+from dreambooth_jax.evaluation.encoders import Encoders
+from dreambooth_jax.fileio import read_json, write_json
+from dreambooth_jax.images import contact_sheet, read_image, save_png
+from dreambooth_jax.paper import parallel_runs
 from dreambooth_jax.paper.trainer_flags import parse_train_args, train_args
+from dreambooth_jax.parallel import is_main_process, maybe_initialize_distributed
+from dreambooth_jax.pipeline import load_pipeline
+from dreambooth_jax.training import trainer
+from dreambooth_jax.training.config import load_preset
 
 log = logging.getLogger("dreambooth_jax.reproduce")
 METRICS = evaluation.METRICS
@@ -24,8 +36,6 @@ METRICS = evaluation.METRICS
 # ---------------------------------------------------------------------------------------------- one run
 def train_subject(args, trainer_args, subject, seed: int, model_dir: str):
     """Trains unless an exported pipeline is already there; returns the trainer config."""
-    from dreambooth_jax.training.trainer import run
-
     argv = train_args(args, trainer_args, subject, seed, model_dir)
     cfg = parse_train_args(argv)
     if os.path.isfile(os.path.join(model_dir, "model_index.json")):
@@ -33,7 +43,7 @@ def train_subject(args, trainer_args, subject, seed: int, model_dir: str):
         return cfg
     log.info("%s seed %d: training (python -m dreambooth_jax.train %s)", subject.name, seed,
              " ".join(argv))
-    result = run(cfg)
+    result = trainer.run(cfg)
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
         raise UsageError(f"training of {subject.name} stopped at step {result.steps} (preempted?); "
                          "rerun the same command to resume")
@@ -43,12 +53,6 @@ def train_subject(args, trainer_args, subject, seed: int, model_dir: str):
 def sample_subject(args, cfg, subject, seed: int, model_dir: str, samples_dir: str):
     """Generates the run's images into `samples_dir` (from scratch); returns (uint8 images, prompts, file
     names)."""
-    import jax
-
-    from dreambooth_jax.diffusion.generation import generate
-    from dreambooth_jax.diffusion.samplers import scheduler_name_for
-    from dreambooth_jax.pipeline import load_pipeline
-
     pipe = load_pipeline(model_dir, dtype=cfg.compute_dtype, attention_impl=cfg.attention,
                          fused_norm=cfg.fused_norm)
     scheduler = args.scheduler or scheduler_name_for(pipe.scheduler_config)
@@ -61,7 +65,7 @@ def sample_subject(args, cfg, subject, seed: int, model_dir: str, samples_dir: s
     settings = {"negative_prompt": "", "steps": args.num_inference_steps, "scheduler": scheduler,
                 "guidance_scale": args.guidance_scale, "model": model_dir, "subject": subject.name,
                 "dtype": cfg.compute_dtype}
-    if jax.process_index() == 0:
+    if is_main_process():
         shutil.rmtree(samples_dir, ignore_errors=True)  # a partial set from an interrupted run
         os.makedirs(samples_dir)
         image_io.write_images(samples_dir, prompts, images, seed=seed, settings=settings,
@@ -71,10 +75,6 @@ def sample_subject(args, cfg, subject, seed: int, model_dir: str, samples_dir: s
 
 def subject_sheet(real: list, generated: np.ndarray, columns: int, thumb: int = 128) -> np.ndarray:
     """A contact sheet: the real photos on the first row(s), then one row per prompt (thumbnails)."""
-    from PIL import Image
-
-    from dreambooth_jax.images import contact_sheet
-
     def small(image):
         return np.asarray(Image.fromarray(np.asarray(image)).convert("RGB").resize((thumb, thumb),
                                                                                  Image.Resampling.BICUBIC))
@@ -132,8 +132,6 @@ def report_markdown(results: dict, settings: dict) -> str:
 
 
 def write_results(output_dir: str, runs: dict, settings: dict) -> str:
-    from dreambooth_jax.fileio import write_json
-
     results = summarize_runs(runs)
     write_json(os.path.join(output_dir, "results.json"), {"settings": settings, **results}, sort_keys=False)
     path = os.path.join(output_dir, "results.md")
@@ -146,8 +144,6 @@ def write_results(output_dir: str, runs: dict, settings: dict) -> str:
 # ------------------------------------------------------------------------------------------------------ main
 def run_settings(args, trainer_args) -> dict:
     """What a run's results depend on, recorded with them."""
-    from dreambooth_jax.training.config import load_preset
-
     model = (args.pretrained_model_name_or_path
              or load_preset(args.config).get("pretrained_model_name_or_path"))
     return {"config": args.config, "model": model, "seeds": args.seeds,
@@ -160,10 +156,6 @@ def run_settings(args, trainer_args) -> dict:
 def check_run_settings(run_dir: str, settings: dict) -> None:
     """Records the settings of a run in `run_dir/settings.json`, or checks that they are those it was started
     with: a rerun into the same --output_dir with other settings must not mix old and new results."""
-    import jax
-
-    from dreambooth_jax.fileio import read_json, write_json
-
     path = os.path.join(run_dir, "settings.json")
     run = {k: v for k, v in settings.items() if k != "seeds"}
     if os.path.isfile(path):
@@ -173,17 +165,13 @@ def check_run_settings(run_dir: str, settings: dict) -> None:
             diff = ", ".join(f"{k}: {before.get(k)!r} -> {run.get(k)!r}" for k in changed)
             raise UsageError(f"{run_dir} was started with other settings ({diff}); use another --output_dir, "
                              f"or delete {run_dir} to redo it")
-    elif jax.process_index() == 0:
+    elif is_main_process():
         os.makedirs(run_dir, exist_ok=True)
         write_json(path, run, sort_keys=False)
 
 
 def run_one(args, trainer_args, subject, seed: int, real: list, encoders) -> dict:
     """Train, sample and score one (subject, seed); returns its metrics JSON."""
-    import jax
-
-    from dreambooth_jax.fileio import write_json
-
     run_dir = os.path.join(args.output_dir, subject.name, f"seed{seed}")
     model_dir, samples_dir = os.path.join(run_dir, "model"), os.path.join(run_dir, "samples")
     cfg = train_subject(args, trainer_args, subject, seed, model_dir)
@@ -193,7 +181,7 @@ def run_one(args, trainer_args, subject, seed: int, real: list, encoders) -> dic
                                                     "seed": seed})
     encoders.release()  # device memory back to the next subject's training
     metrics = result.to_json()
-    if jax.process_index() == 0:
+    if is_main_process():
         with open(os.path.join(run_dir, "metrics.md"), "w", encoding="utf-8") as f:
             f.write(evaluation.markdown_table(result))
         # last: the run is finished
@@ -205,8 +193,6 @@ def run_one(args, trainer_args, subject, seed: int, real: list, encoders) -> dic
 
 def write_contact_sheet(args, name: str, real: list) -> None:
     """`<subject>/contact_sheet.png` from the images on disk of the subject's first seed that has them."""
-    from dreambooth_jax.images import read_image, save_png
-
     for seed in args.seeds:
         samples = os.path.join(args.output_dir, name, f"seed{seed}", "samples")
         files = sorted(f for f in os.listdir(samples) if f[:5].isdigit()) if os.path.isdir(samples) else []
@@ -219,18 +205,13 @@ def write_contact_sheet(args, name: str, real: list) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- run
-def run(args, trainer_args: list[str]) -> str | None:
+def run_protocol(args, trainer_args: list[str]) -> str | None:
     """Every (subject, seed) run of `args` (the CLI's options; trainer options in `trainer_args`) that is not
     scored yet; returns the path of `results.md` (on process 0; None elsewhere).
 
     On several hosts, every process runs this with the same arguments and a shared --output_dir."""
-    import jax
-
+    # heavy and optional: TFDS (and TensorFlow) load only when the protocol runs
     from dreambooth_jax.datasets import dreambooth as dreambooth_dataset
-    from dreambooth_jax.evaluation.encoders import Encoders
-    from dreambooth_jax.fileio import read_json
-    from dreambooth_jax.paper import parallel_runs
-    from dreambooth_jax.parallel import maybe_initialize_distributed
 
     maybe_initialize_distributed()  # before anything touches a device
     builder = dreambooth_dataset.load_builder(args.dataset_dir, args.dataset_manual_dir)
@@ -272,7 +253,7 @@ def run(args, trainer_args: list[str]) -> str | None:
             print(f"{tag}: " + ", ".join(f"{evaluation.METRIC_NAMES[m]} {metrics['overall'][m]['mean']:.3f}"
                                          for m in METRICS) + f" ({time.perf_counter() - t0:.0f}s)",
                   file=sys.stderr)
-        if jax.process_index() == 0:
+        if is_main_process():
             if not os.path.isfile(os.path.join(args.output_dir, name, "contact_sheet.png")) or any(
                     (name, seed) in pending for seed in args.seeds):
                 write_contact_sheet(args, name, real)

@@ -7,6 +7,8 @@ import dataclasses
 import logging
 import os
 
+from dreambooth_jax.training.config import parse_args
+
 log = logging.getLogger("dreambooth_jax.reproduce")
 
 
@@ -36,8 +38,6 @@ def train_args(args, trainer_args: list[str], subject, seed: int, model_dir: str
 
 def parse_train_args(argv: list[str]):
     """The trainer's config of `argv`; LoRA runs also export the merged pipeline (to sample from)."""
-    from dreambooth_jax.training.config import parse_args
-
     cfg = parse_args(argv)
     if cfg.use_lora and not cfg.merge_lora:  # images are sampled from a full pipeline: export one
         log.info("--use_lora: adding --merge_lora, to sample from the pipeline with the adapters merged in")

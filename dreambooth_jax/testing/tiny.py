@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+from transformers import CLIPTokenizer
+
+from dreambooth_jax.evaluation import preprocessing
+from dreambooth_jax.families import SD, components
+from dreambooth_jax.fileio import write_json
+from dreambooth_jax.models import clip, unet, vae, vision
+from dreambooth_jax.pipeline import Pipeline, parse_dtype, save_pipeline
+from dreambooth_jax.weights import convert, safetensors_io
 
 TOKENIZER_MAX_LENGTH = 16
 
@@ -70,8 +80,6 @@ def write_tokenizer_files(out_dir: str) -> tuple[str, str]:
 
 def make_tokenizer(pad_token: str = "<|endoftext|>"):
     """A `transformers.CLIPTokenizer` over the tiny vocabulary (max length 16)."""
-    from transformers import CLIPTokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         vocab_path, merges_path = write_tokenizer_files(tmp)
         # `vocab=`/`merges=`: transformers 5 silently ignores the old `vocab_file=` keyword names.
@@ -82,8 +90,6 @@ def make_tokenizer(pad_token: str = "<|endoftext|>"):
 
 def tiny_configs(vocab_size: int):
     """(text encoder, UNet, VAE) configs of the tiny SD-1-style model (latents are 1/8 of the image)."""
-    from dreambooth_jax.models import clip, unet, vae
-
     text = clip.CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=4, max_position_embeddings=TOKENIZER_MAX_LENGTH, hidden_act="quick_gelu",
@@ -116,10 +122,6 @@ def random_pipeline(family, configs: dict, tokenizers: dict, scheduler_config: d
       weights: 'device' (initialised) or 'none' (the params are `jax.ShapeDtypeStruct`s: nothing is allocated,
         as `load_pipeline(..., weights="none")`, for memory preflights of full-size models).
     """
-    from dreambooth_jax.families import components
-    from dreambooth_jax.models import unet
-    from dreambooth_jax.pipeline import Pipeline, parse_dtype
-
     if weights not in ("device", "none"):
         raise ValueError(f"weights={weights!r}: 'device' or 'none'")
     if set(configs) != set(family.components) or set(tokenizers) != set(family.tokenizers):
@@ -159,9 +161,6 @@ def sd_configs(text_cfg, unet_cfg, vae_cfg) -> dict:
 
 def make_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
     """Builds the tiny random SD-1-style pipeline and saves it to `out_dir` (diffusers layout)."""
-    from dreambooth_jax.families import SD
-    from dreambooth_jax.pipeline import save_pipeline
-
     tokenizer = make_tokenizer()
     pipe = random_pipeline(SD, sd_configs(*tiny_configs(len(tokenizer))), {"tokenizer": tokenizer},
                            SD1_SCHEDULER, seed=seed)
@@ -169,9 +168,6 @@ def make_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
 
 
 def _write_model(folder: str, config: dict, state: dict, preprocessor: dict | None = None) -> str:
-    from dreambooth_jax.fileio import write_json
-    from dreambooth_jax.weights import safetensors_io
-
     os.makedirs(folder, exist_ok=True)
     write_json(os.path.join(folder, "config.json"), config)
     if preprocessor:
@@ -184,12 +180,6 @@ def make_tiny_encoders(out_dir: str, seed: int = 0) -> tuple[str, str]:
     """Tiny random evaluation encoders in transformers' layout, without torch: a DINO-like `ViTModel`
     (`out_dir/dino`) and a `CLIPModel` with the tiny tokenizer (`out_dir/clip`), at 32 px. For offline
     smoke runs and tests of the metrics pipeline; the scores they give mean nothing."""
-    import re
-
-    from dreambooth_jax.evaluation import preprocessing
-    from dreambooth_jax.models import clip, vision
-    from dreambooth_jax.weights import convert
-
     dino_rng, vision_rng, text_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
     image = jnp.zeros((1, 32, 32, 3))
     vit_cfg = vision.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -245,8 +235,6 @@ def make_tiny_dataset(folder: str, subjects: dict[str, str] | None = None, *, im
     """A tiny copy of the DreamBooth dataset in its published layout (`<subject>/NN.jpg` and
     `prompts_and_classes.txt`), for offline tests and smoke runs: subject -> class (default a live 'dog' and
     an object 'teapot'), a few small JPEGs each, and the first two prompts of each published list."""
-    from PIL import Image
-
     subjects = subjects or {"dog": "dog", "teapot": "teapot"}
     rng = np.random.default_rng(seed)
     for name in subjects:

@@ -13,9 +13,12 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from dreambooth_jax import images as image_io
 from dreambooth_jax import parallel, storage
+from dreambooth_jax.diffusion.generation import generate
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.images import count_images
 
@@ -38,8 +41,6 @@ def ensure_class_images(pipe, uri: str, prompt: str, num_images: int, *, batch_s
     bucket folder (`gs://...`) is mirrored into a local twin, each process uploads the images it wrote, and
     all download the others' after the barrier.
     """
-    from dreambooth_jax.diffusion.generation import generate
-
     remote = storage.Folder(uri)
     folder = remote.pull(required=False)
     if parallel.is_main_process() or remote.remote:
@@ -55,8 +56,6 @@ def ensure_class_images(pipe, uri: str, prompt: str, num_images: int, *, batch_s
     first = _next_number(folder)
     bar = None
     if progress and parallel.is_main_process():
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=missing, desc="class images", unit="img")
     done = 0
     while done < missing:
@@ -80,8 +79,6 @@ def ensure_class_images(pipe, uri: str, prompt: str, num_images: int, *, batch_s
     parallel.barrier(f"class images {uri}")
     seen = count_images(remote.pull())
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         fewest = int(multihost_utils.process_allgather(np.int32(seen)).min())
         if fewest < num_images:
             raise UsageError(f"{uri}: a host sees {fewest} class images of {num_images}; on several hosts "

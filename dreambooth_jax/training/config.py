@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from dreambooth_jax import storage
 from dreambooth_jax.errors import UsageError
+from dreambooth_jax.images import count_images
 from dreambooth_jax.kernels.choose import ATTENTION_IMPLS, FUSED_NORM
 from dreambooth_jax.training.concepts import many_subjects, read_concepts, read_subjects
 from dreambooth_jax.training.optimizers import LR_SCHEDULERS, OPTIMIZERS
@@ -273,7 +274,6 @@ def _subjects_errors(cfg: TrainConfig) -> list[str]:
         subjects = read_subjects(cfg)
     except UsageError as e:
         return [str(e)]
-    from dreambooth_jax.images import count_images
 
     found = {}
     for subject in subjects:

@@ -10,7 +10,7 @@ import numpy as np
 
 from dreambooth_jax.errors import MissingFileError
 from dreambooth_jax.fileio import read_json
-from dreambooth_jax.weights import safetensors_io
+from dreambooth_jax.weights import safetensors_io, torch_pickle
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -85,8 +85,6 @@ def _pickled_weight_files(folder: str, stem: str, variant: str | None) -> list[s
 def load_state_dict(files: list[str]) -> tuple[dict[str, np.ndarray], str]:
     """Merges the tensors of `files` (safetensors, or PyTorch `.bin`); returns (state dict, a source name for
     messages)."""
-    from dreambooth_jax.weights import torch_pickle
-
     state: dict[str, np.ndarray] = {}
     for path in files:
         read = torch_pickle.load_file if path.endswith(".bin") else safetensors_io.load_file

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 
+from dreambooth_jax import storage
 from dreambooth_jax.errors import MissingFileError
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def download_pipeline(
     The token defaults to huggingface_hub's own (`HF_TOKEN` or `huggingface-cli login`). With
     `HF_HUB_OFFLINE=1` the cached snapshot is used.
     """
+    # late: slow to import and only Hub ids need it (tests replace its functions)
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -112,8 +114,7 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | bo
             return snapshot_download(repo_id, local_files_only=True, **kwargs)
         except Exception:
             raise MissingFileError(f"cannot fetch {repo_id!r}: the Hub is unreachable ({e}) and it is not in "
-                                   "the "
-                                    "local cache. Pass a local model folder instead.") from e
+                                   "the local cache. Pass a local model folder instead.") from e
 
 
 def _component_files(files: list[str], folder: str, variant: str | None, weights: bool,
@@ -164,8 +165,6 @@ def resolve_component(name_or_path: str, folder: str, *, weights: bool = True, v
     """The local folder of one diffusers model (its `config.json` and weights, of `variant` where it has that
     variant) given as a local folder, a bucket folder or a Hub repository id; a whole pipeline stands for its
     `folder/` (e.g. 'vae')."""
-    from dreambooth_jax import storage
-
     if storage.is_remote(name_or_path):
         storage.check_backend(name_or_path, "model")
         root = storage.remote_path(name_or_path)
@@ -195,8 +194,6 @@ def resolve(name_or_path: str, *, what: str = "pipeline", **kwargs) -> str:
     """A local folder as is; a bucket folder (`gs://...`) mirrored into the local cache; anything else is
     taken for a Hub repository id and downloaded (a diffusers pipeline, or with `what="model"` a transformers
     model)."""
-    from dreambooth_jax import storage
-
     if storage.is_remote(name_or_path):
         storage.check_backend(name_or_path, "model")
         folders = ([d for d in kwargs.get("folders", ()) if d not in kwargs.get("skip", ())]
