@@ -17,6 +17,9 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dreambooth_jax import images as image_io
+from dreambooth_jax.cli import setup_logging
+
 
 def make_instance_photos(folder: str, n: int = 4, seed: int = 0) -> str:
     """A few 96 px 'photos' of the same yellow toy on varied backgrounds (kept if already there)."""
@@ -43,8 +46,6 @@ def main(argv=None) -> None:
     # late: --help and usage errors answer before jax (and the models) load
     import jax
 
-    from dreambooth_jax import images as image_io
-    from dreambooth_jax.cli import setup_logging
     from dreambooth_jax.diffusion.generation import generate
     from dreambooth_jax.pipeline import load_pipeline
     from dreambooth_jax.training.config import parse_args
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
     out = args.output_dir
     model = os.path.join(out, "tiny-sd1")
     if not os.path.isfile(os.path.join(model, "model_index.json")):
-        from dreambooth_jax.testing.tiny import make_tiny_pipeline
+        from dreambooth_jax.testing.tiny import make_tiny_pipeline  # test fixtures: only to make the model
 
         make_tiny_pipeline(model)
         print(f"[1/4] made a tiny random SD-1-style pipeline in {model}")
@@ -62,9 +63,9 @@ def main(argv=None) -> None:
         print(f"[1/4] using the tiny pipeline in {model}")
     instance = make_instance_photos(os.path.join(out, "instance"))
 
-    train_args = ["--config", "tiny_demo", "--pretrained_model_name_or_path", model, "--instance_data_dir",
-                  instance, "--class_data_dir", os.path.join(out, "class"), "--output_dir", os.path.join(out,
-                                                                                                         "model")]
+    train_args = ["--config", "tiny_demo", "--pretrained_model_name_or_path", model,
+                  "--instance_data_dir", instance, "--class_data_dir", os.path.join(out, "class"),
+                  "--output_dir", os.path.join(out, "model")]
     if args.max_train_steps:
         train_args += ["--max_train_steps", str(args.max_train_steps)]
     cfg = parse_args(train_args)

@@ -17,6 +17,7 @@ import sys
 
 from dreambooth_jax.cli import setup_logging
 from dreambooth_jax.errors import MissingFileError, UsageError
+from dreambooth_jax.evaluation import metrics as evaluation
 from dreambooth_jax.evaluation.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from dreambooth_jax.fileio import write_json
 from dreambooth_jax.images import list_images, read_image, read_png_metadata
@@ -83,7 +84,7 @@ def read_real(args) -> tuple[list, str]:
     """(uint8 images, a description) of the subject's real photos."""
     if args.real_images:
         return [read_image(p) for p in list_images(args.real_images)], args.real_images
-    # heavy and optional: TFDS (and TensorFlow) only for --dataset
+    # heavy and optional: TFDS only for --dataset
     from dreambooth_jax.datasets import dreambooth as dreambooth_dataset
 
     subject = dreambooth_dataset.load_spec(args.dataset, args.dataset_dir, args.dataset_manual_dir)
@@ -94,7 +95,6 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
     # late: --help and usage errors answer before jax (and the models) load
-    from dreambooth_jax.evaluation import metrics as evaluation
     from dreambooth_jax.evaluation.encoders import Encoders
     from dreambooth_jax.parallel import is_main_process, maybe_initialize_distributed
 
@@ -107,8 +107,8 @@ def main(argv=None) -> None:
     encoders = Encoders(args.dino_model, args.clip_model, batch_size=args.batch_size)
     result = evaluation.evaluate(encoders, generated, prompts, real,
                                  files=[os.path.basename(f) for f in files],
-                                 unique_token=args.unique_token or None, info={"images_dir": args.images,
-                                                                               "real_source": real_source})
+                                 unique_token=args.unique_token or None,
+                                 info={"images_dir": args.images, "real_source": real_source})
     output = args.output or os.path.join(args.images, "metrics.json")
     table = evaluation.markdown_table(result)
     if is_main_process():

@@ -36,9 +36,8 @@ def maybe_initialize_distributed() -> None:
     if jax.distributed.is_initialized():
         return
     if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id",
-                                                                                       "JAX_PROCESS_ID"))
-                  if env.get(v)}
+        names = (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+        kwargs = {k: int(env[v]) for k, v in names if env.get(v)}
         jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], **kwargs)
     elif ("," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("SLURM_NTASKS", "1")) > 1
           or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
@@ -200,8 +199,8 @@ def put_replicated(tree, mesh: Mesh):
     repl = replicated(mesh)
     leaves, treedef = jax.tree.flatten(tree)
     ndims = [np.ndim(x) for x in leaves]
-    placed = [isinstance(x, jax.Array) and x.sharding.is_equivalent_to(repl, n) for x, n in zip(leaves,
-                                                                                                ndims)]
+    placed = [isinstance(x, jax.Array) and x.sharding.is_equivalent_to(repl, n)
+              for x, n in zip(leaves, ndims)]
     regather = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not placed[i]]
     out = list(leaves)
     if regather:

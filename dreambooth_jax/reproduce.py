@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     args, trainer_args = parse_args(argv)
     setup_logging()
     t0 = time.perf_counter()
-    # late: --help and usage errors answer before jax (and the models) load
+    # late: --help and usage errors answer before the models (flax, transformers) load
     from dreambooth_jax.paper import reproduction
 
     path = reproduction.run_protocol(args, trainer_args)

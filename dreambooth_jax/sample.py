@@ -12,7 +12,11 @@ import os
 import sys
 import time
 
+import jax
+
+from dreambooth_jax import images as image_io
 from dreambooth_jax.cli import setup_logging
+from dreambooth_jax.diffusion.generation import generate
 from dreambooth_jax.diffusion.samplers import SCHEDULER_NAMES, scheduler_name_for
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.kernels.choose import ATTENTION_IMPLS, FUSED_NORM
@@ -76,11 +80,7 @@ def main(argv=None) -> None:
     prompts = read_prompts(args)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    # late: --help and usage errors answer before jax (and the models) load
-    import jax
-
-    from dreambooth_jax import images as image_io
-    from dreambooth_jax.diffusion.generation import generate
+    # late: --help and usage errors answer before the models (flax, transformers) load
     from dreambooth_jax.pipeline import load_pipeline
 
     t0 = time.perf_counter()
@@ -108,7 +108,7 @@ def main(argv=None) -> None:
                 "dtype": args.dtype}
     first, last, grid = image_io.write_images(args.output_dir, all_prompts, out, seed=args.seed,
                                               settings=settings,
-                                     columns=args.num_images if len(prompts) > 1 else None)
+                                              columns=args.num_images if len(prompts) > 1 else None)
     print(f"wrote {len(out)} image(s) {first:05d}..{last:05d} and {grid} in {elapsed:.1f}s "
           f"(compile included; {len(out) / elapsed:.2f} images/s)", file=sys.stderr)
 

@@ -58,6 +58,7 @@ def run_processes(argv: list[str], *, processes: int = 2, devices: int = 2,
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory) -> dict[str, str]:
     """{'sd1': path, 'sd2': path, 'sdxl': path} of tiny pipelines saved by diffusers."""
+    # our modules load in the fixtures: JAX must not load before the environment above is set
     from make_tiny_pipeline import KINDS, save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny_pipelines")
@@ -72,7 +73,6 @@ def tiny_kind(request) -> str:
 @pytest.fixture(scope="session")
 def instance_dir(tmp_path_factory) -> str:
     """Four synthetic 'photos' of a toy (80x72, so resized and cropped at 64 px)."""
-    # our modules load in the fixtures: JAX must not load before the environment above is set
     from train_helpers import draw_images
 
     return draw_images(tmp_path_factory.mktemp("instance"), 4, seed=0)

@@ -117,9 +117,8 @@ def test_group_norm_lowers_for_tpu_and_gpu():
 def test_splash_attention_equals_reference(b, t, s, n, h):
     """Head widths 40/64/160, 77 text keys and lengths that are not multiples of 128 exercise the padding."""
     k = jax.random.split(jax.random.PRNGKey(1), 4)
-    q, key, v = (jax.random.normal(k[i], shape) for i, shape in enumerate([(b, t, n, h), (b, s, n, h), (b, s,
-                                                                                                        n,
-                                                                                                        h)]))
+    q, key, v = (jax.random.normal(k[i], shape) for i, shape in enumerate([(b, t, n, h), (b, s, n, h),
+                                                                           (b, s, n, h)]))
     dy = jax.random.normal(k[3], (b, t, n, h))
     got = _value_and_grads(lambda *a: splash_attention(*a, interpret=True), (q, key, v), dy)
     want = _value_and_grads(attention_reference, (q, key, v), dy)

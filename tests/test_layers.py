@@ -31,6 +31,7 @@ LAYERS = [
 CLI_LAYER, TOOLS_LAYER = len(LAYERS), len(LAYERS) + 1
 LAYER_OF = {f"{PACKAGE}.{name}": n for n, names in enumerate(LAYERS) for name in names}
 
+
 def _modules() -> dict[str, str]:
     """{module name: file} of `dreambooth_jax/` (a package by its `__init__.py`) and `tools/` (as
     `tools.<name>`)."""

@@ -125,8 +125,8 @@ def test_unmerged_equals_merged(sd1, loras):
     # `scale` multiplies the update (merge's too); 0 is exactly the base model.
     _close(_lora_unet(path)(params, loras["unet"], 0.5, *args),
            _plain(path, "unet")(lora.merge(params, loras["unet"], CONFIG, scale=0.5), *args))
-    assert np.array_equal(_lora_unet(path)(params, loras["unet"], 0.0, *args), _plain(path, "unet")(params,
-                                                                                                    *args))
+    assert np.array_equal(_lora_unet(path)(params, loras["unet"], 0.0, *args),
+                          _plain(path, "unet")(params, *args))
     te, te_params = pipe.text_encoder, pipe.params["text_encoder"]
     unmerged = jax.jit(lambda p, t: lora.apply(te, p, t, CONFIG, IDS).last_hidden_state)(te_params,
                                                                                        loras["text_encoder"])
@@ -370,8 +370,8 @@ def test_kohya_sdxl_ldm_names_merge_as_in_diffusers(tiny_pipelines, tmp_path):
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(path)
     base = {c: _no_text_model(getattr(ref, c).state_dict()) for c in components}
     file = _write_kohya(tmp_path / "sdxl_ldm.safetensors",
-                        {name: base[c][f"{module}.weight"].shape for name,
-                         (c, module) in LDM_SDXL_NAMES.items()})
+                        {name: base[c][f"{module}.weight"].shape
+                         for name, (c, module) in LDM_SDXL_NAMES.items()})
     ref.load_lora_weights(file)
     ref.fuse_lora(components=list(components))
     ref.unload_lora_weights()  # keeps the fused weights, under their plain names

@@ -66,8 +66,8 @@ def test_lora_exports_match_diffusers_and_the_merged_pipeline(tiny_pipelines, lo
     ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
     ref.load_lora_weights(out)
     ref.set_progress_bar_config(disable=True)
-    theirs = ref(["a photo of sks toy"], num_inference_steps=3, latents=torch.tensor(latents.transpose(0, 3,
-                                                                                                       1, 2)),
+    theirs = ref(["a photo of sks toy"], num_inference_steps=3,
+                 latents=torch.tensor(latents.transpose(0, 3, 1, 2)),
                  height=64, width=64, output_type="np").images
     assert np.abs(theirs - ours).max() <= IMAGE_TOL
 

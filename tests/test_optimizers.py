@@ -47,6 +47,7 @@ def _torch_optimizer(name, params, lr, weight_decay):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     if name == "adafactor":
+        # each reference is an optional torch package: loaded only by its own case
         from transformers.optimization import Adafactor
 
         return Adafactor(params, lr=lr, relative_step=False, scale_parameter=True, warmup_init=False,

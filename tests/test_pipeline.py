@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,8 +72,8 @@ def test_saved_pipeline_runs_in_diffusers_with_same_unet_output(tiny_pipelines, 
         b = reloaded.unet(x, 500, ctx, **kwargs).sample
     assert torch.equal(a, b)
     # And the whole pipeline runs (2 steps, 64 px) from the folder we wrote.
-    images = reloaded("a photo of sks "
-                      "dog", num_inference_steps=2, height=64, width=64, output_type="np").images
+    images = reloaded("a photo of sks dog", num_inference_steps=2, height=64, width=64,
+                      output_type="np").images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
@@ -242,8 +243,6 @@ def test_runtime_never_imports_torch(tiny_pipelines, tmp_path):
 def test_separate_vae_folder_pipeline_and_hub_repository(tiny_pipelines, tmp_path, monkeypatch):
     """`load_pipeline(vae=...)` (the trainer's --pretrained_vae_model_name_or_path): a model folder or another
     pipeline's vae/; from the Hub only diffusers' config and weights of that model are fetched."""
-    import huggingface_hub
-
     other_vae = load_pipeline(tiny_pipelines["sd1"]).params["vae"]
     folder = shutil.copytree(os.path.join(tiny_pipelines["sd1"], "vae"), tmp_path / "my-vae")
     for source in (str(folder), tiny_pipelines["sd1"]):
@@ -288,8 +287,8 @@ def test_separate_vae_from_a_bucket_fetches_only_that_model(tiny_pipelines, tmp_
     expected = load_pipeline(tiny_pipelines["sd1"]).params["vae"]
     for a, b in zip(jax.tree.leaves(pipe.params["vae"]), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)
-    mirrored = {os.path.relpath(os.path.join(d, f), tmp_path / "cache") for d, _,
-                fs in os.walk(tmp_path / "cache") for f in fs}
+    mirrored = {os.path.relpath(os.path.join(d, f), tmp_path / "cache")
+                for d, _, fs in os.walk(tmp_path / "cache") for f in fs}
     other = {m for m in mirrored if "other" in m}
     assert {os.path.basename(m) for m in other} == {"config.json", "diffusion_pytorch_model.safetensors"}
     base = {m for m in mirrored if "base" in m}

@@ -32,7 +32,7 @@ def _pipe(path):
 
 
 def _diffusers_images(path, scheduler_name, latents_nhwc, steps, guidance, kind, negative_prompt=None):
-    import diffusers
+    import diffusers  # heavy (PyTorch): only the parity references load it
     import torch
 
     classes = {"ddim": diffusers.DDIMScheduler, "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,

@@ -74,10 +74,8 @@ def test_fsdp_rule_shards_the_largest_divisible_dimension():
 
 # --- sharded runs through the CLI
 # ----------------------------------------------------------------------------------
-def test_sharded_runs_equal_one_device_and_checkpoints_move_between_device_counts(tiny_pipelines,
-                                                                                  instance_dir,
-                                                                                   class_dir, one_device_run,
-                                                                                   tmp_path):
+def test_sharded_runs_equal_one_device_and_checkpoints_move_between_device_counts(
+        tiny_pipelines, instance_dir, class_dir, one_device_run, tmp_path):
     """On 8 devices: fsdp 8, fsdp 4 x data 2 and replication (fsdp 1) give the one-device weights (full
     fine-tuning with prior preservation, text encoder and EMA; and LoRA); so does fsdp 4 with the GroupNorm
     kernel (interpret mode, run per device on its share of the batch) against XLA's norm on one device. The
@@ -142,8 +140,8 @@ def test_dry_run_prints_the_memory_from_configs_alone(tiny_pipelines, instance_d
     # AdamW: mu and nu of each trained weight, plus int32 step counters (Adam's and the schedule's, per part).
     assert 0 < sizes["optimizer"] - 2 * trained <= 64
     assert sizes["frozen"] == 4 * numel["vae"]
-    assert sizes["temp"] > 0 and sizes["total"] >= sum(sizes[k] for k in ("params", "optimizer", "ema",
-                                                                          "frozen"))
+    state = sum(sizes[k] for k in ("params", "optimizer", "ema", "frozen"))
+    assert sizes["temp"] > 0 and sizes["total"] >= state
     assert report["device_memory_bytes"] is None and report["fits"] is None  # CPU: unknown
 
 
@@ -166,8 +164,8 @@ def test_batch_shapes_are_what_the_inputs_build(tiny_pipelines, instance_dir, cl
             {k: (v.shape, np.dtype(v.dtype)) for k, v in expected.items()}, (kind, options)
 
 
-def test_a_run_too_large_for_the_device_stops_before_placing_anything(tiny_pipelines, instance_dir, tmp_path,
-                                                                       monkeypatch):
+def test_a_run_too_large_for_the_device_stops_before_placing_anything(tiny_pipelines, instance_dir,
+                                                                       tmp_path, monkeypatch):
     monkeypatch.setattr(preflight, "device_memory", lambda devices=None: 2**20)  # a 1 MiB device
 
     def refuse(*args, **kwargs):
@@ -188,8 +186,7 @@ def test_a_run_too_large_for_the_device_stops_before_placing_anything(tiny_pipel
     (["--output_dir", "foo://bucket/run"], "--output_dir foo://bucket/run: unknown scheme foo://"),
 ])
 def test_bad_scale_options_fail_with_one_line_before_weights(tiny_pipelines, instance_dir, tmp_path,
-                                                             monkeypatch,
-                                                              extra, message):
+                                                             monkeypatch, extra, message):
     _no_weights(monkeypatch)
     argv = [*run_argv(tiny_pipelines, instance_dir, tmp_path / "out"), *extra]
     code = ("import sys\nfrom dreambooth_jax import cli\nfrom dreambooth_jax.train import main\n"

@@ -54,7 +54,7 @@ def sdxl_lora_run(tiny_pipelines, instance_dir, class_dir, tmp_path_factory):
 
 
 def test_sdxl_lora_export_draws_in_diffusers_what_our_merged_export_draws(tiny_pipelines, sdxl_lora_run):
-    import diffusers
+    import diffusers  # heavy (PyTorch): only this test's reference loads it
     import torch
 
     out = sdxl_lora_run
@@ -94,8 +94,8 @@ def test_sdxl_kohya_export_round_trips(tiny_pipelines, sdxl_lora_run):
     assert prefixes == {"lora_unet", "lora_te1", "lora_te2"}
     kohya, kohya_cfg = lora.load_lora_file(kohya_path)
     diffusers_layout, cfg = lora.load_lora_file(os.path.join(out, lora.WEIGHT_NAME))
-    assert kohya_cfg == cfg and kohya.keys() == diffusers_layout.keys() == {"unet", "text_encoder",
-                                                                            "text_encoder_2"}
+    assert kohya_cfg == cfg
+    assert kohya.keys() == diffusers_layout.keys() == {"unet", "text_encoder", "text_encoder_2"}
     for a, b in zip(jax.tree.leaves(kohya), jax.tree.leaves(diffusers_layout)):
         np.testing.assert_array_equal(a, b)
     merged = load_pipeline(out).params

@@ -38,7 +38,7 @@ LOSS_TOL = 1e-5  # fp32 loss vs the PyTorch reference (measured ~1e-7)
 @pytest.mark.parametrize("kind, prior", [("sd1", True), ("sd1", False), ("sd2", True)])
 def test_loss_equals_pytorch_reference(tiny_pipelines, kind, prior):
     """Our per-example loss + halves combination vs diffusers' UNet/DDPMScheduler and F.mse_loss."""
-    import torch
+    import torch  # heavy (PyTorch models): only the references load them
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -97,7 +97,7 @@ def test_training_overfits_the_instance_images(tiny_pipelines, instance_dir, cla
         assert row["prior_loss"] != row["instance_loss"] and np.isfinite(row["grad_norm"])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "out" / "logs"))
     # The export loads in diffusers and generates.
-    import diffusers
+    import diffusers  # heavy (PyTorch)
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
     images = pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np").images

@@ -224,7 +224,7 @@ def test_sdxl_training_equals_pytorch(tiny_pipelines, instance_dir, class_dir, t
 def _assert_samples_like_diffusers(path: str) -> None:
     """diffusers' StableDiffusionXLPipeline loads the pipeline at `path` and draws our images (sampling
     parity: ~2e-6, test_sampling)."""
-    import diffusers
+    import diffusers  # heavy (PyTorch): only the SDXL sampling check loads it
     import torch
 
     latents = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from dreambooth_jax.models.unet import UNetConfig
 from dreambooth_jax.pipeline import load_component
@@ -27,7 +28,7 @@ def _load(path: str):
 
 @functools.cache
 def _torch_unet(path: str):
-    from diffusers import UNet2DConditionModel as TorchUNet
+    from diffusers import UNet2DConditionModel as TorchUNet  # heavy (PyTorch): here only for the references
 
     return TorchUNet.from_pretrained(path, subfolder="unet").eval()
 
@@ -152,9 +153,8 @@ def test_param_names_mirror_diffusers(tiny_pipelines):
     # Our config, written back in diffusers' terms, builds a diffusers UNet with exactly the checkpoint's
     # tensors.
     from diffusers import UNet2DConditionModel as TorchUNet
-    from safetensors.numpy import load_file
 
     torch_unet = TorchUNet.from_config(module.config.to_diffusers_config())
     on_disk = load_file(os.path.join(tiny_pipelines["sd1"], "unet", "diffusion_pytorch_model.safetensors"))
-    assert {k: tuple(v.shape) for k, v in torch_unet.state_dict().items()} == {k: v.shape for k,
-                                                                               v in on_disk.items()}
+    theirs = {k: tuple(v.shape) for k, v in torch_unet.state_dict().items()}
+    assert theirs == {k: v.shape for k, v in on_disk.items()}

@@ -107,6 +107,7 @@ def test_matches_diffusers_fp32(sd1, sd1_out, name):
 
 
 def test_sample_latents_formula(sd1, sd1_out):
+    # diffusers is optional (importorskip above), and a top-level import after that call would be E402
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     mean, logvar = sd1_out["mean"], sd1_out["logvar"]
@@ -185,10 +186,9 @@ def test_config_round_trip(tiny_pipelines):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]), ("up_block_types",
-                                                                              ["UpBlock2D"] * 2),
-     ("act_fn", "gelu"), ("_class_name", "AutoencoderKLTemporalDecoder"), ("latents_mean", [0.0] * 4),
-     ("norm_num_groups", 3)],
+    [("down_block_types", ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]),
+     ("up_block_types", ["UpBlock2D"] * 2), ("act_fn", "gelu"),
+     ("_class_name", "AutoencoderKLTemporalDecoder"), ("latents_mean", [0.0] * 4), ("norm_num_groups", 3)],
 )
 def test_config_rejects_unsupported(key, value):
     d = dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,

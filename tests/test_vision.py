@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from dreambooth_jax.evaluation import encoders, preprocessing
 from dreambooth_jax.models import vision
@@ -101,9 +103,6 @@ def test_clip_matches_transformers(tmp_path):
 @pytest.mark.parametrize("kind", ["dino", "clip"])
 @pytest.mark.parametrize("size", [24, 224])
 def test_preprocessing_matches_processor(kind, size):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
     images = _images()
     if kind == "dino":  # facebook/dino-vits16's preprocessor_config.json
         proc = ViTImageProcessorPil(size={"height": size, "width": size}, resample=2,
@@ -125,8 +124,8 @@ def test_preprocessing_matches_processor(kind, size):
 
 
 def test_legacy_openai_config_formats():
-    """openai/clip-vit-base-patch32's old preprocessor config (`size: 224` means the shortest edge for CLIP,
-    a square for ViT) and `text_config_dict` overrides, read as transformers reads them."""
+    """openai/clip-vit-base-patch32's old preprocessor config (`size: 224` means the shortest edge for CLIP, a
+    square for ViT) and `text_config_dict` overrides, read as transformers reads them."""
     old_clip = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
                 "feature_extractor_type": "CLIPFeatureExtractor",
                 "image_mean": list(preprocessing.OPENAI_CLIP_MEAN),
@@ -142,17 +141,12 @@ def test_legacy_openai_config_formats():
               "vision_config_dict": {"patch_size": 14}}
     assert encoders.clip_tower_config(config, "text") == {"hidden_size": 768, "vocab_size": 49408}
     assert encoders.clip_tower_config(config, "vision") == {"patch_size": 14}
-    from transformers import CLIPConfig
-
-    ref = CLIPConfig(text_config={"hidden_size": 512}, text_config_dict={"hidden_size": 768})
+    ref = transformers.CLIPConfig(text_config={"hidden_size": 512}, text_config_dict={"hidden_size": 768})
     assert ref.text_config.hidden_size == 768
 
 
 @pytest.mark.parametrize("kind", ["clip", "vit"])
 def test_missing_processor_keys_take_the_processor_classes_defaults(kind):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
     if kind == "clip":
         proc, name = CLIPImageProcessorPil(), "CLIPImageProcessor"
     else:

@@ -76,6 +76,7 @@ class TorchTrainer:
     conditions the UNet (`encode_prompt`, `added_cond_kwargs`)."""
 
     def __init__(self, cfg: TrainConfig, max_steps: int):
+        # diffusers and transformers' PyTorch models: heavy, loaded only when a reference runs
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
@@ -136,7 +137,7 @@ class TorchTrainer:
                   "sample": x.latents}[kind]
         mse = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.snr_gamma is not None:  # diffusers' train_text_to_image.py Min-SNR branch
-            from diffusers.training_utils import compute_snr
+            from diffusers.training_utils import compute_snr  # heavy: only --snr_gamma's reference needs it
 
             snr = compute_snr(sched, x.timesteps)
             weights = torch.stack([snr, cfg.snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
@@ -178,16 +179,16 @@ def make_torch_optimizer(cfg: TrainConfig, params):
         return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, b2 or 0.999),
                                  eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
     if cfg.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
+        from transformers.optimization import Adafactor  # PyTorch optimizer: only --optimizer adafactor
 
         return Adafactor(params, lr=cfg.learning_rate, relative_step=False, scale_parameter=True,
                          warmup_init=False, weight_decay=cfg.adam_weight_decay)
     if cfg.optimizer == "lion":
-        from lion_pytorch import Lion
+        from lion_pytorch import Lion  # optional test extra: only --optimizer lion needs it
 
         return Lion(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, b2 or 0.99),
                     weight_decay=cfg.adam_weight_decay)
-    from prodigyopt import Prodigy
+    from prodigyopt import Prodigy  # optional test extra: only --optimizer prodigy needs it
 
     return Prodigy(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, b2 or 0.999), eps=cfg.adam_epsilon,
                    weight_decay=cfg.adam_weight_decay)
@@ -207,7 +208,7 @@ def read_metrics(output_dir) -> list[dict]:
 
 def exported_unet(output_dir) -> dict[str, np.ndarray]:
     """The UNet our run exported, read by diffusers (PyTorch layout and names)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # heavy: loaded only when a test reads an export
 
     unet = UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")
     return {name: p.detach().numpy() for name, p in unet.named_parameters()}

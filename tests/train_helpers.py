@@ -42,8 +42,8 @@ def exported_weights(out) -> dict[str, np.ndarray]:
     lora = os.path.join(out, "pytorch_lora_weights.safetensors")
     if os.path.exists(lora):
         return load_file(lora)
-    return {f"{part}/{k}": v for part, file in (("unet", "diffusion_pytorch_model"), ("text_encoder",
-                                                                                      "model"))
+    files = (("unet", "diffusion_pytorch_model"), ("text_encoder", "model"))
+    return {f"{part}/{k}": v for part, file in files
             for k, v in load_file(os.path.join(out, part, f"{file}.safetensors")).items()}
 
 
@@ -87,5 +87,5 @@ def fixed_eval_loss(path, params, instance_dir):
     tokens = pipe.tokenizer([PROMPT], padding="max_length", max_length=16, return_tensors="np")
     ids = np.tile(tokens.input_ids, (16, 1)).astype(np.int32)
     frozen = {**pipe.params, **params}
-    return float(jnp.mean(train_step.per_example_loss(spec, {}, frozen, {"input_ids": ids}, latents, noise,
-                                                      t)))
+    loss = train_step.per_example_loss(spec, {}, frozen, {"input_ids": ids}, latents, noise, t)
+    return float(jnp.mean(loss))

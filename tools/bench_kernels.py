@@ -30,6 +30,8 @@ import sys
 import time
 
 import numpy as np
+from bench_train_common import PEAK_TFLOPS
+from make_config_pipeline import configs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +49,6 @@ def record_shapes(kind: str):
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from make_config_pipeline import configs
 
     from dreambooth_jax.models import unet, vae
     from dreambooth_jax.models.attention import Attention
@@ -128,9 +129,8 @@ def bench_norm(shape, groups, eps, activation, dtype, repeats, device_kind) -> d
     n_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     row = {"op": "group_norm" + ("+silu" if activation else ""), "shape": list(shape)}
     peak = _peak(PEAK_GBPS, device_kind)
-    for impl, f in (("kernel", functools.partial(group_norm, **kw)), ("xla",
-                                                                      functools.partial(group_norm_reference,
-                                                                                        **kw))):
+    for impl, f in (("kernel", functools.partial(group_norm, **kw)),
+                    ("xla", functools.partial(group_norm_reference, **kw))):
         fwd, fwd_bwd = _fwd_and_fwd_bwd(f, args)
         for mode, fn, traffic in (("fwd", fwd, 3 * n_bytes), ("fwd_bwd", fwd_bwd, 8 * n_bytes)):
             s = _time(fn, args, repeats)
@@ -145,14 +145,13 @@ def bench_norm(shape, groups, eps, activation, dtype, repeats, device_kind) -> d
 def bench_attention(b, t, s, heads, head_dim, dtype, repeats, device_kind,
                     implementation: str = "auto") -> dict:
     import jax
-    from bench_train_common import PEAK_TFLOPS
 
     from dreambooth_jax.kernels import choose
     from dreambooth_jax.models.attention import dot_product_attention
 
     k = jax.random.split(jax.random.PRNGKey(0), 3)
-    args = tuple(jax.random.normal(key, (b, n, heads, head_dim)).astype(dtype) for key, n in zip(k, (t, s,
-                                                                                                     s)))
+    args = tuple(jax.random.normal(key, (b, n, heads, head_dim)).astype(dtype)
+                 for key, n in zip(k, (t, s, s)))
     auto = choose.attention(implementation, q_len=t, kv_len=s, head_dim=head_dim, dtype=dtype, masked=False)
     flop = 4 * b * heads * t * s * head_dim
     row = {"op": "attention", "shape": [b, t, s, heads, head_dim], "auto": auto}
@@ -282,12 +281,12 @@ def main(argv=None) -> None:
     for kind in args.models:
         norms, attentions = record_shapes(kind)
         for (shape, groups, eps, act), n in sorted(norms.items(), key=lambda kv: -np.prod(kv[0][0])):
-            rows.append({"model": kind, "count": n, **bench_norm(shape, groups, eps, act, dtype, args.repeats,
-                                                                  device_kind)})
+            row = bench_norm(shape, groups, eps, act, dtype, args.repeats, device_kind)
+            rows.append({"model": kind, "count": n, **row})
             print(json.dumps({**rows[-1], "device": device_kind}), flush=True)
         for (b, t, s, h, d), n in sorted(attentions.items(), key=lambda kv: -kv[0][1]):
-            rows.append({"model": kind, "count": n, **bench_attention(b, t, s, h, d, dtype, args.repeats,
-                                                                       device_kind, args.attention)})
+            row = bench_attention(b, t, s, h, d, dtype, args.repeats, device_kind, args.attention)
+            rows.append({"model": kind, "count": n, **row})
             print(json.dumps({**rows[-1], "device": device_kind}), flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

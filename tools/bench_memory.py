@@ -25,6 +25,7 @@ import sys
 import tempfile
 
 import numpy as np
+from make_config_pipeline import make_config_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -74,7 +75,6 @@ def preflight_row(model_dir: str, instance_dir: str, row: dict, fsdp: int, args,
 def child(args) -> None:
     """Runs every row on this process's devices; one JSON line each on stdout."""
     import jax
-    from make_config_pipeline import make_config_pipeline
 
     devices = tpu_devices(args.topology) if args.topology else jax.devices()
     n = len(devices)

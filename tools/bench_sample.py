@@ -2,8 +2,8 @@
 optionally beside diffusers' PyTorch pipeline on the same accelerator.
 
     python tools/bench_sample.py                                   # SD-1.5-shaped random weights, 512 px
-    python tools/bench_sample.py --model PATH --batch 1 16 --steps 50 --scheduler pndm --dtype bf16
-    --diffusers
+    python tools/bench_sample.py --model PATH --batch 1 16 --steps 50 --scheduler pndm --dtype bf16 \
+      --diffusers
     python tools/bench_sample.py --tiny --resolution 64 --steps 5  # a quick CPU smoke run
 
 `--diffusers` times `StableDiffusionPipeline` with the same architecture, batch, steps and dtype when torch
@@ -73,14 +73,13 @@ def bench_ours(pipe, batch: int, args) -> dict:
         times.append(time.perf_counter() - t0)
     steady = min(times)
     return {"impl": "dreambooth_jax", "device": jax.devices()[0].device_kind, "batch": batch,
-            "seconds_per_batch": steady, "images_per_s": batch / steady, "compile_s": max(0.0,
-                                                                                          first - steady),
-            "peak_memory_gib": peak_memory_gib()}
+            "seconds_per_batch": steady, "images_per_s": batch / steady,
+            "compile_s": max(0.0, first - steady), "peak_memory_gib": peak_memory_gib()}
 
 
 def bench_diffusers(pipe, batch: int, args) -> dict | None:
     try:
-        import torch
+        import torch  # heavy and optional: only --diffusers loads PyTorch (diffusers, transformers below)
     except ImportError:
         return None
     if not torch.cuda.is_available():

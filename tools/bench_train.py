@@ -54,6 +54,7 @@ from bench_train_common import (
     synthetic_batch,
     time_loop,
 )
+from bench_train_torch import bench_torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -128,8 +129,8 @@ def bench_jax(pipe, name: str, optimizer: str, args) -> dict:
     plan = preflight.plan(pipe, step_spec(cfg, pipe), states, BatchSpec.of(cfg), max_steps=1,
                           global_batch=global_rows, fsdp=cfg.fsdp if cfg.fsdp == "auto" else int(cfg.fsdp))
     compile_s = time.perf_counter() - t0
-    step_s, loss, peak_bytes = (None, None, None) if args.dry_run else time_jax(plan, pipe, feats,
-                                                                                global_rows, args)
+    step_s, loss, peak_bytes = ((None, None, None) if args.dry_run
+                                else time_jax(plan, pipe, feats, global_rows, args))
     # None: XLA refused the program as larger than the device (the preflight's total is None too)
     cost = plan.compiled.cost_analysis() if plan.compiled is not None else None
     flops = [c.get("flops") for c in (cost if isinstance(cost, (list, tuple)) else [cost]) if c]
@@ -178,7 +179,7 @@ def plan_jobs(args) -> list[tuple[str, str, str]]:
     optimizers = OPTIMIZERS if args.all_optimizers else (args.optimizer,)
     jobs = [("jax", c, o) for c in args.configs for o in optimizers]
     if not args.no_torch and not args.dry_run and importlib.util.find_spec("torch") is not None:
-        import torch
+        import torch  # heavy and optional: the PyTorch reference rows only
 
         if args.torch_device != "cuda" or torch.cuda.is_available():
             # `xla` rows are ours only, and so are `subjectsK` rows (PyTorch trains one subject per process).
@@ -204,8 +205,7 @@ def run_in_process(jobs, args) -> list[dict]:
     for impl, config, optimizer in jobs:
         try:
             if impl == "torch":
-                import torch
-                from bench_train_torch import bench_torch
+                import torch  # heavy and optional, as above
 
                 rows.append(bench_torch(config, args, args.torch_device))
                 torch.cuda.empty_cache()  # hand the memory back before JAX allocates
@@ -253,11 +253,11 @@ def checks(row: dict, rows: list[dict], args) -> str:
         if feats["remat"] and not feats["lora"]:
             items += [(">=5 steps/s", at_least("steps_per_s", 5)), (">=1.5x torch", faster)]
         if feats["lora"] == 16:
-            items += [(">=8 steps/s", at_least("steps_per_s", 8)), (">=1.5x torch", faster), ("<=24 GB",
-                                                                                              peak_gb(24))]
+            items += [(">=8 steps/s", at_least("steps_per_s", 8)), (">=1.5x torch", faster),
+                      ("<=24 GB", peak_gb(24))]
     applies = not args.tiny and args.resolution == UNET_FWD_TFLOP[args.model][1]
-    return " ".join(f"{label} {'n/a' if not applies or ok is None else 'ok' if ok else 'MISS'}" for label,
-                    ok in items)
+    return " ".join(f"{label} {'n/a' if not applies or ok is None else 'ok' if ok else 'MISS'}"
+                    for label, ok in items)
 
 
 # (header, row key, format, scale) of the table's numeric columns; 'an.': the analytic UNet count; param, opt,
@@ -323,9 +323,9 @@ def parse_args(argv):
     p.add_argument("--throughput_batch", type=int, default=32, help="samples per device of `throughput`")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--configs", nargs="+", help="rows to run (default: " + "; ".join(
-        f"{m}: {' '.join(c)}" for m, c in DEFAULT_CONFIGS.items()) + "; throughput without remat may not fit "
-                                                                     "in 80 GB)")
+    defaults = "; ".join(f"{m}: {' '.join(c)}" for m, c in DEFAULT_CONFIGS.items())
+    p.add_argument("--configs", nargs="+",
+                   help=f"rows to run (default: {defaults}; throughput without remat may not fit in 80 GB)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--all_optimizers", action="store_true", help="every configuration with every optimizer")
     p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS)

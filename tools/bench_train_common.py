@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import make_config_pipeline
 import numpy as np
 
 MODELS = ("sd15", "sdxl")
@@ -24,7 +25,6 @@ def model_configs(args) -> dict:
     (`make_tiny_pipeline`'s)."""
 
     # late, as in every tool: `--help` answers at once and a backend starts only for the work
-    from make_config_pipeline import configs
     from make_tiny_pipeline import variant_configs
 
     from dreambooth_jax.models import clip, unet, vae
@@ -40,7 +40,7 @@ def model_configs(args) -> dict:
         if sdxl:  # as make_tiny_pipeline's
             out["text_cfg_2"] = dataclasses.replace(text, num_hidden_layers=2)
         return {**out, **tokenizers}
-    parts = configs(args.model)
+    parts = make_config_pipeline.configs(args.model)
     out = dict(text_cfg=clip.CLIPTextConfig.from_diffusers_config(parts["text_encoder"]),
                unet_cfg=unet.UNetConfig.from_diffusers_config(parts["unet"]),
                vae_cfg=vae.VAEConfig.from_diffusers_config(parts["vae"]), scheduler_config=parts["scheduler"])
@@ -102,8 +102,8 @@ def synthetic_batch(text, vae, cached: bool, rows: int, resolution: int, seed: i
     # SDXL: the second tokenizer's ids; time_ids (original size, crop corner, target size)
     if text_2 is not None:
         batch["input_ids_2"] = rng.integers(0, text_2.vocab_size, (n, length), dtype=np.int32)
-        batch["time_ids"] = np.tile(np.float32([resolution, resolution, 0, 0, resolution, resolution]), (n,
-                                                                                                         1))
+        batch["time_ids"] = np.tile(np.float32([resolution, resolution, 0, 0, resolution, resolution]),
+                                    (n, 1))
     batch["is_prior"] = np.arange(n) >= rows
     batch["example_id"] = np.arange(n, dtype=np.int32)
     return {k: v[None] for k, v in batch.items()}
@@ -146,7 +146,8 @@ def make_row(impl: str, name: str, optimizer: str, args, *, device: str, chips: 
     analytic = None if fwd is None else fwd * (2 + (not feats["lora"]) + feats["remat"]) * samples
     gib = lambda b: None if b is None else b / 2**30  # noqa: E731
     per_s = lambda n: None if step_s is None else n / step_s  # noqa: E731
-    mfu = lambda tf, n: None if tf is None or peak is None or step_s is None else tf / step_s / (peak * n)  # noqa: E731
+    mfu = lambda tf, n: (None if tf is None or peak is None or step_s is None  # noqa: E731
+                         else tf / step_s / (peak * n))
     return {"impl": impl, "config": name, "optimizer": optimizer, "model": args.model, "device": device,
             "devices": chips, "mesh": mesh, "batch_per_device": f"{rows}+{rows}", "samples_per_step": samples,
             "compile_s": compile_s, "step_s": step_s, "steps_per_s": per_s(1),

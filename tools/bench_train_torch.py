@@ -10,7 +10,7 @@ from bench_train_common import features, instance_rows, make_row, model_configs,
 def torch_models(feats: dict, models: dict, dev):
     """(unet, vae, text encoders, trained params) as diffusers' DreamBooth scripts set them up under bf16
     mixed precision: trained modules fp32 (autocast computes in bf16), frozen ones bf16; LoRA
-    (train_dreambooth_lora [_sdxl].py): peft adapters on the frozen bf16 base, their params fp32
+    (train_dreambooth_lora[_sdxl].py): peft adapters on the frozen bf16 base, their params fp32
     (`cast_training_params`)."""
     # heavy and optional: the PyTorch reference (torch, diffusers, peft) loads only where it runs
     import diffusers

@@ -63,8 +63,8 @@ def make_config_pipeline(out_dir: str, kind: str) -> str:
     index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
              "_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers",
-                                                                           parts["scheduler"]["_class_name"]]}
+             "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", parts["scheduler"]["_class_name"]]}
     for name, config in parts.items():
         file = "scheduler_config.json" if name == "scheduler" else "config.json"
         os.makedirs(os.path.join(out_dir, name), exist_ok=True)

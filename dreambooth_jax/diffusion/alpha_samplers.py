@@ -44,8 +44,8 @@ class DDPMSampler(Sampler):
             x0 = jnp.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
         prev = value_at(self.coef_x0, i) * x0
         if self.name == "ddpm":
-            prev = prev + value_at(self.coef_xt, i) * x + value_at(self.std, i) * step_noise(rng, noise,
-                                                                                             sample)
+            prev = (prev + value_at(self.coef_xt, i) * x
+                    + value_at(self.std, i) * step_noise(rng, noise, sample))
         else:
             prev = prev + value_at(self.coef_eps, i) * eps
             if float(np.max(self.std)) > 0:  # eta > 0

@@ -45,8 +45,8 @@ def scheduler_name_for(config_dict: dict) -> str:
 
 
 _BUILDERS = {"ddpm": ddpm_sampler, "ddim": ddim_sampler, "pndm": pndm_sampler, "euler": euler_sampler,
-             "dpmpp_2m": dpm_solver_sampler, "euler_a": lambda cfg, n, eta: euler_sampler(cfg, n, eta,
-                                                                                          ancestral=True)}
+             "dpmpp_2m": dpm_solver_sampler,
+             "euler_a": lambda cfg, n, eta: euler_sampler(cfg, n, eta, ancestral=True)}
 
 
 def make_sampler(name: str, config_dict: dict, num_inference_steps: int, *, eta: float = 0.0,

@@ -55,9 +55,9 @@ class ImagePreprocessing:
             if crop["height"] != crop["width"]:
                 raise UsageError(f"crop_size={crop} is not supported; expected a square")
             crop = crop["height"]
-        return cls(size=size, shortest_edge=shortest, crop_size=crop, resample=int(d.get("resample",
-                                                                                         base.resample)),
-                   mean=tuple(d.get("image_mean", base.mean)), std=tuple(d.get("image_std", base.std)))
+        return cls(size=size, shortest_edge=shortest, crop_size=crop,
+                   resample=int(d.get("resample", base.resample)), mean=tuple(d.get("image_mean", base.mean)),
+                   std=tuple(d.get("image_std", base.std)))
 
 
 # facebook/dino-vits16's preprocessor_config.json: 224 x 224 bilinear, ImageNet mean/std (not the 0.5/0.5 of

@@ -90,6 +90,6 @@ def splash_attention(q, k, v, *, interpret: bool | None = None):
 
     kernel = _splash_kernel(n, tp, sp, bool(interpret))
     segments = splash.SegmentIds(q=jnp.zeros((tp,), jnp.int32), kv=(jnp.arange(sp) >= s).astype(jnp.int32))
-    out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segments))(pad(q, tp), pad(k, sp), pad(v,
-                                                                                                            sp))
+    out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segments))(pad(q, tp), pad(k, sp),
+                                                                                pad(v, sp))
     return out.transpose(0, 2, 1, 3)[:, :t, :, :h].astype(q.dtype)

@@ -245,8 +245,8 @@ def _group_stats(x3, num_groups, eps, interpret):
     m2_c = jnp.sum(m2s, axis=1) + jnp.sum(counts * jnp.square(means - mean_c[:, None]), axis=1)
     grouped = lambda a: a.reshape(b, num_groups, c // num_groups)  # noqa: E731
     mean_g = grouped(mean_c).mean(axis=2)  # [B, G]
-    m2_g = grouped(m2_c).sum(axis=2) + length * jnp.sum(jnp.square(grouped(mean_c) - mean_g[..., None]),
-                                                        axis=2)
+    spread = jnp.sum(jnp.square(grouped(mean_c) - mean_g[..., None]), axis=2)
+    m2_g = grouped(m2_c).sum(axis=2) + length * spread
     var_g = m2_g / (length * (c // num_groups))
     return mean_g, jax.lax.rsqrt(var_g + eps)
 

@@ -235,9 +235,9 @@ class UNet2DConditionModel(nn.Module):
             skips.extend(states)
 
         # The mid block has one (transformer, resnet) pair after its first resnet, as in diffusers.
-        x = wrap(MidBlock)(cfg.block_out_channels[-1], 1, heads=heads[-1], transformer_layers=tlayers[-1],
-                           output_scale_factor=cfg.mid_block_scale_factor, **block, name="mid_block")(x, emb,
-                                                                                                      context)
+        mid = wrap(MidBlock)(cfg.block_out_channels[-1], 1, heads=heads[-1], transformer_layers=tlayers[-1],
+                             output_scale_factor=cfg.mid_block_scale_factor, **block, name="mid_block")
+        x = mid(x, emb, context)
         for i, kind in enumerate(cfg.up_block_types):
             r = cfg.num_blocks - 1 - i  # the matching down block
             n = layers[r] + 1

@@ -50,8 +50,8 @@ class VAEConfig:
         n = len(self.block_out_channels)
         if self.act_fn not in ("silu", "swish"):  # diffusers maps both names to nn.SiLU
             raise UsageError(f"VAE config act_fn={self.act_fn!r}: only 'silu' is supported")
-        for key, expected in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types",
-                                                                           "UpDecoderBlock2D")):
+        for key, expected in (("down_block_types", "DownEncoderBlock2D"),
+                              ("up_block_types", "UpDecoderBlock2D")):
             bad = [t for t in getattr(self, key) if t != expected]
             if bad:
                 raise UsageError(f"VAE config {key}: unsupported block type {bad[0]!r}; only {expected!r}")

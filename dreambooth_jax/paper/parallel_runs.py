@@ -46,7 +46,7 @@ class Together:
     each run trains alone as before."""
 
     def __init__(self, args, trainer_args: list[str], builder, pending: list[tuple[str, int]]):
-        # heavy and optional: TFDS (and TensorFlow), as in `reproduction.run_protocol`
+        # heavy and optional: TFDS, as in `reproduction.run_protocol`
         from dreambooth_jax.datasets import dreambooth as dreambooth_dataset
 
         self.args, self.trainer_args = args, trainer_args

@@ -76,8 +76,8 @@ def sample_subject(args, cfg, subject, seed: int, model_dir: str, samples_dir: s
 def subject_sheet(real: list, generated: np.ndarray, columns: int, thumb: int = 128) -> np.ndarray:
     """A contact sheet: the real photos on the first row(s), then one row per prompt (thumbnails)."""
     def small(image):
-        return np.asarray(Image.fromarray(np.asarray(image)).convert("RGB").resize((thumb, thumb),
-                                                                                 Image.Resampling.BICUBIC))
+        rgb = Image.fromarray(np.asarray(image)).convert("RGB")
+        return np.asarray(rgb.resize((thumb, thumb), Image.Resampling.BICUBIC))
 
     columns = max(columns, 1)
     real_rows = [small(im) for im in real]
@@ -210,7 +210,7 @@ def run_protocol(args, trainer_args: list[str]) -> str | None:
     scored yet; returns the path of `results.md` (on process 0; None elsewhere).
 
     On several hosts, every process runs this with the same arguments and a shared --output_dir."""
-    # heavy and optional: TFDS (and TensorFlow) load only when the protocol runs
+    # heavy and optional: TFDS loads only when the protocol runs
     from dreambooth_jax.datasets import dreambooth as dreambooth_dataset
 
     maybe_initialize_distributed()  # before anything touches a device
@@ -248,8 +248,8 @@ def run_protocol(args, trainer_args: list[str]) -> str | None:
             t0 = time.perf_counter()
             # (its group's models, when they train together and are not yet)
             together.train_group_of(name, seed)
-            metrics = runs.setdefault(name, {})[seed] = run_one(args, trainer_args, subject, seed, real,
-                                                                encoders)
+            metrics = run_one(args, trainer_args, subject, seed, real, encoders)
+            runs.setdefault(name, {})[seed] = metrics
             print(f"{tag}: " + ", ".join(f"{evaluation.METRIC_NAMES[m]} {metrics['overall'][m]['mean']:.3f}"
                                          for m in METRICS) + f" ({time.perf_counter() - t0:.0f}s)",
                   file=sys.stderr)

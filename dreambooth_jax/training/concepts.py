@@ -135,9 +135,8 @@ def resolve_dataset(cfg, class_root: str | None = None):
     resolved = dataclasses.replace(
         cfg, instance_data_dir=folder, instance_prompt=cfg.instance_prompt or subject.instance_prompt(),
         class_prompt=cfg.class_prompt or f"a photo of {subject.class_name}",
-        class_data_dir=cfg.class_data_dir or os.path.join(class_root or os.path.join(cfg.output_dir,
-                                                                                     "class_images"),
-                                                          subject.class_folder))
+        class_data_dir=cfg.class_data_dir or os.path.join(
+            class_root or os.path.join(cfg.output_dir, "class_images"), subject.class_folder))
     logging.getLogger("dreambooth_jax.train").info(
         "--dataset %s: %d photos of a %s in %s; instance prompt %r, class prompt %r", cfg.dataset,
         len(subject.images), subject.class_name, folder, resolved.instance_prompt, resolved.class_prompt)

@@ -301,8 +301,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         concepts = []
     errors += _dataset_errors(cfg)
     for flag, path in (("--output_dir", cfg.output_dir), ("--pretrained_model_name_or_path",
-                       cfg.pretrained_model_name_or_path), ("--resume_from_checkpoint",
-                                                            cfg.resume_from_checkpoint),
+                       cfg.pretrained_model_name_or_path),
+                       ("--resume_from_checkpoint", cfg.resume_from_checkpoint),
                        ("--pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path)):
         try:
             storage.check_backend(path or "", flag)
@@ -364,7 +364,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         errors.append(f"--fsdp must be 'auto' or a positive integer; got {cfg.fsdp!r}")
     if cfg.report_to == "tensorboard":
         try:
-            import tensorboardX  # noqa: F401
+            import tensorboardX  # noqa: F401  (optional: only --report_to tensorboard needs it)
         except ImportError:
             errors.append("--report_to tensorboard needs tensorboardX (pip install tensorboardX)")
     return errors

@@ -178,9 +178,9 @@ def prodigy(schedule: optax.Schedule, *, b1: float = 0.9, b2: float = 0.999, eps
             lambda m, v, pi, x: jnp.where(moves, -dlr * (weight_decay * pi + m / (jnp.sqrt(v) + d_new * eps)),
                                           0.0).astype(x.dtype), exp_avg, exp_avg_sq, p, params)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)  # noqa: E731
-        return updates, ProdigyState(state.count + 1, d_new, d_max, jnp.where(moves, numerator,
-                                                                              state.d_numerator),
-                                     state.p0, keep(s_new, state.s), keep(exp_avg, state.exp_avg),
+        return updates, ProdigyState(state.count + 1, d_new, d_max,
+                                     jnp.where(moves, numerator, state.d_numerator), state.p0,
+                                     keep(s_new, state.s), keep(exp_avg, state.exp_avg),
                                      keep(exp_avg_sq, state.exp_avg_sq))
 
     return optax.GradientTransformation(init, update)

@@ -67,8 +67,8 @@ def batch_shapes(spec: BatchSpec, pipe, num_devices: int) -> dict:
         out.update(batched({"latent_mean": jax.ShapeDtypeStruct(latent, jnp.float32),
                             "latent_logvar": jax.ShapeDtypeStruct(latent, jnp.float32)}))
     else:
-        out.update(batched({"images": jax.ShapeDtypeStruct((1, spec.resolution, spec.resolution, 3),
-                                                           jnp.float32)}))
+        image = jax.ShapeDtypeStruct((1, spec.resolution, spec.resolution, 3), jnp.float32)
+        out.update(batched({"images": image}))
     tokens = family.tokenize(pipe.tokenizers, [""], spec.tokenizer_max_length)
     if spec.pre_compute_text_embeddings:
         def encode(params, tokens):
@@ -185,9 +185,8 @@ def _compile(pipe, spec, schedules, abstract_state, init, batch_spec: BatchSpec,
                                   - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
     else:  # a backend without the analysis: the state alone, a lower bound
         per_device["temp"] = None
-        per_device["total"] = sum(per_device.values()) + _bytes_of(batch,
-                                                                   jax.tree.map(lambda _: batch_sharding,
-                                                                                    batch))
+        batch_shardings = jax.tree.map(lambda _: batch_sharding, batch)
+        per_device["total"] = sum(per_device.values()) + _bytes_of(batch, batch_shardings)
     limit = device_memory(devices)
     fits = (False if compiled is None else None if limit is None
             else bool(per_device["total"] <= FITS * limit))
@@ -257,8 +256,8 @@ def raise_if_too_large(report: dict, state: StateSpec, batch: BatchSpec, *,
     if report["fits"] is not False:
         return
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
-    parts = ", ".join(f"{k} {gib(v)}" for k,
-                      v in report["per_device_bytes"].items() if v is not None and k != "total")
+    parts = ", ".join(f"{k} {gib(v)}" for k, v in report["per_device_bytes"].items()
+                      if v is not None and k != "total")
     helps = []
     if not gradient_checkpointing:
         helps.append("--gradient_checkpointing")

@@ -152,8 +152,8 @@ def lora_params(spec: StateSpec, family, params: dict, networks: list[str]) -> t
     dtype = jnp.bfloat16 if spec.compute_dtype == "bf16" else jnp.float32
     trained, frozen = {}, jax.tree.map(lambda x: x.astype(dtype), params)
     for net in networks:
-        targets = family.lora_targets[net] if custom is None else [t for t in custom if _matches(params[net],
-                                                                                                 t)]
+        targets = (family.lora_targets[net] if custom is None
+                   else [t for t in custom if _matches(params[net], t)])
         if not targets:
             continue  # none of the custom names is in this network
         trained[f"{net}_lora"] = lora.init_lora(params[net], targets, spec.lora, rngs[net])

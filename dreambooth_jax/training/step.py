@@ -134,8 +134,8 @@ def draw_example_inputs(spec: StepSpec, frozen, batch, rng) -> dict:
     keys = jax.vmap(lambda e: jax.random.split(jax.random.fold_in(rng, e), 4))(batch["example_id"])
     latents = clean_latents(spec, frozen, batch, keys[:, 0])
     shape = latents.shape[1:]
-    offset = _normal(keys[:, 2], (1, 1, shape[-1])) if spec.noise_offset else jnp.zeros((len(keys), 1, 1,
-                                                                                         shape[-1]))
+    offset = (_normal(keys[:, 2], (1, 1, shape[-1])) if spec.noise_offset
+              else jnp.zeros((len(keys), 1, 1, shape[-1])))
     timesteps = spec.objective.timesteps(keys[:, 3])
     return {"latents": latents, "noise": _normal(keys[:, 1], shape), "offset": offset, "timesteps": timesteps,
             "keys": keys}

@@ -27,8 +27,8 @@ def _variant_of(filename: str) -> str | None:
 def has_variant(folder: str, stem: str, variant: str | None) -> bool:
     """Whether `folder` holds weight files `stem` of `variant` (e.g.
     'diffusion_pytorch_model.fp16.safetensors')."""
-    return variant is not None and any(_variant_of(f) == variant for f in glob.glob(os.path.join(folder,
-                                                                                                 f"{stem}*")))
+    return variant is not None and any(_variant_of(f) == variant
+                                       for f in glob.glob(os.path.join(folder, f"{stem}*")))
 
 
 def find_weight_files(folder: str, stem: str, variant: str | None = None) -> list[str]:

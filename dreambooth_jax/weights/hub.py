@@ -204,5 +204,6 @@ def resolve(name_or_path: str, *, what: str = "pipeline", **kwargs) -> str:
     if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
         raise MissingFileError(f"{name_or_path} is not a {what} folder (no such folder; Hub ids look like "
                                 "'org/name')")
-    return download_model(name_or_path, **kwargs) if what == "model" else download_pipeline(name_or_path,
-                                                                                            **kwargs)
+    if what == "model":
+        return download_model(name_or_path, **kwargs)
+    return download_pipeline(name_or_path, **kwargs)
