@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from collections.abc import Sequence
 
 import jax
@@ -39,11 +38,7 @@ def vit_params_from_state_dict(state, config: vision.ViTConfig, *, dtype=None,
                                source: str = "checkpoint") -> dict:
     """A transformers `ViTModel` state dict (keys with or without `vit.`) -> our param tree."""
     state = convert.normalize_state_dict(state, strip_prefix="vit.")
-    renamed = {}
-    for key, value in state.items():
-        for pattern, repl in _VIT_RENAMES:
-            key = re.sub(pattern, repl, key)
-        renamed[key] = value
+    renamed = convert.rename_keys(state, _VIT_RENAMES)
     return convert.state_dict_to_params(renamed, vision.vit_abstract_params(config), dtype=dtype,
                                         source=source, ignore=(r"^pooler\.", r"^embeddings\.mask_token$"))
 

@@ -1,7 +1,8 @@
 """The kinds of component folder a pipeline holds, and how each is built, loaded and saved.
 
 A kind is what a folder stores, whatever family uses it: `unet`, `vae`, `clip_text` (transformers'
-`CLIPTextModel`), `clip_text_projection` (`CLIPTextModelWithProjection`). A family names its folders and their
+`CLIPTextModel`), `clip_text_projection` (`CLIPTextModelWithProjection`), `t5` (`T5EncoderModel`, Flux's
+second text encoder). A family names its folders and their
 kinds; `load_folder` / `save_folder` read and write one folder as diffusers / transformers do.
 """
 
@@ -19,7 +20,7 @@ import transformers
 from dreambooth_jax import fileio
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.kernels import choose
-from dreambooth_jax.models import clip, unet, vae
+from dreambooth_jax.models import clip, t5, unet, vae
 from dreambooth_jax.weights import convert, discovery, safetensors_io
 
 _DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16,
@@ -45,6 +46,9 @@ class Kind:
     library: str
     class_name: str
     load_prefix: str | None = None  # stripped on load when present
+    to_flax: tuple = ()  # key renames on load (`convert.rename_keys`), beyond `convert.torch_key`'s
+    to_torch: tuple = ()  # and on save
+    ignored: tuple = clip.IGNORED_KEYS  # checkpoint keys without a param (buffers, tied copies)
 
     @property
     def is_text_encoder(self) -> bool:
@@ -56,6 +60,8 @@ KINDS = {
     "vae": Kind("diffusion_pytorch_model", "diffusers", "AutoencoderKL"),
     "clip_text": Kind("model", "transformers", "CLIPTextModel", "text_model."),
     "clip_text_projection": Kind("model", "transformers", "CLIPTextModelWithProjection", "text_model."),
+    "t5": Kind("model", "transformers", "T5EncoderModel", None, t5.TORCH_TO_FLAX, t5.FLAX_TO_TORCH,
+               t5.IGNORED_KEYS),
 }
 
 
@@ -78,6 +84,10 @@ def module_for(kind: str, cfg, **options):
     _check_kind(kind)
     if kind == "unet":
         return unet.UNet2DConditionModel(cfg, **options)
+    if kind == "t5":  # XLA's attention with T5's position bias; no GroupNorm
+        options.pop("attention_impl", None)
+        options.pop("fused_norm", None)
+        return t5.T5EncoderModel(cfg, **options)
     options.pop("remat", None)
     if kind == "vae":
         return vae.AutoencoderKL(cfg, **options)
@@ -96,6 +106,9 @@ def build_module(kind: str, config_dict: dict, source: str, **options):
         if kind == "vae":
             cfg = vae.VAEConfig.from_diffusers_config(config_dict)
             return module_for(kind, cfg, **options), vae.abstract_params(cfg)
+        if kind == "t5":
+            cfg = t5.T5Config.from_diffusers_config(config_dict)
+            return module_for(kind, cfg, **options), t5.abstract_params(cfg)
         cfg = clip.CLIPTextConfig.from_diffusers_config(config_dict)
         if "WithProjection" in str(config_dict.get("architectures")):
             kind = "clip_text_projection"
@@ -136,8 +149,9 @@ def load_folder(folder: str, kind: str, *, dtype=jnp.float32, param_dtype=None, 
         return module, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), abstract)
     state, source = discovery.load_state_dict(discovery.find_weight_files(folder, spec.stem, variant))
     state = convert.normalize_state_dict(state, strip_prefix=spec.load_prefix)
+    state = convert.rename_keys(state, spec.to_flax)
     params = convert.state_dict_to_params(state, abstract, dtype=param_dtype, source=source,
-                                          ignore=clip.IGNORED_KEYS)
+                                          ignore=spec.ignored)
     return module, params if weights == "host" else jax.tree.map(jnp.asarray, params)
 
 
@@ -147,6 +161,8 @@ def kind_of(module) -> str:
         return "unet"
     if isinstance(module, vae.AutoencoderKL):
         return "vae"
+    if isinstance(module, t5.T5EncoderModel):
+        return "t5"
     return "clip_text_projection" if isinstance(module, clip.CLIPTextModelWithProjection) else "clip_text"
 
 
@@ -155,7 +171,9 @@ def save_folder(folder: str, module, params, *, dtype=None) -> None:
     kind = kind_of(module)
     spec = KINDS[kind]
     os.makedirs(folder, exist_ok=True)
-    if spec.is_text_encoder:
+    if kind == "t5":
+        config, prefix = module.config.to_diffusers_config(), ""
+    elif spec.is_text_encoder:
         with_projection = kind == "clip_text_projection"
         config = module.config.to_diffusers_config(with_projection=with_projection)
         prefix = _text_save_prefix(with_projection)
@@ -165,5 +183,6 @@ def save_folder(folder: str, module, params, *, dtype=None) -> None:
     state = convert.params_to_state_dict(jax.device_get(params), dtype=parse_dtype(dtype))
     # The prefix belongs to the `text_model` submodule only, not to the projection beside it.
     state = {k if k.startswith("text_projection.") else prefix + k: v for k, v in state.items()}
+    state = convert.rename_keys(state, spec.to_torch)
     safetensors_io.save_file(state, os.path.join(folder, f"{spec.stem}.safetensors"), {"format": "pt"})
     fileio.write_json(os.path.join(folder, "config.json"), config)

@@ -87,6 +87,18 @@ def normalize_state_dict(state: Mapping[str, np.ndarray], *, strip_prefix: str |
     return out
 
 
+def rename_keys(state: Mapping[str, np.ndarray], renames: Iterable[tuple]) -> dict:
+    """`state` with each key rewritten by `renames` ((regex, replacement), applied in order): for models
+    whose checkpoint names are not our Flax paths by `torch_key` alone (ViT's `encoder.layer.N`, T5's
+    `encoder.block.N.layer.M`)."""
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
 def state_dict_to_params(
     state: Mapping[str, np.ndarray],
     abstract_params: Mapping,
