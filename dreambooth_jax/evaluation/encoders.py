@@ -135,8 +135,8 @@ class Encoders:
             "dino": jax.jit(lambda p, x: _l2_normalize(dino.apply({"params": p}, x.astype(dtype)).cls)),
             "clip_image": jax.jit(lambda p, x: _l2_normalize(clip_vision.apply({"params": p}, x.astype(dtype))
                                                              .image_embeds)),
-            "clip_text": jax.jit(lambda p,
-                                 ids: _l2_normalize(clip_text.apply({"params": p}, ids).text_embeds)),
+            "clip_text": jax.jit(
+                lambda p, ids: _l2_normalize(clip_text.apply({"params": p}, ids).text_embeds)),
         }
 
     def release(self) -> None:

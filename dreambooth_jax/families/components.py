@@ -2,8 +2,8 @@
 
 A kind is what a folder stores, whatever family uses it: `unet`, `vae`, `clip_text` (transformers'
 `CLIPTextModel`), `clip_text_projection` (`CLIPTextModelWithProjection`), `t5` (`T5EncoderModel`, Flux's
-second text encoder). A family names its folders and their
-kinds; `load_folder` / `save_folder` read and write one folder as diffusers / transformers do.
+second text encoder). A family names its folders and their kinds; `load_folder` / `save_folder` read and
+write one folder as diffusers / transformers do.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class T5Config:
     def from_diffusers_config(cls, d: dict) -> T5Config:
         """Reads a transformers `config.json` dict of a `T5EncoderModel` (architecture keys only)."""
         model_type = d.get("model_type", "t5")
-        if model_type not in ("t5", "umt5"):
+        if model_type != "t5":  # umT5 has a position table per layer, not one shared
             raise UsageError(f"model_type={model_type!r} is not supported; expected 't5'")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})

@@ -130,8 +130,8 @@ def random_pipeline(family, configs: dict, tokenizers: dict, scheduler_config: d
                          f"{sorted(tokenizers)}")
     dtype = parse_dtype(dtype)
     kw = dict(dtype=dtype, param_dtype=parse_dtype(param_dtype) or dtype)
-    models = {name: components.module_for(family.components[name], cfg, **kw) for name,
-              cfg in configs.items()}
+    models = {name: components.module_for(family.components[name], cfg, **kw)
+              for name, cfg in configs.items()}
     text_len = configs[family.text_encoders[0]].max_position_embeddings
 
     def init_fn(name):

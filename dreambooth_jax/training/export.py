@@ -40,8 +40,8 @@ def export(spec: ExportSpec, pipe, state, lora_config: lora.LoraConfig | None, *
         log.info("exported the pipeline of step %d to %s", step, out)
         return pipeline_files(pipe)
     exported = state.export_params()
-    loras = {k.removesuffix("_lora"): parallel.host_copy(v) for k,
-             v in exported.items() if k.endswith("_lora")}
+    loras = {k.removesuffix("_lora"): parallel.host_copy(v)
+             for k, v in exported.items() if k.endswith("_lora")}
     if not write:
         return []
     lora.save_diffusers(out, loras, lora_config)
