@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dreambooth_jax.models.vae import AutoencoderKL, VAEConfig, abstract_params, sample_latents
+from dreambooth_jax.models.vae import FLUX_VAE, AutoencoderKL, VAEConfig, abstract_params, sample_latents
 from dreambooth_jax.weights import convert, safetensors_io
 
 torch = pytest.importorskip("torch")
@@ -200,12 +200,14 @@ def test_config_rejects_unsupported(key, value):
 
 @pytest.fixture(scope="module")
 def shifted():
-    """A tiny random VAE as in SD3/Flux: shift_factor set, no quant_conv; also no mid-block attention."""
+    """A tiny random VAE as Flux.1's: 16 latent channels, its shift and scale, no quant convs; also no
+    mid-block attention."""
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, sample_size=32,
-        scaling_factor=1.5035, shift_factor=0.0609, use_quant_conv=False, mid_block_add_attention=False,
+        block_out_channels=(8, 16), latent_channels=16, norm_num_groups=4, sample_size=32,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        mid_block_add_attention=False,
     ).eval()
     _perturb_norms(ref, seed=1)
     config = VAEConfig.from_diffusers_config(dict(ref.config))
@@ -215,8 +217,11 @@ def shifted():
 
 def test_shift_factor_and_no_quant_conv(shifted):
     ref, config, params = shifted
-    assert config.shift_factor == 0.0609 and not config.use_quant_conv and config.use_post_quant_conv
-    assert "quant_conv" not in params and "post_quant_conv" in params
+    assert config.shift_factor == 0.1159 and not config.use_quant_conv and not config.use_post_quant_conv
+    assert "quant_conv" not in params and "post_quant_conv" not in params
+    latent_fields = ("latent_channels", "scaling_factor", "shift_factor", "use_quant_conv",
+                     "use_post_quant_conv")
+    assert [getattr(FLUX_VAE, f) for f in latent_fields] == [getattr(config, f) for f in latent_fields]
     assert "attentions_0" not in params["encoder"]["mid_block"]
     vae = AutoencoderKL(config)
     encode, decode = _apply_fns(vae)
@@ -225,7 +230,7 @@ def test_shift_factor_and_no_quant_conv(shifted):
     mean, logvar = encode(params, images)
     with torch.no_grad():
         dist = ref.encode(_nchw(images)).latent_dist
-        # What SD3/Flux training and sampling do with the latents.
+        # What Flux's training and sampling do with the latents.
         scaled_ref = (dist.mean - ref.config.shift_factor) * ref.config.scaling_factor
         decoded_ref = ref.decode(scaled_ref / ref.config.scaling_factor + ref.config.shift_factor).sample
     _assert_fp32_close(mean, _nhwc(dist.mean), "mean")

@@ -2,8 +2,8 @@
 
 A kind is what a folder stores, whatever family uses it: `unet`, `vae`, `clip_text` (transformers'
 `CLIPTextModel`), `clip_text_projection` (`CLIPTextModelWithProjection`), `t5` (`T5EncoderModel`, Flux's
-second text encoder). A family names its folders and their kinds; `load_folder` / `save_folder` read and
-write one folder as diffusers / transformers do.
+second text encoder), `flux_transformer` (`FluxTransformer2DModel`). A family names its folders and their
+kinds; `load_folder` / `save_folder` read and write one folder as diffusers / transformers do.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import transformers
 from dreambooth_jax import fileio
 from dreambooth_jax.errors import UsageError
 from dreambooth_jax.kernels import choose
-from dreambooth_jax.models import clip, t5, unet, vae
+from dreambooth_jax.models import clip, flux, t5, unet, vae
 from dreambooth_jax.weights import convert, discovery, safetensors_io
 
 _DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16,
@@ -62,6 +62,7 @@ KINDS = {
     "clip_text_projection": Kind("model", "transformers", "CLIPTextModelWithProjection", "text_model."),
     "t5": Kind("model", "transformers", "T5EncoderModel", None, t5.TORCH_TO_FLAX, t5.FLAX_TO_TORCH,
                t5.IGNORED_KEYS),
+    "flux_transformer": Kind("diffusion_pytorch_model", "diffusers", "FluxTransformer2DModel"),
 }
 
 
@@ -78,37 +79,35 @@ def _check_kind(kind: str) -> Kind:
     return KINDS[kind]
 
 
+# kind -> (config dataclass, Flax module, abstract params of a config) of the kinds built from one config
+_MODELS = {
+    "unet": (unet.UNetConfig, unet.UNet2DConditionModel, unet.abstract_params),
+    "vae": (vae.VAEConfig, vae.AutoencoderKL, vae.abstract_params),
+    "t5": (t5.T5Config, t5.T5EncoderModel, t5.abstract_params),
+    "flux_transformer": (flux.FluxConfig, flux.FluxTransformer2DModel, flux.abstract_params),
+}
+
+
 def module_for(kind: str, cfg, **options):
-    """The Flax module of `kind` for its config dataclass; `options` it has no use for (remat in a VAE, the
-    fused norm in CLIP) are dropped."""
+    """The Flax module of `kind` for its config dataclass; `options` it has no field for (remat in a VAE,
+    the fused norm in CLIP or T5) are dropped."""
     _check_kind(kind)
-    if kind == "unet":
-        return unet.UNet2DConditionModel(cfg, **options)
-    if kind == "t5":  # XLA's attention with T5's position bias; no GroupNorm
-        options.pop("attention_impl", None)
-        options.pop("fused_norm", None)
-        return t5.T5EncoderModel(cfg, **options)
-    options.pop("remat", None)
-    if kind == "vae":
-        return vae.AutoencoderKL(cfg, **options)
-    options.pop("fused_norm", None)  # no GroupNorm in CLIP
-    cls = clip.CLIPTextModelWithProjection if kind == "clip_text_projection" else clip.CLIPTextModel
-    return cls(cfg, **options)
+    if kind in _MODELS:
+        cls = _MODELS[kind][1]
+    else:
+        cls = clip.CLIPTextModelWithProjection if kind == "clip_text_projection" else clip.CLIPTextModel
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(cfg, **{k: v for k, v in options.items() if k in fields})
 
 
 def build_module(kind: str, config_dict: dict, source: str, **options):
     """(module, abstract params) of a component of `kind` from its config dict."""
     _check_kind(kind)
     try:
-        if kind == "unet":
-            cfg = unet.UNetConfig.from_diffusers_config(config_dict)
-            return module_for(kind, cfg, **options), unet.abstract_params(cfg)
-        if kind == "vae":
-            cfg = vae.VAEConfig.from_diffusers_config(config_dict)
-            return module_for(kind, cfg, **options), vae.abstract_params(cfg)
-        if kind == "t5":
-            cfg = t5.T5Config.from_diffusers_config(config_dict)
-            return module_for(kind, cfg, **options), t5.abstract_params(cfg)
+        if kind in _MODELS:
+            config_cls, _, abstract_params = _MODELS[kind]
+            cfg = config_cls.from_diffusers_config(config_dict)
+            return module_for(kind, cfg, **options), abstract_params(cfg)
         cfg = clip.CLIPTextConfig.from_diffusers_config(config_dict)
         if "WithProjection" in str(config_dict.get("architectures")):
             kind = "clip_text_projection"
@@ -157,12 +156,9 @@ def load_folder(folder: str, kind: str, *, dtype=jnp.float32, param_dtype=None, 
 
 def kind_of(module) -> str:
     """The kind of a built module (what `save_folder` writes it as)."""
-    if isinstance(module, unet.UNet2DConditionModel):
-        return "unet"
-    if isinstance(module, vae.AutoencoderKL):
-        return "vae"
-    if isinstance(module, t5.T5EncoderModel):
-        return "t5"
+    for kind, (_, cls, _) in _MODELS.items():
+        if isinstance(module, cls):
+            return kind
     return "clip_text_projection" if isinstance(module, clip.CLIPTextModelWithProjection) else "clip_text"
 
 

@@ -93,6 +93,10 @@ SD_VAE = VAEConfig(
     sample_size=512,
 )
 SDXL_VAE = dataclasses.replace(SD_VAE, sample_size=1024, scaling_factor=0.13025)
+# Flux.1's (black-forest-labs/FLUX.1-dev `vae/`): 16 latent channels, latents (z - 0.1159) x 0.3611, no quant
+# convs.
+FLUX_VAE = dataclasses.replace(SD_VAE, sample_size=1024, latent_channels=16, scaling_factor=0.3611,
+                               shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 
 
 class MidBlockAttention(Attention):

@@ -21,8 +21,8 @@ from dreambooth_jax.errors import UsageError
 # PyTorch attributes that are `nn.ModuleList`/`nn.Sequential`: their Flax twins are named `<attr>_<i>`.
 # Every other `_<digits>` suffix (`linear_1`, `conv_norm_out`) is part of the attribute name itself.
 LIST_ATTRIBUTES = frozenset(
-    {"down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers", "upsamplers",
-     "layers", "to_out", "net"}
+    {"down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "single_transformer_blocks",
+     "downsamplers", "upsamplers", "layers", "to_out", "net"}
 )
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 _LIST_RE = re.compile(r"^(.*)_(\d+)$")
