@@ -3,19 +3,22 @@
 The format is small enough to own: 8 bytes of little-endian header length, a JSON header mapping each
 tensor name to {dtype, shape, data_offsets}, then the raw bytes. Owning it gives bfloat16 through
 `ml_dtypes` (which the safetensors NumPy API lacks), memory-mapped reads, and errors that name the file
-and the tensor when a download was cut short.
+and the tensor when a download was cut short. `save_sharded` writes a component's weights as
+diffusers' / transformers' `save_pretrained` do: one file, or shards and their index.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
 
+from dreambooth_jax import fileio
 from dreambooth_jax.errors import UsageError
 
 _DTYPES = {
@@ -115,3 +118,66 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
         for arr in arrays:
             f.write(arr.tobytes())
     os.replace(tmp, path)
+
+
+def shard_plan(tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[list[str]]:
+    """The names of each shard, filled greedily in the mapping's order as huggingface_hub's
+    `split_state_dict_into_shards_factory` does (which diffusers' and transformers' `save_pretrained` use), so
+    that the same tensors in the same order get the same shard boundaries: a tensor that would tip the
+    current shard over the limit starts a new one, and a tensor bigger than the limit gets a shard of its own
+    (placed before the shard being filled, as there)."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
+    for name, tensor in tensors.items():
+        size = np.asarray(tensor).nbytes
+        if size > max_shard_bytes:
+            shards.append([name])
+            continue
+        if current_size + size > max_shard_bytes:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(name)
+        current_size += size
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def save_sharded(tensors: Mapping[str, np.ndarray], folder: str, stem: str, *, max_shard_bytes: int,
+                 metadata: Mapping[str, str] | None = None,
+                 index_metadata: Mapping | None = None) -> list[str]:
+    """Writes `tensors` as the weights `stem` of `folder`, as `save_pretrained` names them, and returns the
+    paths of the weight files written.
+
+    When they fit in `max_shard_bytes`: `{stem}.safetensors` alone. Otherwise (see `shard_plan`)
+    `{stem}-00001-of-0000N.safetensors` ... and `{stem}.safetensors.index.json` = {"metadata": {"total_size":
+    bytes, **index_metadata}, "weight_map": {name: shard file}}. `metadata` is every file's safetensors
+    header metadata. Weight files of the same stem left by an earlier save (the single file when now sharded,
+    other shards, the index when now unsharded) are removed afterwards, so that discovery never finds two
+    checkpoints; the new files are complete before the old go. Variants (`{stem}.fp16.safetensors`) stay.
+    """
+    shards = shard_plan(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        names = [f"{stem}.safetensors"]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    paths = [os.path.join(folder, name) for name in names]
+    for path, shard in zip(paths, shards):
+        save_file({name: tensors[name] for name in shard}, path, metadata)
+    index_path = os.path.join(folder, f"{stem}.safetensors.index.json")
+    if len(shards) > 1:
+        total = sum(np.asarray(t).nbytes for t in tensors.values())
+        fileio.write_json(index_path, {
+            "metadata": {**(index_metadata or {}), "total_size": total},
+            "weight_map": {name: file for file, shard in zip(names, shards) for name in shard}})
+    _remove_stale(folder, stem, keep={*names, *([os.path.basename(index_path)] if len(shards) > 1 else [])})
+    return paths
+
+
+def _remove_stale(folder: str, stem: str, keep: set[str]) -> None:
+    """Removes the weight files of `stem` in `folder` (single, shards, index) other than `keep`."""
+    stale = re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.safetensors(\.index\.json)?")
+    for name in os.listdir(folder):
+        if name not in keep and stale.fullmatch(name) and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
