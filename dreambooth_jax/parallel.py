@@ -213,6 +213,18 @@ def put_replicated(tree, mesh: Mesh):
     return jax.tree.unflatten(treedef, out)
 
 
+def compiled_memory(compiled) -> tuple[int, int] | None:
+    """(temporaries, total) bytes per device of a compiled program from XLA's `memory_analysis()`, or None
+    where the backend gives none. Total: arguments + outputs not aliased to a donated argument +
+    temporaries."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return None
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes)
+    return int(memory.temp_size_in_bytes), int(total)
+
+
 def put_sharded(tree, shardings):
     """Host (or device) arrays placed as `shardings` say; each process transfers only its own shards."""
     if jax.process_count() == 1:

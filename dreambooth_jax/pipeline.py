@@ -13,11 +13,10 @@ import shutil
 import tempfile
 
 import jax.numpy as jnp
-from transformers import CLIPTokenizer
 
 from dreambooth_jax import families, fileio
 from dreambooth_jax import lora as lora_lib
-from dreambooth_jax.errors import MissingFileError, UsageError
+from dreambooth_jax.errors import UsageError
 from dreambooth_jax.families import components
 from dreambooth_jax.families.components import WEIGHTS, parse_dtype
 from dreambooth_jax.weights import discovery, hub
@@ -29,7 +28,7 @@ __all__ = ["WEIGHTS", "Pipeline", "export_pipeline", "load_component", "load_pip
 def load_component(folder: str, name: str, **options):
     """Loads one component folder named as in a pipeline (`unet`, `vae`, `text_encoder`, ...)
     -> (module, params); options as `families.components.load_folder`."""
-    return components.load_folder(folder, families.kind_of_folder(name), **options)
+    return components.load_folder(folder, families.kind_of_folder(name, folder), **options)
 
 
 @dataclasses.dataclass
@@ -70,12 +69,6 @@ class Pipeline:
     def with_modules(self, **modules) -> Pipeline:
         """A copy whose named modules are replaced (e.g. the same networks with other kernels)."""
         return dataclasses.replace(self, modules={**self.modules, **modules}, cache={})
-
-
-def _load_tokenizer(folder: str):
-    if not os.path.isdir(folder):
-        raise MissingFileError(f"missing tokenizer folder {folder}")
-    return CLIPTokenizer.from_pretrained(folder)
 
 
 def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, revision: str | None = None,
@@ -121,10 +114,13 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
     for name, kind in family.components.items():
         modules[name], params[name] = components.load_folder(
             folders[name], kind, remat=remat and name == family.denoiser, variant=variants[name], **options)
+    family = family.specialize(family, modules)
+    tokenizers = {name: components.load_tokenizer(os.path.join(root, name), family.components[encoder])
+                  for name, encoder in zip(family.tokenizers, family.text_encoders)}
     pipe = Pipeline(
         family=family,
         modules=modules,
-        tokenizers={name: _load_tokenizer(os.path.join(root, name)) for name in family.tokenizers},
+        tokenizers=tokenizers,
         scheduler_config=fileio.read_json(os.path.join(root, "scheduler", "scheduler_config.json")),
         params=params,
         model_index=index,

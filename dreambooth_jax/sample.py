@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_images", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance (<= 1: off; default: the model family's, as diffusers: SD "
-                        "7.5, SDXL 5.0)")
+                   help="classifier-free guidance (<= 1: off), or Flux.1-dev's guidance input (default: the "
+                        "model family's, as diffusers: SD 7.5, SDXL 5.0, Flux.1-dev 3.5)")
     p.add_argument("--guidance_rescale", type=float, default=0.0, help="guidance rescale, 0 to 1")
     p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None,
                    help="sampler (default: the pipeline's own scheduler)")
@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image k of the run uses seed SEED + k")
     p.add_argument("--height", type=int, default=None, help="default: the model's native size")
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--max_sequence_length", type=int, default=None,
+                   help="Flux: T5 prompt length (default: dev 512, schnell 256; at most 512)")
+    p.add_argument("--fsdp", type=int, default=1,
+                   help="shard the networks over groups of this many devices (models that fit no single "
+                        "device: Flux.1 on 16 GB chips); the images still split over every device")
     p.add_argument("--batch_size", type=int, default=None,
                    help="images per compiled call (default: 4 per device)")
     p.add_argument("--output_dir", default="samples")
@@ -75,18 +80,22 @@ def read_prompts(args) -> list[str]:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    if args.num_images < 1 or args.steps < 1:
-        raise UsageError("--num_images and --steps must be >= 1")
+    if args.num_images < 1 or args.steps < 1 or args.fsdp < 1:
+        raise UsageError("--num_images, --steps and --fsdp must be >= 1")
     prompts = read_prompts(args)
     os.makedirs(args.output_dir, exist_ok=True)
 
     # late: --help and usage errors answer before the models (flax, transformers) load
+    from dreambooth_jax import parallel
     from dreambooth_jax.pipeline import load_pipeline
 
+    mesh = parallel.train_mesh(args.fsdp)  # (data, fsdp); fsdp 1 is plain data parallelism
     t0 = time.perf_counter()
+    # sharded: the weights stay on the host until each device receives its own shards
     pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision, variant=args.variant,
                          attention_impl=args.attention, fused_norm=args.fused_norm, lora=args.lora,
-                         lora_scale=args.lora_scale)
+                         lora_scale=args.lora_scale, weights="host" if args.fsdp > 1 and not args.lora
+                         else "device")
     scheduler = args.scheduler or scheduler_name_for(pipe.scheduler_config)
     guidance_scale = pipe.family.guidance_scale if args.guidance_scale is None else args.guidance_scale
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {jax.device_count()} device(s) "
@@ -99,7 +108,7 @@ def main(argv=None) -> None:
                    guidance_scale=guidance_scale, guidance_rescale=args.guidance_rescale, scheduler=scheduler,
                    seed=args.seed, height=args.height, width=args.width, eta=args.eta,
                    use_karras_sigmas=True if args.karras_sigmas else None, batch_size=batch_size,
-                   progress=True)
+                   max_sequence_length=args.max_sequence_length, mesh=mesh, progress=True)
     elapsed = time.perf_counter() - t0
 
     settings = {"negative_prompt": args.negative_prompt, "steps": args.steps, "scheduler": scheduler,

@@ -96,3 +96,12 @@ def one_device_run(tiny_pipelines, instance_dir, class_dir, tmp_path_factory) ->
     out = tmp_path_factory.mktemp("one_device") / "out"
     main(run_argv(tiny_pipelines, instance_dir, out, *full_run_argv(class_dir), "--train_batch_size", "8"))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipelines(tmp_path_factory) -> dict[str, str]:
+    """{'flux-dev': path, 'flux-schnell': path} of tiny `FluxPipeline`s saved by diffusers."""
+    from make_tiny_pipeline import FLUX_KINDS, save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_flux_pipelines")
+    return {kind: save_tiny_pipeline(str(root / kind), kind) for kind in FLUX_KINDS}

@@ -1,12 +1,13 @@
-"""Write the config-only skeleton of a full-size pipeline (SD 1.5, SD 2.1, SDXL): `model_index.json`, each
-component's `config.json`, the scheduler config and a tokenizer; no weights.
+"""Write the config-only skeleton of a full-size pipeline (SD 1.5, SD 2.1, SDXL, Flux.1-dev and -schnell):
+`model_index.json`, each component's `config.json`, the scheduler config and the tokenizers; no weights.
 
 That is all `python -m dreambooth_jax.train --dry_run` reads, so memory preflights of the real model sizes run
 offline, on any machine (`tools/bench_memory.py` uses these). With the Hub reachable, `--dry_run` on the Hub
 id itself downloads the same files. The tokenizer is the tiny test vocabulary set to 77 tokens: the models'
-vocabulary size comes from the text encoder's config, so shapes and memory are those of the real models.
+vocabulary size comes from the text encoder's config, so shapes and memory are those of the real models
+(Flux's T5 tokenizer is the tiny one too, with T5's 512 tokens).
 
-Usage: python tools/make_config_pipeline.py OUT_DIR [--kind sd15|sd21|sdxl]
+Usage: python tools/make_config_pipeline.py OUT_DIR [--kind sd15|sd21|sdxl|flux-dev|flux-schnell]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-KINDS = ("sd15", "sd21", "sdxl")
+KINDS = ("sd15", "sd21", "sdxl", "flux-dev", "flux-schnell")
 
 
 def configs(kind: str) -> dict:
@@ -54,9 +55,48 @@ def configs(kind: str) -> dict:
     return out
 
 
+def flux_configs(kind: str) -> dict:
+    """{component: config dict} of black-forest-labs/FLUX.1-dev or -schnell."""
+    from make_tiny_pipeline import FLUX_SCHEDULERS
+
+    from dreambooth_jax.models import clip, flux, t5, vae
+
+    return {"transformer": flux.PRESETS[kind].to_diffusers_config(),
+            "vae": vae.FLUX_VAE.to_diffusers_config(),
+            "text_encoder": clip.PRESETS["sd1"].to_diffusers_config(with_projection=False),
+            "text_encoder_2": t5.PRESETS["flux"].to_diffusers_config(),
+            "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_SCHEDULERS[kind]}}
+
+
+def make_flux_config_pipeline(out_dir: str, kind: str) -> str:
+    from dreambooth_jax import fileio
+    from dreambooth_jax.testing import tiny
+
+    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "T5EncoderModel"],
+             "tokenizer_2": ["transformers", "T5Tokenizer"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    for name, config in flux_configs(kind).items():
+        file = "scheduler_config.json" if name == "scheduler" else "config.json"
+        os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+        fileio.write_json(os.path.join(out_dir, name, file), config)
+    tokenizer = tiny.make_tokenizer()
+    tokenizer.model_max_length = 77
+    tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    tiny.make_t5_tokenizer(512).save_pretrained(os.path.join(out_dir, "tokenizer_2"))
+    fileio.write_json(os.path.join(out_dir, "model_index.json"), index)
+    return out_dir
+
+
 def make_config_pipeline(out_dir: str, kind: str) -> str:
     from dreambooth_jax import fileio
     from dreambooth_jax.testing import tiny
+
+    if kind.startswith("flux"):
+        return make_flux_config_pipeline(out_dir, kind)
 
     parts = configs(kind)
     sdxl = "text_encoder_2" in parts

@@ -1,13 +1,15 @@
-"""Build tiny random Stable Diffusion pipelines in the diffusers layout, offline, with PyTorch.
+"""Build tiny random diffusion pipelines in the diffusers layout, offline, with PyTorch.
 
 These are the reference fixtures of the test suite: an SD-1-style, an
-SD-2-style (v-prediction, linear projections, upcast attention, per-block head dims) and an SDXL-style
-(two text encoders, `text_time` added conditions, several transformer layers per block) pipeline, each a
-few hundred kB, saved with diffusers' own `save_pretrained`. The Hugging Face Hub is not needed: the CLIP
-BPE tokenizer is written from a small word list (`dreambooth_jax.testing.tiny`, which also makes the
-torch-free demo model).
+SD-2-style (v-prediction, linear projections, upcast attention, per-block head dims), an SDXL-style
+(two text encoders, `text_time` added conditions, several transformer layers per block) and two Flux.1-style
+(`FluxPipeline`: a Flux transformer, CLIP + T5 text encoders, the 16-channel VAE without quant convs, the
+flow-matching scheduler; `flux-dev` with the guidance embedding and dynamic shifting, `flux-schnell`
+without either) pipelines, each a few hundred kB, saved with diffusers' own `save_pretrained`. The Hugging
+Face Hub is not needed: the CLIP BPE and T5 unigram tokenizers are written from a small word list
+(`dreambooth_jax.testing.tiny`, which also makes the torch-free demo model).
 
-Usage: python tools/make_tiny_pipeline.py OUT_DIR [--kind sd1|sd2|sdxl|all] [--seed 0]
+Usage: python tools/make_tiny_pipeline.py OUT_DIR [--kind sd1|sd2|sdxl|flux-dev|flux-schnell|all] [--seed 0]
 Needs torch, diffusers and transformers (the project's `test` extra).
 """
 
@@ -20,6 +22,14 @@ import os
 from dreambooth_jax.testing import tiny
 
 KINDS = ("sd1", "sd2", "sdxl")
+FLUX_KINDS = ("flux-dev", "flux-schnell")
+# Flux.1's scheduler configs (black-forest-labs/FLUX.1-dev and -schnell's scheduler/scheduler_config.json)
+FLUX_SCHEDULERS = {
+    "flux-dev": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+    "flux-schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+                         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+}
 TOKENIZER_MAX_LENGTH = tiny.TOKENIZER_MAX_LENGTH
 make_tokenizer = tiny.make_tokenizer
 
@@ -110,9 +120,46 @@ def build_torch_pipeline(kind: str, seed: int = 0):
     )
 
 
+def flux_configs(kind: str, clip_vocab: int, t5_vocab: int):
+    """Our tiny (CLIP, T5, Flux transformer, VAE) configs of a Flux.1-style pipeline: 16 latent channels
+    (64-wide packed tokens), 2 + 2 blocks of 2 heads x 16, and every size the wiring needs to agree on."""
+    from dreambooth_jax.models import flux, t5
+
+    text, _, vae_cfg = tiny.tiny_configs(clip_vocab)
+    t5_cfg = t5.T5Config(vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    transformer = flux.FluxConfig(in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=t5_cfg.d_model,
+                                  pooled_projection_dim=text.hidden_size, guidance_embeds=kind == "flux-dev",
+                                  axes_dims_rope=(4, 6, 6))
+    vae_cfg = dataclasses.replace(vae_cfg, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                                  use_quant_conv=False, use_post_quant_conv=False)
+    return text, t5_cfg, transformer, vae_cfg
+
+
+def build_torch_flux_pipeline(kind: str, seed: int = 0):
+    """A tiny random diffusers `FluxPipeline` (PyTorch): `flux-dev` or `flux-schnell`."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    if kind not in FLUX_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {FLUX_KINDS}")
+    torch.manual_seed(seed + 10 + FLUX_KINDS.index(kind))
+    tokenizer, tokenizer_2 = make_tokenizer(), tiny.make_t5_tokenizer()
+    text_cfg, t5_cfg, transformer_cfg, vae_cfg = flux_configs(kind, len(tokenizer), len(tokenizer_2))
+    t5_config = T5Config(**t5_cfg.to_diffusers_config())
+    models = dict(text_encoder=_torch_text_encoder(text_cfg), text_encoder_2=T5EncoderModel(t5_config),
+                  transformer=FluxTransformer2DModel.from_config(transformer_cfg.to_diffusers_config()),
+                  vae=AutoencoderKL.from_config(vae_cfg.to_diffusers_config()))
+    for model in models.values():
+        model.eval()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS[kind]),
+                        tokenizer=tokenizer, tokenizer_2=tokenizer_2, **models)
+
+
 def save_tiny_pipeline(out_dir: str, kind: str = "sd1", seed: int = 0) -> str:
     """Builds and saves a tiny pipeline of `kind` to `out_dir` (safetensors). Returns `out_dir`."""
-    pipe = build_torch_pipeline(kind, seed)
+    pipe = build_torch_flux_pipeline(kind, seed) if kind in FLUX_KINDS else build_torch_pipeline(kind, seed)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
@@ -120,10 +167,10 @@ def save_tiny_pipeline(out_dir: str, kind: str = "sd1", seed: int = 0) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write (one sub-folder per kind with --kind all)")
-    parser.add_argument("--kind", default="sd1", choices=(*KINDS, "all"))
+    parser.add_argument("--kind", default="sd1", choices=(*KINDS, *FLUX_KINDS, "all"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    kinds = KINDS if args.kind == "all" else (args.kind,)
+    kinds = (*KINDS, *FLUX_KINDS) if args.kind == "all" else (args.kind,)
     for kind in kinds:
         out = os.path.join(args.out_dir, kind) if args.kind == "all" else args.out_dir
         save_tiny_pipeline(out, kind, args.seed)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Sequence
 
 import jax
@@ -58,6 +59,7 @@ def _sample(params, tokens, neg_tokens, empty, noise, seeds, guidance_scale, gui
             sampler, cfg: bool):
     """The compiled program: conditioning -> denoising scan -> decode. Batch-sharded inputs, images out."""
     family, run = pipe.family, _runner(pipe, params)
+    denoiser = family.denoiser
     cond = family.encode(run, tokens)
     if cfg:
         negative = family.negative(family.encode(run, neg_tokens), empty, pipe.model_index)
@@ -74,10 +76,14 @@ def _sample(params, tokens, neg_tokens, empty, noise, seeds, guidance_scale, gui
 
     def body(carry, i):
         latents, state = carry
+        # The denoiser's params tied to this step's latents: XLA would otherwise hoist their (loop-invariant)
+        # fsdp all-gathers out of the loop and hold every gathered layer at once, the whole model per device.
+        step_params, latents = jax.lax.optimization_barrier(({denoiser: params[denoiser]}, latents))
+        step_run = _runner(pipe, {**params, **step_params})
         x = sampler.scale_model_input(latents, i).astype(pipe.denoiser.dtype)
         if cfg:
             x = _interleave(x, x)
-        out = family.denoise(run, x, timesteps[i], cond, inputs).astype(jnp.float32)
+        out = family.denoise(step_run, x, timesteps[i], cond, inputs).astype(jnp.float32)
         if cfg:
             out = out.reshape(-1, 2, *out.shape[1:])
             uncond_out, cond_out = out[:, 0], out[:, 1]
@@ -105,19 +111,31 @@ def _sample_sets(params, subject, *args, pipe, sampler, cfg: bool):
 
 
 def _compiled(pipe, sampler_key: tuple, cfg: bool, subject_nets: tuple[str, ...], mesh):
-    """The jitted sampling program for (scheduler, steps, eta, karras, cfg, networks with a set axis), cached
-    on the pipeline. With `subject_nets`, the examples are axis 1 of the [K, B, ...] output."""
+    """The jitted sampling program for (scheduler, steps, eta, karras, the denoiser's image sequence length;
+    cfg, networks with a set axis), cached on the pipeline. With `subject_nets`, the examples are axis 1 of
+    the [K, B, ...] output."""
     cache = pipe.cache.setdefault("sampling", {})
-    key = (sampler_key, cfg, subject_nets, tuple(d.id for d in mesh.devices.flat))
+    key = (sampler_key, cfg, subject_nets, tuple(d.id for d in mesh.devices.flat), tuple(mesh.shape.items()))
     if key not in cache:
-        name, steps, eta, karras = sampler_key
-        sampler = make_sampler(name, pipe.scheduler_config, steps, eta=eta, use_karras_sigmas=karras)
+        name, steps, eta, karras, image_seq_len = sampler_key
+        sampler = make_sampler(name, pipe.scheduler_config, steps, eta=eta, use_karras_sigmas=karras,
+                               image_seq_len=image_seq_len)
         batch, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
         out = parallel.batch_sharding(mesh, batch_axis=1 if subject_nets else 0)
         fn = functools.partial(_sample_sets, pipe=pipe, sampler=sampler, cfg=cfg)
-        cache[key] = jax.jit(fn, in_shardings=(repl, repl, batch, batch, batch, batch, batch, repl, repl),
+        shared = _param_shardings({n: p for n, p in pipe.params.items() if n not in subject_nets}, mesh)
+        cache[key] = jax.jit(fn, in_shardings=(shared, repl, batch, batch, batch, batch, batch, repl, repl),
                              out_shardings=out)
     return cache[key]
+
+
+def _param_shardings(params: dict, mesh):
+    """Replicated on a data mesh; on a mesh with an `fsdp` axis, split over it by the fsdp rule: models that
+    fit no single device (Flux.1's 24 GB transformer and 9.5 GB T5 in bf16 on a 16 GB chip) are gathered
+    layer by layer as the program runs."""
+    if parallel.fsdp_size(mesh) > 1:
+        return parallel.state_shardings(params, mesh)
+    return parallel.replicated(mesh)
 
 
 def _check_subject_params(pipe, subject_params: dict) -> None:
@@ -147,13 +165,27 @@ def _noise(seeds: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _check_size(pipe, height, width) -> tuple[int, int]:
-    f = pipe.vae_scale_factor
+    f = pipe.vae_scale_factor * pipe.family.latent_patch
     default = pipe.family.sample_size(pipe)
     height, width = height or default, width or default
     if height % f or width % f or height <= 0 or width <= 0:
-        raise UsageError(f"height and width must be positive multiples of {f} (the VAE's downscaling "
-                         f"factor); got {height}x{width}")
+        what = "the VAE's downscaling factor" + (" times the denoiser's patch side"
+                                                 if pipe.family.latent_patch > 1 else "")
+        raise UsageError(f"height and width must be positive multiples of {f} ({what}); got {height}x{width}")
     return height, width
+
+
+def _max_length(family, max_sequence_length: int | None) -> int | None:
+    """The prompt length of the family's long-prompt encoder (Flux's T5): the given one or the family's."""
+    if max_sequence_length is None:
+        return family.max_sequence_length
+    if family.max_sequence_length is None:
+        raise UsageError(f"max_sequence_length applies to families with a long-prompt text encoder (Flux's "
+                         f"T5), not to {family.name}")
+    if not 1 <= max_sequence_length <= 512:
+        raise UsageError(f"max_sequence_length must be in [1, 512] (T5's trained length, as diffusers "
+                         f"allows); got {max_sequence_length}")
+    return max_sequence_length
 
 
 def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inference_steps: int = 50,
@@ -161,7 +193,7 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
              height: int | None = None, width: int | None = None, eta: float = 0.0,
              guidance_rescale: float = 0.0, use_karras_sigmas: bool | None = None,
              batch_size: int | None = None, mesh=None, progress: bool = False,
-             subject_params: dict | None = None) -> np.ndarray:
+             subject_params: dict | None = None, max_sequence_length: int | None = None) -> np.ndarray:
     """Generates one image per prompt (per parameter set, with `subject_params`).
 
     Args:
@@ -171,11 +203,18 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         pipelines with `force_zeros_for_empty_prompt`, zero conditioning, as diffusers does).
       scheduler: a name of `SCHEDULER_NAMES` (default: the pipeline's own scheduler).
       seed: image i starts from the noise of seed `seed + i`.
-      latents: optional starting noise [N, H/8, W/8, C] (unscaled, as diffusers' `latents=` in NHWC).
-      guidance_scale: classifier-free guidance; <= 1 turns it off; None: the family's default, as diffusers'
-      pipeline of the family (SD 7.5, SDXL 5.0). guidance_rescale: 0 (off) to 1.
+      latents: optional starting noise [N, H/f, W/f, C], f the VAE's downscaling factor (unscaled, as
+        diffusers' `latents=` in NHWC; for Flux unpacked: diffusers' FluxPipeline takes it packed).
+      guidance_scale: classifier-free guidance (<= 1 turns it off), or for guidance-distilled models
+        (Flux.1-dev) the transformer's guidance input; None: the family's default, as diffusers' pipeline
+        of the family (SD 7.5, SDXL 5.0, Flux.1-dev 3.5; Flux.1-schnell takes none).
+      guidance_rescale: 0 (off) to 1.
+      max_sequence_length: the T5 prompt length of Flux pipelines (default: dev 512, schnell 256; at most
+        512).
       batch_size: images per compiled call (default: all at once); each call is padded to the device count.
-      mesh: the device mesh (default: all devices).
+      mesh: the device mesh (default: all devices, data parallel). A `parallel.train_mesh(fsdp=k)` shards
+        the networks' params over groups of k devices (load with weights="host" so that no device holds a
+        whole copy first); the examples split over every device either way.
       subject_params: optional {network name of `pipe.params` ('unet', 'text_encoder', ...): its params with a
         leading axis K on every leaf}: K parameter sets (e.g. K DreamBooth subjects) sampled in one program,
         the other networks shared. Set k's images are those of `pipe` with its params of each such network
@@ -201,6 +240,7 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
     if name not in SCHEDULER_NAMES:
         raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
     height, width = _check_size(pipe, height, width)
+    max_length = _max_length(pipe.family, max_sequence_length)
     f, n = pipe.vae_scale_factor, len(prompts)
     shape = (height // f, width // f, pipe.vae.config.latent_channels)
     seeds = np.arange(seed, seed + n, dtype=np.int64).astype(np.uint32)
@@ -214,16 +254,24 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
 
     guidance_scale = pipe.family.guidance_scale if guidance_scale is None else guidance_scale
     cfg = pipe.family.guidance == "classifier_free" and guidance_scale > 1.0
-    tokens = pipe.family.tokenize(pipe.tokenizers, prompts)
-    neg_tokens = (pipe.family.tokenize(pipe.tokenizers, negative_prompts) if cfg
+    if not zero_negative and pipe.family.guidance != "classifier_free":
+        log.warning("%s takes no negative prompt (no classifier-free guidance): ignored", pipe.family.name)
+    tokens = pipe.family.tokenize(pipe.tokenizers, prompts, max_length)
+    neg_tokens = (pipe.family.tokenize(pipe.tokenizers, negative_prompts, max_length) if cfg
                   else {k: np.zeros_like(v) for k, v in tokens.items()})
     empty = np.full(len(prompts), zero_negative)
     mesh = mesh or parallel.data_mesh()
     subject = dict(subject_params or {})
-    fn = _compiled(pipe, (name, num_inference_steps, eta, use_karras_sigmas), cfg, tuple(sorted(subject)),
-                   mesh)
+    patch = pipe.family.latent_patch
+    image_seq_len = (shape[0] // patch) * (shape[1] // patch)  # the flow samplers' shift depends on it
+    fn = _compiled(pipe, (name, num_inference_steps, eta, use_karras_sigmas, image_seq_len), cfg,
+                   tuple(sorted(subject)), mesh)
     # Replicated (a no-op for arrays already placed so); the networks with a set axis are not shared.
-    params = parallel.put_replicated({net: p for net, p in pipe.params.items() if net not in subject}, mesh)
+    shared = {net: p for net, p in pipe.params.items() if net not in subject}
+    if parallel.fsdp_size(mesh) > 1:  # host arrays (weights="host") move straight to their shards
+        params = parallel.put_sharded(shared, _param_shardings(shared, mesh))
+    else:
+        params = parallel.put_replicated(shared, mesh)
     subject = parallel.put_replicated(subject, mesh)
 
     per_call = batch_size or n
@@ -245,3 +293,48 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         # the examples: axis -4, [[K,] B, H, W, 3]
         out.append(parallel.fetch(images)[..., : stop - start, :, :, :])
     return np.concatenate(out, axis=-4)
+
+
+def sampling_memory(pipe, batch: int, *, height: int | None = None, width: int | None = None,
+                    num_inference_steps: int = 28, scheduler: str | None = None,
+                    guidance_scale: float | None = None, max_sequence_length: int | None = None,
+                    mesh=None) -> dict:
+    """What one device holds while `generate` draws `batch` images per call, from the program compiled ahead
+    of time for shapes alone: nothing is allocated, so a `load_pipeline(..., weights="none")` pipeline of a
+    full-size model works on any machine (with simulated or compile-only devices as `mesh`).
+
+    Returns {"devices", "mesh", "compiler", "per_device_bytes": {"params", "temp", "total"}, "compile_s"}:
+    params from the shardings (exact on any backend), temporaries and total from XLA's `memory_analysis()`
+    of the executable of the devices' own compiler (None where that backend gives none).
+    """
+    mesh = mesh or parallel.data_mesh()
+    name = scheduler or scheduler_name_for(pipe.scheduler_config)
+    height, width = _check_size(pipe, height, width)
+    max_length = _max_length(pipe.family, max_sequence_length)
+    f, patch = pipe.vae_scale_factor, pipe.family.latent_patch
+    shape = (height // f, width // f, pipe.vae.config.latent_channels)
+    guidance_scale = pipe.family.guidance_scale if guidance_scale is None else guidance_scale
+    cfg = pipe.family.guidance == "classifier_free" and guidance_scale > 1.0
+    rows = parallel.pad_to_multiple(batch, mesh.size)
+    tokens = pipe.family.tokenize(pipe.tokenizers, [""], max_length)
+    struct = jax.ShapeDtypeStruct
+    token_structs = {k: struct((rows, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in tokens.items()}
+    image_seq_len = (shape[0] // patch) * (shape[1] // patch)
+    fn = _compiled(pipe, (name, num_inference_steps, 0.0, None, image_seq_len), cfg, (), mesh)
+    params = jax.tree.map(lambda x: struct(np.shape(x), x.dtype), pipe.params)
+    scalar = struct((), jnp.float32)
+    args = (token_structs, token_structs, struct((rows,), jnp.bool_), struct((rows, *shape), jnp.float32),
+            struct((rows,), jnp.uint32))
+    t0 = time.perf_counter()
+    with parallel.traced_on(mesh):
+        compiled = fn.lower(params, {}, *args, scalar, scalar).compile()
+    compile_s = time.perf_counter() - t0
+    param_bytes = parallel.per_device_bytes(params, _param_shardings(pipe.params, mesh)
+                                            if parallel.fsdp_size(mesh) > 1
+                                            else jax.tree.map(lambda _: parallel.replicated(mesh), params))
+    temp, total = parallel.compiled_memory(compiled) or (None, None)
+    per_device = {"params": int(param_bytes), "temp": temp, "total": total}
+    device = mesh.devices.flat[0]
+    return {"devices": int(mesh.size), "mesh": {k: int(v) for k, v in mesh.shape.items()},
+            "compiler": f"{device.platform} ({device.device_kind})", "batch": batch, "height": height,
+            "width": width, "per_device_bytes": per_device, "compile_s": round(compile_s, 1)}

@@ -36,6 +36,10 @@ def no_train_inputs(options) -> dict:
     return {}
 
 
+def as_it_is(family: Family, modules: dict) -> Family:
+    return family
+
+
 def unet_sample_size(pipe) -> int:
     """The default picture side: the UNet's native latent size times the VAE's downscaling factor."""
     return (pipe.denoiser.config.sample_size or 64) * pipe.vae_scale_factor
@@ -69,6 +73,13 @@ class Family:
     # "embedded" (the scale is a denoiser input, `inputs["guidance"]` [N]: guidance-distilled models), "none".
     guidance: str = "classifier_free"
     sample_size: Callable = unet_sample_size  # pipe -> the default height and width in pixels
+    latent_patch: int = 1  # the denoiser's patch side in latent pixels: sizes are multiples of it x the VAE's
+    # The default prompt length of a family whose last text encoder takes long prompts (Flux's T5); None: the
+    # tokenizers' own lengths, and `generate(max_sequence_length=)` is refused.
+    max_sequence_length: int | None = None
+    # (family, modules) -> the family member the loaded networks are (Flux.1-dev or -schnell: one pipeline
+    # class, told apart by the transformer's config)
+    specialize: Callable = as_it_is
     train_inputs: Callable = no_train_inputs  # options -> constant denoiser inputs of the train step
     # network -> default
     lora_targets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)

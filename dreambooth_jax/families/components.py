@@ -18,7 +18,7 @@ import numpy as np
 import transformers
 
 from dreambooth_jax import fileio
-from dreambooth_jax.errors import UsageError
+from dreambooth_jax.errors import MissingFileError, UsageError
 from dreambooth_jax.kernels import choose
 from dreambooth_jax.models import clip, flux, t5, unet, vae
 from dreambooth_jax.weights import convert, discovery, safetensors_io
@@ -37,6 +37,13 @@ def parse_dtype(dtype) -> Any:
     return _DTYPES[dtype]
 
 
+# `save_pretrained`'s default `max_shard_size`, so that a folder we save is split as the library splits it:
+# diffusers' ModelMixin "10GB"; transformers' PreTrainedModel "50GB" from 5.0 ("5GB" in 4.x). Decimal units,
+# as huggingface_hub's `parse_size_to_int` reads them.
+SHARD_LIMITS = {"diffusers": 10 * 10**9,
+                "transformers": (50 if int(transformers.__version__.split(".")[0]) >= 5 else 5) * 10**9}
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
     """How one kind of component folder is stored: weight file stem, key prefixes, the class named in
@@ -49,6 +56,12 @@ class Kind:
     to_flax: tuple = ()  # key renames on load (`convert.rename_keys`), beyond `convert.torch_key`'s
     to_torch: tuple = ()  # and on save
     ignored: tuple = clip.IGNORED_KEYS  # checkpoint keys without a param (buffers, tied copies)
+    tokenizer: str | None = None  # the transformers tokenizer class of a text encoder's tokenizer folder
+    max_shard_bytes: int | None = None  # the weights' shard size on save; None: the library's (SHARD_LIMITS)
+
+    def __post_init__(self):
+        if self.max_shard_bytes is None:
+            object.__setattr__(self, "max_shard_bytes", SHARD_LIMITS[self.library])
 
     @property
     def is_text_encoder(self) -> bool:
@@ -58,10 +71,11 @@ class Kind:
 KINDS = {
     "unet": Kind("diffusion_pytorch_model", "diffusers", "UNet2DConditionModel"),
     "vae": Kind("diffusion_pytorch_model", "diffusers", "AutoencoderKL"),
-    "clip_text": Kind("model", "transformers", "CLIPTextModel", "text_model."),
-    "clip_text_projection": Kind("model", "transformers", "CLIPTextModelWithProjection", "text_model."),
+    "clip_text": Kind("model", "transformers", "CLIPTextModel", "text_model.", tokenizer="CLIPTokenizer"),
+    "clip_text_projection": Kind("model", "transformers", "CLIPTextModelWithProjection", "text_model.",
+                                 tokenizer="CLIPTokenizer"),
     "t5": Kind("model", "transformers", "T5EncoderModel", None, t5.TORCH_TO_FLAX, t5.FLAX_TO_TORCH,
-               t5.IGNORED_KEYS),
+               t5.IGNORED_KEYS, tokenizer="T5Tokenizer"),
     "flux_transformer": Kind("diffusion_pytorch_model", "diffusers", "FluxTransformer2DModel"),
 }
 
@@ -86,6 +100,14 @@ _MODELS = {
     "t5": (t5.T5Config, t5.T5EncoderModel, t5.abstract_params),
     "flux_transformer": (flux.FluxConfig, flux.FluxTransformer2DModel, flux.abstract_params),
 }
+
+
+def load_tokenizer(folder: str, kind: str):
+    """The tokenizer of a text encoder of `kind` from its folder (`tokenizer.json`, or the slow files:
+    CLIP's `vocab.json` + `merges.txt`, T5's `spiece.model`)."""
+    if not os.path.isdir(folder):
+        raise MissingFileError(f"missing tokenizer folder {folder}")
+    return getattr(transformers, _check_kind(kind).tokenizer).from_pretrained(folder)
 
 
 def module_for(kind: str, cfg, **options):
@@ -163,7 +185,9 @@ def kind_of(module) -> str:
 
 
 def save_folder(folder: str, module, params, *, dtype=None) -> None:
-    """Writes `config.json` + the safetensors file of one component, as diffusers/transformers name them."""
+    """Writes `config.json` + the safetensors weights of one component, as diffusers/transformers name them:
+    one file, or shards and their index beyond the kind's `max_shard_bytes` (stale weight files of an
+    earlier save removed)."""
     kind = kind_of(module)
     spec = KINDS[kind]
     os.makedirs(folder, exist_ok=True)
@@ -180,5 +204,17 @@ def save_folder(folder: str, module, params, *, dtype=None) -> None:
     # The prefix belongs to the `text_model` submodule only, not to the projection beside it.
     state = {k if k.startswith("text_projection.") else prefix + k: v for k, v in state.items()}
     state = convert.rename_keys(state, spec.to_torch)
-    safetensors_io.save_file(state, os.path.join(folder, f"{spec.stem}.safetensors"), {"format": "pt"})
+    # Shards fill in key order: numeric block order (`blocks.2` before `blocks.10`) keeps each shard a run of
+    # consecutive blocks, as torch's module order does (whose exact order the params do not keep).
+    state = {k: state[k] for k in sorted(state, key=_natural_key)}
+    # transformers 5 also records the parameter count in a sharded index; diffusers does not.
+    index_metadata = ({"total_parameters": sum(int(v.size) for v in state.values())}
+                      if spec.is_text_encoder else None)
+    safetensors_io.save_sharded(state, folder, spec.stem, max_shard_bytes=spec.max_shard_bytes,
+                                metadata={"format": "pt"}, index_metadata=index_metadata)
     fileio.write_json(os.path.join(folder, "config.json"), config)
+
+
+def _natural_key(key: str) -> tuple:
+    """'a.10.b' -> (('a', 0), ('', 10), ('b', 0)): list indices compare as numbers."""
+    return tuple(("", int(part)) if part.isdigit() else (part, 0) for part in key.split("."))

@@ -15,6 +15,7 @@ from dreambooth_jax.lora.formats import (
     save_kohya,
 )
 from dreambooth_jax.lora.transform import (
+    FLUX_TARGETS,
     TEXT_ENCODER_TARGETS,
     UNET_TARGETS,
     LoraConfig,
@@ -25,6 +26,6 @@ from dreambooth_jax.lora.transform import (
     target_paths,
 )
 
-__all__ = ["KOHYA_WEIGHT_NAME", "TEXT_ENCODER_TARGETS", "UNET_TARGETS", "WEIGHT_NAME", "LoraConfig",
-           "apply", "apply_file", "check", "init_lora", "load_lora_file", "merge", "resolve_file",
-           "save_diffusers", "save_kohya", "target_paths"]
+__all__ = ["FLUX_TARGETS", "KOHYA_WEIGHT_NAME", "TEXT_ENCODER_TARGETS", "UNET_TARGETS", "WEIGHT_NAME",
+           "LoraConfig", "apply", "apply_file", "check", "init_lora", "load_lora_file", "merge",
+           "resolve_file", "save_diffusers", "save_kohya", "target_paths"]

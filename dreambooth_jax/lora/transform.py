@@ -29,6 +29,10 @@ from dreambooth_jax.weights import convert
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_dreambooth_lora defaults
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# diffusers' train_dreambooth_lora_flux defaults; by suffix, so the single-stream blocks' attn.to_q/k/v too
+FLUX_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                "ff_context.net.2")
 
 _COLLECTION = "lora"  # the variable collection that carries the factors into `module.apply`
 _DROPOUT_RNG = "lora_dropout"

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5Tokenizer
 
 from dreambooth_jax.evaluation import preprocessing
 from dreambooth_jax.families import SD, components
@@ -85,6 +85,17 @@ def make_tokenizer(pad_token: str = "<|endoftext|>"):
         # `vocab=`/`merges=`: transformers 5 silently ignores the old `vocab_file=` keyword names.
         tok = CLIPTokenizer(vocab=vocab_path, merges=merges_path, pad_token=pad_token)
     tok.model_max_length = TOKENIZER_MAX_LENGTH
+    return tok
+
+
+def make_t5_tokenizer(max_length: int = 32):
+    """A `transformers.T5Tokenizer` (SentencePiece unigram, as T5's) over the tiny vocabulary: the words, then
+    single letters for anything else; ids 0-2 are T5's <pad>, </s>, <unk>."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [("\u2581" + w, -1.0 - 0.01 * i) for i, w in enumerate(dict.fromkeys(_WORDS))]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.model_max_length = max_length
     return tok
 
 

@@ -175,14 +175,11 @@ def _compile(pipe, spec, schedules, abstract_state, init, batch_spec: BatchSpec,
         "ema": _bytes_of(abstract_state.ema, shardings.ema),
         "frozen": _bytes_of(abstract_state.frozen, shardings.frozen),
     }
-    memory = None if compiled is None else compiled.memory_analysis()
+    memory = None if compiled is None else parallel.compiled_memory(compiled)
     if compiled is None:  # the compiler's verdict: it does not fit; the total is not known
         per_device["temp"] = per_device["total"] = None
-    elif memory is not None:
-        per_device["temp"] = int(memory.temp_size_in_bytes)
-        # Arguments (state, batch) + outputs not aliased to a donated argument + temporaries.
-        per_device["total"] = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                  - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    elif memory is not None:  # the arguments (state, batch) included
+        per_device["temp"], per_device["total"] = memory
     else:  # a backend without the analysis: the state alone, a lower bound
         per_device["temp"] = None
         batch_shardings = jax.tree.map(lambda _: batch_sharding, batch)
