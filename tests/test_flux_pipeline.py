@@ -141,3 +141,33 @@ def test_lora_file_draws_as_in_diffusers(tiny_flux_pipelines, tmp_path):
     base = generate(pipe, PROMPTS[:1], latents=latents, **kw)
     assert np.abs(base - ref).max() > 10 * IMAGE_TOL  # the LoRA changes the images
     np.testing.assert_allclose(ours, ref, atol=IMAGE_TOL)
+
+
+def test_fsdp_sharded_sampling_draws_the_same(tiny_flux_pipelines, tmp_path):
+    """4 simulated CPU devices, params sharded over fsdp groups of 2 and loaded to the host first (what
+    `sample --fsdp 2` does), vs this process's one device: the same images (the sharded matmuls sum in
+    another order: fp32 rounding, 1e-5)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import xla_flags_with
+
+    path = tiny_flux_pipelines["flux-schnell"]
+    kw = dict(num_inference_steps=2, height=32, width=48, seed=4, max_sequence_length=16)
+    here = generate(_pipe(path), PROMPTS * 3, **kw)
+    out = tmp_path / "sharded.npy"
+    code = (
+        "import jax, numpy as np\nfrom dreambooth_jax import parallel\n"
+        "from dreambooth_jax.pipeline import load_pipeline\nfrom dreambooth_jax.diffusion.generation import "
+        "generate\nassert jax.device_count() == 4\n"
+        f"pipe = load_pipeline({path!r}, weights='host')\nmesh = parallel.train_mesh(2)\n"
+        # the premise: some of the transformer's weights are split (the rest are under the fsdp threshold)
+        "shardings = parallel.state_shardings(pipe.params['transformer'], mesh)\n"
+        "assert any('fsdp' in s.spec for s in jax.tree.leaves(shardings))\n"
+        f"np.save({str(out)!r}, generate(pipe, {PROMPTS * 3!r}, mesh=mesh, **{kw!r}))\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=4"),
+           "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    np.testing.assert_allclose(np.load(out), here, atol=1e-5)
