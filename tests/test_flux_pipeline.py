@@ -171,3 +171,24 @@ def test_fsdp_sharded_sampling_draws_the_same(tiny_flux_pipelines, tmp_path):
            "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     np.testing.assert_allclose(np.load(out), here, atol=1e-5)
+
+
+def test_cli_samples_flux_and_train_refuses_it(tiny_flux_pipelines, instance_dir, tmp_path, capsys):
+    """`python -m dreambooth_jax.sample` on a Flux pipeline picks its flow sampler and writes the image;
+    `train` refuses a Flux pipeline with one error, before any weight is read."""
+    from PIL import Image
+
+    from dreambooth_jax import sample, train
+    from dreambooth_jax.errors import UnsupportedError
+
+    path = tiny_flux_pipelines["flux-schnell"]
+    out = tmp_path / "samples"
+    sample.main(["--model", path, "--prompt", PROMPTS[0], "--steps", "2", "--height", "32", "--width", "48",
+                 "--dtype", "fp32", "--max_sequence_length", "16", "--output_dir", str(out)])
+    assert "scheduler flow_euler, 2 steps" in capsys.readouterr().err
+    assert Image.open(out / "00000-seed0.png").size == (48, 32)
+    with pytest.raises(UnsupportedError, match="training of Flux pipelines"):
+        train.main(["--pretrained_model_name_or_path", path, "--instance_data_dir", instance_dir,
+                    "--instance_prompt", PROMPTS[0], "--output_dir", str(tmp_path / "run"), "--resolution",
+                    "32", "--max_train_steps", "1"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
