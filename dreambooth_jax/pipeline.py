@@ -110,25 +110,26 @@ def load_pipeline(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, rev
                                                     cache_dir=cache_dir, weights=weights != "none")
         stem = components.KINDS[family.components[family.vae]].stem
         variants[family.vae] = variant if discovery.has_variant(folders[family.vae], stem, variant) else None
+    # the small files first: a missing tokenizer or scheduler is reported before gigabytes of weights load
+    tokenizers = {name: components.load_tokenizer(os.path.join(root, name), family.components[encoder])
+                  for name, encoder in zip(family.tokenizers, family.text_encoders)}
+    scheduler_config = fileio.read_json(os.path.join(root, "scheduler", "scheduler_config.json"))
     modules, params = {}, {}
     for name, kind in family.components.items():
         modules[name], params[name] = components.load_folder(
             folders[name], kind, remat=remat and name == family.denoiser, variant=variants[name], **options)
-    family = family.specialize(family, modules)
-    tokenizers = {name: components.load_tokenizer(os.path.join(root, name), family.components[encoder])
-                  for name, encoder in zip(family.tokenizers, family.text_encoders)}
     pipe = Pipeline(
-        family=family,
+        family=family.specialize(family, modules),
         modules=modules,
         tokenizers=tokenizers,
-        scheduler_config=fileio.read_json(os.path.join(root, "scheduler", "scheduler_config.json")),
+        scheduler_config=scheduler_config,
         params=params,
         model_index=index,
         source=name_or_path,
     )
     if lora:
-        if weights != "device":
-            raise UsageError("lora= merges into loaded weights: it needs weights='device'")
+        if weights == "none":
+            raise UsageError("lora= merges into loaded weights: it needs weights='device' or 'host'")
         return lora_lib.apply_file(pipe, lora, lora_scale)
     return pipe
 
@@ -159,8 +160,8 @@ def _model_index(pipe: Pipeline) -> dict:
     for name, module in pipe.modules.items():
         kind = components.KINDS[components.kind_of(module)]
         index[name] = [kind.library, kind.class_name]
-    for name, tok in pipe.tokenizers.items():
-        index[name] = ["transformers", type(tok).__name__.removesuffix("Fast")]
+    for name, encoder in zip(family.tokenizers, family.text_encoders):  # the class diffusers names for it
+        index[name] = ["transformers", components.KINDS[components.kind_of(pipe.modules[encoder])].tokenizer]
     index["scheduler"] = ["diffusers", pipe.scheduler_config.get("_class_name", "PNDMScheduler")]
     for name in family.absent_components:
         index[name] = [None, None]

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="negative prompt, for every image (default: none; SDXL then uses zero conditioning, "
                         "as diffusers does, where an explicit '' is encoded)")
     p.add_argument("--num_images", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the model family's: 50; Flux.1-dev 28, -schnell 4)")
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance (<= 1: off), or Flux.1-dev's guidance input (default: the "
                         "model family's, as diffusers: SD 7.5, SDXL 5.0, Flux.1-dev 3.5)")
@@ -80,7 +81,7 @@ def read_prompts(args) -> list[str]:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    if args.num_images < 1 or args.steps < 1 or args.fsdp < 1:
+    if args.num_images < 1 or (args.steps is not None and args.steps < 1) or args.fsdp < 1:
         raise UsageError("--num_images, --steps and --fsdp must be >= 1")
     prompts = read_prompts(args)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -94,24 +95,25 @@ def main(argv=None) -> None:
     # sharded: the weights stay on the host until each device receives its own shards
     pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision, variant=args.variant,
                          attention_impl=args.attention, fused_norm=args.fused_norm, lora=args.lora,
-                         lora_scale=args.lora_scale, weights="host" if args.fsdp > 1 and not args.lora
-                         else "device")
+                         lora_scale=args.lora_scale, weights="host" if args.fsdp > 1 else "device")
     scheduler = args.scheduler or scheduler_name_for(pipe.scheduler_config)
     guidance_scale = pipe.family.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    steps = args.steps or pipe.family.num_inference_steps
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s; {jax.device_count()} device(s) "
-          f"({jax.devices()[0].platform}); scheduler {scheduler}, {args.steps} steps", file=sys.stderr)
+          f"({jax.devices()[0].platform}); scheduler {scheduler}, {steps} steps", file=sys.stderr)
 
     all_prompts = [p for p in prompts for _ in range(args.num_images)]
-    batch_size = args.batch_size or 4 * jax.device_count()
+    # 4 images per device; 1 with sharded networks (large models, whose activations are large too)
+    batch_size = args.batch_size or (1 if args.fsdp > 1 else 4) * jax.device_count()
     t0 = time.perf_counter()
-    out = generate(pipe, all_prompts, negative_prompts=args.negative_prompt, num_inference_steps=args.steps,
+    out = generate(pipe, all_prompts, negative_prompts=args.negative_prompt, num_inference_steps=steps,
                    guidance_scale=guidance_scale, guidance_rescale=args.guidance_rescale, scheduler=scheduler,
                    seed=args.seed, height=args.height, width=args.width, eta=args.eta,
                    use_karras_sigmas=True if args.karras_sigmas else None, batch_size=batch_size,
                    max_sequence_length=args.max_sequence_length, mesh=mesh, progress=True)
     elapsed = time.perf_counter() - t0
 
-    settings = {"negative_prompt": args.negative_prompt, "steps": args.steps, "scheduler": scheduler,
+    settings = {"negative_prompt": args.negative_prompt, "steps": steps, "scheduler": scheduler,
                 "guidance_scale": guidance_scale, "guidance_rescale": args.guidance_rescale, "eta": args.eta,
                 "model": args.model, "lora": args.lora, "lora_scale": args.lora_scale if args.lora else None,
                 "dtype": args.dtype}

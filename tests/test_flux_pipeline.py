@@ -137,10 +137,22 @@ def test_lora_file_draws_as_in_diffusers(tiny_flux_pipelines, tmp_path):
     noise = torch.tensor(latents.transpose(0, 3, 1, 2))
     ref = ref_pipe(PROMPTS[:1], latents=ref_pipe._pack_latents(noise, 1, 16, 4, 4), output_type="np",
                    **kw).images
-    ours = generate(load_pipeline(path, lora=file), PROMPTS[:1], latents=latents, **kw)
+    merged = load_pipeline(path, lora=file)
+    ours = generate(merged, PROMPTS[:1], latents=latents, **kw)
     base = generate(pipe, PROMPTS[:1], latents=latents, **kw)
     assert np.abs(base - ref).max() > 10 * IMAGE_TOL  # the LoRA changes the images
     np.testing.assert_allclose(ours, ref, atol=IMAGE_TOL)
+    # merged on the host (what `sample --fsdp --lora` does): NumPy stays NumPy, the same sums (a rank-4
+    # product and one addition in fp32: rounding only)
+    host = load_pipeline(path, lora=file, weights="host")
+    pairs = zip(jax.tree.leaves(host.params["transformer"]), jax.tree.leaves(merged.params["transformer"]))
+    for a, b in pairs:
+        assert isinstance(a, np.ndarray)
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6, atol=1e-7)
+    kohya = lora.save_kohya(str(tmp_path / "kohya.safetensors"), {"transformer": loras["transformer"]},
+                            config)
+    with pytest.raises(UsageError, match="kohya-layout LoRA for a flux-dev pipeline"):
+        load_pipeline(path, lora=kohya)
 
 
 def test_fsdp_sharded_sampling_draws_the_same(tiny_flux_pipelines, tmp_path):

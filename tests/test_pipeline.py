@@ -294,3 +294,42 @@ def test_separate_vae_from_a_bucket_fetches_only_that_model(tiny_pipelines, tmp_
     base = {m for m in mirrored if "base" in m}
     assert any(m.endswith("unet/diffusion_pytorch_model.safetensors") for m in base), base
     assert not any(m.endswith("vae/diffusion_pytorch_model.safetensors") for m in base), base
+
+
+def test_hub_refusals_are_our_errors(monkeypatch):
+    """A gated repository (FLUX.1-dev's licence not accepted), a missing one, a missing revision: one
+    DownloadError naming the repository and what to do, not huggingface_hub's traceback."""
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from dreambooth_jax.errors import DownloadError
+
+    response = httpx2.Response(401, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
+    for error, expected in ((GatedRepoError, "gated: accept its licence"),
+                            (RepositoryNotFoundError, "does not exist or is private"),
+                            (RevisionNotFoundError, "has no revision 'v9'")):
+        class Api:
+            def list_repo_files(self, repo_id, error=error, **kwargs):
+                raise error("401 Client Error: access to this repo is restricted", response=response)
+
+        monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+        with pytest.raises(DownloadError, match=expected):
+            load_pipeline("black-forest-labs/FLUX.1-dev", revision="v9")
+
+
+def test_tokenizer_folders_without_tokenizer_files_are_refused(tiny_flux_pipelines, tmp_path):
+    """transformers builds a near-empty tokenizer from a folder without its files (an interrupted download):
+    every prompt would be unknown tokens. Refused, before any weight loads; T5's `spiece.model` alone needs
+    sentencepiece, which says so."""
+    import importlib.util
+
+    from dreambooth_jax.errors import MissingFileError, UsageError
+
+    src = shutil.copytree(tiny_flux_pipelines["flux-schnell"], tmp_path / "pipe")
+    os.remove(src / "tokenizer_2" / "tokenizer.json")
+    with pytest.raises(MissingFileError, match=r"tokenizer_2: no tokenizer files \(tokenizer.json or spiece"):
+        load_pipeline(str(src), weights="none")
+    (src / "tokenizer_2" / "spiece.model").write_bytes(b"")
+    if importlib.util.find_spec("sentencepiece") is None:
+        with pytest.raises(UsageError, match="needs the `sentencepiece` package"):
+            load_pipeline(str(src), weights="none")

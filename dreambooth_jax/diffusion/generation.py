@@ -56,7 +56,7 @@ def _runner(pipe, params):
 
 
 def _sample(params, tokens, neg_tokens, empty, noise, seeds, guidance_scale, guidance_rescale, *, pipe,
-            sampler, cfg: bool):
+            sampler, cfg: bool, sharded: bool = False):
     """The compiled program: conditioning -> denoising scan -> decode. Batch-sharded inputs, images out."""
     family, run = pipe.family, _runner(pipe, params)
     denoiser = family.denoiser
@@ -76,10 +76,13 @@ def _sample(params, tokens, neg_tokens, empty, noise, seeds, guidance_scale, gui
 
     def body(carry, i):
         latents, state = carry
-        # The denoiser's params tied to this step's latents: XLA would otherwise hoist their (loop-invariant)
-        # fsdp all-gathers out of the loop and hold every gathered layer at once, the whole model per device.
-        step_params, latents = jax.lax.optimization_barrier(({denoiser: params[denoiser]}, latents))
-        step_run = _runner(pipe, {**params, **step_params})
+        step_run = run
+        if sharded:
+            # The denoiser's params tied to this step's latents, so that XLA cannot hoist their
+            # (loop-invariant) fsdp all-gathers out of the loop: a gathered copy of the whole model per
+            # device. Not when replicated: there it would redo loop-invariant casts every step.
+            step_params, latents = jax.lax.optimization_barrier(({denoiser: params[denoiser]}, latents))
+            step_run = _runner(pipe, {**params, **step_params})
         x = sampler.scale_model_input(latents, i).astype(pipe.denoiser.dtype)
         if cfg:
             x = _interleave(x, x)
@@ -100,10 +103,10 @@ def _sample(params, tokens, neg_tokens, empty, noise, seeds, guidance_scale, gui
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def _sample_sets(params, subject, *args, pipe, sampler, cfg: bool):
+def _sample_sets(params, subject, *args, pipe, sampler, cfg: bool, sharded: bool):
     """`_sample`, vmapped over the leading (set) axis of the `subject` networks' params when there are any:
     images [K, B, H, W, 3]; the other networks (`params`) and the batch are shared by the K sets."""
-    sample = functools.partial(_sample, pipe=pipe, sampler=sampler, cfg=cfg)
+    sample = functools.partial(_sample, pipe=pipe, sampler=sampler, cfg=cfg, sharded=sharded)
     if not subject:
         return sample(params, *args)
     axes = {net: 0 if net in subject else None for net in (*params, *subject)}
@@ -122,7 +125,8 @@ def _compiled(pipe, sampler_key: tuple, cfg: bool, subject_nets: tuple[str, ...]
                                image_seq_len=image_seq_len)
         batch, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
         out = parallel.batch_sharding(mesh, batch_axis=1 if subject_nets else 0)
-        fn = functools.partial(_sample_sets, pipe=pipe, sampler=sampler, cfg=cfg)
+        fn = functools.partial(_sample_sets, pipe=pipe, sampler=sampler, cfg=cfg,
+                               sharded=parallel.fsdp_size(mesh) > 1)
         shared = _param_shardings({n: p for n, p in pipe.params.items() if n not in subject_nets}, mesh)
         cache[key] = jax.jit(fn, in_shardings=(shared, repl, batch, batch, batch, batch, batch, repl, repl),
                              out_shardings=out)
@@ -188,7 +192,7 @@ def _max_length(family, max_sequence_length: int | None) -> int | None:
     return max_sequence_length
 
 
-def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inference_steps: int = 50,
+def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inference_steps: int | None = None,
              guidance_scale: float | None = None, scheduler: str | None = None, seed: int = 0, latents=None,
              height: int | None = None, width: int | None = None, eta: float = 0.0,
              guidance_rescale: float = 0.0, use_karras_sigmas: bool | None = None,
@@ -201,6 +205,8 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
       prompts: the prompts, one image each.
       negative_prompts: one string for all, or one per prompt (default: none, encoded as "" or, for SDXL
         pipelines with `force_zeros_for_empty_prompt`, zero conditioning, as diffusers does).
+      num_inference_steps: denoising steps (default: the family's, as diffusers' pipelines: 50; Flux.1-dev 28,
+        -schnell 4).
       scheduler: a name of `SCHEDULER_NAMES` (default: the pipeline's own scheduler).
       seed: image i starts from the noise of seed `seed + i`.
       latents: optional starting noise [N, H/f, W/f, C], f the VAE's downscaling factor (unscaled, as
@@ -241,6 +247,7 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
     height, width = _check_size(pipe, height, width)
     max_length = _max_length(pipe.family, max_sequence_length)
+    num_inference_steps = num_inference_steps or pipe.family.num_inference_steps
     f, n = pipe.vae_scale_factor, len(prompts)
     shape = (height // f, width // f, pipe.vae.config.latent_channels)
     seeds = np.arange(seed, seed + n, dtype=np.int64).astype(np.uint32)
@@ -296,7 +303,7 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
 
 
 def sampling_memory(pipe, batch: int, *, height: int | None = None, width: int | None = None,
-                    num_inference_steps: int = 28, scheduler: str | None = None,
+                    num_inference_steps: int | None = None, scheduler: str | None = None,
                     guidance_scale: float | None = None, max_sequence_length: int | None = None,
                     mesh=None) -> dict:
     """What one device holds while `generate` draws `batch` images per call, from the program compiled ahead
@@ -311,6 +318,7 @@ def sampling_memory(pipe, batch: int, *, height: int | None = None, width: int |
     name = scheduler or scheduler_name_for(pipe.scheduler_config)
     height, width = _check_size(pipe, height, width)
     max_length = _max_length(pipe.family, max_sequence_length)
+    num_inference_steps = num_inference_steps or pipe.family.num_inference_steps
     f, patch = pipe.vae_scale_factor, pipe.family.latent_patch
     shape = (height // f, width // f, pipe.vae.config.latent_channels)
     guidance_scale = pipe.family.guidance_scale if guidance_scale is None else guidance_scale

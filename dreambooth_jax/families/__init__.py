@@ -49,7 +49,10 @@ def kind_of_folder(name: str, folder: str | None = None) -> str:
     for kind in candidates:
         if components.KINDS[kind].class_name in named:
             return kind
-    return candidates[0]  # a CLIP text model saved as a projection model's sibling: build_module decides
+    if config.get("model_type") == "t5" and "t5" in candidates:  # e.g. saved as T5ForConditionalGeneration
+        return "t5"
+    # CLIP, whichever class it was saved as: `build_module` reads a projection from its config
+    return next(k for k in candidates if k != "t5")
 
 
 __all__ = ["FAMILIES", "FLUX", "FLUX_SCHNELL", "Family", "SD", "SDXL", "for_class_name", "kind_of_folder",

@@ -69,6 +69,7 @@ class Family:
     check_options: Callable = no_option_checks  # raises UsageError for options the family cannot take
     objective: Callable = ddpm_objective  # (scheduler config, snr_gamma) -> the training objective
     guidance_scale: float = 7.5  # the sampler's default, as diffusers' pipeline of the family
+    num_inference_steps: int = 50  # the sampler's default (diffusers' pipelines; schnell: its model card's)
     # How the sampler applies guidance_scale: "classifier_free" (conditional and unconditional calls, mixed),
     # "embedded" (the scale is a denoiser input, `inputs["guidance"]` [N]: guidance-distilled models), "none".
     guidance: str = "classifier_free"

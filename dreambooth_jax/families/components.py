@@ -9,6 +9,7 @@ kinds; `load_folder` / `save_folder` read and write one folder as diffusers / tr
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import transformers
 
 from dreambooth_jax import fileio
-from dreambooth_jax.errors import MissingFileError, UsageError
+from dreambooth_jax.errors import MissingFileError, UnsupportedError, UsageError
 from dreambooth_jax.kernels import choose
 from dreambooth_jax.models import clip, flux, t5, unet, vae
 from dreambooth_jax.weights import convert, discovery, safetensors_io
@@ -57,6 +58,8 @@ class Kind:
     to_torch: tuple = ()  # and on save
     ignored: tuple = clip.IGNORED_KEYS  # checkpoint keys without a param (buffers, tied copies)
     tokenizer: str | None = None  # the transformers tokenizer class of a text encoder's tokenizer folder
+    # the file sets a tokenizer folder of this kind holds, any one complete set (the fast tokenizer's first)
+    tokenizer_files: tuple[tuple[str, ...], ...] = ()
     max_shard_bytes: int | None = None  # the weights' shard size on save; None: the library's (SHARD_LIMITS)
 
     def __post_init__(self):
@@ -68,14 +71,18 @@ class Kind:
         return self.library == "transformers"
 
 
+_CLIP_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 KINDS = {
     "unet": Kind("diffusion_pytorch_model", "diffusers", "UNet2DConditionModel"),
     "vae": Kind("diffusion_pytorch_model", "diffusers", "AutoencoderKL"),
-    "clip_text": Kind("model", "transformers", "CLIPTextModel", "text_model.", tokenizer="CLIPTokenizer"),
+    "clip_text": Kind("model", "transformers", "CLIPTextModel", "text_model.", tokenizer="CLIPTokenizer",
+                      tokenizer_files=_CLIP_TOKENIZER_FILES),
     "clip_text_projection": Kind("model", "transformers", "CLIPTextModelWithProjection", "text_model.",
-                                 tokenizer="CLIPTokenizer"),
+                                 tokenizer="CLIPTokenizer", tokenizer_files=_CLIP_TOKENIZER_FILES),
+    # T5TokenizerFast, as diffusers' Flux pipelines name it: the tokenizer.json one in transformers 4 and 5
     "t5": Kind("model", "transformers", "T5EncoderModel", None, t5.TORCH_TO_FLAX, t5.FLAX_TO_TORCH,
-               t5.IGNORED_KEYS, tokenizer="T5Tokenizer"),
+               t5.IGNORED_KEYS, tokenizer="T5TokenizerFast",
+               tokenizer_files=(("tokenizer.json",), ("spiece.model",))),
     "flux_transformer": Kind("diffusion_pytorch_model", "diffusers", "FluxTransformer2DModel"),
 }
 
@@ -104,10 +111,20 @@ _MODELS = {
 
 def load_tokenizer(folder: str, kind: str):
     """The tokenizer of a text encoder of `kind` from its folder (`tokenizer.json`, or the slow files:
-    CLIP's `vocab.json` + `merges.txt`, T5's `spiece.model`)."""
+    CLIP's `vocab.json` + `merges.txt`, T5's `spiece.model`). A folder without either is refused: transformers
+    would build a near-empty tokenizer from it and every prompt would become unknown tokens."""
+    spec = _check_kind(kind)
     if not os.path.isdir(folder):
         raise MissingFileError(f"missing tokenizer folder {folder}")
-    return getattr(transformers, _check_kind(kind).tokenizer).from_pretrained(folder)
+    present = [files for files in spec.tokenizer_files
+               if all(os.path.isfile(os.path.join(folder, f)) for f in files)]
+    if not present:
+        wanted = " or ".join(" + ".join(files) for files in spec.tokenizer_files)
+        raise MissingFileError(f"{folder}: no tokenizer files ({wanted}); an incomplete download?")
+    if present[0] == ("spiece.model",) and importlib.util.find_spec("sentencepiece") is None:
+        raise UsageError(f"{folder} holds only spiece.model, which needs the `sentencepiece` package: "
+                         "pip install sentencepiece, or add the fast tokenizer's tokenizer.json")
+    return getattr(transformers, spec.tokenizer).from_pretrained(folder)
 
 
 def module_for(kind: str, cfg, **options):
@@ -160,6 +177,9 @@ def load_folder(folder: str, kind: str, *, dtype=jnp.float32, param_dtype=None, 
     spec = _check_kind(kind)
     dtype = parse_dtype(dtype)
     param_dtype = parse_dtype(param_dtype) or dtype
+    if kind == "t5" and np.dtype(dtype) == np.float16:
+        # T5's feed-forward outputs exceed fp16's range (transformers keeps its `wo` in fp32 for that)
+        raise UnsupportedError("T5 does not compute in fp16 (its activations overflow): use bf16 or fp32")
     config_path = os.path.join(folder, "config.json")
     config_dict = fileio.read_json(config_path)
     options = dict(dtype=dtype, param_dtype=param_dtype,

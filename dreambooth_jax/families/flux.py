@@ -79,6 +79,7 @@ FLUX = Family(
     denoiser="transformer",
     check_options=refuse_training,
     guidance_scale=3.5,
+    num_inference_steps=28,
     guidance="embedded",
     sample_size=sample_size,
     latent_patch=2,
@@ -89,4 +90,4 @@ FLUX = Family(
 )
 
 FLUX_SCHNELL = dataclasses.replace(FLUX, name="flux-schnell", guidance="none", guidance_scale=0.0,
-                                   max_sequence_length=256)
+                                   num_inference_steps=4, max_sequence_length=256)

@@ -20,11 +20,9 @@ import json
 import os
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dreambooth_jax.errors import MissingFileError, UsageError
+from dreambooth_jax.errors import MissingFileError, UnsupportedError, UsageError
 from dreambooth_jax.lora.transform import LoraConfig, flax_key, merge, torch_name
 from dreambooth_jax.weights import convert, safetensors_io
 
@@ -304,10 +302,14 @@ def apply_file(pipe, path: str, scale: float = 1.0):
     loras, config = load_lora_file(path, pipe.denoiser.config)
     params = dict(pipe.params)
     for component, tree in loras.items():
+        if component == "unet" and "unet" not in params:  # kohya's `lora_unet_` names any denoiser
+            raise UnsupportedError(f"{path}: a kohya-layout LoRA for a {pipe.family.name} pipeline; kohya / "
+                                   "BFL names (lora_unet_double_blocks_...) are read for UNets only: use "
+                                   "the diffusers layout (transformer.<module>.lora_A.weight)")
         if component not in params:
             raise UsageError(f"{path}: has a LoRA for {component!r}, which this pipeline lacks")
         try:
-            params[component] = merge(params[component], jax.tree.map(jnp.asarray, tree), config, scale)
+            params[component] = merge(params[component], tree, config, scale)
         except UsageError as e:
             raise UsageError(f"{path}: {component}: {e}") from e
     return dataclasses.replace(pipe, params=params)

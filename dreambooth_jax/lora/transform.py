@@ -160,12 +160,14 @@ def apply(module, base_params, lora_params, config: LoraConfig, *args, method=No
 
 def merge(base_params, lora_params, config: LoraConfig, scale: float = 1.0) -> dict:
     """`base_params` with W <- W + scale * config.scale * A @ B on every LoRA layer (sum in float32, stored
-    in W's dtype). Pure jnp, jit-able; the input tree is not modified."""
+    in W's dtype). jnp, jit-able; host (NumPy) weights stay NumPy, so that a model loaded to the host for
+    sharding never lands whole on one device. The input tree is not modified."""
     check(base_params, lora_params)
     flat = dict(traverse_util.flatten_dict(base_params))
     for key, ab in lora_params.items():
         path = (*key.split("/"), "kernel")
         w = flat[path]
-        delta = jnp.asarray(ab["A"], jnp.float32) @ jnp.asarray(ab["B"], jnp.float32)
+        xp = np if isinstance(w, np.ndarray) else jnp
+        delta = xp.asarray(ab["A"], xp.float32) @ xp.asarray(ab["B"], xp.float32)
         flat[path] = (w.astype(jnp.float32) + scale * config.scale * delta).astype(w.dtype)
     return traverse_util.unflatten_dict(flat)

@@ -8,7 +8,7 @@ import os
 import re
 
 from dreambooth_jax import storage
-from dreambooth_jax.errors import MissingFileError
+from dreambooth_jax.errors import DownloadError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,22 @@ def weight_patterns(files: list[str], variant: str | None, folders) -> list[str]
     return chosen
 
 
+def access_error(repo_id: str, revision: str | None, error: Exception) -> DownloadError:
+    """Our error for a repository the Hub refuses: gated (its licence not accepted, or no token), missing,
+    or without that revision; the Hub's own message kept."""
+    from huggingface_hub.errors import GatedRepoError, RevisionNotFoundError
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, GatedRepoError):
+        why = ("is gated: accept its licence on its Hub page, then log in (`hf auth login`) or set HF_TOKEN "
+               "to a token of that account")
+    elif isinstance(error, RevisionNotFoundError):
+        why = f"has no revision {revision!r}"
+    else:
+        why = "does not exist or is private (a private one needs a token: HF_TOKEN or `hf auth login`)"
+    return DownloadError(f"{repo_id} {why} ({first})")
+
+
 def download_pipeline(
     repo_id: str,
     *,
@@ -53,13 +69,13 @@ def download_pipeline(
     """
     # late: slow to import and only Hub ids need it (tests replace its functions)
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     folders = tuple(d for d in folders if d not in skip) if weights else ()
     try:
         files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
-    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
-        raise
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # a gated repo's error is one of them
+        raise access_error(repo_id, revision, e) from e
     except Exception as e:  # offline, unreachable: use what the cache holds for these patterns
         log.warning("cannot list %s on the Hub (%s); trying the local cache", repo_id, e)
         dotted = "." + variant if variant else ""
@@ -93,22 +109,22 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | bo
     """Downloads (or finds in the cache) the config, weights and tokenizer of a transformers model repository;
     returns the local snapshot folder. Weights: safetensors, else `pytorch_model.bin` (read without torch)."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
         safetensors = any(f.endswith(".safetensors") for f in files)
         weights = _SAFETENSORS_PATTERNS if safetensors else _PICKLE_PATTERNS
-    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
-        raise
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # a gated repo's error is one of them
+        raise access_error(repo_id, revision, e) from e
     except Exception:  # offline: whatever the cache holds
         weights = _SAFETENSORS_PATTERNS + _PICKLE_PATTERNS
     kwargs = dict(revision=revision, allow_patterns=list(MODEL_PATTERNS + weights), token=token,
                   cache_dir=cache_dir)
     try:
         return snapshot_download(repo_id, **kwargs)
-    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
-        raise
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # a gated repo's error is one of them
+        raise access_error(repo_id, revision, e) from e
     except Exception as e:
         try:
             return snapshot_download(repo_id, local_files_only=True, **kwargs)
@@ -138,12 +154,12 @@ def download_component(repo_id: str, folder: str, *, revision: str | None = None
     """Downloads (or finds in the cache) one diffusers model: a repository holding it at its root (e.g.
     madebyollin/sdxl-vae-fp16-fix) or a pipeline repository's `folder/`; returns the local snapshot folder."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
-    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
-        raise
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # a gated repo's error is one of them
+        raise access_error(repo_id, revision, e) from e
     except Exception as e:  # offline, unreachable: use what the cache holds
         log.warning("cannot list %s on the Hub (%s); trying the local cache", repo_id, e)
         patterns = ["config.json", f"{folder}/config.json"]
