@@ -247,7 +247,8 @@ def generate(pipe, prompts: Sequence[str], *, negative_prompts=None, num_inferen
         raise UsageError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
     height, width = _check_size(pipe, height, width)
     max_length = _max_length(pipe.family, max_sequence_length)
-    num_inference_steps = num_inference_steps or pipe.family.num_inference_steps
+    if num_inference_steps is None:
+        num_inference_steps = pipe.family.num_inference_steps
     f, n = pipe.vae_scale_factor, len(prompts)
     shape = (height // f, width // f, pipe.vae.config.latent_channels)
     seeds = np.arange(seed, seed + n, dtype=np.int64).astype(np.uint32)
@@ -318,7 +319,8 @@ def sampling_memory(pipe, batch: int, *, height: int | None = None, width: int |
     name = scheduler or scheduler_name_for(pipe.scheduler_config)
     height, width = _check_size(pipe, height, width)
     max_length = _max_length(pipe.family, max_sequence_length)
-    num_inference_steps = num_inference_steps or pipe.family.num_inference_steps
+    if num_inference_steps is None:
+        num_inference_steps = pipe.family.num_inference_steps
     f, patch = pipe.vae_scale_factor, pipe.family.latent_patch
     shape = (height // f, width // f, pipe.vae.config.latent_channels)
     guidance_scale = pipe.family.guidance_scale if guidance_scale is None else guidance_scale

@@ -160,14 +160,15 @@ def apply(module, base_params, lora_params, config: LoraConfig, *args, method=No
 
 def merge(base_params, lora_params, config: LoraConfig, scale: float = 1.0) -> dict:
     """`base_params` with W <- W + scale * config.scale * A @ B on every LoRA layer (sum in float32, stored
-    in W's dtype). jnp, jit-able; host (NumPy) weights stay NumPy, so that a model loaded to the host for
-    sharding never lands whole on one device. The input tree is not modified."""
+    in W's dtype). jnp, jit-able; host (NumPy) weights come back as NumPy, merged one layer at a time on the
+    device (the same operations, so bit-identical to merging device weights), so that a model loaded to the
+    host for sharding never lands whole on one device. The input tree is not modified."""
     check(base_params, lora_params)
     flat = dict(traverse_util.flatten_dict(base_params))
     for key, ab in lora_params.items():
         path = (*key.split("/"), "kernel")
         w = flat[path]
-        xp = np if isinstance(w, np.ndarray) else jnp
-        delta = xp.asarray(ab["A"], xp.float32) @ xp.asarray(ab["B"], xp.float32)
-        flat[path] = (w.astype(jnp.float32) + scale * config.scale * delta).astype(w.dtype)
+        delta = jnp.asarray(ab["A"], jnp.float32) @ jnp.asarray(ab["B"], jnp.float32)
+        merged = (jnp.asarray(w).astype(jnp.float32) + scale * config.scale * delta).astype(w.dtype)
+        flat[path] = np.asarray(merged) if isinstance(w, np.ndarray) else merged
     return traverse_util.unflatten_dict(flat)
